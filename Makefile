@@ -1,0 +1,19 @@
+# The two commands of the README. Both set up everything they need on a fresh machine.
+.PHONY: serve test lint bootstrap demo-model
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+## Start Triton + the gateway on http://127.0.0.1:8080 (exports the tiny demo pipelines on first run).
+serve: bootstrap
+	.venv/bin/python -m gateway --allow-anonymous $(ARGS)
+
+## Run lint and the whole test suite (unit + integration against a real Triton).
+test: bootstrap
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/python -m pytest $(ARGS)
+
+lint: bootstrap
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .

@@ -1,0 +1,1 @@
+"""Export diffusers image-to-image pipelines to ONNX and write a Triton model repository."""

@@ -1,0 +1,79 @@
+"""`python -m export`: a diffusers folder (or a random-weight `--tiny` one) -> Triton model repository.
+
+Exit codes: 0 done, 2 bad input (missing folder, wrong layout, bad flag, unwritable output), with a one-line
+message and the repository left as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from export.errors import ExportError
+from export.pipeline import DEFAULT_REPOSITORY, ExportRequest, run_export
+from export.repository import BACKENDS, ServingOptions
+from export.tiny import SCHEDULERS, SIZES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-dir", type=Path, help="local diffusers Stable Diffusion 1.x/2.x folder")
+    source.add_argument("--tiny", action="store_true", help="build a random-weight pipeline and export it")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="random pipeline size (--tiny)")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed (--tiny)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="pndm", help="scheduler (--tiny)")
+    parser.add_argument("--name", default="imagen-v2", help="API model name served (default: imagen-v2)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
+    parser.add_argument("--backend", choices=BACKENDS, default="python", help="Triton backend to configure")
+    parser.add_argument("--fp16", action="store_true", help="fp16 weights and compute (GPU targets)")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batcher queue delay")
+    parser.add_argument("--instances", type=int, default=1, help="model instances per component")
+    parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+    parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check")
+    args = parser.parse_args(argv)
+    if args.model_dir is not None and (args.size != "tiny" or args.seed != 0 or args.scheduler != "pndm"):
+        parser.error("--size, --seed and --scheduler only apply to --tiny")
+    for flag in ("max_batch_size", "instances"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.max_queue_delay_us < 0 or args.intra_op_threads < 0:
+        parser.error("--max-queue-delay-us and --intra-op-threads must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    request = ExportRequest(
+        model_dir=args.model_dir,
+        tiny_size=args.size if args.tiny else None,
+        tiny_seed=args.seed,
+        tiny_scheduler=args.scheduler,
+        name=args.name,
+        repository=args.output,
+        options=ServingOptions(
+            backend=args.backend,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us,
+            instances=args.instances,
+            intra_op_threads=args.intra_op_threads,
+        ),
+        fp16=args.fp16,
+        validate=not args.no_validate,
+    )
+    try:
+        manifest = run_export(request)
+    except ExportError as exc:
+        print(f"export: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"exported {manifest['name']!r} ({manifest['backend']} backend, {manifest['dtype']}, "
+        f"{manifest['native_resolution']}px native) into {args.output}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""ONNX export of the four pipeline components through optimum's exporter.
+
+optimum does the job for the text encoder and the VAE halves. For the UNet we keep optimum but swap its ONNX
+config: optimum declares `timestep` as a rank-0 scalar, so every sample of a batch must share one denoising step.
+We declare it `[batch]` (per-sample), which lets Triton's dynamic batcher merge UNet calls of requests that are at
+different steps. Names and layout stay optimum's, so the folder also loads in `ORTStableDiffusionImg2ImgPipeline`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from export.errors import ExportError
+
+COMPONENTS: tuple[str, ...] = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
+ONNX_OPSET = 17
+
+
+def _per_sample_unet_config(unet_config: Any, float_dtype: str) -> Any:
+    """optimum's UNet ONNX config with a `[batch]` timestep input (see the module docstring)."""
+    from optimum.exporters.onnx.model_configs import UNetOnnxConfig
+    from optimum.utils.input_generators import DummyTimestepInputGenerator
+
+    class PerSampleTimestepGenerator(DummyTimestepInputGenerator):
+        def generate(
+            self, input_name: str, framework: str = "pt", int_dtype: str = "int64", float_dtype: str = "fp32"
+        ) -> Any:
+            if input_name == "timestep":
+                # Distinct values per sample, so the trace cannot mistake the timestep for a broadcast scalar.
+                return self.random_float_tensor(
+                    [self.batch_size], max_value=1000, framework=framework, dtype=float_dtype
+                )
+            return super().generate(input_name, framework, int_dtype, float_dtype)
+
+    class PerSampleTimestepUNetOnnxConfig(UNetOnnxConfig):
+        DUMMY_INPUT_GENERATOR_CLASSES = tuple(
+            PerSampleTimestepGenerator if cls is DummyTimestepInputGenerator else cls
+            for cls in UNetOnnxConfig.DUMMY_INPUT_GENERATOR_CLASSES
+        )
+
+        @property
+        def inputs(self) -> dict[str, dict[int, str]]:
+            inputs = super().inputs
+            inputs["timestep"] = {0: "batch_size"}
+            return inputs
+
+    return PerSampleTimestepUNetOnnxConfig(unet_config, task="semantic-segmentation", float_dtype=float_dtype)
+
+
+def load_pipeline(model_dir: Path) -> Any:
+    """Load a local diffusers img2img pipeline (no hub access, no safety checker)."""
+    import diffusers
+
+    try:
+        return diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+            model_dir,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=True,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"cannot load the diffusers pipeline in {model_dir}: {exc}") from exc
+
+
+def export_onnx(pipeline: Any, out_dir: Path) -> dict[str, Path]:
+    """Export the four components (fp32) into `out_dir/<component>/model.onnx`; returns their paths."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_export_from_model(
+        pipeline,
+        out_dir,
+        task="image-to-image",
+        opset=ONNX_OPSET,
+        custom_onnx_configs={"unet": _per_sample_unet_config(pipeline.unet.config, "fp32")},
+        # We validate ourselves (export.validate), against the same torch modules, with stated tolerances.
+        do_validation=False,
+    )
+    paths = {name: out_dir / name / "model.onnx" for name in COMPONENTS}
+    missing = [name for name, path in paths.items() if not path.is_file()]
+    if missing:
+        raise ExportError(f"the ONNX export produced no model for: {', '.join(missing)}")
+    return paths
+
+
+def convert_fp16(paths: Mapping[str, Path]) -> None:
+    """Convert weights and compute to fp16 in place, keeping fp32 inputs/outputs so callers do not change.
+
+    Uses onnxruntime's own converter (no extra dependency). Meant for GPU targets: CPU kernels for fp16 are slow.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    for path in paths.values():
+        model = onnx.load(str(path), load_external_data=True)
+        converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+        external = path.with_name(path.name + "_data")
+        if external.exists():
+            external.unlink()
+        large = converted.ByteSize() > 1_800_000_000  # protobuf's 2 GiB ceiling, with margin
+        onnx.save_model(converted, str(path), save_as_external_data=large, location=external.name if large else None)
+
+
+def copy_component(src: Path, dst_dir: Path) -> Path:
+    """Copy one exported `model.onnx` (and its external-data file, if any) into `dst_dir`."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for file in src.parent.iterdir():
+        if file.name == src.name or file.name.startswith(src.name + "_data") or file.suffix == ".data":
+            shutil.copy2(file, dst_dir / file.name)
+    return dst_dir / src.name

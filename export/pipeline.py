@@ -1,0 +1,119 @@
+"""The export recipe, stage by stage, shared by `--model-dir` and `--tiny` (which only adds a first stage)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from export.errors import ExportError
+from export.layout import check_layout
+from export.onnx_export import convert_fp16, export_onnx, load_pipeline
+from export.repository import ServingOptions, install_pipeline, stage_pipeline, staging_area, validate_name
+from export.validate import FP32_ATOL, check_components
+
+DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository" / "models"
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    model_dir: Path | None
+    repository: Path
+    name: str = "imagen-v2"
+    tiny_size: str | None = None
+    tiny_seed: int = 0
+    tiny_scheduler: str = "pndm"
+    options: ServingOptions = field(default_factory=ServingOptions)
+    fp16: bool = False
+    validate: bool = True
+
+
+def _quiet() -> None:
+    """The torch/ONNX tracer warnings are expected for diffusers models and bury the progress bar."""
+    warnings.filterwarnings("ignore")
+    for name in ("optimum", "diffusers", "transformers", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, Any]:
+    """Export one pipeline into the repository atomically; returns its manifest."""
+    from diffusers.utils import logging as diffusers_logging
+
+    _quiet()
+    diffusers_logging.disable_progress_bar()
+    name = validate_name(request.name)
+    if request.model_dir is not None:
+        check_layout(request.model_dir)
+    repository = request.repository.absolute()
+    stages: list[tuple[str, Callable[[dict[str, Any]], None]]] = []
+    state: dict[str, Any] = {}
+    with staging_area(repository, name) as staging, tempfile.TemporaryDirectory() as work:
+        work_dir = Path(work)
+        if request.tiny_size is not None:
+
+            def build(s: dict[str, Any]) -> None:
+                from export.tiny import build_random_pipeline
+
+                s["model_dir"] = build_random_pipeline(
+                    work_dir / "diffusers",
+                    size=request.tiny_size or "tiny",
+                    seed=request.tiny_seed,
+                    scheduler=request.tiny_scheduler,
+                )
+                s["source"] = f"random {request.tiny_size} (seed {request.tiny_seed}, {request.tiny_scheduler})"
+
+            stages.append((f"build {request.tiny_size} pipeline", build))
+        else:
+            state["model_dir"] = request.model_dir
+            state["source"] = str(request.model_dir)
+
+        def load(s: dict[str, Any]) -> None:
+            s["pipeline"] = load_pipeline(s["model_dir"])
+
+        def onnx(s: dict[str, Any]) -> None:
+            s["onnx"] = export_onnx(s["pipeline"], work_dir / "onnx")
+
+        def validate(s: dict[str, Any]) -> None:
+            for check in check_components(s["pipeline"], s["onnx"]):
+                if check.max_abs_error > FP32_ATOL:
+                    raise ExportError(
+                        f"{check.component}: ONNX output differs from torch by {check.max_abs_error:.2e} "
+                        f"(tolerance {FP32_ATOL:.0e})"
+                    )
+
+        def fp16(s: dict[str, Any]) -> None:
+            convert_fp16(s["onnx"])
+
+        def write(s: dict[str, Any]) -> None:
+            s["manifest"] = stage_pipeline(
+                staging,
+                name,
+                s["pipeline"],
+                s["onnx"],
+                request.options,
+                dtype="float16" if request.fp16 else "float32",
+                source=s["source"],
+            )
+
+        def install(s: dict[str, Any]) -> None:
+            install_pipeline(staging, repository, name)
+
+        stages += [("load diffusers pipeline", load), ("export ONNX", onnx)]
+        if request.validate:
+            stages.append(("check ONNX against torch", validate))
+        if request.fp16:
+            stages.append(("convert to fp16", fp16))
+        stages += [("write Triton models", write), ("install into repository", install)]
+        bar = tqdm(stages, desc=f"export {name}", unit="stage", disable=not progress, leave=True)
+        for label, stage in bar:
+            bar.set_postfix_str(label)
+            stage(state)
+    return state["manifest"]

@@ -1,0 +1,285 @@
+"""Write one pipeline into a Triton model repository: four component models plus the pipeline manifest.
+
+Everything is written into a staging folder beside the repository first, then moved in with renames, manifest
+last: a Triton polling the repository never sees a half-written model, and the gateway (which reads only the
+manifest) never sees a pipeline whose models are not all in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from export.errors import ExportError
+from export.onnx_export import COMPONENTS, copy_component
+
+MANIFEST_VERSION = 1
+MANIFEST_SUFFIX = ".pipeline.json"
+BACKENDS = ("python", "onnxruntime")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PYTHON_MODEL_SOURCE = Path(__file__).resolve().parent.parent / "model_repository" / "python_backend" / "model.py"
+
+_ONNX_TO_TRITON = {
+    "tensor(float)": "FP32",
+    "tensor(float16)": "FP16",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+}
+
+# Which outputs each component serves (the gateway needs no others), in the manifest's role -> name form.
+_SERVED_OUTPUTS = {
+    "text_encoder": ("last_hidden_state",),
+    "vae_encoder": ("latent_parameters",),
+    "unet": ("out_sample",),
+    "vae_decoder": ("sample",),
+}
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Triton knobs set from CLI flags."""
+
+    backend: str = "python"
+    max_batch_size: int = 16
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+    intra_op_threads: int = 0
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # with the batch dim as -1
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def model_name(pipeline_name: str, component: str) -> str:
+    return f"{pipeline_name}_{component}"
+
+
+def validate_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise ExportError(f"invalid --name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    return name
+
+
+def tensor_specs(onnx_path: Path, text_length: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output tensor specs of an ONNX model; symbolic dims become -1, the text axis is fixed."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+    def spec(arg: Any) -> TensorSpec:
+        dims = []
+        for i, d in enumerate(arg.shape):
+            if i == 0:
+                dims.append(-1)
+            elif d == "sequence_length":
+                dims.append(text_length)
+            else:
+                dims.append(d if isinstance(d, int) else -1)
+        return TensorSpec(arg.name, _ONNX_TO_TRITON[arg.type], tuple(dims))
+
+    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
+
+
+def _pbtxt_tensor(spec: TensorSpec) -> str:
+    dims = list(spec.shape[1:])
+    reshape = ""
+    if not dims:  # a per-sample scalar: Triton wants dims [1]; reshape hands the model the ONNX rank-1 [batch]
+        dims, reshape = [1], " reshape: { shape: [ ] }"
+    return f'  {{ name: "{spec.name}" data_type: TYPE_{spec.datatype} dims: [ {", ".join(map(str, dims))} ]{reshape} }}'
+
+
+def render_config(
+    name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], options: ServingOptions, onnx_file: str
+) -> str:
+    """config.pbtxt for one component, for the python or the native onnxruntime backend."""
+    lines = [f'name: "{name}"']
+    if options.backend == "python":
+        lines.append('backend: "python"')
+    else:
+        lines += ['backend: "onnxruntime"', f'default_model_filename: "{onnx_file}"']
+    lines.append(f"max_batch_size: {options.max_batch_size}")
+    lines.append("input [\n" + ",\n".join(_pbtxt_tensor(s) for s in inputs) + "\n]")
+    lines.append("output [\n" + ",\n".join(_pbtxt_tensor(s) for s in outputs) + "\n]")
+    lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {options.max_queue_delay_us} }}")
+    kind = "KIND_CPU" if options.backend == "python" else "KIND_MODEL"
+    lines.append(f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]")
+    params = (
+        {"onnx_file": onnx_file, "intra_op_threads": str(options.intra_op_threads)}
+        if options.backend == "python"
+        else {"intra_op_thread_count": str(options.intra_op_threads)}
+    )
+    for key, value in params.items():
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def build_manifest(
+    name: str,
+    pipeline: Any,
+    specs: Mapping[str, tuple[list[TensorSpec], list[TensorSpec]]],
+    options: ServingOptions,
+    *,
+    dtype: str,
+    tokenizer_file: str,
+    source: str,
+) -> dict[str, Any]:
+    """The pipeline manifest: everything the gateway needs, read from the model's own configs."""
+    vae_cfg, unet_cfg = pipeline.vae.config, pipeline.unet.config
+    vae_scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+    unet_downsamples = len(unet_cfg.down_block_types) - 1
+    # The traced UNet has fixed up-sampling sizes, so latents must divide by every UNet down-sampling.
+    grid = vae_scale_factor * 2**unet_downsamples
+    components = {}
+    for component in COMPONENTS:
+        inputs, outputs = specs[component]
+        components[component] = {
+            "model": model_name(name, component),
+            "inputs": {s.name: s.as_json() for s in inputs},
+            "outputs": {s.name: s.as_json() for s in outputs},
+        }
+    scheduler = {"_class_name": type(pipeline.scheduler).__name__, **dict(pipeline.scheduler.config)}
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "name": name,
+        "source": source,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "backend": options.backend,
+        "dtype": dtype,
+        "native_resolution": int(unet_cfg.sample_size) * vae_scale_factor,
+        "vae_scale_factor": vae_scale_factor,
+        "grid": grid,
+        "latent_channels": int(unet_cfg.in_channels),
+        "scaling_factor": float(vae_cfg.scaling_factor),
+        "shift_factor": None if vae_cfg.get("shift_factor") is None else float(vae_cfg.shift_factor),
+        "max_batch_size": options.max_batch_size,
+        "text": {
+            "max_length": int(pipeline.tokenizer.model_max_length),
+            "hidden_size": int(pipeline.text_encoder.config.hidden_size),
+            "tokenizer": tokenizer_file,
+        },
+        "components": components,
+        "scheduler": json.loads(json.dumps(scheduler, default=list)),
+        "defaults": {"steps": 30, "guidance_scale": 7.5, "strength": 0.7},
+    }
+
+
+def write_tokenizer(pipeline: Any, out_file: Path) -> None:
+    """Save a `tokenizers` JSON with SD's padding/truncation baked in, so the gateway needs no transformers."""
+    from transformers import CLIPTokenizerFast
+
+    slow = pipeline.tokenizer
+    with _tmpdir(out_file.parent) as tmp:
+        slow.save_pretrained(tmp)
+        fast = CLIPTokenizerFast.from_pretrained(tmp)
+    backend = fast.backend_tokenizer
+    length = int(slow.model_max_length)
+    backend.enable_truncation(max_length=length)
+    backend.enable_padding(length=length, pad_id=int(slow.pad_token_id), pad_token=str(slow.pad_token))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    backend.save(str(out_file))
+
+
+@contextmanager
+def _tmpdir(parent: Path) -> Iterator[Path]:
+    path = parent / f".tmp-{uuid.uuid4().hex}"
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def stage_pipeline(
+    staging: Path,
+    name: str,
+    pipeline: Any,
+    onnx_paths: Mapping[str, Path],
+    options: ServingOptions,
+    *,
+    dtype: str,
+    source: str,
+) -> dict[str, Any]:
+    """Write the four model folders and the manifest into `staging`; returns the manifest."""
+    text_length = int(pipeline.tokenizer.model_max_length)
+    specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {}
+    for component in COMPONENTS:
+        model_dir = staging / model_name(name, component)
+        onnx_file = copy_component(onnx_paths[component], model_dir / "1")
+        inputs, outputs = tensor_specs(onnx_file, text_length)
+        outputs = [s for s in outputs if s.name in _SERVED_OUTPUTS[component]]
+        specs[component] = (inputs, outputs)
+        config = render_config(model_name(name, component), inputs, outputs, options, onnx_file.name)
+        (model_dir / "config.pbtxt").write_text(config)
+        if options.backend == "python":
+            shutil.copy2(PYTHON_MODEL_SOURCE, model_dir / "1" / "model.py")
+    tokenizer_rel = f"{model_name(name, 'text_encoder')}/tokenizer.json"
+    write_tokenizer(pipeline, staging / tokenizer_rel)
+    manifest = build_manifest(name, pipeline, specs, options, dtype=dtype, tokenizer_file=tokenizer_rel, source=source)
+    (staging / f"{name}{MANIFEST_SUFFIX}").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def install_pipeline(staging: Path, repository: Path, name: str) -> None:
+    """Move a staged pipeline into the repository: each model folder by rename, then the manifest.
+
+    A model being replaced is renamed aside first and deleted after, so it is never seen half-written; if a
+    rename fails midway, the models already moved are put back and the repository is as it was.
+    """
+    trash = staging / ".replaced"
+    moved: list[str] = []
+    try:
+        repository.mkdir(parents=True, exist_ok=True)
+        trash.mkdir(exist_ok=True)
+        for component in COMPONENTS:
+            model = model_name(name, component)
+            target = repository / model
+            if target.exists():
+                os.rename(target, trash / model)
+            os.rename(staging / model, target)
+            moved.append(model)
+        manifest = f"{name}{MANIFEST_SUFFIX}"
+        os.replace(staging / manifest, repository / manifest)
+    except OSError as exc:
+        for model in moved:
+            shutil.rmtree(repository / model, ignore_errors=True)
+        for old in trash.iterdir() if trash.exists() else ():
+            os.rename(old, repository / old.name)
+        raise ExportError(f"cannot write into the repository {repository}: {exc.strerror}") from exc
+
+
+@contextmanager
+def staging_area(repository: Path, name: str) -> Iterator[Path]:
+    """A fresh staging folder beside `repository` (same filesystem, so installing is a rename).
+
+    Creating it is also the writability check, done before any expensive work; it is always removed after.
+    """
+    if repository.exists() and not repository.is_dir():
+        raise ExportError(f"the output repository {repository} is not a directory")
+    staging = repository.parent / f".{repository.name}.staging-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise ExportError(f"the output repository {repository} is not writable: {exc.strerror}") from exc
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def list_manifests(repository: Path) -> list[Path]:
+    return sorted(repository.glob(f"*{MANIFEST_SUFFIX}"))

@@ -1,0 +1,282 @@
+"""Image bytes <-> arrays, with every size limit enforced before the expensive step it protects.
+
+Formats are decided by magic bytes only, never by a file name, URL suffix or declared MIME type. The array
+conventions match diffusers' `VaeImageProcessor`, so the same input gives the same tensor as the reference
+pipeline.
+"""
+
+from __future__ import annotations
+
+import binascii
+import io
+import re
+import struct
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from gateway.errors import BackendError, ImageDimensionsTooLarge, ImageTooLarge, InvalidImage
+
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+MAX_IMAGE_SIDE = 2048
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")
+MAX_IMAGE_URL_CHARS = 2048
+IMAGE_URL_SCHEMES = ("http", "https")
+# Pillow warns above MAX_IMAGE_PIXELS and raises above twice that, at `Image.open` (header only). Our side
+# check rejects anything above MAX_IMAGE_SIDE x MAX_IMAGE_SIDE anyway, so this guard only has to fit that.
+DECOMPRESSION_BOMB_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
+PNG_COMPRESS_LEVEL = 6  # zlib level; Pillow's default, a fair size/speed trade for 512-1024 px outputs
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white, not whatever RGB hid under alpha 0
+_DELETE_WHITESPACE = str.maketrans("", "", " \t\r\n\f\v")  # ASCII whitespace only; anything else is invalid
+# Encoded text longer than this multiple of the largest allowed payload is refused before it is even scanned.
+_WHITESPACE_SLACK = 2
+_DATA_URI_HEADER_CHARS = 256  # room for "data:<media type>;<params>;base64," on top of the payload bound
+_DATA_URI = re.compile(rf"^data:(?P<params>[^,]{{0,{_DATA_URI_HEADER_CHARS}}}),", re.IGNORECASE)
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,31}):")  # bounded: never scans a huge payload
+
+# What Pillow's plugins raise on corrupt or hostile input (across formats, historically): a bad image.
+_PILLOW_DECODE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,  # includes UnidentifiedImageError and "image file is truncated"
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    struct.error,
+)
+
+INVALID_IMAGE_MESSAGE = "Unable to process the provided image"
+CORRUPT_DETAILS = "Image format not supported or file corrupted"
+
+Image.MAX_IMAGE_PIXELS = DECOMPRESSION_BOMB_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload must fail, not decode as grey padding
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where the image comes from: exactly one of `url` (to fetch) or `data` (already decoded base64)."""
+
+    url: str | None
+    data: bytes | None
+
+
+def describe_size(num_bytes: int) -> str:
+    """Human wording of a byte cap, e.g. "10MB", as the spec's error details use."""
+    mib = 1024 * 1024
+    return f"{num_bytes // mib}MB" if num_bytes % mib == 0 else f"{num_bytes} bytes"
+
+
+def image_too_large(max_bytes: int) -> ImageTooLarge:
+    """The one wording of the size error, shared by base64 decoding and URL fetching."""
+    return ImageTooLarge("Image file size exceeds maximum limit", f"Maximum file size is {describe_size(max_bytes)}")
+
+
+def _max_encoded_chars(max_bytes: int) -> int:
+    """Length of the base64 encoding of `max_bytes` bytes."""
+    return 4 * ((max_bytes + 2) // 3)
+
+
+def _decode_base64(text: str, max_bytes: int) -> bytes:
+    """Strict standard base64 (padding required, no URL-safe alphabet); ASCII whitespace is tolerated."""
+    max_encoded = _max_encoded_chars(max_bytes)
+    if len(text) > _WHITESPACE_SLACK * max_encoded:
+        raise image_too_large(max_bytes)
+    compact = text.translate(_DELETE_WHITESPACE)
+    if len(compact) > max_encoded:
+        raise image_too_large(max_bytes)
+    try:
+        data = binascii.a2b_base64(compact, strict_mode=True)
+    except ValueError:  # binascii.Error, or non-ASCII text
+        raise InvalidImage(INVALID_IMAGE_MESSAGE, "Image is not valid base64") from None
+    if not data:
+        raise InvalidImage(INVALID_IMAGE_MESSAGE, "Image data is empty")
+    if len(data) > max_bytes:
+        raise image_too_large(max_bytes)
+    return data
+
+
+def parse_image_field(value: str, max_bytes: int = MAX_IMAGE_BYTES) -> ImageSource:
+    """Classify the `image` field: an http(s) URL, a `data:` URI with `;base64`, or bare base64.
+
+    The declared media type of a data URI is ignored (content decides). Any other URL scheme (file:, ftp:,
+    gopher:...) is refused with `InvalidImage`, since it is the image field that cannot be used.
+    """
+    if len(value) > _WHITESPACE_SLACK * _max_encoded_chars(max_bytes) + _DATA_URI_HEADER_CHARS:
+        raise image_too_large(max_bytes)  # refuse a huge string before even copying it
+    text = value.strip()
+    data_uri = _DATA_URI.match(text)
+    if data_uri:
+        params = [p.strip().lower() for p in data_uri.group("params").split(";")]
+        if "base64" not in params[1:]:
+            raise InvalidImage(INVALID_IMAGE_MESSAGE, "Data URIs must be base64 encoded (';base64,')")
+        return ImageSource(url=None, data=_decode_base64(text[data_uri.end() :], max_bytes))
+    if text[:5].lower() == "data:":
+        raise InvalidImage(INVALID_IMAGE_MESSAGE, "Malformed data URI; expected 'data:image/...;base64,...'")
+    scheme = _SCHEME.match(text)  # ':' is not in the base64 alphabet, so this cannot be bare base64
+    if scheme:
+        name = scheme.group("scheme").lower()
+        if name not in IMAGE_URL_SCHEMES:
+            raise InvalidImage(
+                INVALID_IMAGE_MESSAGE,
+                f"URL scheme '{name}' is not supported; use http(s) or a base64 data URI",
+            )
+        if len(text) > MAX_IMAGE_URL_CHARS:
+            raise InvalidImage(INVALID_IMAGE_MESSAGE, f"Image URL is longer than {MAX_IMAGE_URL_CHARS} characters")
+        try:
+            host = urlsplit(text).hostname
+        except ValueError:
+            host = None
+        if not host or any(ch.isspace() for ch in text):
+            raise InvalidImage(INVALID_IMAGE_MESSAGE, "Image URL is not a valid absolute http(s) URL")
+        return ImageSource(url=text, data=None)
+    return ImageSource(url=None, data=_decode_base64(text, max_bytes))
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Name the container by its magic bytes (Pillow's format names); None when unrecognised.
+
+    GIF, BMP and TIFF are recognised only so the error can say what was sent; they are not in
+    `SUPPORTED_FORMATS`.
+    """
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data.startswith(b"BM"):
+        return "BMP"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    return None
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return "A" in img.getbands() or "transparency" in img.info
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with alpha composited on `ALPHA_BACKGROUND`; 16-bit grey scaled (Pillow's convert would clip)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8))
+    if _has_alpha(img):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes, max_side: int = MAX_IMAGE_SIDE) -> Image.Image:
+    """Decode untrusted bytes to an upright, fully loaded RGB image.
+
+    Order matters: sniff, read the header, check the sides, and only then decode pixels. The first frame of
+    an animated PNG/WebP is used. `max_side` may be lowered below `MAX_IMAGE_SIDE`, not raised: Pillow's
+    bomb guard (`DECOMPRESSION_BOMB_PIXELS`) is sized for that limit.
+    """
+    if max_side > MAX_IMAGE_SIDE:
+        raise ValueError(f"max_side {max_side} exceeds MAX_IMAGE_SIDE {MAX_IMAGE_SIDE}")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise InvalidImage(INVALID_IMAGE_MESSAGE, CORRUPT_DETAILS)
+    if fmt not in SUPPORTED_FORMATS:
+        raise InvalidImage(
+            INVALID_IMAGE_MESSAGE, f"Image format {fmt} is not supported; use {', '.join(SUPPORTED_FORMATS)}"
+        )
+    too_big = ImageDimensionsTooLarge(
+        "Image dimensions exceed maximum limit", f"Maximum dimensions are {max_side}x{max_side} pixels"
+    )
+    try:
+        img = Image.open(io.BytesIO(data), formats=[fmt])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_big from None
+    except _PILLOW_DECODE_ERRORS:
+        raise InvalidImage(INVALID_IMAGE_MESSAGE, CORRUPT_DETAILS) from None
+    try:
+        if img.width > max_side or img.height > max_side:
+            raise too_big
+        if img.width < 1 or img.height < 1:
+            raise InvalidImage(INVALID_IMAGE_MESSAGE, CORRUPT_DETAILS)
+        try:
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            return _to_rgb(upright)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise too_big from None
+        except _PILLOW_DECODE_ERRORS:  # truncated or malformed pixel data surfaces here
+            raise InvalidImage(INVALID_IMAGE_MESSAGE, CORRUPT_DETAILS) from None
+    finally:
+        img.close()
+
+
+def fit_to_grid(width: int, height: int, native: int, grid: int) -> tuple[int, int]:
+    """Size (w, h) to run the model at: the longer side becomes `native`, aspect ratio is kept.
+
+    Each side (the longer one too, in case `native` is not a multiple of `grid`) is then rounded to the
+    nearest multiple of `grid`, halves rounding up, and is at least `grid`. Computed in integers, so the
+    result is exact: e.g. (1000, 333, 128, 16) -> 333*128/1000 = 42.6 -> (128, 48).
+    """
+    if min(width, height, native, grid) < 1:
+        raise ValueError("width, height, native and grid must be positive")
+    longer = max(width, height)
+
+    def snap(side: int) -> int:
+        # Nearest multiple of grid to side*native/longer, halves up:
+        # floor((2*side*native + longer*grid) / (2*longer*grid)) grids, all in integers.
+        multiples = (2 * side * native + longer * grid) // (2 * longer * grid)
+        return max(grid, multiples * grid)
+
+    return snap(width), snap(height)
+
+
+def image_to_tensor(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Resize (Pillow LANCZOS, as diffusers) to `size` = (w, h); return float32 `[1, 3, H, W]` in [-1, 1].
+
+    Values are x/255 then 2x-1, exactly diffusers' `VaeImageProcessor.preprocess` for a PIL input.
+    """
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    if rgb.size != tuple(size):
+        rgb = rgb.resize(size, resample=Image.Resampling.LANCZOS)
+    array = np.asarray(rgb, dtype=np.float32) / 255.0
+    array = 2.0 * array - 1.0
+    return np.ascontiguousarray(array.transpose(2, 0, 1)[np.newaxis], dtype=np.float32)
+
+
+def _encode_png(img: Image.Image) -> bytes:
+    """PNG without metadata at a fixed level, so the same pixels always give the same bytes.
+
+    `icc_profile=None` stops Pillow copying an input's colour profile: pixels are used as-is (no colour
+    management, like diffusers), so a stored copy shows exactly what the model was given.
+    """
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL, icc_profile=None)
+    return buffer.getvalue()
+
+
+def tensor_to_png(sample: np.ndarray) -> bytes:
+    """Encode one VAE-decoder output `[3, H, W]` (roughly [-1, 1]) as PNG, as diffusers' postprocess does.
+
+    Non-finite values mean the backend overflowed (the classic fp16 VAE failure); that is a `BackendError`
+    rather than an image of arbitrary pixels.
+    """
+    if sample.ndim != 3 or sample.shape[0] != 3:
+        raise ValueError(f"expected a [3, H, W] array, got shape {sample.shape}")
+    if not np.all(np.isfinite(sample)):
+        raise BackendError("The model produced an invalid image", "Decoder output contains NaN or infinity")
+    unit = np.clip(sample.astype(np.float32) / 2.0 + 0.5, 0.0, 1.0)
+    pixels = (unit.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    return _encode_png(Image.fromarray(pixels))
+
+
+def image_to_png(img: Image.Image) -> bytes:
+    """PNG copy of a decoded input (e.g. a base64 upload, so the response can link `original_image`).
+
+    It is the decoded image (upright, RGB, alpha flattened), not the uploaded bytes.
+    """
+    return _encode_png(img)

@@ -1,0 +1,112 @@
+"""The img2img recipe, step by step as diffusers' `StableDiffusionImg2ImgPipeline.__call__`, over Triton.
+
+Every UNet call carries one timestep per sample, so Triton's dynamic batcher can merge the steps of concurrent
+requests even when they are at different points of their schedules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from gateway import pipeline as math
+from gateway.engine import TritonEngine
+from gateway.manifest import PipelineManifest
+from gateway.schedulers import make_scheduler
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one request asks of the pipeline (validated upstream)."""
+
+    prompt: str
+    negative_prompt: str
+    image: np.ndarray  # [1, 3, H, W] float32 in [-1, 1], H and W multiples of the manifest's grid
+    strength: float
+    steps: int
+    guidance_scale: float
+    seeds: Sequence[int]  # one per output image
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: np.ndarray  # [N, 3, H, W] float32, decoder output in about [-1, 1]
+    effective_steps: int
+
+
+def latent_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image (VAE sample noise, first-timestep noise), stacked; image i depends on seeds[i] only."""
+    draws = [math.draw_noise(seed, shape) for seed in seeds]
+    return np.concatenate([d[0] for d in draws]), np.concatenate([d[1] for d in draws])
+
+
+class Img2ImgPipeline:
+    """One served pipeline: its manifest, its tokenizer, and the Triton engine it calls."""
+
+    def __init__(self, manifest: PipelineManifest, engine: TritonEngine) -> None:
+        self.manifest = manifest
+        self.engine = engine
+        self.tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))
+        # diffusers' img2img pipeline rewrites some scheduler settings at construction; serve what it runs.
+        self.scheduler_config = math.img2img_scheduler_config(dict(manifest.scheduler))
+        make_scheduler(self.scheduler_config)  # fail at start-up, not per request, on an unsupported one
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """CLIP ids padded/truncated to the text window, as diffusers' tokenizer call does."""
+        return np.array([e.ids for e in self.tokenizer.encode_batch(list(texts))], dtype=np.int64)
+
+    async def _run(self, component_name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        component = getattr(self.manifest, component_name)
+        feeds = {component.inputs[role]: array for role, array in inputs.items()}
+        (output_name,) = component.outputs.values()
+        return (await self.engine.infer(component.model, feeds, [output_name]))[output_name]
+
+    async def __call__(self, gen: Generation, noise: tuple[np.ndarray, np.ndarray] | None = None) -> GenerationResult:
+        """Run the recipe. `noise` overrides the seeded draws (parity tests pass diffusers' torch draws)."""
+        m = self.manifest
+        num_images = len(gen.seeds)
+        cfg = math.do_classifier_free_guidance(gen.guidance_scale)
+
+        # 1. Encode the prompt (and the negative prompt, in the same call, when guidance needs it).
+        texts = [gen.negative_prompt, gen.prompt] if cfg else [gen.prompt]
+        embeds = await self._run("text_encoder", {"input_ids": self.tokenize(texts)})
+        embeds = np.repeat(embeds, num_images, axis=0)  # [uncond x N, cond x N], diffusers' order
+
+        # 2. Timesteps: strength skips the start of the schedule, exactly as diffusers' get_timesteps.
+        scheduler = make_scheduler(self.scheduler_config)
+        scheduler.set_timesteps(gen.steps)
+        timesteps, effective_steps = math.get_img2img_timesteps(scheduler, gen.steps, gen.strength)
+
+        # 3. Prepare latents: one VAE encode shared by all images, then per-image sampling and noising.
+        params = await self._run("vae_encoder", {"sample": gen.image})
+        latent_shape = (1, m.latent_channels, *params.shape[2:])
+        vae_noise, start_noise = noise if noise is not None else latent_noise(gen.seeds, latent_shape)
+        init = math.sample_latents(np.repeat(params, num_images, axis=0), vae_noise, m.scaling_factor, m.shift_factor)
+        latents = math.prepare_initial_latents(scheduler, init, start_noise, timesteps[0])
+
+        # 4. Denoise, with classifier-free guidance (skipped when guidance_scale <= 1, as diffusers does).
+        step_rng = np.random.Generator(np.random.PCG64([gen.seeds[0], num_images]))
+        for t in timesteps:
+            model_in = np.concatenate([latents, latents]) if cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            noise_pred = await self._run(
+                "unet",
+                {
+                    "sample": model_in.astype(np.float32),
+                    "timestep": np.full((model_in.shape[0], 1), t, dtype=np.float32),
+                    "encoder_hidden_states": embeds,
+                },
+            )
+            if cfg:
+                noise_pred = math.apply_guidance(noise_pred, gen.guidance_scale)
+            latents = scheduler.step(noise_pred, t, latents, generator=step_rng)
+
+        # 5. Decode.
+        decoded = await self._run(
+            "vae_decoder",
+            {"latent_sample": math.denormalize_latents_for_decode(latents, m.scaling_factor, m.shift_factor)},
+        )
+        return GenerationResult(images=decoded, effective_steps=effective_steps)

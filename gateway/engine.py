@@ -1,0 +1,82 @@
+"""The Triton calls: one asyncio gRPC client, and the one place Triton's exceptions become ours."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from gateway.errors import BackendError, BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+# gRPC statuses that mean "not now" (server down, model not loaded, overloaded, too slow): retryable, 503.
+_UNAVAILABLE_STATUSES = frozenset(
+    {
+        "StatusCode.UNAVAILABLE",
+        "StatusCode.DEADLINE_EXCEEDED",
+        "StatusCode.NOT_FOUND",
+        "StatusCode.RESOURCE_EXHAUSTED",
+    }
+)
+
+
+@contextmanager
+def translate_triton_errors(model: str) -> Iterator[None]:
+    """Map tritonclient's exceptions to our API errors, as httpx maps httpcore's at one boundary."""
+    try:
+        yield
+    except InferenceServerException as exc:
+        status = str(exc.status() or "")
+        log.warning("triton call to %s failed: %s %s", model, status, exc.message())
+        if status in _UNAVAILABLE_STATUSES:
+            raise BackendUnavailable(
+                "The inference backend is unavailable", f"Model '{model}' could not be reached; retry later"
+            ) from exc
+        raise BackendError("The inference backend failed", f"Model '{model}': {exc.message()}") from exc
+
+
+class TritonEngine:
+    """Thin async wrapper: numpy in, numpy out, our exceptions on failure."""
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self._client = grpcclient.InferenceServerClient(url)
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        request_inputs = []
+        for name, array in inputs.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+            request_inputs.append(tensor)
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        with translate_triton_errors(model):
+            result = await self._client.infer(model, request_inputs, outputs=requested, client_timeout=self.timeout_s)
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def models_ready(self, models: Sequence[str]) -> bool:
+        try:
+            if not await self._client.is_server_live(client_timeout=2.0):
+                return False
+            for model in models:
+                if not await self._client.is_model_ready(model, client_timeout=2.0):
+                    return False
+        except InferenceServerException:
+            return False
+        return True
+
+    async def statistics(self, model: str) -> dict[str, Any]:
+        with translate_triton_errors(model):
+            stats = await self._client.get_inference_statistics(model, as_json=True, client_timeout=5.0)
+        return dict(stats)
+
+    async def close(self) -> None:
+        await self._client.close()

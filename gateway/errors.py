@@ -1,0 +1,124 @@
+"""Our exception types and the ONE table that maps them to an HTTP status and a wire error code.
+
+Every module raises these; only the HTTP layer turns them into responses (`error_response`), so the
+status/code pairing lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+from starlette.responses import JSONResponse
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+class ApiError(Exception):
+    """Base of every error a client may see; `message` is the summary, `details` says what to fix."""
+
+    default_headers: ClassVar[Mapping[str, str]] = _NO_HEADERS
+
+    def __init__(self, message: str, details: str | None = None, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.headers: Mapping[str, str] = MappingProxyType({**self.default_headers, **(headers or {})})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, {self.details!r})"
+
+
+class InvalidRequest(ApiError):
+    """The JSON body breaks the wire schema (wrong type, out of range, unknown field)."""
+
+
+class InvalidImage(ApiError):
+    """The image cannot be obtained or decoded (bad base64, unsupported format, fetch failed)."""
+
+
+class ImageTooLarge(ApiError):
+    """The image's bytes exceed the size cap."""
+
+
+class ImageDimensionsTooLarge(ApiError):
+    """The image's width or height exceeds the side cap (checked from the header, before decoding)."""
+
+
+class Unauthorized(ApiError):
+    """Missing or wrong bearer token; RFC 6750 asks for a `WWW-Authenticate` challenge."""
+
+    default_headers: ClassVar[Mapping[str, str]] = MappingProxyType({"WWW-Authenticate": "Bearer"})
+
+
+class ModelNotFound(ApiError):
+    """The requested model is not served by this deployment."""
+
+
+class NotFound(ApiError):
+    """No such route or stored object."""
+
+
+class MethodNotAllowed(ApiError):
+    """The route exists but not for this HTTP method."""
+
+
+class UnsupportedMediaType(ApiError):
+    """The request body is not `application/json`."""
+
+
+class PayloadTooLarge(ApiError):
+    """The whole request body is over the gateway's body cap (distinct from the image size cap)."""
+
+
+class BackendUnavailable(ApiError):
+    """The inference backend (Triton) is not reachable or not ready; retrying later may help."""
+
+
+class BackendError(ApiError):
+    """The inference backend answered, but with an error or an unusable result."""
+
+
+class InternalError(ApiError):
+    """A bug on our side; the details never carry internals."""
+
+
+ERROR_TABLE: Mapping[type[ApiError], tuple[int, str]] = MappingProxyType(
+    {
+        InvalidRequest: (400, "invalid_request"),
+        InvalidImage: (400, "invalid_image"),
+        ImageTooLarge: (413, "image_too_large"),
+        ImageDimensionsTooLarge: (400, "image_dimensions_too_large"),
+        Unauthorized: (401, "unauthorized"),
+        ModelNotFound: (404, "model_not_found"),
+        NotFound: (404, "not_found"),
+        MethodNotAllowed: (405, "method_not_allowed"),
+        UnsupportedMediaType: (415, "unsupported_media_type"),
+        PayloadTooLarge: (413, "payload_too_large"),
+        BackendUnavailable: (503, "backend_unavailable"),
+        BackendError: (502, "backend_error"),
+        InternalError: (500, "internal_error"),
+        # A subclass someone forgot to register still maps to something safe.
+        ApiError: (500, "internal_error"),
+    }
+)
+
+
+def status_and_code(exc: ApiError) -> tuple[int, str]:
+    """Return the (HTTP status, error code) of the nearest class in `exc`'s MRO that the table lists."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    raise TypeError(f"{type(exc).__name__} is not an ApiError")  # unreachable for ApiError instances
+
+
+def error_body(code: str, message: str, details: str | None) -> dict[str, Any]:
+    """Build the spec's error shape; `details` is always present (null only when nothing useful to add)."""
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    """Render `exc` as the JSON error response the spec documents, with any headers it carries."""
+    status, code = status_and_code(exc)
+    return JSONResponse(error_body(code, exc.message, exc.details), status_code=status, headers=dict(exc.headers))

@@ -1,0 +1,146 @@
+"""Pure numpy pieces of diffusers' StableDiffusionImg2ImgPipeline (0.39.0), so the gateway can drive the
+denoising loop around Triton calls without torch. No I/O here; every function mirrors one step of the
+diffusers pipeline and says which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from gateway.schedulers import SUPPORTED_SCHEDULERS, Scheduler, default_config
+
+__all__ = [
+    "apply_guidance",
+    "denormalize_latents_for_decode",
+    "do_classifier_free_guidance",
+    "draw_noise",
+    "draw_noise_from",
+    "get_img2img_timesteps",
+    "img2img_scheduler_config",
+    "noise_generator",
+    "prepare_initial_latents",
+    "sample_latents",
+]
+
+_F32 = np.float32
+
+
+def get_img2img_timesteps(scheduler: Scheduler, num_inference_steps: int, strength: float) -> tuple[np.ndarray, int]:
+    """Skip the noisiest part of the schedule so img2img keeps `1 - strength` of the input image.
+
+    Exactly `StableDiffusionImg2ImgPipeline.get_timesteps`: call `scheduler.set_timesteps(steps)` first.
+    Returns `(timesteps to run, steps - t_start)`. Loop over the returned timesteps, not the count: for
+    PNDM they are one longer (its schedule has `steps + 1` entries). The count is 0 when
+    `int(steps * strength) == 0`; diffusers then fails later, so callers should reject that request.
+    """
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    t_start = max(num_inference_steps - init_timestep, 0)
+    begin = t_start * scheduler.order
+    timesteps = scheduler.timesteps[begin:]
+    scheduler.set_begin_index(begin)
+    return timesteps, num_inference_steps - t_start
+
+
+def noise_generator(seed: int) -> np.random.Generator:
+    """The one generator a request image draws all its randomness from (PCG64, so it is portable)."""
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def draw_noise_from(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Draw (VAE sample noise, first-timestep noise) from `rng`, in the order diffusers draws them.
+
+    Keep using `rng` afterwards (e.g. as `step(..., generator=rng)` of an ancestral scheduler) so one
+    seed fixes the whole run.
+    """
+    vae_noise = rng.standard_normal(shape, dtype=_F32)
+    timestep_noise = rng.standard_normal(shape, dtype=_F32)
+    return vae_noise, timestep_noise
+
+
+def draw_noise(seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """`draw_noise_from(noise_generator(seed), shape)`: two float32 standard-normal arrays of `shape`."""
+    return draw_noise_from(noise_generator(seed), shape)
+
+
+def sample_latents(
+    latent_parameters: np.ndarray,
+    noise: np.ndarray,
+    scaling_factor: float,
+    shift_factor: float | None = None,
+) -> np.ndarray:
+    """Sample the VAE posterior and scale it into the denoiser's latent space.
+
+    `latent_parameters` is [B, 2C, h, w] = mean and logvar on the channel axis; this is diffusers'
+    `DiagonalGaussianDistribution(...).sample()` with `noise` as its draw, then `scaling_factor * x`
+    (Stable Diffusion img2img) or `(x - shift_factor) * scaling_factor` when `shift_factor` is given.
+    """
+    if latent_parameters.ndim < 2 or latent_parameters.shape[1] % 2:
+        raise ValueError(f"latent_parameters need an even channel axis 1, got shape {latent_parameters.shape}")
+    mean, logvar = np.split(latent_parameters, 2, axis=1)
+    if noise.shape != mean.shape:
+        raise ValueError(f"noise shape {noise.shape} does not match the latent shape {mean.shape}")
+    logvar = np.clip(logvar, -30.0, 20.0)
+    std = np.exp(0.5 * logvar)
+    sample = mean + std * noise
+    scale = _F32(scaling_factor)
+    if shift_factor is not None:
+        return (sample - _F32(shift_factor)) * scale
+    return scale * sample
+
+
+def do_classifier_free_guidance(guidance_scale: float) -> bool:
+    """CFG runs (doubling the UNet batch) only when guidance_scale > 1, as in diffusers."""
+    return guidance_scale > 1
+
+
+def apply_guidance(noise_pred: np.ndarray, guidance_scale: float) -> np.ndarray:
+    """Classifier-free guidance: uncond + g * (cond - uncond).
+
+    `noise_pred` is [2B, ...] in diffusers' order, unconditional (negative prompt) rows first.
+    """
+    if noise_pred.shape[0] % 2:
+        raise ValueError(f"guidance needs an even batch (uncond + cond), got {noise_pred.shape[0]}")
+    uncond, cond = np.split(noise_pred, 2, axis=0)
+    return uncond + _F32(guidance_scale) * (cond - uncond)
+
+
+def prepare_initial_latents(
+    scheduler: Scheduler, init_latents: np.ndarray, noise: np.ndarray, first_timestep: Any
+) -> np.ndarray:
+    """Noise the encoded image to the first timestep run (diffusers `prepare_latents` + `add_noise`)."""
+    batch = init_latents.shape[0]
+    timesteps = np.repeat(np.asarray(first_timestep).reshape(1), batch)
+    return scheduler.add_noise(init_latents, noise, timesteps)
+
+
+def denormalize_latents_for_decode(
+    latents: np.ndarray, scaling_factor: float, shift_factor: float | None = None
+) -> np.ndarray:
+    """Undo `sample_latents`' scaling before `vae.decode`: latents / scaling_factor (+ shift_factor)."""
+    out = latents / _F32(scaling_factor)
+    if shift_factor is not None:
+        out = out + _F32(shift_factor)
+    return out
+
+
+def img2img_scheduler_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The scheduler config as `StableDiffusionImg2ImgPipeline.__init__` leaves it.
+
+    diffusers rewrites outdated configs when the pipeline is built: `steps_offset` becomes 1 and a true
+    `clip_sample` becomes False (both judged on the config with the class defaults filled in, so a DDIM
+    config without these keys is changed too). Apply this to a verbatim scheduler_config.json to get
+    the schedule diffusers would actually run.
+    """
+    out = dict(config)
+    name = out.get("_class_name")
+    filled: dict[str, Any] = dict(out)
+    if isinstance(name, str) and name in SUPPORTED_SCHEDULERS:
+        filled = {**default_config(name), **out}
+    if filled.get("steps_offset", 1) != 1:
+        out["steps_offset"] = 1
+    if filled.get("clip_sample", False) is True:
+        out["clip_sample"] = False
+    return out

@@ -1,0 +1,109 @@
+"""One typed settings object, built once from the environment (`IMAGEN_*`) and then the CLI, which wins."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from gateway.auth import load_api_keys
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository" / "models"
+DEFAULT_TRITON_ENV = PROJECT_ROOT / ".venv-triton"
+DEFAULT_STORAGE = PROJECT_ROOT / "var" / "images"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model_repository: Path = DEFAULT_REPOSITORY
+    # gRPC address of an external Triton; None starts the bundled one on the ports below.
+    triton_url: str | None = None
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    triton_python_env: Path = DEFAULT_TRITON_ENV
+    triton_timeout_s: float = 120.0
+    # Absolute base of the image URLs in responses; defaults to http://host:port.
+    public_base_url: str | None = None
+    storage_dir: Path = DEFAULT_STORAGE
+    api_keys: frozenset[str] = field(default_factory=frozenset)
+    allow_anonymous: bool = False
+    max_body_bytes: int = 20 * 1024 * 1024
+    fetch_timeout_s: float = 10.0
+    export_demo: bool = True
+    log_level: str = "info"
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        def get(name: str) -> str | None:
+            value = env.get(f"IMAGEN_{name}")
+            return value if value not in (None, "") else None
+
+        values: dict[str, object] = {}
+        for name, convert in (
+            ("host", str),
+            ("port", int),
+            ("model_repository", Path),
+            ("triton_url", str),
+            ("triton_http_port", int),
+            ("triton_grpc_port", int),
+            ("triton_metrics_port", int),
+            ("triton_python_env", Path),
+            ("triton_timeout_s", float),
+            ("public_base_url", str),
+            ("storage_dir", Path),
+            ("max_body_bytes", int),
+            ("fetch_timeout_s", float),
+            ("log_level", str),
+        ):
+            raw = get(name.upper())
+            if raw is not None:
+                values[name] = convert(raw)
+        for name in ("allow_anonymous", "export_demo"):
+            raw = get(name.upper())
+            if raw is not None:
+                values[name] = raw.strip().lower() in _TRUE
+        keys_file = get("API_KEYS_FILE")
+        values["api_keys"] = load_api_keys(get("API_KEYS"), Path(keys_file) if keys_file else None)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def with_cli(self, args: argparse.Namespace) -> Settings:
+        """Apply the CLI flags that were given (None means 'not given')."""
+        given = {k: v for k, v in vars(args).items() if v is not None and k in self.__dataclass_fields__}
+        return replace(self, **given)
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags mirror the IMAGEN_* variables; defaults stay None so the environment is not overridden."""
+    parser.add_argument("--host", help="address to listen on (IMAGEN_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (IMAGEN_PORT, default 8080)")
+    parser.add_argument("--model-repository", type=Path, help="Triton model repository (IMAGEN_MODEL_REPOSITORY)")
+    parser.add_argument("--triton-url", help="gRPC host:port of an external Triton (IMAGEN_TRITON_URL)")
+    parser.add_argument("--triton-http-port", type=int, help="bundled Triton's HTTP port (default 8000)")
+    parser.add_argument("--triton-grpc-port", type=int, help="bundled Triton's gRPC port (default 8001)")
+    parser.add_argument("--triton-metrics-port", type=int, help="bundled Triton's metrics port (default 8002)")
+    parser.add_argument("--public-base-url", help="base of image URLs in responses (IMAGEN_PUBLIC_BASE_URL)")
+    parser.add_argument("--storage-dir", type=Path, help="folder for generated images (IMAGEN_STORAGE_DIR)")
+    parser.add_argument(
+        "--allow-anonymous",
+        action="store_const",
+        const=True,
+        help="accept requests without an API key, for local development (IMAGEN_ALLOW_ANONYMOUS=1)",
+    )
+    parser.add_argument(
+        "--no-export-demo",
+        dest="export_demo",
+        action="store_const",
+        const=False,
+        help="do not export the tiny demo pipelines when the repository is empty",
+    )
+    parser.add_argument("--log-level", help="uvicorn/gateway log level (default info)")

@@ -1,0 +1,211 @@
+"""Find, start and stop the bundled Triton server (the `nvidia-pytriton` wheel's `tritonserver` binary).
+
+The wheel ships Triton with the Python backend only; its stub is built per Python version and must sit in the
+backend folder, and the binary needs the wheel's private libraries and Python's libpython on the loader path.
+This module owns that recipe so the launcher, the tests and the benchmarks start Triton the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+
+
+class TritonNotFound(RuntimeError):
+    """The bundled Triton server is not installed in this environment."""
+
+
+class TritonStartError(RuntimeError):
+    """Triton exited or did not become ready in time."""
+
+
+@dataclass(frozen=True)
+class TritonDistribution:
+    binary: Path
+    python_backend: Path
+    stub: Path
+    libs: Path
+
+
+def find_distribution() -> TritonDistribution:
+    """Locate the binary, Python backend and stub in the installed `nvidia-pytriton` wheel, without importing it."""
+    try:
+        dist = metadata.distribution("nvidia-pytriton")
+    except metadata.PackageNotFoundError as exc:
+        raise TritonNotFound(
+            "nvidia-pytriton is not installed: `pip install --no-deps nvidia-pytriton==0.7.0`"
+        ) from exc
+    root = Path(str(dist.locate_file("pytriton"))) / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    found = TritonDistribution(
+        binary=root / "bin" / "tritonserver",
+        python_backend=root / "backends" / "python",
+        stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+        libs=Path(str(dist.locate_file("nvidia_pytriton.libs"))),
+    )
+    for path in (found.binary, found.python_backend, found.stub):
+        if not path.exists():
+            raise TritonNotFound(f"the nvidia-pytriton wheel lacks {path}")
+    return found
+
+
+def _prepare_backends(dist: TritonDistribution, into: Path) -> Path:
+    """A backend folder whose python backend holds the stub for this interpreter."""
+    python_dir = into / "python"
+    shutil.copytree(dist.python_backend, python_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(dist.stub, python_dir / "triton_python_backend_stub")
+    return into
+
+
+def _environment(dist: TritonDistribution, python_env: Path | None) -> dict[str, str]:
+    """The model runtime's `bin` first on PATH (the stub's embedded Python finds its environment through it)
+    and the loader paths the binary needs."""
+    env = dict(os.environ)
+    bin_dir = python_env / "bin" if python_env is not None else Path(sys.executable).parent
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
+    env.pop("PYTHONPATH", None)  # the gateway's path must not leak into the model runtime
+    env.pop("VIRTUAL_ENV", None)
+    lib_dirs = [str(sysconfig.get_config_var("LIBDIR")), str(dist.libs)]
+    if env.get("LD_LIBRARY_PATH"):
+        lib_dirs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_dirs)
+    return env
+
+
+def _get(url: str, timeout: float = 1.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+class TritonServer:
+    """One `tritonserver` process on loopback ports; use as a context manager or start()/stop().
+
+    `python_env` is the virtual environment the Python-backend models run in. nvidia-pytriton 0.7's stub is
+    built against the numpy 1.x ABI (numpy 2 arrays cross it corrupted), so models run in their own small env
+    (numpy<2 + onnxruntime, `requirements/triton-runtime.txt`), apart from the gateway's.
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        address: str = "127.0.0.1",
+        model_control_mode: str = "none",
+        log_file: Path | None = None,
+        python_env: Path | None = None,
+        extra_args: Iterable[str] = (),
+    ) -> None:
+        self.repository = Path(repository).absolute()
+        self.address = address
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.model_control_mode = model_control_mode
+        self.log_file = log_file
+        self.python_env = python_env
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.address}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.address}:{self.grpc_port}"
+
+    def start(self) -> None:
+        dist = find_distribution()
+        self._workdir = tempfile.TemporaryDirectory(prefix="tritonserver-")
+        backends = _prepare_backends(dist, Path(self._workdir.name) / "backends")
+        args = [
+            str(dist.binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            f"--model-control-mode={self.model_control_mode}",
+            f"--http-address={self.address}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.address}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.address}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-sagemaker=false",
+            "--allow-vertex-ai=false",
+            "--exit-on-error=false",
+            "--log-verbose=0",
+            *self.extra_args,
+        ]
+        if self.model_control_mode == "explicit":
+            args.append("--load-model=*")
+        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            args, env=_environment(dist, self.python_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def is_live(self) -> bool:
+        return _get(f"{self.http_url}/v2/health/live") == 200
+
+    def model_ready(self, model: str) -> bool:
+        return _get(f"{self.http_url}/v2/models/{model}/ready") == 200
+
+    def wait_ready(self, models: Iterable[str] = (), timeout_s: float = 120.0) -> None:
+        """Block until the server is live and every named model is ready; raise if it exits or times out."""
+        pending = list(models)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise TritonStartError(f"tritonserver exited with code {self.process.returncode}{self._log_hint()}")
+            if self.is_live():
+                pending = [m for m in pending if not self.model_ready(m)]
+                if not pending:
+                    return
+            time.sleep(0.25)
+        raise TritonStartError(
+            f"tritonserver not ready after {timeout_s:.0f} s; waiting for {pending}{self._log_hint()}"
+        )
+
+    def _log_hint(self) -> str:
+        return f" (see {self.log_file})" if self.log_file else ""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL the process group if it lingers."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,435 @@
+"""Image codecs with real images made by Pillow (and a few hand-built hostile headers)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gateway import codecs
+from gateway.codecs import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_SIDE,
+    ImageSource,
+    decode_image,
+    fit_to_grid,
+    image_to_png,
+    image_to_tensor,
+    parse_image_field,
+    sniff_format,
+    tensor_to_png,
+)
+from gateway.errors import BackendError, ImageDimensionsTooLarge, ImageTooLarge, InvalidImage
+
+RED = (255, 0, 0)
+BLUE = (0, 0, 255)
+EXIF_ORIENTATION = 0x0112
+
+
+def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = len(mode)
+    return Image.fromarray(rng.integers(0, 256, (height, width, channels), dtype=np.uint8), mode=mode)
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims `width` x `height` but carries no pixel data (a 'bomb' header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+# --- parse_image_field -----------------------------------------------------------------------------------
+
+PNG_BYTES = encode(Image.new("RGB", (4, 4), RED), "PNG")
+PNG_B64 = base64.b64encode(PNG_BYTES).decode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "http://example.com/a.jpg",
+        "https://example.com/a?x=1",
+        "HTTPS://EXAMPLE.com/a.png",
+        "  https://example.com/padded.png \n",
+    ],
+)
+def test_urls_are_passed_through(value: str) -> None:
+    assert parse_image_field(value) == ImageSource(url=value.strip(), data=None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"data:image/png;base64,{PNG_B64}",
+        f"data:image/jpeg;base64,{PNG_B64}",  # declared type is ignored; content decides
+        f"DATA:image/png;charset=utf-8;BASE64,{PNG_B64}",
+        f"data:;base64,{PNG_B64}",
+        PNG_B64,
+        "\n".join(PNG_B64[i : i + 76] for i in range(0, len(PNG_B64), 76)),  # MIME line breaks
+        f"  {PNG_B64}\r\n",
+    ],
+)
+def test_base64_forms_decode(value: str) -> None:
+    assert parse_image_field(value) == ImageSource(url=None, data=PNG_BYTES)
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("file:///etc/passwd", "scheme 'file'"),
+        ("ftp://example.com/a.png", "scheme 'ftp'"),
+        ("javascript:alert(1)", "scheme 'javascript'"),
+        ("https://", "valid absolute"),
+        ("https:///path", "valid absolute"),
+        ("https://exa mple.com/a.png", "valid absolute"),
+        ("https://example.com/" + "a" * codecs.MAX_IMAGE_URL_CHARS, "longer than"),
+        ("data:image/png,rawbytes", "base64"),
+        ("data:image/png;base64", "Malformed data URI"),
+        ("data:" + "x" * 300 + ";base64,AAAA", "Malformed data URI"),
+        ("data:image/png;base64,@@@@", "base64"),
+        ("not base64 at all!", "base64"),
+        (PNG_B64.rstrip("="), "base64"),  # strict: padding required
+        (PNG_B64 + "====", "base64"),  # strict: no excess padding
+        (base64.urlsafe_b64encode(b"\xfb\xff\xfe" * 4).decode(), "base64"),  # URL-safe alphabet refused
+        ("ÿÿÿÿ", "base64"),
+        ("", "empty"),
+        ("data:image/png;base64,", "empty"),
+    ],
+)
+def test_bad_image_fields(value: str, fragment: str) -> None:
+    with pytest.raises(InvalidImage) as info:
+        parse_image_field(value)
+    assert fragment in (info.value.details or "")
+
+
+def test_decoded_size_limit() -> None:
+    limit = 1000
+    assert parse_image_field(base64.b64encode(b"x" * limit).decode(), max_bytes=limit).data == b"x" * limit
+    with pytest.raises(ImageTooLarge) as info:
+        parse_image_field(base64.b64encode(b"x" * (limit + 1)).decode(), max_bytes=limit)
+    assert info.value.details == "Maximum file size is 1000 bytes"
+
+
+def test_over_10mb_payload_is_image_too_large() -> None:
+    payload = "data:image/png;base64," + base64.b64encode(b"\0" * (MAX_IMAGE_BYTES + 1)).decode()
+    with pytest.raises(ImageTooLarge) as info:
+        parse_image_field(payload)
+    assert info.value.message == "Image file size exceeds maximum limit"
+    assert info.value.details == "Maximum file size is 10MB"
+
+
+def test_exactly_10mb_is_accepted() -> None:
+    data = parse_image_field(base64.b64encode(b"\0" * MAX_IMAGE_BYTES).decode()).data
+    assert data is not None
+    assert len(data) == MAX_IMAGE_BYTES
+
+
+def test_huge_string_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_decode(*_args: object, **_kwargs: object) -> bytes:
+        raise AssertionError("decoded a payload that was too large to begin with")
+
+    monkeypatch.setattr(codecs.binascii, "a2b_base64", must_not_decode)
+    with pytest.raises(ImageTooLarge):
+        parse_image_field("A" * (100 * 1024 * 1024))
+    with pytest.raises(ImageTooLarge):  # just over the encoded bound, whitespace removed
+        parse_image_field("AAAA" * (MAX_IMAGE_BYTES // 3 + 2))
+
+
+# --- sniff_format -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (encode(Image.new("RGB", (2, 2)), "JPEG"), "JPEG"),
+        (encode(Image.new("RGB", (2, 2)), "PNG"), "PNG"),
+        (encode(Image.new("RGB", (2, 2)), "WEBP"), "WEBP"),
+        (encode(Image.new("RGB", (2, 2)), "GIF"), "GIF"),
+        (encode(Image.new("RGB", (2, 2)), "BMP"), "BMP"),
+        (encode(Image.new("RGB", (2, 2)), "TIFF"), "TIFF"),
+        (b"RIFF\0\0\0\0WAVEfmt ", None),
+        (b"", None),
+        (b"\xff\xd8", None),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", None),
+    ],
+)
+def test_sniff_format(data: bytes, expected: str | None) -> None:
+    assert sniff_format(data) == expected
+
+
+# --- decode_image -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_supported_formats_decode_to_rgb(fmt: str) -> None:
+    img = decode_image(encode(Image.new("RGB", (33, 17), BLUE), fmt, **({"lossless": True} if fmt == "WEBP" else {})))
+    assert img.mode == "RGB"
+    assert img.size == (33, 17)
+    if fmt != "JPEG":
+        assert img.getpixel((5, 5)) == BLUE
+
+
+def test_jpeg_exif_orientation_6_is_applied() -> None:
+    stored = Image.new("RGB", (40, 20), RED)
+    stored.paste(BLUE, (20, 0, 40, 20))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # display = stored rotated 90 degrees clockwise
+    img = decode_image(encode(stored, "JPEG", exif=exif.tobytes(), quality=95))
+    assert img.size == (20, 40)
+    top = img.getpixel((10, 5))
+    bottom = img.getpixel((10, 35))
+    assert isinstance(top, tuple)
+    assert isinstance(bottom, tuple)
+    assert top[0] > 200 and top[2] < 60  # red on top
+    assert bottom[2] > 200 and bottom[0] < 60  # blue at the bottom
+
+
+def test_png_alpha_is_composited_on_white() -> None:
+    rgba = Image.new("RGBA", (4, 2), (0, 0, 0, 0))  # transparent black...
+    rgba.putpixel((1, 0), (255, 0, 0, 255))  # ...one opaque red pixel...
+    rgba.putpixel((2, 0), (0, 0, 255, 128))  # ...one half-transparent blue
+    img = decode_image(encode(rgba, "PNG"))
+    assert img.mode == "RGB"
+    assert img.getpixel((0, 0)) == (255, 255, 255)
+    assert img.getpixel((1, 0)) == RED
+    assert img.getpixel((2, 0)) == (127, 127, 255)
+
+
+@pytest.mark.parametrize(
+    ("img", "expected"),
+    [
+        (Image.new("LA", (2, 2), (0, 0)), (255, 255, 255)),
+        (Image.new("L", (2, 2), 77), (77, 77, 77)),
+        (Image.new("I;16", (2, 2), 65535), (255, 255, 255)),
+        (Image.new("I;16", (2, 2), 32896), (128, 128, 128)),  # scaled, not clipped to white
+        (Image.new("1", (2, 2), 1), (255, 255, 255)),
+    ],
+)
+def test_other_png_modes_become_rgb(img: Image.Image, expected: tuple[int, int, int]) -> None:
+    decoded = decode_image(encode(img, "PNG"))
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((0, 0)) == expected
+
+
+def test_palette_png_with_transparency() -> None:
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0])
+    palette.putpixel((1, 0), 1)
+    img = decode_image(encode(palette, "PNG", transparency=0))
+    assert img.getpixel((0, 0)) == (255, 255, 255)
+    assert img.getpixel((1, 0)) == (0, 255, 0)
+
+
+def test_webp_with_alpha() -> None:
+    img = decode_image(encode(Image.new("RGBA", (8, 8), (0, 0, 255, 0)), "WEBP", lossless=True))
+    assert img.mode == "RGB"
+    assert img.getpixel((3, 3)) == (255, 255, 255)
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    img = decode_image(encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"))
+    assert img.mode == "RGB"
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_unsupported_formats_rejected(fmt: str) -> None:
+    with pytest.raises(InvalidImage) as info:
+        decode_image(encode(Image.new("RGB", (4, 4)), fmt))
+    assert info.value.message == "Unable to process the provided image"
+    assert fmt in (info.value.details or "")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"hello, not an image",
+        b"\x89PNG\r\n\x1a\n" + b"\0" * 40,
+        b"\xff\xd8\xff" + b"\0" * 40,
+        b"RIFF\x10\0\0\0WEBPVP8 garbage",
+    ],
+)
+def test_garbage_is_invalid_image(data: bytes) -> None:
+    with pytest.raises(InvalidImage) as info:
+        decode_image(data)
+    assert info.value.details == "Image format not supported or file corrupted"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_truncated_files_are_invalid_image(fmt: str) -> None:
+    data = encode(noise_image(64, 64), fmt)
+    with pytest.raises(InvalidImage):
+        decode_image(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(("width", "height"), [(2049, 10), (10, 2049)])
+def test_side_over_limit(width: int, height: int) -> None:
+    data = encode(Image.new("L", (width, height)), "PNG")
+    with pytest.raises(ImageDimensionsTooLarge) as info:
+        decode_image(data)
+    assert info.value.details == "Maximum dimensions are 2048x2048 pixels"
+
+
+def test_max_side_is_inclusive_and_can_be_lowered() -> None:
+    data = encode(Image.new("L", (MAX_IMAGE_SIDE, 8)), "PNG")
+    assert decode_image(data).size == (MAX_IMAGE_SIDE, 8)
+    with pytest.raises(ImageDimensionsTooLarge) as info:
+        decode_image(data, max_side=1024)
+    assert "1024x1024" in (info.value.details or "")
+    with pytest.raises(ValueError, match="MAX_IMAGE_SIDE"):
+        decode_image(data, max_side=MAX_IMAGE_SIDE + 1)
+
+
+def test_dimensions_checked_before_pixels_are_decoded() -> None:
+    # Header says 2049 wide but there is no valid pixel data: the size error must win.
+    with pytest.raises(ImageDimensionsTooLarge):
+        decode_image(png_with_header(2049, 1))
+
+
+def test_decompression_bomb_header_is_refused() -> None:
+    assert Image.MAX_IMAGE_PIXELS == MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
+    with pytest.raises(ImageDimensionsTooLarge):
+        decode_image(png_with_header(100_000, 100_000))  # Pillow's DecompressionBombError path
+
+
+def test_decompression_bomb_warning_range_is_refused() -> None:
+    data = png_with_header(2100, 2100)  # between 1x and 2x Pillow's guard: a warning, not an error
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageDimensionsTooLarge):
+        decode_image(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(ImageDimensionsTooLarge):
+            decode_image(data)
+
+
+def test_decoded_image_is_detached_from_the_input() -> None:
+    img = decode_image(encode(Image.new("RGB", (3, 3), RED), "PNG"))
+    img.load()
+    assert np.asarray(img).shape == (3, 3, 3)
+
+
+# --- fit_to_grid ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "native", "grid", "expected"),
+    [
+        (1024, 1024, 512, 8, (512, 512)),
+        (1024, 768, 512, 8, (512, 384)),
+        (768, 1024, 512, 64, (384, 512)),
+        (64, 64, 128, 16, (128, 128)),  # small inputs are scaled up
+        (1000, 333, 128, 16, (128, 48)),  # 42.6 -> 48
+        (1000, 300, 128, 16, (128, 32)),  # 38.4 -> 32
+        (128, 24, 128, 16, (128, 32)),  # exactly 1.5 grids: halves round up
+        (2048, 10, 512, 8, (512, 8)),  # 2.5 -> 0 grids -> at least one grid
+        (3, 2049, 128, 16, (16, 128)),
+        (1920, 1080, 512, 8, (512, 288)),
+        (1920, 1080, 100, 16, (96, 64)),  # native off the grid: the long side is snapped too; 56.25 -> 64
+    ],
+)
+def test_fit_to_grid(width: int, height: int, native: int, grid: int, expected: tuple[int, int]) -> None:
+    assert fit_to_grid(width, height, native, grid) == expected
+
+
+@pytest.mark.parametrize("args", [(0, 10, 128, 16), (10, 10, 0, 16), (10, 10, 128, 0), (-1, 10, 128, 16)])
+def test_fit_to_grid_rejects_non_positive(args: tuple[int, int, int, int]) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        fit_to_grid(*args)
+
+
+# --- tensors --------------------------------------------------------------------------------------------
+
+
+def test_image_to_tensor_matches_vae_image_processor() -> None:
+    img = noise_image(16, 8)
+    tensor = image_to_tensor(img, (16, 8))
+    assert tensor.shape == (1, 3, 8, 16)
+    assert tensor.dtype == np.float32
+    assert tensor.flags.c_contiguous
+    pixels = np.asarray(img).astype(np.float32) / 255.0
+    expected = (2.0 * pixels - 1.0).transpose(2, 0, 1)[None]
+    np.testing.assert_array_equal(tensor, expected)
+    assert tensor.min() >= -1.0
+    assert tensor.max() <= 1.0
+
+
+def test_image_to_tensor_resizes_with_lanczos() -> None:
+    img = noise_image(40, 20)
+    tensor = image_to_tensor(img, (16, 8))
+    assert tensor.shape == (1, 3, 8, 16)
+    reference = np.asarray(img.resize((16, 8), Image.Resampling.LANCZOS)).astype(np.float32) / 255.0
+    np.testing.assert_array_equal(tensor[0], (2.0 * reference - 1.0).transpose(2, 0, 1))
+
+
+def test_image_to_tensor_converts_non_rgb() -> None:
+    assert image_to_tensor(Image.new("L", (4, 4), 255), (4, 4)).tolist() == np.ones((1, 3, 4, 4)).tolist()
+
+
+def test_tensor_to_png_matches_diffusers_postprocess() -> None:
+    sample = np.array([[[-1.0, -0.5, 0.0, 1.0, 3.0, -3.0, 0.0039, 0.0041]]], dtype=np.float32).repeat(3, axis=0)
+    png = tensor_to_png(sample)
+    decoded = np.asarray(Image.open(io.BytesIO(png)))
+    assert decoded.shape == (1, 8, 3)
+    expected = (np.clip(sample / 2 + 0.5, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(decoded, expected)
+    assert decoded[0, :, 0].tolist() == [0, 64, 128, 255, 255, 0, 128, 128]
+
+
+def test_tensor_to_png_is_deterministic() -> None:
+    sample = np.random.default_rng(1).standard_normal((3, 32, 24)).astype(np.float32)
+    first = tensor_to_png(sample)
+    assert first.startswith(b"\x89PNG\r\n\x1a\n")
+    assert tensor_to_png(sample.copy()) == first
+    assert Image.open(io.BytesIO(first)).size == (24, 32)
+
+
+def test_tensor_to_png_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        tensor_to_png(np.zeros((1, 3, 4, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        tensor_to_png(np.zeros((4, 4, 3), dtype=np.float32))
+    nan = np.zeros((3, 4, 4), dtype=np.float32)
+    nan[1, 2, 3] = np.nan
+    with pytest.raises(BackendError):
+        tensor_to_png(nan)
+
+
+def test_round_trip_through_the_tensor_layout() -> None:
+    img = noise_image(24, 16, seed=3)
+    tensor = image_to_tensor(img, img.size)
+    back = np.asarray(Image.open(io.BytesIO(tensor_to_png(tensor[0]))))
+    np.testing.assert_array_equal(back, np.asarray(img))
+
+
+def test_image_to_png() -> None:
+    img = decode_image(encode(noise_image(10, 6), "JPEG"))
+    png = image_to_png(img)
+    assert png == image_to_png(img)
+    again = Image.open(io.BytesIO(png))
+    assert again.format == "PNG"
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(img))
+
+
+def test_png_output_carries_no_colour_profile() -> None:
+    with_profile = Image.new("RGB", (4, 4), RED)
+    source = encode(with_profile, "PNG", icc_profile=b"fake-profile-bytes")
+    img = decode_image(source)
+    png = image_to_png(img)
+    assert b"iCCP" in source
+    assert b"iCCP" not in png

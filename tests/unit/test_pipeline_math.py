@@ -1,0 +1,240 @@
+"""gateway.pipeline against the diffusers code it mirrors (img2img pipeline, DiagonalGaussianDistribution)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline
+from diffusers.models.autoencoders import vae as diffusers_vae
+
+from gateway.pipeline import (
+    apply_guidance,
+    denormalize_latents_for_decode,
+    do_classifier_free_guidance,
+    draw_noise,
+    draw_noise_from,
+    get_img2img_timesteps,
+    img2img_scheduler_config,
+    noise_generator,
+    prepare_initial_latents,
+    sample_latents,
+)
+from gateway.schedulers import make_scheduler
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+SD15 = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+}
+LATENT_SHAPE = (2, 4, 8, 8)
+
+
+def _pipeline(scheduler: Any) -> StableDiffusionImg2ImgPipeline:
+    """A real img2img pipeline holding only a scheduler (its __init__ and get_timesteps need nothing else)."""
+    return StableDiffusionImg2ImgPipeline(
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        unet=None,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- timesteps
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1}),
+        ("DDIMScheduler", {"clip_sample": False, "steps_offset": 1}),
+        ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+        ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
+        ("DPMSolverMultistepScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
+    ],
+)
+@pytest.mark.parametrize(("steps", "strength"), [(10, 0.6), (10, 1.0), (30, 0.7), (7, 0.29), (4, 0.1), (50, 0.75)])
+def test_get_img2img_timesteps_matches_pipeline(name: str, extra: dict[str, Any], steps: int, strength: float) -> None:
+    cfg = {**SD15, **extra}
+    pipe = _pipeline(getattr(diffusers, name).from_config(cfg))
+    pipe.scheduler.set_timesteps(steps)
+    d_ts, d_n = pipe.get_timesteps(steps, strength, "cpu")
+
+    ours = make_scheduler({"_class_name": name, **cfg})
+    ours.set_timesteps(steps)
+    o_ts, o_n = get_img2img_timesteps(ours, steps, strength)
+    assert o_n == d_n
+    np.testing.assert_array_equal(o_ts, d_ts.numpy())
+    assert ours.begin_index == getattr(pipe.scheduler, "begin_index", ours.begin_index)
+
+
+def test_get_img2img_timesteps_plain_numbers() -> None:
+    s = make_scheduler({"_class_name": "DDIMScheduler", **SD15, "steps_offset": 1})
+    s.set_timesteps(10)
+    ts, n = get_img2img_timesteps(s, 10, 0.6)
+    assert ts.tolist() == [501, 401, 301, 201, 101, 1]
+    assert (n, s.begin_index) == (6, 4)
+
+
+# -------------------------------------------------------------------------------------- pipeline config
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"_class_name": "DDIMScheduler"},
+        {"_class_name": "DDIMScheduler", "clip_sample": False, "steps_offset": 1},
+        {"_class_name": "PNDMScheduler", **SD15, "skip_prk_steps": True, "clip_sample": True},
+        {"_class_name": "EulerDiscreteScheduler", **SD15, "timestep_spacing": "leading"},
+        {"_class_name": "DPMSolverMultistepScheduler", "steps_offset": 2},
+    ],
+)
+def test_img2img_scheduler_config_matches_pipeline_init(config: dict[str, Any]) -> None:
+    """The pipeline rewrites steps_offset / clip_sample; the effective schedules must then agree."""
+    theirs = getattr(diffusers, config["_class_name"]).from_config(config)
+    pipe = _pipeline(theirs)
+    fixed = img2img_scheduler_config(config)
+    for key in ("steps_offset", "clip_sample"):
+        if key in pipe.scheduler.config and key in make_scheduler(fixed).config:
+            assert make_scheduler(fixed).config[key] == pipe.scheduler.config[key], key
+    ours = make_scheduler(fixed)
+    pipe.scheduler.set_timesteps(10)
+    ours.set_timesteps(10)
+    np.testing.assert_array_equal(ours.timesteps, pipe.scheduler.timesteps.numpy())
+
+
+# ------------------------------------------------------------------------------------------------ latents
+
+
+def test_sample_latents_matches_diagonal_gaussian(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    mean = rng.standard_normal(LATENT_SHAPE, dtype=np.float32)
+    # Wide enough that some logvars fall outside diffusers' clamp range [-30, 20].
+    logvar = rng.standard_normal(LATENT_SHAPE, dtype=np.float32) * np.float32(20)
+    params = np.concatenate([mean, logvar], axis=1)
+    noise = rng.standard_normal(LATENT_SHAPE, dtype=np.float32)
+    monkeypatch.setattr(diffusers_vae, "randn_tensor", lambda *a, **k: torch.from_numpy(noise.copy()))
+
+    dist = diffusers_vae.DiagonalGaussianDistribution(torch.from_numpy(params))
+    theirs = 0.18215 * dist.sample(generator=None)  # pipeline_stable_diffusion_img2img.prepare_latents
+    ours = sample_latents(params, noise, 0.18215)
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6, atol=1e-7)
+
+    theirs_shifted = (dist.sample(generator=None) - 0.0609) * 1.5305  # SD3-style (x - shift) * scale
+    np.testing.assert_allclose(
+        sample_latents(params, noise, 1.5305, 0.0609), theirs_shifted.numpy(), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_sample_latents_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError):
+        sample_latents(np.zeros((1, 3, 2, 2), np.float32), np.zeros((1, 1, 2, 2), np.float32), 1.0)
+    with pytest.raises(ValueError):
+        sample_latents(np.zeros((1, 8, 2, 2), np.float32), np.zeros((1, 4, 3, 2), np.float32), 1.0)
+
+
+def test_denormalize_inverts_scaling() -> None:
+    x = np.random.default_rng(1).standard_normal(LATENT_SHAPE, dtype=np.float32)
+    out = denormalize_latents_for_decode(x, 0.18215)
+    np.testing.assert_array_equal(out, (torch.from_numpy(x) / 0.18215).numpy())
+    out = denormalize_latents_for_decode(x, 1.5305, 0.0609)
+    np.testing.assert_array_equal(out, (torch.from_numpy(x) / 1.5305 + 0.0609).numpy())
+    assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["PNDMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_prepare_initial_latents_matches_pipeline(name: str) -> None:
+    cfg = {**SD15, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading"}
+    theirs = getattr(diffusers, name).from_config(cfg)
+    pipe = _pipeline(theirs)
+    theirs.set_timesteps(20)
+    d_ts, _ = pipe.get_timesteps(20, 0.75, "cpu")
+    ours = make_scheduler({"_class_name": name, **cfg})
+    ours.set_timesteps(20)
+    o_ts, _ = get_img2img_timesteps(ours, 20, 0.75)
+
+    rng = np.random.default_rng(3)
+    x0 = rng.standard_normal(LATENT_SHAPE, dtype=np.float32)
+    noise = rng.standard_normal(LATENT_SHAPE, dtype=np.float32)
+    latent_timestep = d_ts[:1].repeat(LATENT_SHAPE[0])  # as StableDiffusionImg2ImgPipeline.__call__
+    d = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), latent_timestep)
+    o = prepare_initial_latents(ours, x0, noise, o_ts[0])
+    assert o.dtype == np.float32
+    np.testing.assert_allclose(o, d.numpy(), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- guidance
+
+
+def test_apply_guidance_matches_diffusers_chunk_order() -> None:
+    rng = np.random.default_rng(4)
+    pred = rng.standard_normal((4, 4, 8, 8), dtype=np.float32)
+    t = torch.from_numpy(pred)
+    uncond, text = t.chunk(2)
+    expected = uncond + 7.5 * (text - uncond)
+    out = apply_guidance(pred, 7.5)
+    assert out.shape == (2, 4, 8, 8) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_apply_guidance_plain_math() -> None:
+    uncond = np.full((1, 1, 1, 1), 1.0, np.float32)
+    cond = np.full((1, 1, 1, 1), 3.0, np.float32)
+    pred = np.concatenate([uncond, cond])
+    assert apply_guidance(pred, 1.0).item() == 3.0  # g = 1 is the conditional prediction
+    assert apply_guidance(pred, 0.0).item() == 1.0  # g = 0 is the unconditional one
+    assert apply_guidance(pred, 2.5).item() == 6.0
+    with pytest.raises(ValueError):
+        apply_guidance(np.zeros((3, 1, 1, 1), np.float32), 7.5)
+
+
+def test_do_classifier_free_guidance() -> None:
+    assert do_classifier_free_guidance(7.5)
+    assert do_classifier_free_guidance(1.01)
+    assert not do_classifier_free_guidance(1.0)
+    assert not do_classifier_free_guidance(0.0)
+
+
+# -------------------------------------------------------------------------------------------------- noise
+
+
+def test_draw_noise_is_deterministic_and_ordered() -> None:
+    shape = (1, 4, 8, 8)
+    vae_noise, t_noise = draw_noise(42, shape)
+    again = draw_noise(42, shape)
+    np.testing.assert_array_equal(vae_noise, again[0])
+    np.testing.assert_array_equal(t_noise, again[1])
+    assert vae_noise.dtype == t_noise.dtype == np.float32
+    assert vae_noise.shape == t_noise.shape == shape
+    assert not np.array_equal(vae_noise, t_noise)
+
+    rng = np.random.Generator(np.random.PCG64(42))
+    # The VAE sample noise is drawn first, then the first-timestep noise.
+    np.testing.assert_array_equal(vae_noise, rng.standard_normal(shape, dtype=np.float32))
+    np.testing.assert_array_equal(t_noise, rng.standard_normal(shape, dtype=np.float32))
+
+    other = draw_noise(43, shape)
+    assert not np.array_equal(vae_noise, other[0])
+
+
+def test_draw_noise_from_continues_the_stream() -> None:
+    shape = (1, 4, 4, 4)
+    rng = noise_generator(7)
+    first = draw_noise_from(rng, shape)
+    after = rng.standard_normal(shape, dtype=np.float32)
+    ref = np.random.Generator(np.random.PCG64(7))
+    np.testing.assert_array_equal(first[0], ref.standard_normal(shape, dtype=np.float32))
+    np.testing.assert_array_equal(first[1], ref.standard_normal(shape, dtype=np.float32))
+    np.testing.assert_array_equal(after, ref.standard_normal(shape, dtype=np.float32))
+    np.testing.assert_array_equal(draw_noise(7, shape)[0], first[0])
