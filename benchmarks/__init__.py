@@ -1,0 +1,1 @@
+"""`python -m benchmarks`: this service against its peers and the compute limit, on the same weights, in one run."""

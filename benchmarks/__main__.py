@@ -1,0 +1,50 @@
+"""`python -m benchmarks [--quick] [--models tiny,medium]`: run every system, write JSON + markdown + plots."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.config import BENCH_ROOT, RESULTS_DIR, WORK_DIR, full_config, quick_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer levels/requests/repeats (< 10 min on 2 cores)")
+    parser.add_argument("--models", default="tiny,medium", help="comma-separated sizes (tiny, medium)")
+    parser.add_argument("--threads", type=int, help="intra-op threads for every system (default: CPU count)")
+    parser.add_argument("--repeats", type=int, help="repeats per figure (default: 2 quick, 3 full)")
+    parser.add_argument("--port-base", type=int, help="first of the loopback ports used (default 19400)")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR, help="results folder")
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="exported models, logs (git-ignored)")
+    parser.add_argument("--no-readme", action="store_true", help="do not update the table in benchmarks/README.md")
+    args = parser.parse_args(argv)
+    sizes = tuple(s.strip() for s in args.models.split(",") if s.strip())
+    if not sizes or any(s not in ("tiny", "medium") for s in sizes):
+        parser.error("--models takes tiny and/or medium")
+    config = (quick_config if args.quick else full_config)(sizes)
+    overrides = {k: v for k, v in (("threads", args.threads), ("repeats", args.repeats),
+                                   ("port_base", args.port_base)) if v is not None}  # fmt: skip
+    config = replace(config, **overrides)
+
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from benchmarks import report, runner
+
+    results = runner.run(config, work_dir=args.work_dir)
+    written = report.write(results, args.output, readme=None if args.no_readme else BENCH_ROOT / "README.md")
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}")
+    print()
+    print(report.markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

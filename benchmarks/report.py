@@ -1,0 +1,246 @@
+"""Raw runs -> medians with min/max, ratios, FLOP/s fractions; written as JSON, a markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ("service", "naive", "ort_peer", "limit")
+LABELS = {"service": "this service", "naive": "naive peer (diffusers torch)", "ort_peer": "ORT peer (optimum)",
+          "limit": "limit (ORT in-process, service's batches)"}  # fmt: skip
+METRICS = ("images_per_s", "p50_s", "p95_s", "p99_s", "errors", "mean_unet_batch", "queue_share")
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def spread(values: list[float | None]) -> dict[str, float] | None:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return {"median": statistics.median(present), "min": min(present), "max": max(present), "n": len(present)}
+
+
+def aggregate(model: dict[str, Any], peak_flops: float) -> dict[str, Any]:
+    """Per system and concurrency level: each metric as median/min/max over the repeats; then the ratios."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for system in SYSTEMS:
+        runs_by_level = model["systems"].get(system, {}).get("closed", {})
+        for level, runs in runs_by_level.items():
+            row = {m: spread([r.get(m) for r in runs]) for m in METRICS}
+            table.setdefault(system, {})[level] = {k: v for k, v in row.items() if v is not None}
+    flops_per_image = model["flops"]["total"]
+    for rows in table.values():
+        for row in rows.values():
+            ips = row.get("images_per_s")
+            if ips:
+                achieved = ips["median"] * flops_per_image
+                row["achieved_flops_per_s"] = achieved
+                row["fraction_of_matmul_peak"] = achieved / peak_flops
+    return {"table": table, "ratios": ratios(table)}
+
+
+def _peer_ips(table: dict[str, Any], system: str, level: str) -> tuple[float | None, str]:
+    """A one-at-a-time peer's throughput does not depend on load; use the level's own run when there is one."""
+    rows = table.get(system, {})
+    if level in rows:
+        return rows[level]["images_per_s"]["median"], level
+    if rows:
+        return statistics.median(r["images_per_s"]["median"] for r in rows.values()), "median over " + ",".join(rows)
+    return None, "missing"
+
+
+def ratios(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for level, row in table.get("service", {}).items():
+        service = row["images_per_s"]["median"]
+        entry: dict[str, Any] = {}
+        for name, system in (("service/naive", "naive"), ("service/ort_peer", "ort_peer")):
+            peer, source = _peer_ips(table, system, level)
+            entry[name] = service / peer if peer else None
+            entry[f"{name} peer level"] = source
+        limit = table.get("limit", {}).get(level, {}).get("images_per_s")
+        entry["service/limit"] = service / limit["median"] if limit else None
+        out[level] = entry
+    return out
+
+
+def build(results: dict[str, Any]) -> dict[str, Any]:
+    peak = results["matmul_peak"]["flops_per_s"]
+    results["summary"] = {size: aggregate(model, peak) for size, model in results["models"].items()}
+    return results
+
+
+def _ms(cell: dict[str, float] | None) -> str:
+    if not cell:
+        return "-"
+    return f"{cell['median'] * 1e3:.0f} ({cell['min'] * 1e3:.0f}-{cell['max'] * 1e3:.0f})"
+
+
+def _num(cell: dict[str, float] | None, fmt: str = "{:.2f}") -> str:
+    if not cell:
+        return "-"
+    if cell["min"] == cell["max"]:
+        return fmt.format(cell["median"])
+    return f"{fmt.format(cell['median'])} ({fmt.format(cell['min'])}-{fmt.format(cell['max'])})"
+
+
+def _r(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def markdown(results: dict[str, Any], plots: dict[str, str] | None = None) -> str:
+    m = results["machine"]
+    p = results["pinning"]
+    lines = [
+        f"Taken {results['started_at']} on `{m['hostname']}`: {m['cpu']}, {m['cpus']} CPUs; "
+        f"onnxruntime {m['onnxruntime']}, torch {m['torch']}. Mode `{results['config']['mode']}`, "
+        f"{results['config']['repeats']} repeats (median, min-max); threads pinned: intra-op {p['intra_op_threads']}, "
+        f"inter-op {p['inter_op_threads']} for every system. Large-matmul peak "
+        f"{results['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s. Run took {results['duration_s'] / 60:.1f} min.",
+        "",
+    ]
+    for size, model in results["models"].items():
+        summary = results["summary"][size]
+        wl = model["workload"]
+        shapes = model["work_shapes"]
+        lines += [
+            f"### {size} ({model['model']})",
+            "",
+            f"{shapes['width']}x{shapes['height']} px (latents {shapes['latent_w']}x{shapes['latent_h']}), "
+            f"steps {wl['steps']} x strength {wl['strength']} = {wl['effective_steps']} UNet steps, guidance "
+            f"{wl['guidance_scale']}; {model['flops']['total'] / 1e9:.2f} GFLOP/image "
+            f"(UNet {model['flops']['per_image']['unet'] / 1e9:.2f}).",
+            "",
+            "| system | conc. | images/s | p50 ms | p95 ms | p99 ms | errors | UNet batch | queue share "
+            "| % of matmul peak |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for system in SYSTEMS:
+            for level, row in sorted(summary["table"].get(system, {}).items(), key=lambda kv: int(kv[0])):
+                frac = row.get("fraction_of_matmul_peak")
+                lines.append(
+                    f"| {LABELS[system]} | {level} | {_num(row.get('images_per_s'))} | {_ms(row.get('p50_s'))} "
+                    f"| {_ms(row.get('p95_s'))} | {_ms(row.get('p99_s'))} | {_num(row.get('errors'), '{:.0f}')} "
+                    f"| {_num(row.get('mean_unet_batch'), '{:.1f}')} | {_num(row.get('queue_share'))} "
+                    f"| {'-' if frac is None else f'{frac * 100:.1f}%'} |"
+                )
+        op = model["systems"]["service"]["open"]
+        lines += [
+            "",
+            f"Open loop (Poisson, {op['rate_per_s']:.2f} req/s, {op['completed']} requests): "
+            f"{op['images_per_s']:.2f} images/s, p50 {op['p50_s'] * 1e3:.0f} ms, p99 {op['p99_s'] * 1e3:.0f} ms, "
+            f"errors {op['errors']}, UNet batch {op['mean_unet_batch'] or 0:.1f}, queue share "
+            f"{(op['queue_share'] or 0):.2f}.",
+            "",
+            "| conc. | service/naive | service/ORT peer | service/limit |",
+            "|---:|---:|---:|---:|",
+        ]
+        for level, r in sorted(summary["ratios"].items(), key=lambda kv: int(kv[0])):
+            lines.append(
+                f"| {level} | {_r(r['service/naive'])} | {_r(r['service/ort_peer'])} | {_r(r['service/limit'])} |"
+            )
+        t = model["transport"]
+        g, i = t["gateway"], t["identity_direct"]
+        lines += [
+            "",
+            f"Transport: gateway overhead per request p50 {g['overhead_ms_p50']:.1f} ms, p99 "
+            f"{g['overhead_ms_p99']:.1f} ms (request {g['latency_ms_p50']:.1f} ms, of which Triton-side "
+            f"{g['triton_ms_p50']:.1f} ms incl. {g['triton_queue_ms_p50']:.1f} ms batcher queue; "
+            f"{g['triton_calls_per_request']} Triton calls). Identity call of {i['bytes'] / 1024:.0f} KiB straight to "
+            f"Triton with tritonclient: p50 {i['client_ms_p50']:.2f} ms, p99 {i['client_ms_p99']:.2f} ms "
+            f"(Triton-side {i['server_ms_mean']:.2f} ms; gRPC + client {i['transport_ms_p50']:.2f} ms p50).",
+            "",
+        ]
+    for title, path in (plots or {}).items():
+        lines += [f"![{title}]({path})", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], out_prefix: Path) -> dict[str, str]:
+    """throughput vs concurrency (all systems) and the latency CDF at concurrency 8, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sizes = list(results["models"])
+    files = {}
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.2), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        table = results["summary"][size]["table"]
+        for system in SYSTEMS:
+            rows = sorted(table.get(system, {}).items(), key=lambda kv: int(kv[0]))
+            if not rows:
+                continue
+            x = [int(level) for level, _ in rows]
+            y = [row["images_per_s"]["median"] for _, row in rows]
+            lo = [row["images_per_s"]["median"] - row["images_per_s"]["min"] for _, row in rows]
+            hi = [row["images_per_s"]["max"] - row["images_per_s"]["median"] for _, row in rows]
+            ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=LABELS[system])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency (closed loop)")
+        ax.set_ylabel("images/s")
+        ax.set_title(f"{size}: throughput vs concurrency")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_prefix.with_name(out_prefix.name + "-throughput.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files["Throughput vs concurrency"] = path.name
+
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.2), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        model = results["models"][size]
+        for system in ("service", "naive", "ort_peer"):
+            runs = model["systems"].get(system, {}).get("closed", {})
+            level = "8" if "8" in runs else (max(runs, key=int) if runs else None)
+            if level is None:
+                continue
+            lat = np.sort(np.concatenate([np.asarray(r["latencies_s"]) for r in runs[level]])) * 1e3
+            if lat.size:
+                ax.step(lat, np.arange(1, lat.size + 1) / lat.size, where="post", label=f"{LABELS[system]} (c={level})")
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"{size}: latency CDF at concurrency 8")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_prefix.with_name(out_prefix.name + "-latency-cdf.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files["Latency CDF at concurrency 8"] = path.name
+    return files
+
+
+def machine_slug(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    cpu = re.sub(r"\(R\)|\(TM\)|CPU|@.*$", "", m["cpu"]).strip()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{cpu}-{m['cpus']}cpu").strip("-").lower()
+    return slug or "unknown"
+
+
+def write(results: dict[str, Any], out_dir: Path, *, readme: Path | None = None) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    build(results)
+    stem = f"{results['started_at'][:10]}-{machine_slug(results)}"
+    if results["config"]["mode"] != "full":
+        stem += f"-{results['config']['mode']}"
+    prefix = out_dir / stem
+    plots = plot(results, prefix)
+    json_path = prefix.with_suffix(".json")
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    table = markdown(results, plots)
+    md_path = prefix.with_suffix(".md")
+    md_path.write_text(f"# Benchmark results {stem}\n\n{table}\n")
+    if readme is not None and readme.is_file():
+        text = readme.read_text()
+        if README_START in text and README_END in text:
+            head, rest = text.split(README_START, 1)
+            _, tail = rest.split(README_END, 1)
+            linked = table.replace("](", "](results/")
+            readme.write_text(f"{head}{README_START}\n{linked}\n{README_END}{tail}")
+    return {"json": json_path, "markdown": md_path, **{k: out_dir / v for k, v in plots.items()}}

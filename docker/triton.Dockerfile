@@ -1,0 +1,48 @@
+# Triton Inference Server 2.51 (NGC 24.10), the release of the tritonserver binary bundled with nvidia-pytriton
+# 0.7 that the local launcher and the tests use.
+#
+#   docker build -f docker/triton.Dockerfile -t imagen-triton .        (from the repository root)
+#
+# The export writes one of two kinds of models (`python -m export --backend ...`):
+#   --backend onnxruntime  config.pbtxt for Triton's built-in onnxruntime backend (ONNX Runtime 1.19.2 in 24.10).
+#                          Needs nothing beyond the base image.
+#   --backend python       model.py (model_repository/python_backend/model.py) run by Triton's Python backend,
+#                          which imports onnxruntime and numpy from the container's own Python: Python 3.10 here
+#                          (Ubuntu 22.04), not the 3.11 of .venv-triton. That Python needs onnxruntime(-gpu) and
+#                          numpy<2 (the stub exchanges tensors through the numpy 1.x ABI; model.py refuses numpy 2).
+#
+# requirements/triton-runtime.txt is the source of the numpy pin. Its onnxruntime pin (1.32.0) cannot be used as
+# is: onnxruntime and onnxruntime-gpu stopped publishing cp310 wheels after 1.23.2, so this image installs
+# ORT_PACKAGE==ORT_VERSION instead (onnxruntime-gpu 1.23.2: CUDA 12 + cuDNN 9, both provided by the base image).
+# Build with --build-arg ORT_PACKAGE=onnxruntime for a CPU-only host.
+ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
+FROM ${TRITON_IMAGE}
+
+ARG ORT_PACKAGE=onnxruntime-gpu
+ARG ORT_VERSION=1.23.2
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+COPY requirements/triton-runtime.txt /tmp/requirements/triton-runtime.txt
+RUN grep -v '^onnxruntime' /tmp/requirements/triton-runtime.txt > /tmp/requirements/runtime.txt \
+    && python3 -m pip install --no-cache-dir -r /tmp/requirements/runtime.txt "${ORT_PACKAGE}==${ORT_VERSION}" \
+    && python3 -c "import numpy, onnxruntime; assert numpy.__version__.startswith('1.'), numpy.__version__; print('numpy', numpy.__version__, 'onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())" \
+    && rm -rf /tmp/requirements
+
+# The model repository mount point. /data is owned by uid 10001 (the export and gateway images' user) so that a
+# fresh named volume gets that owner even when this image is the first to mount it.
+RUN mkdir -p /data/models && chown -R 10001:10001 /data
+
+# Run as the image's unprivileged triton-server user (uid 1000); it only reads the repository.
+USER 1000:1000
+
+EXPOSE 8000 8001 8002
+
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=6 \
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://localhost:8000/v2/health/ready', timeout=4)"]
+
+# The base image's ENTRYPOINT (/opt/nvidia/nvidia_entrypoint.sh) is kept; it execs this command.
+# poll: models that the export moves into the repository (atomically, manifest last) are loaded within 10 s.
+CMD ["tritonserver", "--model-repository=/data/models", "--model-control-mode=poll", "--repository-poll-secs=10"]

@@ -1,0 +1,40 @@
+"""CI smoke test of the benchmark harness: tiny model, one concurrency level, two steps. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report, runner
+from benchmarks.config import WORK_DIR, smoke_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_every_system_produces_numbers(tmp_path: Path) -> None:
+    config = smoke_config()
+    results = runner.run(config, work_dir=WORK_DIR, progress=False)  # exported models are reused between runs
+    written = report.write(results, tmp_path)
+
+    data = json.loads(written["json"].read_text())
+    (level,) = [str(c) for c in config.models[0].concurrency]
+    table = data["summary"]["tiny"]["table"]
+    for system in ("service", "naive", "ort_peer", "limit"):
+        row = table[system][level]
+        assert row["images_per_s"]["median"] > 0, system
+    for system in ("service", "naive", "ort_peer"):
+        assert table[system][level]["errors"]["max"] == 0, system
+        assert table[system][level]["p99_s"]["median"] > 0, system
+    assert table["service"][level]["mean_unet_batch"]["median"] >= 1
+    ratios = data["summary"]["tiny"]["ratios"][level]
+    assert all(ratios[k] is not None for k in ("service/naive", "service/ort_peer", "service/limit"))
+    model = data["models"]["tiny"]
+    assert model["systems"]["service"]["open"]["completed"] > 0
+    assert model["transport"]["gateway"]["requests"] > 0
+    assert model["transport"]["identity_direct"]["client_ms_p50"] > 0
+    assert model["flops"]["total"] > 0 and data["matmul_peak"]["flops_per_s"] > 0
+    assert written["markdown"].read_text().count("| this service |") >= 1
+    for kind in ("Throughput vs concurrency", "Latency CDF at concurrency 8"):
+        assert written[kind].stat().st_size > 0

@@ -1,0 +1,63 @@
+"""Small test utilities shared by unit and integration tests (no fakes of our own services here)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import uvicorn
+from PIL import Image
+from starlette.types import ASGIApp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_image(width: int, height: int, *, seed: int = 0, fmt: str = "PNG") -> bytes:
+    """A smooth, deterministic test picture (gradients plus a disc) encoded as `fmt`."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    cx, cy, r = width * rng.uniform(0.3, 0.7), height * rng.uniform(0.3, 0.7), min(width, height) / 4
+    disc = ((x - cx) ** 2 + (y - cy) ** 2 < r**2).astype(np.float32)
+    rgb = np.stack([x / width, y / height, disc], axis=-1) * 255
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+class ThreadedUvicorn:
+    """A real uvicorn server for an ASGI app, on a loopback port, in a background thread."""
+
+    def __init__(self, app: ASGIApp, port: int) -> None:
+        self.port = port
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,100 @@
+"""Session fixtures: two tiny pipelines exported by our own export code, the real Triton server, the real gateway.
+
+`imagen-v2` is exported from a saved diffusers folder (`--model-dir`, kept for the diffusers reference tests);
+`imagen-v3` goes through the CLI's `--tiny` path. Both are what the demo serves.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from export.pipeline import ExportRequest, run_export
+from export.tiny import build_random_pipeline
+from gateway.app import create_app
+from gateway.manifest import PipelineManifest, load_manifests
+from gateway.settings import PROJECT_ROOT, Settings
+from gateway.tritonserver import TritonServer
+from tests.helpers import ThreadedUvicorn, free_port
+
+API_KEY = "test-key-0123456789"
+TRITON_ENV = PROJECT_ROOT / ".venv-triton"
+
+
+@dataclass(frozen=True)
+class Repository:
+    path: Path
+    diffusers_dirs: dict[str, Path]
+    manifests: dict[str, PipelineManifest]
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Repository:
+    root = tmp_path_factory.mktemp("repo")
+    repo = root / "models"
+    v2_source = build_random_pipeline(root / "diffusers-imagen-v2", size="tiny", seed=0, scheduler="pndm")
+    run_export(ExportRequest(model_dir=v2_source, repository=repo, name="imagen-v2"), progress=False)
+    subprocess.run(
+        [sys.executable, "-m", "export", "--tiny", "--seed", "1", "--scheduler", "euler"]
+        + ["--name", "imagen-v3", "--output", str(repo)],
+        check=True,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+    )
+    return Repository(path=repo, diffusers_dirs={"imagen-v2": v2_source}, manifests=load_manifests(repo))
+
+
+@pytest.fixture(scope="session")
+def triton(repository: Repository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    log_file = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    server = TritonServer(
+        repository.path,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        python_env=TRITON_ENV,
+        log_file=log_file,
+    )
+    server.start()
+    try:
+        server.wait_ready([m for manifest in repository.manifests.values() for m in manifest.models])
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_settings(
+    repository: Repository, triton: TritonServer, tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
+    port = free_port()
+    return Settings(
+        host="127.0.0.1",
+        port=port,
+        model_repository=repository.path,
+        triton_url=triton.grpc_url,
+        storage_dir=tmp_path_factory.mktemp("images"),
+        api_keys=frozenset({API_KEY}),
+        allow_anonymous=False,
+        fetch_timeout_s=5.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def gateway(gateway_settings: Settings) -> Iterator[str]:
+    server = ThreadedUvicorn(create_app(gateway_settings), gateway_settings.port)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}

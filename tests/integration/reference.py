@@ -1,0 +1,80 @@
+"""The diffusers reference run, fed the gateway's own seeded noise.
+
+diffusers' img2img draws two tensors with `randn_tensor`, in order: the VAE sample noise, then the noise added
+at the first timestep. We patch `randn_tensor` in the two modules that call it so it returns, in that order,
+the arrays `gateway.pipeline.draw_noise(seed, shape)` gives; the served pipeline draws exactly those for a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from gateway.pipeline import draw_noise
+
+
+@contextmanager
+def seeded_like_gateway(seeds: list[int], latent_shape: tuple[int, ...]) -> Iterator[None]:
+    import diffusers.models.autoencoders.vae as vae_module
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
+    import torch
+
+    draws = [draw_noise(seed, latent_shape) for seed in seeds]
+    vae_noise = np.concatenate([d[0] for d in draws])
+    start_noise = np.concatenate([d[1] for d in draws])
+    # diffusers samples the VAE once for the single input image; image i of ours uses seed i's draw.
+    queue = [vae_noise[:1], start_noise]
+
+    def fake_randn(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, **_: Any) -> Any:
+        array = queue.pop(0)
+        assert tuple(shape) == array.shape, (tuple(shape), array.shape)
+        return torch.from_numpy(array.copy()).to(dtype=dtype or torch.float32)
+
+    saved = (vae_module.randn_tensor, img2img_module.randn_tensor)
+    vae_module.randn_tensor = fake_randn
+    img2img_module.randn_tensor = fake_randn
+    try:
+        yield
+        assert not queue, "diffusers drew fewer noise tensors than expected"
+    finally:
+        vae_module.randn_tensor, img2img_module.randn_tensor = saved
+
+
+def diffusers_img2img(
+    model_dir: Path,
+    image: Image.Image,
+    *,
+    prompt: str,
+    negative_prompt: str | None,
+    strength: float,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    latent_channels: int = 4,
+    vae_scale_factor: int = 8,
+) -> np.ndarray:
+    """uint8 HWC pixels of diffusers' StableDiffusionImg2ImgPipeline on `image` (already at the served size)."""
+    import diffusers
+    import torch
+
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+        model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    shape = (1, latent_channels, image.height // vae_scale_factor, image.width // vae_scale_factor)
+    with seeded_like_gateway([seed], shape), torch.no_grad():
+        out = pipe(
+            prompt=prompt,
+            image=image,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            output_type="np",
+        ).images[0]
+    return (out * 255).round().astype(np.uint8)
