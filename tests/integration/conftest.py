@@ -40,8 +40,20 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Repository:
     v2_source = build_random_pipeline(root / "diffusers-imagen-v2", size="tiny", seed=0, scheduler="pndm")
     run_export(ExportRequest(model_dir=v2_source, repository=repo, name="imagen-v2"), progress=False)
     subprocess.run(
-        [sys.executable, "-m", "export", "--tiny", "--seed", "1", "--scheduler", "euler"]
-        + ["--name", "imagen-v3", "--output", str(repo)],
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "--tiny",
+            "--seed",
+            "1",
+            "--scheduler",
+            "euler",
+            "--name",
+            "imagen-v3",
+            "--output",
+            str(repo),
+        ],
         check=True,
         cwd=PROJECT_ROOT,
         capture_output=True,

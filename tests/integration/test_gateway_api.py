@@ -8,7 +8,7 @@ import http.server
 import io
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import numpy as np
@@ -28,9 +28,9 @@ SPEC_FIELDS = {
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
-    files: dict[str, tuple[bytes, str]] = {}
+    files: ClassVar[dict[str, tuple[bytes, str]]] = {}
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         found = self.files.get(self.path)
         if found is None:
             self.send_error(404)
@@ -91,7 +91,7 @@ def fetch_png(url: str) -> tuple[bytes, Image.Image]:
 
 
 def check_spec_response(payload: dict[str, Any], body: dict[str, Any]) -> None:
-    assert SPEC_FIELDS <= set(payload), SPEC_FIELDS - set(payload)
+    assert set(payload) >= SPEC_FIELDS, SPEC_FIELDS - set(payload)
     assert payload["status"] == "completed" and payload["id"].startswith("img_transform_")
     for field in ("prompt", "negative_prompt", "model", "strength", "steps", "guidance_scale", "style"):
         assert payload[field] == body[field], field

@@ -35,9 +35,22 @@ def test_launcher_exports_demo_serves_and_stops_on_ctrl_c(tmp_path: Path) -> Non
     log_path = tmp_path / "launcher.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--allow-anonymous", "--model-repository", str(repo)]
-            + ["--port", str(port), "--triton-http-port", str(http_port), "--triton-grpc-port", str(grpc_port)]
-            + ["--triton-metrics-port", str(metrics_port)],
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "--allow-anonymous",
+                "--model-repository",
+                str(repo),
+                "--port",
+                str(port),
+                "--triton-http-port",
+                str(http_port),
+                "--triton-grpc-port",
+                str(grpc_port),
+                "--triton-metrics-port",
+                str(metrics_port),
+            ],
             cwd=PROJECT_ROOT,
             env=env,
             stdout=log,
