@@ -116,8 +116,9 @@ def render_config(
     lines.append("input [\n" + ",\n".join(_pbtxt_tensor(s) for s in inputs) + "\n]")
     lines.append("output [\n" + ",\n".join(_pbtxt_tensor(s) for s in outputs) + "\n]")
     lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {options.max_queue_delay_us} }}")
-    kind = "KIND_CPU" if options.backend == "python" else "KIND_MODEL"
-    lines.append(f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]")
+    # KIND_AUTO: GPU instances when Triton sees a GPU (the native backend then attaches CUDA, and the python
+    # runner picks onnxruntime-gpu's CUDA provider), CPU instances otherwise.
+    lines.append(f"instance_group [ {{ count: {options.instances} kind: KIND_AUTO }} ]")
     params = (
         {"onnx_file": onnx_file, "intra_op_threads": str(options.intra_op_threads)}
         if options.backend == "python"

@@ -37,6 +37,24 @@ class Settings:
     fetch_timeout_s: float = 10.0
     export_demo: bool = True
     log_level: str = "info"
+    # Outbound HTTP (image URLs, webhooks): hosts or CIDRs exempt from the private-address block (tests, private
+    # deployments). Everything else must resolve to public addresses only.
+    outbound_allow: tuple[str, ...] = ()
+    # Jobs: the store, the worker pool (jobs denoising at once: their UNet steps share Triton batches) and the
+    # admission limit on queued work (503 with Retry-After beyond it).
+    jobs_db: Path = PROJECT_ROOT / "var" / "jobs.sqlite3"
+    max_running_jobs: int = 16
+    max_queued_jobs: int = 256
+    job_retries: int = 2
+    retention_s: float = 24 * 3600.0
+    # Webhooks: signing secret (per-key secrets derive from it; generated and kept beside the job store when unset).
+    webhook_secret: str | None = None
+    webhook_max_attempts: int = 5
+    webhook_backoff_s: float = 2.0
+    webhook_timeout_s: float = 10.0
+    # Per-key token bucket on job creation (requests per minute, burst); 0 disables.
+    rate_limit_per_minute: float = 120.0
+    rate_limit_burst: int = 20
 
     @property
     def base_url(self) -> str:
@@ -64,6 +82,17 @@ class Settings:
             ("max_body_bytes", int),
             ("fetch_timeout_s", float),
             ("log_level", str),
+            ("jobs_db", Path),
+            ("max_running_jobs", int),
+            ("max_queued_jobs", int),
+            ("job_retries", int),
+            ("retention_s", float),
+            ("webhook_secret", str),
+            ("webhook_max_attempts", int),
+            ("webhook_backoff_s", float),
+            ("webhook_timeout_s", float),
+            ("rate_limit_per_minute", float),
+            ("rate_limit_burst", int),
         ):
             raw = get(name.upper())
             if raw is not None:
@@ -72,6 +101,9 @@ class Settings:
             raw = get(name.upper())
             if raw is not None:
                 values[name] = raw.strip().lower() in _TRUE
+        allow = get("OUTBOUND_ALLOW")
+        if allow is not None:
+            values["outbound_allow"] = tuple(h.strip() for h in allow.split(",") if h.strip())
         keys_file = get("API_KEYS_FILE")
         values["api_keys"] = load_api_keys(get("API_KEYS"), Path(keys_file) if keys_file else None)
         return cls(**values)  # type: ignore[arg-type]

@@ -17,8 +17,9 @@ import triton_python_backend_utils as pb_utils
 
 
 def _providers(instance_kind: str, device_id: str) -> list[Any]:
-    if instance_kind == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return [("CUDAExecutionProvider", {"device_id": int(device_id)}), "CPUExecutionProvider"]
+    """CUDA when onnxruntime-gpu sees a GPU and the instance may use it (KIND_GPU, or KIND_MODEL: our choice)."""
+    if instance_kind in ("GPU", "MODEL") and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"device_id": int(device_id or 0)}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
