@@ -3,61 +3,81 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import secrets
+import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway import codecs
 from gateway.auth import check_bearer
-from gateway.diffusion import Generation, Img2ImgPipeline
+from gateway.diffusion import Img2ImgPipeline
 from gateway.engine import TritonEngine
 from gateway.errors import (
+    ERROR_TABLE,
     ApiError,
+    IdempotencyKeyReused,
     InternalError,
     InvalidRequest,
+    JobFinished,
     MethodNotAllowed,
-    ModelNotFound,
     NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
     error_response,
 )
-from gateway.fetch import fetch_image
+from gateway.jobrunner import JobManager
+from gateway.jobs import (
+    FAILED,
+    QUEUED,
+    TERMINAL,
+    IdempotencyConflict,
+    Job,
+    JobStore,
+    SqliteJobStore,
+    WebhookState,
+    now_iso,
+    owner_of,
+    request_hash,
+)
 from gateway.manifest import load_manifests
-from gateway.protocol import MAX_SEED, PARAMETER_LIMITS, ImageToImageRequest, parse_image_to_image
+from gateway.protocol import PARAMETER_LIMITS, ImageToImageRequest, parse_image_to_image
+from gateway.service import ImageService, new_job_id
 from gateway.settings import Settings
 from gateway.storage import LocalStorage, Storage
-from gateway.styles import STYLE_PRESETS, apply_style
+from gateway.styles import STYLE_PRESETS
+from gateway.webhooks import key_secret, load_or_create_secret
 
 log = logging.getLogger("gateway")
+
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+DISCONNECT_POLL_S = 0.25
+SSE_HEARTBEAT_S = 15.0
 
 
 @dataclass
 class Services:
-    """What the lifespan owns: one Triton client, the pipelines, storage, and an HTTP client for image URLs."""
+    """What the lifespan owns: one Triton client, the pipelines, storage, the job system, an HTTP client."""
 
     settings: Settings
     engine: TritonEngine
     pipelines: dict[str, Img2ImgPipeline]
     storage: Storage
     http: httpx.AsyncClient
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    service: ImageService
+    jobs: JobManager
+    store: JobStore
+    webhook_secret: str
 
 
 async def _read_json(request: Request, max_bytes: int) -> Any:
@@ -82,6 +102,25 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
         raise InvalidRequest("Request body is not valid JSON", str(exc)) from exc
 
 
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidRequest(
+            "Invalid Idempotency-Key header", "Use 1-255 printable ASCII characters (a UUID is a good choice)"
+        )
+    return key
+
+
+def _wants_async(request: Request, req: ImageToImageRequest) -> bool:
+    """Asynchronous when a webhook is given, or when asked with `Prefer: respond-async` (RFC 7240)."""
+    return req.webhook_url is not None or "respond-async" in request.headers.get("prefer", "").lower()
+
+
+_CODE_STATUS = {code: status for status, code in ERROR_TABLE.values()}
+
+
 class Gateway:
     """The route handlers, bound to the lifespan's services."""
 
@@ -97,91 +136,119 @@ class Gateway:
     def _auth(self, request: Request) -> str | None:
         return check_bearer(request.headers.get("authorization"), self.settings.api_keys, self.settings.allow_anonymous)
 
-    async def _load_image(self, req: ImageToImageRequest) -> tuple[bytes, str | None]:
-        source = await asyncio.to_thread(codecs.parse_image_field, req.image)  # ~30 ms of base64 for 10 MB
-        if source.url is not None:
-            data = await fetch_image(
-                source.url,
-                client=self.s.http,
-                max_bytes=codecs.MAX_IMAGE_BYTES,
-                timeout_s=self.settings.fetch_timeout_s,
-            )
-            return data, source.url
-        assert source.data is not None
-        return source.data, None
+    def _owner(self, request: Request) -> str:
+        return owner_of(self._auth(request))
 
     async def image_to_image(self, request: Request) -> Response:
-        created_at = _now()
-        self._auth(request)
-        req = parse_image_to_image(await _read_json(request, self.settings.max_body_bytes), styles=STYLE_PRESETS)
-        pipeline = self.s.pipelines.get(req.model)
-        if pipeline is None:
-            available = ", ".join(sorted(self.s.pipelines)) or "none"
-            raise ModelNotFound(f"Model '{req.model}' not found", f"Available models: {available}")
-        manifest = pipeline.manifest
+        created_at = now_iso()
+        owner = self._owner(request)
+        raw = await _read_json(request, self.settings.max_body_bytes)
+        req = parse_image_to_image(raw, styles=STYLE_PRESETS)
+        idempotency_key = _idempotency_key(request)
+        body_hash = request_hash(raw)
+        asynchronous = _wants_async(request, req)
+        if idempotency_key is not None:
+            previous = await self.s.store.get_idempotent(owner, idempotency_key)
+            if previous is not None:
+                return await self._respond(request, self._check_replay(previous, body_hash), asynchronous)
+        self.s.jobs.check_admission()
+        self.s.service.pipeline(req.model)  # 404 before any image work
+        job_id = new_job_id()
+        params, original = await self.s.service.accept(req, job_id)
+        params["asynchronous"] = asynchronous
+        job = Job(
+            id=job_id,
+            owner=owner,
+            status=QUEUED,
+            params=params,
+            input=original,
+            created_at=created_at,
+            updated_at=created_at,
+            webhook=WebhookState(req.webhook_url) if req.webhook_url else None,
+            idempotency_key=idempotency_key,
+            request_hash=body_hash,
+        )
+        try:
+            stored = await self.s.jobs.submit(job)
+        except IdempotencyConflict as exc:
+            raise IdempotencyKeyReused(
+                "Idempotency-Key already used", "This key was used with a different request body"
+            ) from exc
+        if stored is not job:  # a concurrent retry with the same key won the race
+            await self.s.storage.delete(original["name"])
+        return await self._respond(request, self._check_replay(stored, body_hash), asynchronous)
 
-        data, source_url = await self._load_image(req)
-        image = await asyncio.to_thread(codecs.decode_image, data)
-        width, height = codecs.fit_to_grid(image.width, image.height, manifest.native_resolution, manifest.grid)
-        tensor = await asyncio.to_thread(codecs.image_to_tensor, image, (width, height))
-
-        prompt, negative = apply_style(req.prompt, req.negative_prompt, STYLE_PRESETS.get(req.style or ""))
-        seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        seeds = [(seed + i) % (MAX_SEED + 1) for i in range(req.num_images)]
-        job_id = f"img_transform_{uuid.uuid4().hex[:24]}"
-        result = await pipeline(
-            Generation(
-                prompt=prompt,
-                negative_prompt=negative,
-                image=tensor,
-                strength=req.strength,
-                steps=req.steps,
-                guidance_scale=req.guidance_scale,
-                seeds=seeds,
+    @staticmethod
+    def _check_replay(job: Job, body_hash: str) -> Job:
+        if job.request_hash != body_hash:
+            raise IdempotencyKeyReused(
+                "Idempotency-Key already used", "This key was used with a different request body"
             )
+        return job
+
+    async def _respond(self, request: Request, job: Job, asynchronous: bool) -> Response:
+        location = {"Location": f"/v1/image-to-image/{job.id}"}
+        if asynchronous and not job.finished:
+            return JSONResponse(self.s.jobs.view(job), status_code=202, headers=location)
+        if not job.finished:
+            job = await self._wait_or_cancel(request, job)
+        if job.status == FAILED and job.error is not None:
+            error = job.error
+            status = _CODE_STATUS.get(error["code"], 500)
+            return JSONResponse({"error": error}, status_code=status, headers=location)
+        return JSONResponse(self.s.jobs.view(job), headers=location)
+
+    async def _wait_or_cancel(self, request: Request, job: Job) -> Job:
+        """Wait for a synchronous job; a client that disconnects cancels it (no more UNet steps are sent)."""
+        waiter = asyncio.ensure_future(self.s.jobs.wait(job.id))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return waiter.result()
+                if await request.is_disconnected():
+                    log.info("client gone: canceling job %s", job.id)
+                    with contextlib.suppress(JobFinished):
+                        await self.s.jobs.cancel(job.id, job.owner)
+                    return await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    async def get_job(self, request: Request) -> Response:
+        job = await self.s.jobs.get(request.path_params["job_id"], self._owner(request))
+        return JSONResponse(self.s.jobs.view(job))
+
+    async def cancel_job(self, request: Request) -> Response:
+        job = await self.s.jobs.cancel(request.path_params["job_id"], self._owner(request))
+        return JSONResponse(self.s.jobs.view(job))
+
+    async def job_events(self, request: Request) -> Response:
+        """Server-sent events: the job view on every change (progress steps, status), until it finishes."""
+        job = await self.s.jobs.get(request.path_params["job_id"], self._owner(request))
+        queue = self.s.jobs.subscribe(job.id)
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                view = self.s.jobs.view(await self.s.jobs.get(job.id, job.owner))
+                while True:
+                    yield f"event: job\ndata: {json.dumps(view, separators=(',', ':'))}\n\n".encode()
+                    if view["status"] in TERMINAL:
+                        return
+                    try:
+                        view = await asyncio.wait_for(queue.get(), timeout=SSE_HEARTBEAT_S)
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+                        view = self.s.jobs.view(await self.s.jobs.get(job.id, job.owner))
+            finally:
+                self.s.jobs.unsubscribe(job.id, queue)
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
 
-        images = []
-        for i, sample in enumerate(result.images):
-            png = await asyncio.to_thread(codecs.tensor_to_png, sample)
-            name = f"{job_id}_{i}.png"
-            await self.s.storage.put(name, png, "image/png")
-            images.append(
-                {
-                    "url": self._url(name),
-                    "width": width,
-                    "height": height,
-                    "seed": seeds[i],
-                }
-            )
-        if source_url is None:
-            name = f"{job_id}_input.png"
-            await self.s.storage.put(name, await asyncio.to_thread(codecs.image_to_png, image), "image/png")
-            source_url = self._url(name)
-        body = {
-            "id": job_id,
-            "status": "completed",
-            "prompt": req.prompt,
-            "negative_prompt": req.negative_prompt,
-            "model": req.model,
-            "strength": req.strength,
-            "steps": req.steps,
-            "guidance_scale": req.guidance_scale,
-            "seed": seed,
-            "style": req.style,
-            "num_images": req.num_images,
-            "webhook_url": req.webhook_url,
-            "created_at": created_at,
-            "completed_at": _now(),
-            "original_image": {"url": source_url, "width": image.width, "height": image.height},
-            "processed_size": {"width": width, "height": height},
-            "effective_steps": result.effective_steps,
-            "images": images,
-        }
-        return JSONResponse(body)
-
-    def _url(self, name: str) -> str:
-        return f"{self.settings.base_url}/v1/images/{name}"
+    async def webhook_secret(self, request: Request) -> Response:
+        return JSONResponse({"secret": key_secret(self.s.webhook_secret, self._owner(request))})
 
     async def get_image(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -259,22 +326,45 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
         manifests = load_manifests(settings.model_repository)
         if not manifests:
             log.warning("no pipeline manifests in %s", settings.model_repository)
+        pipelines = {name: Img2ImgPipeline(m, triton) for name, m in manifests.items()}
+        storage = LocalStorage(settings.storage_dir)
+        http = httpx.AsyncClient(follow_redirects=False)
+        service = ImageService(settings, pipelines, storage, http)
+        store = SqliteJobStore(settings.jobs_db)
+        secret = load_or_create_secret(settings.webhook_secret, settings.jobs_db.with_suffix(".webhook-secret"))
+
+        async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
+            response = await http.post(url, content=body, headers=dict(headers), timeout=settings.webhook_timeout_s)
+            return response.status_code
+
+        jobs = JobManager(store, service, settings, poster=post, webhook_secret=secret)
         gateway.services = Services(
             settings=settings,
             engine=triton,
-            pipelines={name: Img2ImgPipeline(m, triton) for name, m in manifests.items()},
-            storage=LocalStorage(settings.storage_dir),
-            http=httpx.AsyncClient(follow_redirects=False),
+            pipelines=pipelines,
+            storage=storage,
+            http=http,
+            service=service,
+            jobs=jobs,
+            store=store,
+            webhook_secret=secret,
         )
+        await jobs.start()
         log.info("serving pipelines: %s", ", ".join(sorted(manifests)) or "none")
         try:
             yield
         finally:
-            await gateway.services.http.aclose()
+            await jobs.stop()
+            await store.close()
+            await http.aclose()
             await triton.close()
 
     routes = [
         Route("/v1/image-to-image", gateway.image_to_image, methods=["POST"]),
+        Route("/v1/image-to-image/{job_id}", gateway.get_job, methods=["GET"]),
+        Route("/v1/image-to-image/{job_id}/cancel", gateway.cancel_job, methods=["POST"]),
+        Route("/v1/image-to-image/{job_id}/events", gateway.job_events, methods=["GET"]),
+        Route("/v1/webhook-secret", gateway.webhook_secret, methods=["GET"]),
         Route("/v1/images/{name}", gateway.get_image, methods=["GET"]),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
         Route("/v1/styles", gateway.list_styles, methods=["GET"]),

@@ -6,7 +6,7 @@ requests even when they are at different points of their schedules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +16,10 @@ from gateway import pipeline as math
 from gateway.engine import TritonEngine
 from gateway.manifest import PipelineManifest
 from gateway.schedulers import make_scheduler
+
+
+class GenerationCanceled(Exception):
+    """Raised between denoising steps when the caller asked to stop (job canceled, client gone)."""
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,29 @@ class Img2ImgPipeline:
         (output_name,) = component.outputs.values()
         return (await self.engine.infer(component.model, feeds, [output_name]))[output_name]
 
-    async def __call__(self, gen: Generation, noise: tuple[np.ndarray, np.ndarray] | None = None) -> GenerationResult:
-        """Run the recipe. `noise` overrides the seeded draws (parity tests pass diffusers' torch draws)."""
+    async def __call__(
+        self,
+        gen: Generation,
+        noise: tuple[np.ndarray, np.ndarray] | None = None,
+        *,
+        on_step: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """Run the recipe. `noise` overrides the seeded draws (parity tests pass diffusers' torch draws).
+
+        `on_step(done, total)` reports denoising progress; `should_stop()` is checked before every Triton call,
+        so a canceled request sends no further UNet step.
+        """
+
+        def check_stop() -> None:
+            if should_stop is not None and should_stop():
+                raise GenerationCanceled()
+
         m = self.manifest
         num_images = len(gen.seeds)
         cfg = math.do_classifier_free_guidance(gen.guidance_scale)
 
+        check_stop()
         # 1. Encode the prompt (and the negative prompt, in the same call, when guidance needs it).
         texts = [gen.negative_prompt, gen.prompt] if cfg else [gen.prompt]
         embeds = await self._run("text_encoder", {"input_ids": self.tokenize(texts)})
@@ -89,7 +110,10 @@ class Img2ImgPipeline:
 
         # 4. Denoise, with classifier-free guidance (skipped when guidance_scale <= 1, as diffusers does).
         step_rng = np.random.Generator(np.random.PCG64([gen.seeds[0], num_images]))
-        for t in timesteps:
+        if on_step is not None:
+            on_step(0, len(timesteps))
+        for i, t in enumerate(timesteps):
+            check_stop()
             model_in = np.concatenate([latents, latents]) if cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
             noise_pred = await self._run(
@@ -103,8 +127,11 @@ class Img2ImgPipeline:
             if cfg:
                 noise_pred = math.apply_guidance(noise_pred, gen.guidance_scale)
             latents = scheduler.step(noise_pred, t, latents, generator=step_rng)
+            if on_step is not None:
+                on_step(i + 1, len(timesteps))
 
         # 5. Decode.
+        check_stop()
         decoded = await self._run(
             "vae_decoder",
             {"latent_sample": math.denormalize_latents_for_decode(latents, m.scaling_factor, m.shift_factor)},

@@ -46,6 +46,11 @@ class ImageDimensionsTooLarge(ApiError):
     """The image's width or height exceeds the side cap (checked from the header, before decoding)."""
 
 
+class UrlNotAllowed(ApiError):
+    """An image or webhook URL the gateway refuses to call: not http(s), or a host that resolves to a private,
+    loopback, link-local, multicast or reserved address (SSRF guard); `details` says which rule it broke."""
+
+
 class Unauthorized(ApiError):
     """Missing or wrong bearer token; RFC 6750 asks for a `WWW-Authenticate` challenge."""
 
@@ -84,12 +89,29 @@ class InternalError(ApiError):
     """A bug on our side; the details never carry internals."""
 
 
+class Overloaded(ApiError):
+    """Admission control: too much work queued; comes with Retry-After."""
+
+
+class IdempotencyKeyReused(ApiError):
+    """An Idempotency-Key already used by this API key for a different request body."""
+
+
+class JobFinished(ApiError):
+    """The job already reached a final state (e.g. cancel after completion)."""
+
+
+class RateLimited(ApiError):
+    """The caller's token bucket for job creation is empty; comes with Retry-After."""
+
+
 ERROR_TABLE: Mapping[type[ApiError], tuple[int, str]] = MappingProxyType(
     {
         InvalidRequest: (400, "invalid_request"),
         InvalidImage: (400, "invalid_image"),
         ImageTooLarge: (413, "image_too_large"),
         ImageDimensionsTooLarge: (400, "image_dimensions_too_large"),
+        UrlNotAllowed: (400, "url_not_allowed"),
         Unauthorized: (401, "unauthorized"),
         ModelNotFound: (404, "model_not_found"),
         NotFound: (404, "not_found"),
@@ -99,6 +121,10 @@ ERROR_TABLE: Mapping[type[ApiError], tuple[int, str]] = MappingProxyType(
         BackendUnavailable: (503, "backend_unavailable"),
         BackendError: (502, "backend_error"),
         InternalError: (500, "internal_error"),
+        Overloaded: (503, "overloaded"),
+        IdempotencyKeyReused: (409, "idempotency_conflict"),
+        JobFinished: (409, "job_finished"),
+        RateLimited: (429, "rate_limited"),
         # A subclass someone forgot to register still maps to something safe.
         ApiError: (500, "internal_error"),
     }

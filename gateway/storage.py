@@ -34,6 +34,10 @@ class Storage(Protocol):
         """Return (data, content type), or None when there is no such object."""
         ...
 
+    async def delete(self, name: str) -> None:
+        """Remove an object if it exists (retention clean-up)."""
+        ...
+
 
 def content_type_for(name: str) -> str | None:
     """Content type of a valid object name, or None when `name` is not a valid object name."""
@@ -64,6 +68,14 @@ class LocalStorage:
             return None
         data = await anyio.to_thread.run_sync(self._read, name)
         return None if data is None else (data, content_type)
+
+    async def delete(self, name: str) -> None:
+        if content_type_for(name) is not None:
+            await anyio.to_thread.run_sync(self._unlink, name)
+
+    def _unlink(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / name).unlink()
 
     def _write(self, name: str, data: bytes) -> None:
         fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=self.root)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,9 +93,13 @@ def gateway_settings(
         model_repository=repository.path,
         triton_url=triton.grpc_url,
         storage_dir=tmp_path_factory.mktemp("images"),
+        jobs_db=tmp_path_factory.mktemp("jobs") / "jobs.sqlite3",
         api_keys=frozenset({API_KEY}),
         allow_anonymous=False,
         fetch_timeout_s=5.0,
+        outbound_allow=("127.0.0.2",),
+        webhook_backoff_s=0.05,
+        webhook_max_attempts=4,
     )
 
 
@@ -110,3 +116,31 @@ def gateway(gateway_settings: Settings) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
+
+
+GatewayFactory = Callable[..., AbstractContextManager[str]]
+
+
+@pytest.fixture(scope="session")
+def make_gateway(gateway_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> GatewayFactory:
+    """A fresh gateway (own port, job store and storage) on the session's Triton, with settings overridden."""
+
+    @contextmanager
+    def factory(**overrides: Any) -> Iterator[str]:
+        port = free_port()
+        folder = tmp_path_factory.mktemp("gw")
+        settings = replace(
+            gateway_settings,
+            port=port,
+            storage_dir=folder / "images",
+            jobs_db=folder / "jobs.sqlite3",
+            **overrides,
+        )
+        server = ThreadedUvicorn(create_app(settings), port)
+        server.start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
+
+    return factory

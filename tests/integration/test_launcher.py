@@ -32,6 +32,7 @@ def test_launcher_exports_demo_serves_and_stops_on_ctrl_c(tmp_path: Path) -> Non
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEN_")}
     env["PYTHONUNBUFFERED"] = "1"
     env["IMAGEN_STORAGE_DIR"] = str(tmp_path / "images")
+    env["IMAGEN_JOBS_DB"] = str(tmp_path / "jobs.sqlite3")
     log_path = tmp_path / "launcher.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
