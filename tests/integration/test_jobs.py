@@ -398,3 +398,15 @@ def test_triton_down_gives_503_fast_and_recovers_without_restart(
             assert time.monotonic() < deadline, r.text
             time.sleep(0.5)
         assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_results_expire_with_their_images(make_gateway: GatewayFactory, auth: dict[str, str]) -> None:
+    with make_gateway(retention_s=0.5) as url:
+        job = httpx.post(f"{url}/v1/image-to-image", json=body(), headers=auth, timeout=60).json()
+        image_url, input_url = job["images"][0]["url"], job["original_image"]["url"]
+        assert httpx.get(image_url).status_code == 200
+        deadline = time.monotonic() + 15
+        while httpx.get(f"{url}/v1/image-to-image/{job['id']}", headers=auth).status_code != 404:
+            assert time.monotonic() < deadline, "job not cleaned up"
+            time.sleep(0.2)
+        assert httpx.get(image_url).status_code == 404 and httpx.get(input_url).status_code == 404
