@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway import netguard
 from gateway.auth import check_bearer
 from gateway.diffusion import Img2ImgPipeline
 from gateway.engine import TritonEngine
@@ -51,6 +52,7 @@ from gateway.jobs import (
     request_hash,
 )
 from gateway.manifest import load_manifests
+from gateway.netguard import OutboundPolicy
 from gateway.protocol import PARAMETER_LIMITS, ImageToImageRequest, parse_image_to_image
 from gateway.service import ImageService, new_job_id
 from gateway.settings import Settings
@@ -78,6 +80,7 @@ class Services:
     jobs: JobManager
     store: JobStore
     webhook_secret: str
+    policy: OutboundPolicy
 
 
 async def _read_json(request: Request, max_bytes: int) -> Any:
@@ -153,6 +156,8 @@ class Gateway:
                 return await self._respond(request, self._check_replay(previous, body_hash), asynchronous)
         self.s.jobs.check_admission()
         self.s.service.pipeline(req.model)  # 404 before any image work
+        if req.webhook_url is not None:  # refuse private/loopback/metadata targets now, not at delivery time
+            await netguard.check_url(req.webhook_url, self.s.policy, timeout_s=self.settings.fetch_timeout_s)
         job_id = new_job_id()
         params, original = await self.s.service.accept(req, job_id)
         params["asynchronous"] = asynchronous
@@ -328,13 +333,25 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
             log.warning("no pipeline manifests in %s", settings.model_repository)
         pipelines = {name: Img2ImgPipeline(m, triton) for name, m in manifests.items()}
         storage = LocalStorage(settings.storage_dir)
-        http = httpx.AsyncClient(follow_redirects=False)
-        service = ImageService(settings, pipelines, storage, http)
+        http = netguard.make_client()  # no redirects, no proxies from the environment: netguard decides
+        policy = OutboundPolicy.from_settings(settings)
+        service = ImageService(settings, pipelines, storage, http, fetch_kwargs={"policy": policy})
         store = SqliteJobStore(settings.jobs_db)
         secret = load_or_create_secret(settings.webhook_secret, settings.jobs_db.with_suffix(".webhook-secret"))
 
         async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
-            response = await http.post(url, content=body, headers=dict(headers), timeout=settings.webhook_timeout_s)
+            # No redirects: a 307/308 would resend the signature to another origin.
+            response = await netguard.send(
+                "POST",
+                url,
+                policy=policy,
+                client=http,
+                headers=headers,
+                content=body,
+                timeout_s=settings.webhook_timeout_s,
+                max_redirects=0,
+                read_body=False,
+            )
             return response.status_code
 
         jobs = JobManager(store, service, settings, poster=post, webhook_secret=secret)
@@ -348,6 +365,7 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
             jobs=jobs,
             store=store,
             webhook_secret=secret,
+            policy=policy,
         )
         await jobs.start()
         log.info("serving pipelines: %s", ", ".join(sorted(manifests)) or "none")

@@ -1,4 +1,8 @@
-"""URL fetching against an in-process `httpx.MockTransport`: no network is touched."""
+"""URL fetching against an in-process `httpx.MockTransport`: no network is touched.
+
+Names resolve through an injected resolver (every name is the public 93.184.216.34), so the SSRF guard runs as in
+production but no DNS is asked; the guard itself is tested in `test_netguard.py`.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,42 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 
-from gateway.errors import ImageTooLarge, InvalidImage
+from gateway.errors import ImageTooLarge, InvalidImage, UrlNotAllowed
 from gateway.fetch import MAX_REDIRECTS, fetch_image
+from gateway.netguard import OutboundPolicy
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 URL = "https://images.example.test/in.png"
 LIMIT = 1000
 TIMEOUT_S = 2.0
+PUBLIC_IP = "93.184.216.34"
+PRIVATE_NAMES = {"intranet.example.test": "10.0.0.5"}
 
 
-async def fetch(handler: Handler, url: str = URL, *, max_bytes: int = LIMIT, timeout_s: float = TIMEOUT_S) -> bytes:
+async def resolver(host: str, _port: int) -> list[str]:
+    return [PRIVATE_NAMES.get(host, PUBLIC_IP)]
+
+
+POLICY = OutboundPolicy(resolver=resolver)
+
+
+async def fetch(
+    handler: Handler,
+    url: str = URL,
+    *,
+    max_bytes: int = LIMIT,
+    timeout_s: float = TIMEOUT_S,
+    policy: OutboundPolicy = POLICY,
+) -> bytes:
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        return await fetch_image(url, client=client, max_bytes=max_bytes, timeout_s=timeout_s)
+        return await fetch_image(url, client=client, max_bytes=max_bytes, timeout_s=timeout_s, policy=policy)
 
 
-async def details_of(handler: Handler, url: str = URL, *, timeout_s: float = TIMEOUT_S) -> str:
+async def details_of(
+    handler: Handler, url: str = URL, *, timeout_s: float = TIMEOUT_S, policy: OutboundPolicy = POLICY
+) -> str:
     with pytest.raises(InvalidImage) as info:
-        await fetch(handler, url, timeout_s=timeout_s)
+        await fetch(handler, url, timeout_s=timeout_s, policy=policy)
     assert info.value.message == "Unable to fetch the provided image URL"
     return info.value.details or ""
 
@@ -39,7 +62,10 @@ async def test_returns_the_body_and_asks_for_identity_encoding() -> None:
         return httpx.Response(200, content=b"image-bytes")
 
     assert await fetch(handler) == b"image-bytes"
-    assert str(seen[0].url) == URL
+    # The connection goes to the checked address; the name travels in Host and as the TLS server name.
+    assert str(seen[0].url) == f"https://{PUBLIC_IP}/in.png"
+    assert seen[0].headers["host"] == "images.example.test"
+    assert seen[0].extensions["sni_hostname"] == "images.example.test"
     assert seen[0].method == "GET"
     assert seen[0].headers["accept-encoding"] == "identity"
 
@@ -135,19 +161,93 @@ async def test_too_many_redirects() -> None:
 
 
 @pytest.mark.asyncio
+async def test_redirect_without_location() -> None:
+    async def handler(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(301)
+
+    assert await details_of(handler) == "Could not fetch image URL: HTTP 301 without a Location header"
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("headers", "fragment"),
+    ("location", "fragment"),
     [
-        ({}, "without a Location header"),
-        ({"Location": "file:///etc/passwd"}, "only absolute http(s) URLs"),
-        ({"Location": "ftp://example.test/a.png"}, "only absolute http(s) URLs"),
+        ("file:///etc/passwd", "Only http and https URLs are allowed"),
+        ("ftp://example.test/a.png", "Only http and https URLs are allowed"),
+        ("http://127.0.0.1:8080/admin", "Address 127.0.0.1 is a loopback address"),
+        ("http://169.254.169.254/latest/meta-data/", "cloud metadata"),
+        ("https://intranet.example.test/secret.png", "resolves to 10.0.0.5, a private address"),
     ],
 )
-async def test_bad_redirects(headers: dict[str, str], fragment: str) -> None:
-    async def handler(_request: httpx.Request) -> httpx.Response:
-        return httpx.Response(301, headers=headers)
+async def test_redirects_where_the_guard_forbids_are_url_not_allowed(location: str, fragment: str) -> None:
+    """The server, not the client, chose the target, but it is the same SSRF: refused as `url_not_allowed`."""
+    seen: list[str] = []
 
-    assert fragment in await details_of(handler)
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(302, headers={"Location": location})
+
+    with pytest.raises(UrlNotAllowed) as info:
+        await fetch(handler)
+    assert info.value.details is not None
+    assert info.value.details.startswith("Redirect to ") and fragment in info.value.details
+    assert seen == [f"https://{PUBLIC_IP}/in.png"]  # the forbidden hop was never requested
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/a.png",
+        "http://[::1]/a.png",
+        "http://10.0.0.1/a.png",
+        "http://169.254.169.254/latest/meta-data/",
+        "https://intranet.example.test/a.png",
+    ],
+)
+async def test_forbidden_urls_never_reach_the_transport(url: str) -> None:
+    async def handler(_request: httpx.Request) -> httpx.Response:
+        raise AssertionError("should not be called")
+
+    with pytest.raises(UrlNotAllowed):
+        await fetch(handler, url)
+
+
+@pytest.mark.asyncio
+async def test_default_policy_refuses_loopback() -> None:
+    async def handler(_request: httpx.Request) -> httpx.Response:
+        raise AssertionError("should not be called")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(UrlNotAllowed) as info:
+            await fetch_image("http://localhost:1/a.png", client=client, max_bytes=LIMIT, timeout_s=TIMEOUT_S)
+    assert info.value.details is not None and "a loopback address" in info.value.details
+
+
+@pytest.mark.asyncio
+async def test_allow_list_reaches_a_private_host() -> None:
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b"ok")
+
+    policy = OutboundPolicy(allow=("intranet.example.test",), resolver=resolver)
+    assert await fetch(handler, "https://intranet.example.test/a.png", policy=policy) == b"ok"
+    assert seen[0].url.host == "10.0.0.5" and seen[0].headers["host"] == "intranet.example.test"
+
+
+@pytest.mark.asyncio
+async def test_unresolvable_host_is_invalid_image() -> None:
+    async def nowhere(_host: str, _port: int) -> list[str]:
+        return []
+
+    async def handler(_request: httpx.Request) -> httpx.Response:
+        raise AssertionError("should not be called")
+
+    assert await details_of(handler, policy=OutboundPolicy(resolver=nowhere)) == (
+        "Could not fetch image URL: could not resolve host 'images.example.test'"
+    )
 
 
 @pytest.mark.asyncio

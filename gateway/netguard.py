@@ -1,0 +1,556 @@
+"""Outbound HTTP to user-supplied URLs (image URLs, webhooks) without server-side request forgery.
+
+A URL is resolved once, every address it resolves to must be public (or allow-listed), and the connection then
+goes to that checked address: the request URL is rewritten to the IP, `Host` carries the original name and, for
+https, the TLS layer is given the name as SNI, so certificate verification still checks the real host. There is
+no second lookup for a DNS-rebinding answer to slip into. Redirects are followed by hand, a few at most, and each
+`Location` goes through the same check. Bodies are streamed and cut at a limit, never read whole first.
+
+Ranges are listed here explicitly rather than taken from `ipaddress.is_global` alone: that flag changes between
+Python versions and calls multicast, 6to4 and IPv4-compatible IPv6 "global" in 3.11.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from http.cookiejar import Cookie, DefaultCookiePolicy
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+import anyio
+import httpx
+
+from gateway.errors import UrlNotAllowed
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+ALLOWED_SCHEMES = frozenset({"http", "https"})
+DEFAULT_PORTS: Mapping[str, int] = MappingProxyType({"http": 80, "https": 443})
+MAX_REDIRECTS = 3
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+CONNECT_TIMEOUT_S = 5.0  # a host that never answers the handshake is given up on early, whatever the budget
+DEFAULT_STREAM_LIMIT = 64 * 1024  # for `send`: webhook receivers and the like answer with small bodies
+NOT_ALLOWED_MESSAGE = "URL not allowed"
+_URL_DISPLAY_CHARS = 200
+# Credentials must not follow a redirect to another origin (what browsers and httpx do as well).
+_ORIGIN_BOUND_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+_BODY_HEADERS = frozenset({"content-type", "content-length", "transfer-encoding", "content-encoding"})
+# Legacy IPv4 spellings (2130706433, 0x7f.1, 127.1) that getaddrinfo accepts without DNS through inet_aton.
+_LEGACY_IPV4 = re.compile(r"[0-9a-fA-FxX.]+")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # the ASCII (IDNA) form; anything else is no DNS name
+
+
+def _nets(*pairs: tuple[str, str]) -> tuple[tuple[IPNetwork, str], ...]:
+    return tuple((ipaddress.ip_network(net), why) for net, why in pairs)
+
+
+# First match wins, so specific entries (the metadata endpoint, broadcast) come before their enclosing ranges.
+_BLOCKED_V4 = _nets(
+    ("0.0.0.0/8", "an unspecified ('this network') address"),
+    ("127.0.0.0/8", "a loopback address"),
+    ("169.254.169.254/32", "a link-local address (the cloud metadata endpoint)"),
+    ("169.254.0.0/16", "a link-local address"),
+    ("10.0.0.0/8", "a private address"),
+    ("172.16.0.0/12", "a private address"),
+    ("192.168.0.0/16", "a private address"),
+    ("100.64.0.0/10", "a shared (carrier-grade NAT) address"),
+    ("224.0.0.0/4", "a multicast address"),
+    ("255.255.255.255/32", "a broadcast address"),
+    ("240.0.0.0/4", "a reserved address"),
+    ("192.0.0.0/24", "a reserved (IETF protocol assignment) address"),
+    ("192.0.2.0/24", "a documentation address"),
+    ("198.51.100.0/24", "a documentation address"),
+    ("203.0.113.0/24", "a documentation address"),
+    ("198.18.0.0/15", "a benchmarking address"),
+    ("192.88.99.0/24", "a reserved (6to4 relay) address"),
+)
+_BLOCKED_V6 = _nets(
+    ("::/128", "an unspecified address"),
+    ("::1/128", "a loopback address"),
+    ("fe80::/10", "a link-local address"),
+    ("fc00::/7", "a unique-local (private) address"),
+    ("fec0::/10", "a site-local address"),
+    ("ff00::/8", "a multicast address"),
+    ("64:ff9b:1::/48", "a reserved (local-use NAT64) address"),
+    ("100::/64", "a reserved (discard-only) address"),
+    ("2001::/23", "a reserved (IETF protocol assignment, Teredo included) address"),
+    ("2001:db8::/32", "a documentation address"),
+    ("3fff::/20", "a documentation address"),
+)
+# IPv6 ranges whose low bits carry an IPv4 address that the packet may end up at: that IPv4 is what is checked.
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_COMPATIBLE = ipaddress.ip_network("::/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+
+
+def refusal_reason(ip: IPAddress) -> str | None:
+    """Why `ip` must not be called ("a loopback address", ...), or None for a public address."""
+    embedded = _embedded_ipv4(ip)
+    if embedded is not None:
+        kind, v4 = embedded
+        inner = refusal_reason(v4)
+        return None if inner is None else f"{kind} form of {v4}, {inner}"
+    table = _BLOCKED_V4 if ip.version == 4 else _BLOCKED_V6
+    for network, why in table:
+        if ip in network:
+            return why
+    # A safety net for whatever the tables miss (IANA-reserved IPv6 space outside 2000::/3, future ranges).
+    if ip.is_multicast:
+        return "a multicast address"
+    if ip.is_private or ip.is_reserved or ip.is_loopback or ip.is_link_local or ip.is_unspecified:
+        return "a reserved address"
+    if not ip.is_global:
+        return "a non-public address"
+    return None
+
+
+def _embedded_ipv4(ip: IPAddress) -> tuple[str, ipaddress.IPv4Address] | None:
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _MAPPED:
+        return "an IPv4-mapped", low32
+    if ip in _NAT64:
+        return "a NAT64", low32
+    if ip in _COMPATIBLE and int(ip) > 1:  # :: and ::1 are themselves (unspecified, loopback)
+        return "an IPv4-compatible", low32
+    if ip in _SIX_TO_FOUR and ip.sixtofour is not None:
+        return "a 6to4", ip.sixtofour
+    return None
+
+
+def _normalise_host(name: str) -> str:
+    host = name.strip().lower().rstrip(".")
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return host
+
+
+@dataclass(frozen=True)
+class OutboundPolicy:
+    """Which outbound targets are allowed besides public addresses, and how names are resolved.
+
+    `allow` entries are hostnames (exact, case-insensitive) or IP addresses/CIDRs; an allowed host or address is
+    exempt from the private-range block (tests, private deployments). `resolver` maps (host, port) to addresses;
+    None uses the system resolver. Injecting one lets tests make any name resolve anywhere without DNS.
+    """
+
+    allow: tuple[str, ...] = ()
+    resolver: Resolver | None = None
+    _hosts: frozenset[str] = field(init=False, repr=False, compare=False)
+    _networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        hosts: set[str] = set()
+        networks: list[IPNetwork] = []
+        for entry in self.allow:
+            text = entry.strip().strip("[]")
+            if not text:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                if "/" in text or ":" in text:
+                    raise ValueError(f"outbound allow-list entry {entry!r} is neither a hostname nor a CIDR") from None
+                hosts.add(_normalise_host(text))
+        object.__setattr__(self, "_hosts", frozenset(hosts))
+        object.__setattr__(self, "_networks", tuple(networks))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OutboundPolicy:
+        return cls(allow=tuple(settings.outbound_allow))
+
+    def host_allowed(self, host: str) -> bool:
+        return _normalise_host(host) in self._hosts
+
+    def address_allowed(self, ip: IPAddress) -> bool:
+        candidates: list[IPAddress] = [ip]
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            candidates.append(embedded[1])
+        return any(c.version == n.version and c in n for c in candidates for n in self._networks)
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """A URL that passed the check: its host by name, the port, and the address the connection must go to."""
+
+    url: httpx.URL
+    host: str  # as in the URL, ASCII (IDNA) form, IPv6 without brackets
+    port: int
+    ip: str  # the checked address to connect to
+    addresses: tuple[str, ...]  # every address the host resolved to, all checked
+
+    @property
+    def connect_url(self) -> httpx.URL:
+        """The URL with its host replaced by the checked address; everything else (port, path, query) kept."""
+        return self.url.copy_with(host=self.ip, port=self.port)
+
+
+class OutboundError(Exception):
+    """The call could not be made or completed, for a reason that is not the policy's (`UrlNotAllowed` is)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class HostNotResolved(OutboundError):
+    """DNS gave no usable address for the host."""
+
+
+class TooManyRedirects(OutboundError):
+    """More redirects than the caller allowed."""
+
+
+class BadRedirect(OutboundError):
+    """A redirect without a usable `Location`."""
+
+
+class ResponseTooLarge(OutboundError):
+    """The body is over the caller's limit; raised before reading it when Content-Length says so."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"response body over {limit} bytes")
+        self.limit = limit
+
+
+def display_url(url: httpx.URL | str) -> str:
+    """The URL for an error message: no credentials, bounded length."""
+    try:
+        text = str(httpx.URL(url).copy_with(userinfo=b""))
+    except (httpx.InvalidURL, TypeError, ValueError):
+        text = str(url)
+    return text if len(text) <= _URL_DISPLAY_CHARS else text[: _URL_DISPLAY_CHARS - 3] + "..."
+
+
+def _not_allowed(details: str) -> UrlNotAllowed:
+    return UrlNotAllowed(NOT_ALLOWED_MESSAGE, details)
+
+
+def parse_url(url: str | httpx.URL) -> httpx.URL:
+    """An absolute http(s) URL with a host, or `UrlNotAllowed` saying what is wrong with it."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        raise _not_allowed("Not a valid URL") from None
+    if parsed.scheme not in ALLOWED_SCHEMES:
+        raise _not_allowed("Only http and https URLs are allowed")
+    if not parsed.raw_host:
+        raise _not_allowed("The URL has no host")
+    port = parsed.port
+    if port is not None and not 0 < port < 65536:
+        raise _not_allowed(f"Port {port} is out of range")
+    return parsed
+
+
+def literal_ip(host: str) -> IPAddress | None:
+    """`host` as an IP address when it is one, in any spelling the system resolver would accept without DNS.
+
+    httpx leaves `2130706433`, `0x7f.1` and `127.1` as they are; getaddrinfo reads them through inet_aton as
+    127.0.0.1, so they are read the same way here. IPv6 zone ids arrive percent-encoded (`fe80::1%25eth0`).
+    """
+    text = unquote(host.strip("[]"))
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    if _LEGACY_IPV4.fullmatch(text) and any(c.isdigit() for c in text):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return None
+    return None
+
+
+def _shown_literal(host: str, ip: IPAddress) -> str:
+    """The host as written when it is a standard spelling of `ip`, else both (`0x7f.1 (127.0.0.1)`)."""
+    try:
+        standard = ipaddress.ip_address(unquote(host)) == ip
+    except ValueError:
+        standard = False
+    return host if standard else f"{host} ({ip})"
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """Every address getaddrinfo gives for `host` (TCP), in its order; empty when the name does not resolve."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return []
+    return [str(info[4][0]) for info in infos]
+
+
+def _parse_resolved(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise OutboundError(f"the resolver returned an invalid address {text!r}") from None
+
+
+async def resolve_checked(url: str | httpx.URL, policy: OutboundPolicy) -> ResolvedTarget:
+    """Resolve the URL's host once and check every address; return where to connect, or raise `UrlNotAllowed`.
+
+    Literal IP hosts are checked without DNS. An allow-listed host name exempts all of its addresses; otherwise
+    each address must be public or inside an allow-listed network. A name that does not resolve raises
+    `HostNotResolved` (not a policy refusal: the caller decides what the client is told).
+    """
+    parsed = parse_url(url)
+    host = parsed.raw_host.decode("ascii")
+    port = parsed.port or DEFAULT_PORTS[parsed.scheme]
+    literal = literal_ip(host)
+    if literal is not None:
+        addresses = [literal]
+    else:
+        if not _HOST_NAME.fullmatch(host):
+            raise _not_allowed("The URL's host is not a valid name")
+        resolver = policy.resolver or system_resolver
+        answers = list(dict.fromkeys(await resolver(host, port)))
+        if not answers:
+            raise HostNotResolved(f"could not resolve host '{host}'")
+        addresses = [_parse_resolved(a) for a in answers]
+    if not policy.host_allowed(host):
+        for ip in addresses:
+            if policy.address_allowed(ip):
+                continue
+            reason = refusal_reason(ip)
+            if reason is None:
+                continue
+            if literal is not None:
+                raise _not_allowed(f"Address {_shown_literal(host, ip)} is {reason}")
+            raise _not_allowed(f"Host '{host}' resolves to {ip}, {reason}")
+    return ResolvedTarget(
+        url=parsed, host=host, port=port, ip=str(addresses[0]), addresses=tuple(str(a) for a in addresses)
+    )
+
+
+async def check_url(url: str | httpx.URL, policy: OutboundPolicy, *, timeout_s: float = 5.0) -> ResolvedTarget:
+    """`resolve_checked` for URLs taken now and called later (webhooks): every failure is `UrlNotAllowed`.
+
+    A host that does not resolve, or not within `timeout_s`, cannot be checked, so it is refused as well. The
+    call itself must still go through `send`, which checks again: DNS may answer differently by then.
+    """
+    try:
+        with anyio.fail_after(timeout_s):
+            return await resolve_checked(url, policy)
+    except OutboundError as exc:
+        raise _not_allowed(f"The host cannot be checked: {exc.reason}") from None
+    except TimeoutError:
+        raise _not_allowed(f"The host cannot be checked: no DNS answer within {timeout_s:g}s") from None
+
+
+def _build_request(
+    client: httpx.AsyncClient,
+    method: str,
+    target: ResolvedTarget,
+    headers: Mapping[str, str],
+    content: bytes | None,
+    timeout_s: float,
+) -> httpx.Request:
+    """A request to the checked address that still names the real host (Host header, TLS SNI)."""
+    request_headers = httpx.Headers(headers)
+    request_headers["Host"] = target.url.netloc.decode("ascii")
+    extensions: dict[str, str] = {}
+    if target.url.scheme == "https":
+        extensions["sni_hostname"] = target.host
+        # The pool keys connections by address, not name: never hand a connection verified for one name to another.
+        request_headers["Connection"] = "close"
+    return client.build_request(
+        method,
+        target.connect_url,
+        headers=request_headers,
+        content=content,
+        timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S)),
+        extensions=extensions,
+    )
+
+
+def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    return (a.scheme, a.raw_host, a.port or DEFAULT_PORTS.get(a.scheme)) == (
+        b.scheme,
+        b.raw_host,
+        b.port or DEFAULT_PORTS.get(b.scheme),
+    )
+
+
+@dataclass(frozen=True)
+class Opened:
+    """The final (non-redirect) response, body not yet read, and where it came from."""
+
+    response: httpx.Response
+    target: ResolvedTarget
+    redirects: int
+
+
+@asynccontextmanager
+async def open_stream(
+    method: str,
+    url: str | httpx.URL,
+    *,
+    policy: OutboundPolicy,
+    client: httpx.AsyncClient,
+    headers: Mapping[str, str] | None = None,
+    content: bytes | None = None,
+    timeout_s: float,
+    max_redirects: int = MAX_REDIRECTS,
+) -> AsyncIterator[Opened]:
+    """Open `url` through the guard and yield the final response unread (read it with `read_capped`).
+
+    `timeout_s` bounds each connect (at most `CONNECT_TIMEOUT_S`), read and write; the caller bounds the whole
+    exchange (`anyio.fail_after`), as `send` does. 301/302 turn a POST into a GET and 303 anything but HEAD,
+    dropping the body; 307/308 resend it. Credentials headers are dropped when a redirect leaves the origin.
+    Raises `UrlNotAllowed` (first URL or any hop), `OutboundError` subclasses, and httpx's transport errors.
+    """
+    method = method.upper()
+    current = parse_url(url)
+    sent_headers = dict(headers or {})
+    body = content
+    for hop in range(max_redirects + 1):
+        try:
+            target = await resolve_checked(current, policy)
+        except UrlNotAllowed as exc:
+            if hop == 0:
+                raise
+            raise _not_allowed(f"Redirect to {display_url(current)} refused: {exc.details}") from None
+        request = _build_request(client, method, target, sent_headers, body, timeout_s)
+        response = await client.send(request, stream=True, follow_redirects=False)
+        try:
+            if response.status_code not in REDIRECT_STATUSES:
+                yield Opened(response=response, target=target, redirects=hop)
+                return
+            status = response.status_code
+            location = response.headers.get("location")
+            if not location:
+                raise BadRedirect(f"HTTP {status} without a Location header")
+            if hop == max_redirects:
+                raise TooManyRedirects(f"more than {max_redirects} redirects")
+            try:
+                following = current.join(location)  # relative to the URL as named, not to the address
+            except (httpx.InvalidURL, ValueError):
+                raise BadRedirect(f"HTTP {status} with an invalid Location") from None
+        finally:
+            await response.aclose()
+        if (status == 303 and method != "HEAD") or (status in (301, 302) and method == "POST"):
+            method, body = "GET", None
+            sent_headers = {k: v for k, v in sent_headers.items() if k.lower() not in _BODY_HEADERS}
+        if not _same_origin(current, following):
+            sent_headers = {k: v for k, v in sent_headers.items() if k.lower() not in _ORIGIN_BOUND_HEADERS}
+        current = following
+    raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+
+def declared_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length", "").strip()
+    return int(value) if value.isdigit() else None
+
+
+async def read_capped(response: httpx.Response, limit: int) -> bytes:
+    """The body, refused unread when Content-Length is over `limit` and cut as soon as more than `limit` arrive.
+
+    Ask for `Accept-Encoding: identity`: the limit counts bytes as they arrive (decoded by httpx when the server
+    compresses anyway, so a compressed bomb is still cut at `limit` decoded bytes).
+    """
+    declared = declared_length(response)
+    if declared is not None and declared > limit:
+        raise ResponseTooLarge(limit)
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise ResponseTooLarge(limit)
+    return bytes(body)
+
+
+@dataclass(frozen=True)
+class OutboundResponse:
+    """What `send` returns: the final response with its (capped) body, and where it came from."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+    url: httpx.URL  # the final URL by name (after redirects)
+    address: str  # the checked address it was fetched from
+    redirects: int
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+
+async def send(
+    method: str,
+    url: str | httpx.URL,
+    *,
+    policy: OutboundPolicy,
+    client: httpx.AsyncClient,
+    headers: Mapping[str, str] | None = None,
+    content: bytes | None = None,
+    timeout_s: float,
+    max_redirects: int = MAX_REDIRECTS,
+    stream_limit: int = DEFAULT_STREAM_LIMIT,
+    read_body: bool = True,
+) -> OutboundResponse:
+    """One guarded exchange, bounded as a whole by `timeout_s` (resolution, redirects and body included).
+
+    The body is read up to `stream_limit` bytes (`ResponseTooLarge` beyond); `read_body=False` skips it (a webhook
+    delivery only needs the status). Raises `UrlNotAllowed`, `OutboundError` subclasses, `TimeoutError` for the
+    overall deadline, and httpx's transport errors (`httpx.HTTPError`).
+    """
+    with anyio.fail_after(timeout_s):
+        async with open_stream(
+            method,
+            url,
+            policy=policy,
+            client=client,
+            headers=headers,
+            content=content,
+            timeout_s=timeout_s,
+            max_redirects=max_redirects,
+        ) as opened:
+            response = opened.response
+            data = await read_capped(response, stream_limit) if read_body else b""
+            return OutboundResponse(
+                status_code=response.status_code,
+                headers=response.headers,
+                content=data,
+                url=opened.target.url,
+                address=opened.target.ip,
+                redirects=opened.redirects,
+            )
+
+
+class _NoCookies(DefaultCookiePolicy):
+    """Accept and return no cookies: outbound calls are one-off, and a jar keyed by address would leak them."""
+
+    def set_ok(self, cookie: Cookie, request: object) -> bool:
+        return False
+
+    def return_ok(self, cookie: Cookie, request: object) -> bool:
+        return False
+
+
+def make_client(*, max_connections: int = 100) -> httpx.AsyncClient:
+    """The client outbound calls should use: no redirects of its own, no proxy from the environment (a proxy
+    would make its own DNS lookup), and no cookie jar shared between hosts that resolve to one address."""
+    client = httpx.AsyncClient(
+        follow_redirects=False,
+        trust_env=False,
+        limits=httpx.Limits(max_connections=max_connections),
+    )
+    client.cookies.jar.set_policy(_NoCookies())
+    return client
