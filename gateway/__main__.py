@@ -17,6 +17,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.manifest import load_manifests
+from gateway.observability import configure_logging
 from gateway.settings import PROJECT_ROOT, Settings, add_cli_arguments
 from gateway.tritonserver import TritonNotFound, TritonServer, TritonStartError
 
@@ -57,6 +58,7 @@ async def serve(settings: Settings) -> None:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
+        access_log=False,  # gateway.access logs each request with its request id
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__.splitlines()[0])
     add_cli_arguments(parser)
     settings = Settings.from_env(os.environ).with_cli(parser.parse_args(argv))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     if not settings.api_keys and not settings.allow_anonymous:
         print(
             "gateway: error: no API keys configured. Set IMAGEN_API_KEYS (comma-separated) or IMAGEN_API_KEYS_FILE, "

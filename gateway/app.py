@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -53,7 +54,17 @@ from gateway.jobs import (
 )
 from gateway.manifest import load_manifests
 from gateway.netguard import OutboundPolicy
+from gateway.observability import (
+    Metrics,
+    MetricsMiddleware,
+    RequestIdMiddleware,
+    current_request_id,
+    metrics_endpoint,
+    triton_stats_source,
+)
+from gateway.openapi import openapi_endpoint
 from gateway.protocol import PARAMETER_LIMITS, ImageToImageRequest, parse_image_to_image
+from gateway.ratelimit import RateLimitMiddleware, api_key_or_address
 from gateway.service import ImageService, new_job_id
 from gateway.settings import Settings
 from gateway.storage import LocalStorage, Storage
@@ -103,6 +114,8 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
         raise InvalidRequest("Request body is not valid UTF-8", str(exc)) from exc
     except json.JSONDecodeError as exc:
         raise InvalidRequest("Request body is not valid JSON", str(exc)) from exc
+    except (ValueError, RecursionError) as exc:  # >4300-digit integers; nesting past the recursion limit
+        raise InvalidRequest("Request body is not valid JSON", "Too deeply nested, or a number too long") from exc
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -315,13 +328,19 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    incident = uuid.uuid4().hex[:12]
-    log.exception("unhandled error (incident %s) on %s %s", incident, request.method, request.url.path)
-    return error_response(InternalError("Internal server error", f"Incident {incident}"))
+    incident = current_request_id() or uuid.uuid4().hex
+    log.exception("unhandled error (request %s) on %s %s", incident, request.method, request.url.path)
+    return error_response(InternalError("Internal server error", f"Request {incident}"))
 
 
 def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Starlette:
     gateway = Gateway(settings)
+    metrics = Metrics(
+        triton_stats_source(
+            lambda model: gateway.s.engine.statistics(model),
+            lambda: [p.manifest.unet.model for p in gateway.s.pipelines.values()],
+        )
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -354,7 +373,7 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
             )
             return response.status_code
 
-        jobs = JobManager(store, service, settings, poster=post, webhook_secret=secret)
+        jobs = JobManager(store, service, settings, poster=post, webhook_secret=secret, on_event=metrics.on_job_event)
         gateway.services = Services(
             settings=settings,
             engine=triton,
@@ -388,9 +407,25 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
         Route("/v1/styles", gateway.list_styles, methods=["GET"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/readyz", gateway.readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
     ]
-    return Starlette(
+    # Outermost first: request ids on every response (429s and 500s included), metrics count 429s too.
+    middleware = [
+        Middleware(RequestIdMiddleware),
+        Middleware(MetricsMiddleware, metrics=metrics),
+        Middleware(
+            RateLimitMiddleware,
+            per_minute=settings.rate_limit_per_minute,
+            burst=settings.rate_limit_burst,
+            key_fn=api_key_or_address(settings.api_keys),
+        ),
+    ]
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=middleware,
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected},
     )
+    app.state.metrics = metrics
+    return app

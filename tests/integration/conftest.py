@@ -100,6 +100,7 @@ def gateway_settings(
         outbound_allow=("127.0.0.2",),
         webhook_backoff_s=0.05,
         webhook_max_attempts=4,
+        rate_limit_per_minute=0,  # the error-table tests send bursts; the limiter has its own test
     )
 
 

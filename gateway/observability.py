@@ -1,0 +1,421 @@
+"""Request ids, the access log and Prometheus metrics, as pure-ASGI middleware plus a `/metrics` handler.
+
+Pure ASGI (not `BaseHTTPMiddleware`) so streaming responses (server-sent events) pass through untouched and
+the request id contextvar is visible to every task the request spawns. Metrics live in a `CollectorRegistry`
+owned by one `Metrics` object per app, never in prometheus_client's global registry, so several apps in one
+process (tests) do not clash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any, TextIO
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import error_body
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_HEADER_BYTES = REQUEST_ID_HEADER.lower().encode("latin-1")
+# What a client may send as its own request id: short and safe to echo into headers and log lines.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NO_REQUEST_ID = "-"
+UNMATCHED_ROUTE = "unmatched"
+# Methods outside this set are labelled "other", so a client inventing methods cannot grow the series count.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# From a 400 in a millisecond to a long synchronous diffusion run.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+JOB_STATUSES = ("queued", "processing", "completed", "failed", "canceled")
+WEBHOOK_OUTCOMES = ("delivered", "retry", "failed")
+TRITON_STATS_TIMEOUT_S = 2.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+access_log = logging.getLogger("gateway.access")
+log = logging.getLogger(__name__)
+
+_request_id: ContextVar[str | None] = ContextVar("imagen_request_id", default=None)
+
+
+def current_request_id() -> str | None:
+    """The id of the request being served in this context (None outside a request)."""
+    return _request_id.get()
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def accept_request_id(value: str | None) -> str:
+    """Keep a client's id when it is a sane token (so its traces join ours), else mint one."""
+    if value is not None and REQUEST_ID_PATTERN.fullmatch(value):
+        return value
+    return new_request_id()
+
+
+# --- logging --------------------------------------------------------------------------------------------------
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to every record so formats may use `%(request_id)s` (`-` outside requests)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = current_request_id() or NO_REQUEST_ID
+        return True
+
+
+_HANDLER_MARK = "_imagen_observability"
+
+
+def configure_logging(
+    level: str | int = "info", *, fmt: str = LOG_FORMAT, stream: TextIO | None = None
+) -> logging.Handler:
+    """Install one stderr handler on the root logger whose lines carry the request id; idempotent.
+
+    uvicorn's own loggers keep their handlers; the gateway's loggers (`gateway.*`, including the access log)
+    propagate to this one. Calling it again replaces the handler it installed before, never another one.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _HANDLER_MARK, False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(stream)  # None: stderr
+    setattr(handler, _HANDLER_MARK, True)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    return handler
+
+
+# --- route templates ------------------------------------------------------------------------------------------
+
+
+def route_template(scope: Scope) -> str:
+    """The route's path template (`/v1/image-to-image/{job_id}`), never the raw path: it bounds label cardinality.
+
+    Starlette's router records the matched route in `scope["route"]` (also for a method mismatch). Requests
+    answered before routing (rate limiting, body caps in middleware) are matched here against the app's routes.
+    """
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path
+    partial: str | None = None
+    for candidate in getattr(scope.get("app"), "routes", ()):
+        try:
+            match, _ = candidate.matches(scope)
+        except Exception:  # a route type that cannot match this scope
+            continue
+        candidate_path = getattr(candidate, "path", None)
+        if not isinstance(candidate_path, str):
+            continue
+        if match == Match.FULL:
+            return candidate_path
+        if match == Match.PARTIAL and partial is None:
+            partial = candidate_path
+    return partial or UNMATCHED_ROUTE
+
+
+def _method_label(scope: Scope) -> str:
+    method = str(scope.get("method", "")).upper()
+    return method if method in KNOWN_METHODS else "other"
+
+
+# --- request ids and the access log ---------------------------------------------------------------------------
+
+
+class RequestIdMiddleware:
+    """Gives each HTTP request an id (the client's `X-Request-ID` if sane), echoes it on every response, sets
+    the contextvar that log lines read, and writes one access-log line per request.
+
+    Placed inside Starlette's `ServerErrorMiddleware` (`add_middleware`), an unhandled exception would reach
+    the client through a response this middleware never sees; so when the app raises before responding, this
+    middleware answers the spec's 500 itself (with the id) and re-raises, and the outer handler, seeing the
+    response started, only logs. Placed outside (wrapping the Starlette app), it sees that 500 go by.
+    """
+
+    def __init__(self, app: ASGIApp, *, logger: logging.Logger | None = None) -> None:
+        self.app = app
+        self.logger = logger or access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope.get("headers", ()):
+            if name == _REQUEST_ID_HEADER_BYTES:
+                incoming = value.decode("latin-1")
+                break
+        request_id = accept_request_id(incoming)
+        token = _request_id.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status: int | None = None
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            if status is None:
+                status = 500
+                await _send_internal_error(send_with_id, request_id)
+            self._log(scope, status, started, request_id)
+            raise  # leave the context set: the outer error handler's log line still carries the id
+        self._log(scope, status or 500, started, request_id)
+        _request_id.reset(token)
+
+    def _log(self, scope: Scope, status: int, started: float, request_id: str) -> None:
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        route = route_template(scope)
+        method = _method_label(scope)
+        self.logger.info(
+            "%s %s %d %.1fms",
+            method,
+            route,
+            status,
+            elapsed_ms,
+            extra={
+                "request_id": request_id,
+                "http_method": method,
+                "route": route,
+                "status": status,
+                "duration_ms": round(elapsed_ms, 3),
+            },
+        )
+
+
+async def _send_internal_error(send: Send, request_id: str) -> None:
+    body = json.dumps(error_body("internal_error", "Internal server error", f"Request {request_id}")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 500,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+# --- metrics --------------------------------------------------------------------------------------------------
+
+# model -> {"inference_count": n, "execution_count": m}, as Triton's statistics count them since it started.
+TritonCounts = Mapping[str, Mapping[str, int]]
+TritonStatsSource = Callable[[], TritonCounts | Awaitable[TritonCounts]]
+
+
+class TritonBatchCollector:
+    """Exports the UNet's batching as Triton counts it: inferences (samples) over executions (batches).
+
+    prometheus_client collects synchronously, so the (async) source is awaited by `refresh()` just before
+    each scrape (`Metrics.render`), and `collect()` exports that snapshot. A source that fails or is slow
+    (Triton down) leaves the snapshot empty: the scrape still answers, without these series.
+    """
+
+    def __init__(self, source: TritonStatsSource | None, *, timeout_s: float = TRITON_STATS_TIMEOUT_S) -> None:
+        self.source = source
+        self.timeout_s = timeout_s
+        self._snapshot: dict[str, tuple[int, int]] = {}
+
+    async def refresh(self) -> None:
+        self._snapshot = {}
+        if self.source is None:
+            return
+        try:
+            result = self.source()
+            if inspect.isawaitable(result):
+                result = await asyncio.wait_for(result, timeout=self.timeout_s)
+            assert isinstance(result, Mapping)
+            snapshot = {}
+            for model, counts in result.items():
+                snapshot[str(model)] = (int(counts["inference_count"]), int(counts["execution_count"]))
+        except Exception as exc:  # Triton down, model unloaded, timeout: skip the series, keep the scrape
+            log.debug("triton statistics unavailable for /metrics: %r", exc)
+            return
+        self._snapshot = snapshot
+
+    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily]:
+        return (
+            CounterMetricFamily("imagen_triton_inferences", "Samples run by the model in Triton", labels=["model"]),
+            CounterMetricFamily("imagen_triton_executions", "Batched executions in Triton", labels=["model"]),
+            GaugeMetricFamily(
+                "imagen_triton_mean_batch_size", "Samples per execution since Triton started", labels=["model"]
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        inferences, executions, mean = self._families()
+        for model, (inference_count, execution_count) in sorted(self._snapshot.items()):
+            inferences.add_metric([model], inference_count)
+            executions.add_metric([model], execution_count)
+            if execution_count > 0:
+                mean.add_metric([model], inference_count / execution_count)
+        yield inferences
+        yield executions
+        yield mean
+
+
+def triton_stats_source(
+    statistics: Callable[[str], Awaitable[Mapping[str, Any]]], models: Callable[[], Iterable[str]]
+) -> Callable[[], Awaitable[TritonCounts]]:
+    """Build the `/metrics` source from `TritonEngine.statistics` and a callable naming the models (the UNets).
+
+    Triton's JSON statistics spell uint64 counters as strings and list one entry per version: they are summed.
+    A model whose statistics fail is left out; the others are still reported.
+    """
+
+    async def one(model: str) -> tuple[str, dict[str, int]] | None:
+        try:
+            stats = await statistics(model)
+        except Exception as exc:
+            log.debug("triton statistics for %s unavailable: %r", model, exc)
+            return None
+        entries = stats.get("model_stats") or []
+        return model, {
+            "inference_count": sum(int(e.get("inference_count", 0) or 0) for e in entries),
+            "execution_count": sum(int(e.get("execution_count", 0) or 0) for e in entries),
+        }
+
+    async def source() -> TritonCounts:
+        found = await asyncio.gather(*(one(m) for m in dict.fromkeys(models())))
+        return dict(item for item in found if item is not None)
+
+    return source
+
+
+class Metrics:
+    """The registry and instruments of one app; the job system calls the helper methods."""
+
+    def __init__(self, triton_stats: TritonStatsSource | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "imagen_http_requests",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "imagen_http_request_duration_seconds",
+            "Time to the end of the response body, by route template and method",
+            ["route", "method"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_in_flight = Gauge(
+            "imagen_http_requests_in_flight", "HTTP requests being served now", registry=self.registry
+        )
+        self.jobs_queued = Gauge("imagen_jobs_queued", "Jobs waiting for a worker", registry=self.registry)
+        self.jobs_running = Gauge("imagen_jobs_running", "Jobs being denoised now", registry=self.registry)
+        self.jobs = Counter("imagen_jobs", "Jobs reaching a status", ["status"], registry=self.registry)
+        self.webhook_deliveries = Counter(
+            "imagen_webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, retry scheduled, failed for good)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for status in JOB_STATUSES:  # export zeros from the start, so rate() sees the first increment
+            self.jobs.labels(status=status)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.labels(outcome=outcome)
+        self.triton = TritonBatchCollector(triton_stats)
+        self.registry.register(self.triton)
+
+    def record_request(self, route: str, method: str, status: int, duration_s: float) -> None:
+        self.http_requests.labels(route=route, method=method, status=str(status)).inc()
+        self.http_duration.labels(route=route, method=method).observe(duration_s)
+
+    def record_job(self, status: str) -> None:
+        """Count a job reaching `status` (one of JOB_STATUSES; anything else is a bug, not a new series)."""
+        if status not in JOB_STATUSES:
+            raise ValueError(f"unknown job status {status!r}")
+        self.jobs.labels(status=status).inc()
+
+    def record_webhook(self, outcome: str) -> None:
+        """Count one delivery attempt's outcome: delivered, retry (will try again) or failed (gave up)."""
+        if outcome not in WEBHOOK_OUTCOMES:
+            raise ValueError(f"unknown webhook outcome {outcome!r}")
+        self.webhook_deliveries.labels(outcome=outcome).inc()
+
+    def set_queue_depth(self, queued: int, running: int) -> None:
+        self.jobs_queued.set(queued)
+        self.jobs_running.set(running)
+
+    def on_job_event(self, event: str, value: Any) -> None:
+        """Adapter for `JobManager(on_event=...)`: its (event, value) hooks onto these instruments.
+
+        Unknown events are ignored, so the job system can add events before metrics know them.
+        """
+        if event in ("job_created", "job_finished"):
+            self.record_job(str(value))
+        elif event == "queue_depth":
+            queued, running = value
+            self.set_queue_depth(int(queued), int(running))
+        elif event == "webhook":
+            self.record_webhook(str(value))
+
+    async def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition (format negotiated from `Accept`) and its content type, with fresh Triton counts."""
+        await self.triton.refresh()
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template, method and status, and observes its duration."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: int | None = None
+        started = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        self.metrics.http_in_flight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.http_in_flight.dec()
+            elapsed = time.perf_counter() - started
+            self.metrics.record_request(route_template(scope), _method_label(scope), status or 500, elapsed)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """`GET /metrics`: the app's `Metrics` (set as `app.state.metrics`) in Prometheus' text format."""
+    metrics: Metrics = request.app.state.metrics
+    body, content_type = await metrics.render(request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
