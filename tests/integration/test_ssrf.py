@@ -193,6 +193,7 @@ def ssrf_gateway(
         outbound_allow=(ALLOWED_HOST,),
         webhook_backoff_s=0.05,
         webhook_max_attempts=2,
+        rate_limit_per_minute=0,  # the refusal table is a burst of creations from one key
     )
     server = ThreadedUvicorn(create_app(settings), settings.port)
     server.start()
