@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=BACKENDS, default="python", help="Triton backend to configure")
     parser.add_argument("--fp16", action="store_true", help="fp16 weights and compute (GPU targets)")
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batcher queue delay")
+    parser.add_argument(
+        "--max-queue-delay-us", type=int, default=500, help="UNet dynamic batcher queue delay (others: 0)"
+    )
     parser.add_argument("--instances", type=int, default=1, help="model instances per component")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check")

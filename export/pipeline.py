@@ -17,7 +17,7 @@ from export.errors import ExportError
 from export.layout import check_layout
 from export.onnx_export import convert_fp16, export_onnx, load_pipeline
 from export.repository import ServingOptions, install_pipeline, stage_pipeline, staging_area, validate_name
-from export.validate import FP32_ATOL, check_components
+from export.validate import FP32_ATOL, FP32_RTOL, check_components
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository" / "models"
 
@@ -83,10 +83,10 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
 
         def validate(s: dict[str, Any]) -> None:
             for check in check_components(s["pipeline"], s["onnx"]):
-                if check.max_abs_error > FP32_ATOL:
+                if not check.within_tolerance:
                     raise ExportError(
-                        f"{check.component}: ONNX output differs from torch by {check.max_abs_error:.2e} "
-                        f"(tolerance {FP32_ATOL:.0e})"
+                        f"{check.component}: ONNX output differs from torch by up to {check.max_abs_error:.2e} "
+                        f"(tolerance {FP32_ATOL:.0e} + {FP32_RTOL:.0e} x |torch|)"
                     )
 
         def fp16(s: dict[str, Any]) -> None:

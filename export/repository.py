@@ -50,7 +50,7 @@ class ServingOptions:
 
     backend: str = "python"
     max_batch_size: int = 16
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = 500
     instances: int = 1
     intra_op_threads: int = 0
 
@@ -115,12 +115,15 @@ def render_config(
     lines.append(f"max_batch_size: {options.max_batch_size}")
     lines.append("input [\n" + ",\n".join(_pbtxt_tensor(s) for s in inputs) + "\n]")
     lines.append("output [\n" + ",\n".join(_pbtxt_tensor(s) for s in outputs) + "\n]")
-    lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {options.max_queue_delay_us} }}")
+    # Only the UNet, called once per denoising step by every request in flight, gains from waiting for company;
+    # the other components still batch whatever is queued when an instance frees up, with no added delay.
+    delay = options.max_queue_delay_us if name.endswith("_unet") else 0
+    lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}")
     # KIND_AUTO: GPU instances when Triton sees a GPU (the native backend then attaches CUDA, and the python
     # runner picks onnxruntime-gpu's CUDA provider), CPU instances otherwise.
     lines.append(f"instance_group [ {{ count: {options.instances} kind: KIND_AUTO }} ]")
     params = (
-        {"onnx_file": onnx_file, "intra_op_threads": str(options.intra_op_threads)}
+        {"onnx_file": onnx_file, "intra_op_threads": str(options.intra_op_threads), "allow_spinning": "0"}
         if options.backend == "python"
         else {"intra_op_thread_count": str(options.intra_op_threads)}
     )

@@ -1,7 +1,9 @@
 """Numerical check of exported components against the torch modules they came from.
 
-The tolerance is absolute on outputs, for fp32 exports: onnxruntime and torch differ only in kernel order of
-summation, so 1e-4 holds with a wide margin on the tiny model (observed errors are ~1e-6).
+For fp32 exports onnxruntime and torch differ only in the order of summation. On the tiny model the maximum
+absolute error stays under FP32_ATOL = 1e-4 (observed ~1e-6; the tests hold that). Deeper models accumulate
+more (the medium VAE decoder reaches ~2e-4 on outputs of magnitude ~1), so the export's own check is
+`np.allclose`-style: |onnx - torch| <= FP32_ATOL + FP32_RTOL * |torch| element-wise.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from typing import Any
 import numpy as np
 
 FP32_ATOL = 1e-4
+FP32_RTOL = 1e-3
 
 
 @dataclass(frozen=True)
 class ComponentCheck:
     component: str
     max_abs_error: float
+    within_tolerance: bool  # allclose(onnx, torch, rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
 def _inputs(pipeline: Any, batch: int, latent_hw: tuple[int, int], seed: int) -> dict[str, dict[str, np.ndarray]]:
@@ -70,5 +74,11 @@ def check_components(
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         onnx_out = session.run(None, feeds)[0]
         torch_out = _torch_outputs(pipeline, component, feeds)
-        checks.append(ComponentCheck(component, float(np.max(np.abs(onnx_out - torch_out)))))
+        checks.append(
+            ComponentCheck(
+                component,
+                float(np.max(np.abs(onnx_out - torch_out))),
+                bool(np.allclose(onnx_out, torch_out, rtol=FP32_RTOL, atol=FP32_ATOL)),
+            )
+        )
     return checks

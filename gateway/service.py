@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
+from PIL import Image
 
 from gateway import codecs
 from gateway.diffusion import Generation, Img2ImgPipeline
@@ -19,6 +21,9 @@ from gateway.protocol import MAX_SEED, ImageToImageRequest
 from gateway.settings import Settings
 from gateway.storage import Storage
 from gateway.styles import STYLE_PRESETS, apply_style
+
+DECODED_CACHE_SIZE = 32
+_STORED_FORMATS = {"JPEG": ("jpg", "image/jpeg"), "PNG": ("png", "image/png"), "WEBP": ("webp", "image/webp")}
 
 
 def new_job_id() -> str:
@@ -41,6 +46,8 @@ class ImageService:
         self.storage = storage
         self.http = http
         self.fetch_kwargs = dict(fetch_kwargs or {})
+        # Decoded inputs of accepted jobs, so the first run does not decode twice (bounded: misses re-decode).
+        self._decoded: OrderedDict[str, Image.Image] = OrderedDict()
 
     def url_for(self, name: str) -> str:
         return f"{self.settings.base_url}/v1/images/{name}"
@@ -73,8 +80,14 @@ class ImageService:
         data, source_url = await self._image_bytes(req.image)
         image = await asyncio.to_thread(codecs.decode_image, data)
         width, height = codecs.fit_to_grid(image.width, image.height, manifest.native_resolution, manifest.grid)
-        stored = f"{job_id}_input.png"
-        await self.storage.put(stored, await asyncio.to_thread(codecs.image_to_png, image), "image/png")
+        # The bytes as received (decoding validated them): no re-encode on the request path, and a re-run after
+        # a restart decodes exactly what the first run did.
+        extension, content_type = _STORED_FORMATS[codecs.sniff_format(data) or "PNG"]
+        stored = f"{job_id}_input.{extension}"
+        await self.storage.put(stored, data, content_type)
+        self._decoded[job_id] = image
+        while len(self._decoded) > DECODED_CACHE_SIZE:
+            self._decoded.popitem(last=False)
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
         params = {
             "prompt": req.prompt,
@@ -105,10 +118,12 @@ class ImageService:
         """Denoise a job's stored input and store its PNGs; returns the job's result."""
         p = job.params
         pipeline = self.pipeline(p["model"])
-        found = await self.storage.get(job.input["name"])
-        if found is None:
-            raise InternalError("Job input is missing", f"Stored input {job.input['name']} not found")
-        image = await asyncio.to_thread(codecs.decode_image, found[0])
+        image = self._decoded.pop(job.id, None)
+        if image is None:  # recovered after a restart, or evicted: decode the stored input again
+            found = await self.storage.get(job.input["name"])
+            if found is None:
+                raise InternalError("Job input is missing", f"Stored input {job.input['name']} not found")
+            image = await asyncio.to_thread(codecs.decode_image, found[0])
         size = (p["processed_size"]["width"], p["processed_size"]["height"])
         tensor = await asyncio.to_thread(codecs.image_to_tensor, image, size)
         prompt, negative = apply_style(p["prompt"], p["negative_prompt"], STYLE_PRESETS.get(p["style"] or ""))
