@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import report, runner
 
     results = runner.run(config, work_dir=args.work_dir)
+    raw = args.work_dir / "last-run-raw.json"  # kept even if the report step fails
+    raw.write_text(json.dumps(results, default=str))
     written = report.write(results, args.output, readme=None if args.no_readme else BENCH_ROOT / "README.md")
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")

@@ -6,6 +6,9 @@
   {"op": "open", "url": ..., "body_file": ..., "rate": R, "requests": N, "seed": S}
       open loop: N requests at Poisson arrivals of rate R/s; latency counts from the scheduled arrival, so a
       server that falls behind is charged for the wait (no coordinated omission);
+  {"op": "sequential", "url": ..., "body_file": ..., "requests": N}
+      N requests one after another on ONE kept-alive connection that persists across commands (the transport
+      probe sends one request per command and reads Triton's statistics in between);
   {"op": "quit"}.
 The answer: {"latencies_s": [...], "errors": E, "error_samples": [...], "wall_s": W, "completed": N}.
 """
@@ -86,8 +89,26 @@ async def open_loop(url: str, body: bytes, rate: float, requests: int, seed: int
     return out
 
 
+_persistent: dict[str, httpx.AsyncClient] = {}
+
+
+async def sequential(url: str, body: bytes, requests: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"latencies_s": [], "errors": 0, "error_samples": []}
+    if url not in _persistent:
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        _persistent[url] = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(900.0))
+    began = time.perf_counter()
+    for _ in range(requests):
+        await _one(_persistent[url], url, body, time.perf_counter(), out)
+    out["wall_s"] = time.perf_counter() - began
+    out["completed"] = len(out["latencies_s"])
+    return out
+
+
 async def handle(command: dict[str, Any]) -> dict[str, Any]:
     body = _body(command["body_file"])
+    if command["op"] == "sequential":
+        return await sequential(command["url"], body, int(command["requests"]))
     if command["op"] == "closed":
         return await closed_loop(command["url"], body, int(command["concurrency"]), int(command["requests"]))
     if command["op"] == "open":
@@ -98,6 +119,11 @@ async def handle(command: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
+    with asyncio.Runner() as runner:  # one event loop for the process, so persistent clients stay usable
+        return _serve(runner)
+
+
+def _serve(runner: asyncio.Runner) -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -105,7 +131,7 @@ def main() -> int:
         if command.get("op") == "quit":
             break
         try:
-            result = asyncio.run(handle(command))
+            result = runner.run(handle(command))
         except Exception as exc:
             result = {"fatal": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(result) + "\n")

@@ -9,6 +9,7 @@ Every compute engine gets `threads` intra-op threads and 1 inter-op thread:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -39,10 +40,8 @@ def pin_torch(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    try:
+    with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set in this process
-        pass
 
 
 def record(threads: int) -> dict[str, Any]:

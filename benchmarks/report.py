@@ -58,10 +58,10 @@ def ratios(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
         entry: dict[str, Any] = {}
         for name, system in (("service/naive", "naive"), ("service/ort_peer", "ort_peer")):
             peer, source = _peer_ips(table, system, level)
-            entry[name] = service / peer if peer else None
+            entry[name] = service / peer if peer and service else None
             entry[f"{name} peer level"] = source
         limit = table.get("limit", {}).get(level, {}).get("images_per_s")
-        entry["service/limit"] = service / limit["median"] if limit else None
+        entry["service/limit"] = service / limit["median"] if limit and limit["median"] and service else None
         out[level] = entry
     return out
 

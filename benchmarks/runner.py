@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -61,6 +62,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "error_samples": result.get("error_samples", []),
         "wall_s": result["wall_s"],
         "latencies_s": result["latencies_s"],
+        # The machine is shared: the 1-minute load average after each run flags runs disturbed by others.
+        "loadavg_1m": os.getloadavg()[0],
     }
 
 
@@ -97,10 +100,10 @@ def run_model(
         plan.size,
         threads=threads,
         queue_delay_us=config.max_queue_delay_us,
-        max_batch=config.max_batch_size,
+        max_batch=plan.max_batch_size or config.max_batch_size,
         root=work_dir,
     )
-    manifest = files.manifest()
+    files.manifest()
     progress.step(f"{plan.size}: models ready", str(files.repository))
     wl = plan.workload
     effective_steps = min(int(wl.steps * wl.strength), wl.steps)
@@ -226,8 +229,6 @@ def run_model(
 
 
 def run(config: BenchConfig, *, work_dir: Path = WORK_DIR, progress: bool = True) -> dict[str, Any]:
-    import os
-
     os.environ.update(pinning.pinned_env(config.threads))  # inherited by Triton, the gateway and the peers
     bar = Progress(count_steps(config), enabled=progress)
     began = time.time()

@@ -102,5 +102,5 @@ class Limit:
             "compute_s": total,
             "per_component_s": per_component,
             "images": images,
-            "images_per_s": images / total if total > 0 else None,
+            "images_per_s": images / total if total > 0 and images > 0 else None,
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -114,10 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load(args.kind, args.model_dir, args.threads)
     server = Server(("127.0.0.1", args.port), make_handler(pipe, manifest["native_resolution"], manifest["grid"]))
     print("ready", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -16,7 +16,16 @@ from benchmarks.pinning import pinned_env
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], *, ready_url: str, log: Path, threads: int, timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        ready_url: str,
+        log: Path,
+        threads: int,
+        timeout_s: float = 300.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.ready_url = ready_url
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -26,7 +35,7 @@ class ServerProcess:
                 cwd=PROJECT_ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=pinned_env(threads),
+                env={**pinned_env(threads), **(env or {})},
                 start_new_session=True,
             )
         self._wait(timeout_s)

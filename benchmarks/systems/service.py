@@ -6,6 +6,7 @@ its input), used by the transport probe; the gateway never sees it (it serves on
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -167,6 +168,12 @@ class Service:
             ready_url=f"http://127.0.0.1:{self.gateway_port}/readyz",
             log=self.log_dir / f"gateway-{self.files.size}.log",
             threads=self.threads,
+            # A load generator is one client: no per-key rate limit; a fresh job store per run.
+            env={
+                "IMAGEN_RATE_LIMIT_PER_MINUTE": "0",
+                "IMAGEN_JOBS_DB": str(self.log_dir / f"jobs-{self.files.size}-{os.getpid()}.sqlite3"),
+                "IMAGEN_MAX_QUEUED_JOBS": "4096",
+            },
         )
 
     def stats(self, models: Iterable[str] | None = None) -> dict[str, ModelStats]:
