@@ -137,6 +137,10 @@ def _wants_async(request: Request, req: ImageToImageRequest) -> bool:
 _CODE_STATUS = {code: status for status, code in ERROR_TABLE.values()}
 
 
+def _key_reused() -> IdempotencyKeyReused:
+    return IdempotencyKeyReused("Idempotency-Key already used", "This key was used with a different request body")
+
+
 class Gateway:
     """The route handlers, bound to the lifespan's services."""
 
@@ -189,9 +193,7 @@ class Gateway:
         try:
             stored = await self.s.jobs.submit(job)
         except IdempotencyConflict as exc:
-            raise IdempotencyKeyReused(
-                "Idempotency-Key already used", "This key was used with a different request body"
-            ) from exc
+            raise _key_reused() from exc
         if stored is not job:  # a concurrent retry with the same key won the race
             await self.s.storage.delete(original["name"])
         return await self._respond(request, self._check_replay(stored, body_hash), asynchronous)
@@ -199,9 +201,7 @@ class Gateway:
     @staticmethod
     def _check_replay(job: Job, body_hash: str) -> Job:
         if job.request_hash != body_hash:
-            raise IdempotencyKeyReused(
-                "Idempotency-Key already used", "This key was used with a different request body"
-            )
+            raise _key_reused()
         return job
 
     async def _respond(self, request: Request, job: Job, asynchronous: bool) -> Response:
