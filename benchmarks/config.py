@@ -58,7 +58,7 @@ class BenchConfig:
     repeats: int = 3
     warmup_requests: int = 2  # per system and level, before the measured repeats; never counted
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = 500  # the export's default UNet queue delay
     max_batch_size: int = 16
     limit_calls: int = 3  # timed session calls per (component, batch size) for the limit
     transport_calls: int = 50  # identity calls / sequential gateway requests for the transport cost
@@ -87,8 +87,8 @@ def quick_config(sizes: tuple[str, ...] = ("tiny", "medium")) -> BenchConfig:
             requests_per_level=8,
             peer_requests=3,
             peer_concurrency=(1,),  # a one-at-a-time server: c=8 would need 8 requests of ~15 s each
-            poisson_requests=8,
-            overhead_requests=4,
+            poisson_requests=4,
+            overhead_requests=2,
             max_batch_size=4,
             workload=Workload(steps=4, strength=0.5),
         ),

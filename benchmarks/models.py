@@ -55,9 +55,10 @@ def _serving_matches(files: ModelFiles, threads: int, queue_delay_us: int, max_b
         if not config.is_file():
             return False
         text = config.read_text()
+        delay = queue_delay_us if model.endswith("_unet") else 0  # the export delays only the UNet's batches
         wanted = (
             f'key: "intra_op_threads" value: {{ string_value: "{threads}" }}',
-            f"max_queue_delay_microseconds: {queue_delay_us} ",
+            f"max_queue_delay_microseconds: {delay} ",
             f"max_batch_size: {max_batch}\n",
         )
         if not all(w in text for w in wanted):
