@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -73,6 +74,10 @@ async def serve(settings: Settings) -> None:
     await task
 
 
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__.splitlines()[0])
     add_cli_arguments(parser)
@@ -97,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gateway: error: demo export failed ({exc})", file=sys.stderr)
             return 2
 
+    # SIGTERM (docker stop, systemd) takes the same clean path as Ctrl-C, also before uvicorn installs its own
+    # handlers: Triton runs in its own process group and would otherwise outlive us.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     triton: TritonServer | None = None
     try:
         if settings.triton_url is None:

@@ -16,6 +16,7 @@ import pytest
 
 from gateway.settings import PROJECT_ROOT
 from tests.helpers import data_uri, free_port, make_image
+from tests.integration.conftest import Repository
 
 pytestmark = pytest.mark.integration
 
@@ -24,6 +25,14 @@ def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _launcher_argv(repo: Path, port: int, http_port: int, grpc_port: int, metrics_port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "gateway", "--allow-anonymous", "--model-repository", str(repo), "--port", str(port),
+        "--triton-http-port", str(http_port), "--triton-grpc-port", str(grpc_port),
+        "--triton-metrics-port", str(metrics_port),
+    ]  # fmt: skip
 
 
 def test_launcher_exports_demo_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
@@ -36,22 +45,7 @@ def test_launcher_exports_demo_serves_and_stops_on_ctrl_c(tmp_path: Path) -> Non
     log_path = tmp_path / "launcher.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "--allow-anonymous",
-                "--model-repository",
-                str(repo),
-                "--port",
-                str(port),
-                "--triton-http-port",
-                str(http_port),
-                "--triton-grpc-port",
-                str(grpc_port),
-                "--triton-metrics-port",
-                str(metrics_port),
-            ],
+            _launcher_argv(repo, port, http_port, grpc_port, metrics_port),
             cwd=PROJECT_ROOT,
             env=env,
             stdout=log,
@@ -111,3 +105,30 @@ def test_launcher_refuses_to_start_without_keys(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "no API keys configured" in result.stderr and "--allow-anonymous" in result.stderr
+
+
+def test_sigterm_during_startup_stops_triton_too(tmp_path: Path, repository: Repository) -> None:
+    """docker stop / systemd send SIGTERM, possibly while Triton is still loading: nothing may outlive us."""
+    port, http_port, grpc_port, metrics_port = (free_port() for _ in range(4))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEN_")}
+    env.update(PYTHONUNBUFFERED="1", IMAGEN_JOBS_DB=str(tmp_path / "jobs.sqlite3"))
+    log_path = tmp_path / "launcher.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            _launcher_argv(repository.path, port, http_port, grpc_port, metrics_port),
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while "starting Triton" not in log_path.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.1)
+    while not _port_open(http_port):  # Triton is up (its models may still be loading)
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, log_path.read_text()
+    assert "stopping Triton" in log_path.read_text()
+    assert not _port_open(http_port) and not _port_open(grpc_port)
