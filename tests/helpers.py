@@ -13,6 +13,18 @@ import uvicorn
 from PIL import Image
 from starlette.types import ASGIApp
 
+# The spec's example request body (docs: "Example Request"), without its image, which each test supplies.
+SPEC_EXAMPLE = {
+    "prompt": "Transform this into a cyberpunk style with neon lights and futuristic elements",
+    "model": "imagen-v3",
+    "strength": 0.8,
+    "steps": 50,
+    "guidance_scale": 8.0,
+    "negative_prompt": "blurry, low quality",
+    "style": "cyberpunk",
+    "num_images": 2,
+}
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 
 from gateway.tritonserver import TritonServer
-from tests.helpers import data_uri, make_image
+from tests.helpers import SPEC_EXAMPLE, data_uri, make_image
 
 pytestmark = pytest.mark.integration
 
@@ -71,14 +71,7 @@ def spec_example(image: str, **overrides: Any) -> dict[str, Any]:
     """The spec's example request body, verbatim but for the image."""
     body = {
         "image": image,
-        "prompt": "Transform this into a cyberpunk style with neon lights and futuristic elements",
-        "model": "imagen-v3",
-        "strength": 0.8,
-        "steps": 50,
-        "guidance_scale": 8.0,
-        "negative_prompt": "blurry, low quality",
-        "style": "cyberpunk",
-        "num_images": 2,
+        **SPEC_EXAMPLE,
     }
     body.update(overrides)
     return body

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from gateway.settings import PROJECT_ROOT
-from tests.helpers import data_uri, free_port, make_image
+from tests.helpers import SPEC_EXAMPLE, data_uri, free_port, make_image
 from tests.integration.conftest import Repository
 
 pytestmark = pytest.mark.integration
@@ -63,14 +63,7 @@ def test_launcher_exports_demo_serves_and_stops_on_ctrl_c(tmp_path: Path) -> Non
 
         body = {
             "image": data_uri(make_image(256, 256, fmt="JPEG"), "image/jpeg"),
-            "prompt": "Transform this into a cyberpunk style with neon lights and futuristic elements",
-            "model": "imagen-v3",
-            "strength": 0.8,
-            "steps": 50,
-            "guidance_scale": 8.0,
-            "negative_prompt": "blurry, low quality",
-            "style": "cyberpunk",
-            "num_images": 2,
+            **SPEC_EXAMPLE,
         }
         response = httpx.post(
             f"http://127.0.0.1:{port}/v1/image-to-image",

@@ -27,6 +27,7 @@ from gateway.openapi import (
 )
 from gateway.settings import Settings
 from gateway.styles import STYLE_PRESETS
+from tests.helpers import SPEC_EXAMPLE
 
 # Documented routes that app.py serves once the observability wiring lands there.
 WIRED_SEPARATELY = {("GET", "/metrics"), ("GET", "/openapi.json")}
@@ -163,14 +164,7 @@ def test_request_schema_accepts_the_spec_example_and_refuses_what_the_validator_
     check = validator(document, "ImageToImageRequest")
     example = {
         "image": "https://example.com/input-image.jpg",
-        "prompt": "Transform this into a cyberpunk style with neon lights and futuristic elements",
-        "model": "imagen-v3",
-        "strength": 0.8,
-        "steps": 50,
-        "guidance_scale": 8.0,
-        "negative_prompt": "blurry, low quality",
-        "style": "cyberpunk",
-        "num_images": 2,
+        **SPEC_EXAMPLE,
     }
     assert check.is_valid(example)
     for bad in (

@@ -12,6 +12,7 @@ from gateway import protocol
 from gateway.errors import InvalidRequest
 from gateway.protocol import ImageToImageRequest, parse_image_to_image
 from gateway.styles import STYLE_PRESETS, StylePreset, apply_style
+from tests.helpers import SPEC_EXAMPLE
 
 BASE: dict[str, Any] = {"image": "https://example.com/in.png", "prompt": "a cat"}
 
@@ -47,14 +48,7 @@ def test_defaults() -> None:
 def test_full_request_from_the_spec_example() -> None:
     body = {
         "image": "https://example.com/input-image.jpg",
-        "prompt": "Transform this into a cyberpunk style with neon lights and futuristic elements",
-        "model": "imagen-v3",
-        "strength": 0.8,
-        "steps": 50,
-        "guidance_scale": 8.0,
-        "negative_prompt": "blurry, low quality",
-        "style": "cyberpunk",
-        "num_images": 2,
+        **SPEC_EXAMPLE,
         "seed": 42,
         "webhook_url": "https://hooks.example.com/done?x=1",
     }
