@@ -23,6 +23,7 @@ from benchmarks.systems.processes import ServerProcess
 from benchmarks.systems.service import Service, diff
 from benchmarks.systems.transport import gateway_overhead, identity_probe
 from benchmarks.workload import request_body
+from gateway.pipeline import img2img_effective_steps
 
 
 class Progress:
@@ -106,7 +107,7 @@ def run_model(
     files.manifest()
     progress.step(f"{plan.size}: models ready", str(files.repository))
     wl = plan.workload
-    effective_steps = min(int(wl.steps * wl.strength), wl.steps)
+    effective_steps = img2img_effective_steps(wl.steps, wl.strength)
     flops = flops_per_image(files, wl.image_side, effective_steps, wl.guidance_scale > 1.0)
     progress.step(f"{plan.size}: FLOPs counted", f"{flops['total'] / 1e9:.2f} GFLOP/image")
     body_file = work_dir / plan.size / "body.json"

@@ -270,10 +270,7 @@ class Gateway:
 
     async def get_image(self, request: Request) -> Response:
         name = request.path_params["name"]
-        try:
-            found = await self.s.storage.get(name)
-        except ValueError:  # a name outside the storage's alphabet
-            found = None
+        found = await self.s.storage.get(name)  # None for unknown names and names outside its alphabet
         if found is None:
             raise NotFound("Image not found", f"No stored image named '{name}'")
         data, content_type = found
@@ -354,7 +351,7 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
         storage = LocalStorage(settings.storage_dir)
         http = netguard.make_client()  # no redirects, no proxies from the environment: netguard decides
         policy = OutboundPolicy.from_settings(settings)
-        service = ImageService(settings, pipelines, storage, http, fetch_kwargs={"policy": policy})
+        service = ImageService(settings, pipelines, storage, http, policy)
         store = SqliteJobStore(settings.jobs_db)
         secret = load_or_create_secret(settings.webhook_secret, settings.jobs_db.with_suffix(".webhook-secret"))
 

@@ -38,7 +38,6 @@ class Generation:
 @dataclass(frozen=True)
 class GenerationResult:
     images: np.ndarray  # [N, 3, H, W] float32, decoder output in about [-1, 1]
-    effective_steps: int
 
 
 def latent_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +98,7 @@ class Img2ImgPipeline:
         # 2. Timesteps: strength skips the start of the schedule, exactly as diffusers' get_timesteps.
         scheduler = make_scheduler(self.scheduler_config)
         scheduler.set_timesteps(gen.steps)
-        timesteps, effective_steps = math.get_img2img_timesteps(scheduler, gen.steps, gen.strength)
+        timesteps, _ = math.get_img2img_timesteps(scheduler, gen.steps, gen.strength)
 
         # 3. Prepare latents: one VAE encode shared by all images, then per-image sampling and noising.
         params = await self._run("vae_encoder", {"sample": gen.image})
@@ -136,4 +135,4 @@ class Img2ImgPipeline:
             "vae_decoder",
             {"latent_sample": math.denormalize_latents_for_decode(latents, m.scaling_factor, m.shift_factor)},
         )
-        return GenerationResult(images=decoded, effective_steps=effective_steps)
+        return GenerationResult(images=decoded)

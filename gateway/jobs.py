@@ -49,7 +49,7 @@ class Job:
     created_at: str
     updated_at: str
     completed_at: str | None = None
-    result: dict[str, Any] | None = None  # {"images", "processed_size", "effective_steps"}
+    result: dict[str, Any] | None = None  # {"images": [{url, width, height, seed}]}
     error: dict[str, Any] | None = None  # the spec's error object
     webhook: WebhookState | None = None
     idempotency_key: str | None = None

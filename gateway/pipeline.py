@@ -19,6 +19,7 @@ __all__ = [
     "draw_noise",
     "draw_noise_from",
     "get_img2img_timesteps",
+    "img2img_effective_steps",
     "img2img_scheduler_config",
     "noise_generator",
     "prepare_initial_latents",
@@ -26,6 +27,11 @@ __all__ = [
 ]
 
 _F32 = np.float32
+
+
+def img2img_effective_steps(num_inference_steps: int, strength: float) -> int:
+    """How many denoising steps diffusers' img2img runs: `int(steps * strength)`, at most `steps`."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
 
 
 def get_img2img_timesteps(scheduler: Scheduler, num_inference_steps: int, strength: float) -> tuple[np.ndarray, int]:
@@ -36,8 +42,7 @@ def get_img2img_timesteps(scheduler: Scheduler, num_inference_steps: int, streng
     PNDM they are one longer (its schedule has `steps + 1` entries). The count is 0 when
     `int(steps * strength) == 0`; diffusers then fails later, so callers should reject that request.
     """
-    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
-    t_start = max(num_inference_steps - init_timestep, 0)
+    t_start = max(num_inference_steps - img2img_effective_steps(num_inference_steps, strength), 0)
     begin = t_start * scheduler.order
     timesteps = scheduler.timesteps[begin:]
     scheduler.set_begin_index(begin)

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.errors import InvalidRequest
+from gateway.pipeline import img2img_effective_steps
 from gateway.styles import StylePreset
 
 # Defaults (the spec's).
@@ -235,7 +236,7 @@ def parse_image_to_image(body: object, *, styles: Mapping[str, StylePreset]) -> 
     if body.get("webhook_url") is not None:
         values["webhook_url"] = _webhook_url(body["webhook_url"])
     request = ImageToImageRequest(**values)
-    if int(request.steps * request.strength) < 1:
+    if img2img_effective_steps(request.steps, request.strength) < 1:
         # diffusers runs int(steps * strength) denoising steps; zero would return the input unchanged (or fail).
         raise _invalid("steps", "'steps' x 'strength' must be at least 1: raise 'steps' or 'strength'")
     return request

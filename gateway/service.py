@@ -17,6 +17,8 @@ from gateway.diffusion import Generation, Img2ImgPipeline
 from gateway.errors import InternalError, ModelNotFound
 from gateway.fetch import fetch_image
 from gateway.jobs import Job
+from gateway.netguard import OutboundPolicy
+from gateway.pipeline import img2img_effective_steps
 from gateway.protocol import MAX_SEED, ImageToImageRequest
 from gateway.settings import Settings
 from gateway.storage import Storage
@@ -39,13 +41,13 @@ class ImageService:
         pipelines: Mapping[str, Img2ImgPipeline],
         storage: Storage,
         http: httpx.AsyncClient,
-        fetch_kwargs: Mapping[str, Any] | None = None,
+        policy: OutboundPolicy,
     ) -> None:
         self.settings = settings
         self.pipelines = dict(pipelines)
         self.storage = storage
         self.http = http
-        self.fetch_kwargs = dict(fetch_kwargs or {})
+        self.policy = policy
         # Decoded inputs of accepted jobs, so the first run does not decode twice (bounded: misses re-decode).
         self._decoded: OrderedDict[str, Image.Image] = OrderedDict()
 
@@ -67,7 +69,7 @@ class ImageService:
                 client=self.http,
                 max_bytes=codecs.MAX_IMAGE_BYTES,
                 timeout_s=self.settings.fetch_timeout_s,
-                **self.fetch_kwargs,
+                policy=self.policy,
             )
             return data, source.url
         assert source.data is not None
@@ -101,8 +103,7 @@ class ImageService:
             "num_images": req.num_images,
             "webhook_url": req.webhook_url,
             "processed_size": {"width": width, "height": height},
-            # What diffusers runs: steps - t_start, with t_start from int(steps * strength).
-            "effective_steps": min(int(req.steps * req.strength), req.steps),
+            "effective_steps": img2img_effective_steps(req.steps, req.strength),
         }
         original = {
             "url": source_url or self.url_for(stored),
