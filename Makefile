@@ -12,8 +12,11 @@ serve: bootstrap
 test: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/python -m mypy
 	.venv/bin/python -m pytest $(ARGS)
 
+## Static checks only: ruff (lint + format) and mypy --strict over gateway/ and export/ (see pyproject.toml).
 lint: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/python -m mypy

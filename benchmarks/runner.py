@@ -23,7 +23,7 @@ from benchmarks.systems.processes import ServerProcess
 from benchmarks.systems.service import Service, diff
 from benchmarks.systems.transport import gateway_overhead, identity_probe
 from benchmarks.workload import request_body
-from gateway.pipeline import img2img_effective_steps
+from gateway.diffusion.sampling import img2img_effective_steps
 
 
 class Progress:

@@ -24,7 +24,8 @@ def _per_sample_unet_config(unet_config: Any, float_dtype: str) -> Any:
     from optimum.exporters.onnx.model_configs import UNetOnnxConfig
     from optimum.utils.input_generators import DummyTimestepInputGenerator
 
-    class PerSampleTimestepGenerator(DummyTimestepInputGenerator):
+    # optimum ships no type information, so its classes are Any to mypy.
+    class PerSampleTimestepGenerator(DummyTimestepInputGenerator):  # type: ignore[misc]
         def generate(
             self, input_name: str, framework: str = "pt", int_dtype: str = "int64", float_dtype: str = "fp32"
         ) -> Any:
@@ -35,7 +36,7 @@ def _per_sample_unet_config(unet_config: Any, float_dtype: str) -> Any:
                 )
             return super().generate(input_name, framework, int_dtype, float_dtype)
 
-    class PerSampleTimestepUNetOnnxConfig(UNetOnnxConfig):
+    class PerSampleTimestepUNetOnnxConfig(UNetOnnxConfig):  # type: ignore[misc]  # optimum is untyped
         DUMMY_INPUT_GENERATOR_CLASSES = tuple(
             PerSampleTimestepGenerator if cls is DummyTimestepInputGenerator else cls
             for cls in UNetOnnxConfig.DUMMY_INPUT_GENERATOR_CLASSES
@@ -43,7 +44,7 @@ def _per_sample_unet_config(unet_config: Any, float_dtype: str) -> Any:
 
         @property
         def inputs(self) -> dict[str, dict[int, str]]:
-            inputs = super().inputs
+            inputs: dict[str, dict[int, str]] = super().inputs
             inputs["timestep"] = {0: "batch_size"}
             return inputs
 

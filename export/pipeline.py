@@ -116,4 +116,5 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
         for label, stage in bar:
             bar.set_postfix_str(label)
             stage(state)
-    return state["manifest"]
+    manifest: dict[str, Any] = state["manifest"]
+    return manifest

@@ -50,14 +50,17 @@ def _torch_outputs(pipeline: Any, component: str, feeds: Mapping[str, np.ndarray
     import torch
 
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    out: np.ndarray  # the pipeline is untyped (Any): name the type its torch modules' outputs convert to
     with torch.no_grad():
         if component == "text_encoder":
-            return pipeline.text_encoder(t["input_ids"])[0].numpy()
-        if component == "vae_encoder":
-            return pipeline.vae.encode(t["sample"]).latent_dist.parameters.numpy()
-        if component == "unet":
-            return pipeline.unet(t["sample"], t["timestep"], t["encoder_hidden_states"]).sample.numpy()
-        return pipeline.vae.decode(t["latent_sample"]).sample.numpy()
+            out = pipeline.text_encoder(t["input_ids"])[0].numpy()
+        elif component == "vae_encoder":
+            out = pipeline.vae.encode(t["sample"]).latent_dist.parameters.numpy()
+        elif component == "unet":
+            out = pipeline.unet(t["sample"], t["timestep"], t["encoder_hidden_states"]).sample.numpy()
+        else:
+            out = pipeline.vae.decode(t["latent_sample"]).sample.numpy()
+    return out
 
 
 def check_components(

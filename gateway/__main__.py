@@ -17,10 +17,10 @@ import sys
 import uvicorn
 
 from gateway.app import create_app
-from gateway.manifest import load_manifests
+from gateway.diffusion.manifest import load_manifests
 from gateway.observability import configure_logging
 from gateway.settings import PROJECT_ROOT, Settings, add_cli_arguments
-from gateway.tritonserver import TritonNotFound, TritonServer, TritonStartError
+from gateway.triton.server import TritonNotFound, TritonServer, TritonStartError
 
 log = logging.getLogger("gateway")
 
@@ -32,7 +32,7 @@ def export_demo(settings: Settings) -> None:
     """Export the tiny demo pipelines with the export CLI (a subprocess: the gateway never imports torch)."""
     for name, seed, scheduler in DEMO_PIPELINES:
         print(f"gateway: exporting demo pipeline {name!r} into {settings.model_repository}", flush=True)
-        subprocess.run(
+        subprocess.run(  # noqa: S603 - our own interpreter and module, fixed arguments, no shell
             [
                 sys.executable,
                 "-m",

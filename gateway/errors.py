@@ -1,7 +1,8 @@
 """Our exception types and the ONE table that maps them to an HTTP status and a wire error code.
 
-Every module raises these; only the HTTP layer turns them into responses (`error_response`), so the
-status/code pairing lives here and nowhere else.
+Every layer raises these; only the HTTP layer turns them into responses (`gateway.http.responses`), so the
+status/code pairing lives here and nowhere else, and the OpenAPI error-code enum is generated from it. This
+module imports no web framework: jobs, media, diffusion and triton use it without knowing about HTTP.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
-
-from starlette.responses import JSONResponse
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
@@ -105,6 +104,19 @@ class RateLimited(ApiError):
     """The caller's token bucket for job creation is empty; comes with Retry-After."""
 
 
+class Interrupted(ApiError):
+    """A synchronous job whose gateway restarted before it finished: its caller's connection is gone, so it is
+    not re-run (asynchronous jobs are); retrying the request is safe."""
+
+
+class StoreUnavailable(ApiError):
+    """The job store did not answer in time (locked, full disk, connection lost); retrying later may help."""
+
+
+class RunAttemptsExhausted(ApiError):
+    """A job was re-run after crashes more times than allowed: it is failed rather than crash-looping."""
+
+
 ERROR_TABLE: Mapping[type[ApiError], tuple[int, str]] = MappingProxyType(
     {
         InvalidRequest: (400, "invalid_request"),
@@ -125,6 +137,9 @@ ERROR_TABLE: Mapping[type[ApiError], tuple[int, str]] = MappingProxyType(
         IdempotencyKeyReused: (409, "idempotency_conflict"),
         JobFinished: (409, "job_finished"),
         RateLimited: (429, "rate_limited"),
+        Interrupted: (503, "interrupted"),
+        StoreUnavailable: (503, "store_unavailable"),
+        RunAttemptsExhausted: (500, "run_attempts_exhausted"),
         # A subclass someone forgot to register still maps to something safe.
         ApiError: (500, "internal_error"),
     }
@@ -144,7 +159,9 @@ def error_body(code: str, message: str, details: str | None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details}}
 
 
-def error_response(exc: ApiError) -> JSONResponse:
-    """Render `exc` as the JSON error response the spec documents, with any headers it carries."""
-    status, code = status_and_code(exc)
-    return JSONResponse(error_body(code, exc.message, exc.details), status_code=status, headers=dict(exc.headers))
+def code_status(code: str) -> int:
+    """The HTTP status of a stored error code (a failed job's `error.code`); unknown codes are a bug: 500."""
+    return _CODE_STATUS.get(code, ERROR_TABLE[ApiError][0])
+
+
+_CODE_STATUS: Mapping[str, int] = MappingProxyType({code: status for status, code in ERROR_TABLE.values()})

@@ -120,7 +120,7 @@ def route_template(scope: Scope) -> str:
     for candidate in getattr(scope.get("app"), "routes", ()):
         try:
             match, _ = candidate.matches(scope)
-        except Exception:  # a route type that cannot match this scope
+        except Exception:  # noqa: S112 - a route type that cannot match this scope: try the next one
             continue
         candidate_path = getattr(candidate, "path", None)
         if not isinstance(candidate_path, str):
@@ -247,7 +247,8 @@ class TritonBatchCollector:
             result = self.source()
             if inspect.isawaitable(result):
                 result = await asyncio.wait_for(result, timeout=self.timeout_s)
-            assert isinstance(result, Mapping)
+            if not isinstance(result, Mapping):
+                raise TypeError(f"triton statistics must be a mapping, got {type(result).__name__}")
             snapshot = {}
             for model, counts in result.items():
                 snapshot[str(model)] = (int(counts["inference_count"]), int(counts["execution_count"]))

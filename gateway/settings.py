@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from gateway.auth import load_api_keys
+from gateway.http.auth import load_api_keys
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository" / "models"
@@ -46,6 +46,12 @@ class Settings:
     max_running_jobs: int = 16
     max_queued_jobs: int = 256
     job_retries: int = 2
+    # A job re-run after crashes more than this many times in all fails (`run_attempts_exhausted`) instead of
+    # crash-looping; a worker's lease on a job lasts `job_lease_s` and is renewed at a third of it.
+    max_run_attempts: int = 3
+    job_lease_s: float = 30.0
+    # Store errors (locked, full disk) are retried by workers with exponential backoff capped here.
+    store_retry_max_s: float = 5.0
     retention_s: float = 24 * 3600.0
     # Webhooks: signing secret (per-key secrets derive from it; generated and kept beside the job store when unset).
     webhook_secret: str | None = None
@@ -86,6 +92,9 @@ class Settings:
             ("max_running_jobs", int),
             ("max_queued_jobs", int),
             ("job_retries", int),
+            ("max_run_attempts", int),
+            ("job_lease_s", float),
+            ("store_retry_max_s", float),
             ("retention_s", float),
             ("webhook_secret", str),
             ("webhook_max_attempts", int),

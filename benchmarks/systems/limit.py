@@ -22,7 +22,7 @@ from benchmarks.pinning import ort_session_options
 
 def work_shapes(manifest: dict[str, Any], input_side: int) -> dict[str, int]:
     """Pixel and latent sizes the gateway runs a square `input_side` image at."""
-    from gateway.codecs import fit_to_grid
+    from gateway.media.codecs import fit_to_grid
 
     width, height = fit_to_grid(input_side, input_side, manifest["native_resolution"], manifest["grid"])
     factor = manifest["vae_scale_factor"]

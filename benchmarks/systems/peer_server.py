@@ -51,7 +51,7 @@ def make_handler(pipe: Any, native: int, grid: int) -> type[BaseHTTPRequestHandl
     import torch
     from PIL import Image
 
-    from gateway import codecs
+    from gateway.media import codecs
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:

@@ -117,7 +117,7 @@ class Service:
     """Triton + gateway for one model; a context manager."""
 
     def __init__(self, files: ModelFiles, *, port_base: int, threads: int, log_dir: Path) -> None:
-        from gateway.tritonserver import TritonServer
+        from gateway.triton.server import TritonServer
 
         self.files = files
         self.threads = threads

@@ -33,7 +33,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def identity_probe(service: Service, floats: int, calls: int) -> dict[str, Any]:
-    from gateway.engine import TritonEngine
+    from gateway.triton.client import TritonEngine
 
     x = np.random.default_rng(0).standard_normal((1, 1, floats), dtype=np.float32)
 

@@ -19,9 +19,9 @@ import pytest
 from export.pipeline import ExportRequest, run_export
 from export.tiny import build_random_pipeline
 from gateway.app import create_app
-from gateway.manifest import PipelineManifest, load_manifests
+from gateway.diffusion.manifest import PipelineManifest, load_manifests
 from gateway.settings import PROJECT_ROOT, Settings
-from gateway.tritonserver import TritonServer
+from gateway.triton.server import TritonServer
 from tests.helpers import ThreadedUvicorn, free_port
 
 API_KEY = "test-key-0123456789"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from gateway.pipeline import draw_noise
+from gateway.diffusion.sampling import draw_noise
 
 
 @contextmanager

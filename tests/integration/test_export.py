@@ -19,7 +19,7 @@ from export.onnx_export import COMPONENTS
 from export.onnx_export import load_pipeline as load_diffusers
 from export.validate import FP32_ATOL, check_components
 from gateway.settings import PROJECT_ROOT
-from gateway.tritonserver import TritonServer
+from gateway.triton.server import TritonServer
 from tests.integration.conftest import Repository
 
 pytestmark = pytest.mark.integration

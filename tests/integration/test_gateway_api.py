@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
-from gateway.tritonserver import TritonServer
+from gateway.triton.server import TritonServer
 from tests.helpers import SPEC_EXAMPLE, data_uri, make_image
 
 pytestmark = pytest.mark.integration

@@ -25,8 +25,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from gateway.settings import PROJECT_ROOT
-from gateway.tritonserver import TritonServer
-from gateway.webhooks import verify
+from gateway.triton.server import TritonServer
+from gateway.jobs.webhooks import verify
 from tests.helpers import data_uri, free_port, make_image
 from tests.integration.conftest import TRITON_ENV, GatewayFactory, Repository
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from export.tiny import build_random_pipeline
-from gateway import codecs
+from gateway.media import codecs
 from tests.helpers import data_uri, make_image
 from tests.integration.conftest import Repository
 from tests.integration.reference import diffusers_img2img

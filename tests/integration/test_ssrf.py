@@ -27,7 +27,7 @@ from gateway.settings import Settings
 from tests.helpers import ThreadedUvicorn, data_uri, free_port, make_image
 
 if TYPE_CHECKING:
-    from gateway.tritonserver import TritonServer
+    from gateway.triton.server import TritonServer
     from tests.integration.conftest import Repository
 
 pytestmark = pytest.mark.integration

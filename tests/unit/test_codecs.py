@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway import codecs
-from gateway.codecs import (
+from gateway.media import codecs
+from gateway.media.codecs import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_SIDE,
     ImageSource,

@@ -17,6 +17,7 @@ from gateway.errors import (
     ImageDimensionsTooLarge,
     ImageTooLarge,
     InternalError,
+    Interrupted,
     InvalidImage,
     InvalidRequest,
     JobFinished,
@@ -26,13 +27,15 @@ from gateway.errors import (
     Overloaded,
     PayloadTooLarge,
     RateLimited,
+    RunAttemptsExhausted,
+    StoreUnavailable,
     Unauthorized,
     UnsupportedMediaType,
     UrlNotAllowed,
     error_body,
-    error_response,
     status_and_code,
 )
+from gateway.http.responses import error_response
 
 EXPECTED = [
     (InvalidRequest, 400, "invalid_request"),
@@ -53,6 +56,9 @@ EXPECTED = [
     (IdempotencyKeyReused, 409, "idempotency_conflict"),
     (JobFinished, 409, "job_finished"),
     (RateLimited, 429, "rate_limited"),
+    (Interrupted, 503, "interrupted"),
+    (StoreUnavailable, 503, "store_unavailable"),
+    (RunAttemptsExhausted, 500, "run_attempts_exhausted"),
 ]
 
 

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from gateway.errors import ImageTooLarge, InvalidImage, UrlNotAllowed
-from gateway.fetch import MAX_REDIRECTS, fetch_image
-from gateway.netguard import OutboundPolicy
+from gateway.media.fetch import MAX_REDIRECTS, fetch_image
+from gateway.media.netguard import OutboundPolicy
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 URL = "https://images.example.test/in.png"

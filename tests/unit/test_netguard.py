@@ -18,9 +18,9 @@ import anyio
 import httpx
 import pytest
 
-from gateway import netguard
+from gateway.media import netguard
 from gateway.errors import UrlNotAllowed, status_and_code
-from gateway.netguard import (
+from gateway.media.netguard import (
     BadRedirect,
     HostNotResolved,
     OutboundPolicy,

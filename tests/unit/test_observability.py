@@ -33,7 +33,7 @@ from gateway.observability import (
     route_template,
     triton_stats_source,
 )
-from gateway.ratelimit import RateLimitMiddleware, api_key_or_address
+from gateway.http.ratelimit import RateLimitMiddleware, api_key_or_address
 from gateway.settings import Settings
 
 API_KEY = "unit-key-0123456789"

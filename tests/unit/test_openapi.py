@@ -14,20 +14,23 @@ from jsonschema import Draft202012Validator
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from gateway import protocol
-from gateway.app import create_app
+from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import ERROR_TABLE
-from gateway.openapi import (
+from gateway.http import schema as protocol
+from gateway.http.openapi import (
+    COMPONENTS,
     JOB_STATUSES,
+    REF_TEMPLATE,
     SPEC_RESPONSE_FIELDS,
     component_schema,
     error_codes_by_status,
     openapi_document,
     openapi_endpoint,
 )
+from gateway.http.schema import JobView, WireJsonSchema
 from gateway.settings import Settings
-from gateway.styles import STYLE_PRESETS
 from tests.helpers import SPEC_EXAMPLE
+from tests.unit.test_protocol import COMPLETED_VIEW, FAILED_VIEW, QUEUED_VIEW
 
 # Documented routes that app.py serves once the observability wiring lands there.
 WIRED_SEPARATELY = {("GET", "/metrics"), ("GET", "/openapi.json")}
@@ -119,6 +122,8 @@ def test_document_is_json_and_a_fresh_copy(document: dict[str, Any]) -> None:
 
 
 def test_every_app_route_is_documented_and_every_documented_route_exists(tmp_path: Path) -> None:
+    from gateway.app import create_app  # here, so the document's own tests do not depend on the app's wiring
+
     app = create_app(Settings(model_repository=tmp_path, storage_dir=tmp_path, jobs_db=tmp_path / "jobs.sqlite3"))
     served = {
         (method, _normalize(route.path))
@@ -261,3 +266,31 @@ async def test_openapi_endpoint_serves_the_document() -> None:
         response = await http.get("/openapi.json")
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
     assert response.json() == openapi_document()
+
+
+async def test_served_error_schema_lists_every_code_of_the_error_table() -> None:
+    app = Starlette(routes=[Route("/openapi.json", openapi_endpoint)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        served = (await http.get("/openapi.json")).json()
+    enum = served["components"]["schemas"]["ErrorObject"]["properties"]["code"]["enum"]
+    for status, code in ERROR_TABLE.values():
+        assert code in enum, (status, code)
+
+
+def test_component_schemas_are_the_models_schemas(document: dict[str, Any]) -> None:
+    """Generated, not hand-written: each component is its model's JSON Schema (styles aside, injected)."""
+    components = document["components"]["schemas"]
+    for name, (model, mode) in COMPONENTS.items():
+        generated = model.model_json_schema(ref_template=REF_TEMPLATE, schema_generator=WireJsonSchema, mode=mode)
+        for nested, definition in generated.pop("$defs", {}).items():
+            assert components[nested] == definition, nested
+        if name == "ImageToImageRequest":
+            generated["properties"]["style"]["enum"] = [*STYLE_PRESETS, None]
+        assert components[name] == generated, name
+
+
+@pytest.mark.parametrize("view", [COMPLETED_VIEW, QUEUED_VIEW, FAILED_VIEW], ids=["completed", "queued", "failed"])
+def test_what_the_job_view_model_dumps_the_document_accepts(document: dict[str, Any], view: dict[str, Any]) -> None:
+    dumped = JobView.model_validate(view).model_dump(mode="json")
+    check = validator(document, "JobView")
+    assert check.is_valid(dumped), list(check.iter_errors(dumped))

@@ -1,4 +1,4 @@
-"""Wire schema: every validation rule, valid and invalid, plus the style presets it refers to."""
+"""Wire schema: every validation rule, valid and invalid, the response models, and the style presets."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import math
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from gateway import protocol
-from gateway.errors import InvalidRequest
-from gateway.protocol import ImageToImageRequest, parse_image_to_image
-from gateway.styles import STYLE_PRESETS, StylePreset, apply_style
+from gateway.diffusion.styles import STYLE_PRESETS, StylePreset, apply_style
+from gateway.errors import ERROR_TABLE, InvalidRequest, error_body
+from gateway.http import schema as protocol
+from gateway.http.schema import ErrorBody, ErrorObject, ImageToImageRequest, JobView, parse_image_to_image
 from tests.helpers import SPEC_EXAMPLE
 
 BASE: dict[str, Any] = {"image": "https://example.com/in.png", "prompt": "a cat"}
@@ -237,8 +238,9 @@ def test_unknown_fields_are_listed() -> None:
 
 def test_request_is_frozen() -> None:
     request = parse()
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValidationError, match="frozen"):
         request.steps = 5  # type: ignore[misc]
+    assert hash(request) == hash(parse())
 
 
 def test_parameter_limits_match_the_constants() -> None:
@@ -262,14 +264,76 @@ def test_parameter_limits_match_the_constants() -> None:
     json.dumps({key: dict(value) for key, value in limits.items()})  # JSON-ready
 
 
-def test_dataclass_defaults_are_the_constants() -> None:
+def test_model_defaults_are_the_constants() -> None:
     request = ImageToImageRequest(image="i", prompt="p")
     assert request.model == protocol.DEFAULT_MODEL
     assert request.strength == protocol.DEFAULT_STRENGTH
     assert request.steps == protocol.DEFAULT_STEPS
     assert request.guidance_scale == protocol.DEFAULT_GUIDANCE_SCALE
     assert request.num_images == protocol.DEFAULT_NUM_IMAGES
-    assert set(protocol.FIELDS) == set(ImageToImageRequest.__dataclass_fields__)
+    assert tuple(ImageToImageRequest.model_fields) == protocol.FIELDS
+    assert protocol.FIELDS == ("image", "prompt", "model", "strength", "steps", "guidance_scale",
+                               "negative_prompt", "seed", "num_images", "style", "webhook_url")  # fmt: skip
+    assert protocol.REQUIRED_FIELDS == ("image", "prompt")
+
+
+# The exact `details` of each field's error (the error table of the integration tests quotes fragments).
+RULES: dict[str, str] = {
+    "image": "'image' must be a non-empty string: an http(s) URL, a data URI or base64",
+    "prompt": "'prompt' must be a non-empty string of at most 2000 characters",
+    "model": "'model' must be a non-empty string of at most 128 characters",
+    "strength": "'strength' must be a number between 0.1 and 1.0",
+    "steps": "'steps' must be an integer between 1 and 150",
+    "guidance_scale": "'guidance_scale' must be a number between 0.0 and 20.0",
+    "negative_prompt": "'negative_prompt' must be a string of at most 2000 characters or null",
+    "seed": "'seed' must be an integer between 0 and 4294967295 or null",
+    "num_images": "'num_images' must be an integer between 1 and 4",
+    "style": "'style' must be one of: " + ", ".join(sorted(STYLE_PRESETS)),
+    "webhook_url": "'webhook_url' must be null or an absolute http(s) URL with a host, at most 2048 characters",
+}
+
+
+@pytest.mark.parametrize(("field", "sent"), INVALID)
+def test_invalid_values_get_the_exact_rule(field: str, sent: Any) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse(**{field: sent})
+    assert (info.value.message, info.value.details) == (f"Invalid field '{field}'", RULES[field])
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "details"),
+    [
+        # Unknown fields first (all of them, in body order), then a missing field, then the first bad field.
+        (
+            {"steps": 0, "zeta": 1, "alpha": 2},
+            "Unknown field(s): 'zeta', 'alpha'",
+            "Allowed fields: " + ", ".join(protocol.FIELDS),
+        ),
+        ({"prompt": 5, "steps": 0}, "Missing required field 'image'", "'image' is required"),
+        ({"image": 5}, "Missing required field 'prompt'", "'prompt' is required"),
+        ({**BASE, "webhook_url": 5, "steps": 0, "strength": 5}, "Invalid field 'strength'", RULES["strength"]),
+        # The nullable extras are reported after the numbers, as the hand-written validator did.
+        ({**BASE, "negative_prompt": 5, "num_images": 9}, "Invalid field 'num_images'", RULES["num_images"]),
+        ({**BASE, "style": "x", "negative_prompt": 5}, "Invalid field 'negative_prompt'", RULES["negative_prompt"]),
+        (
+            {**BASE, "steps": 1},
+            "Invalid field 'steps'",
+            "'steps' x 'strength' must be at least 1: raise 'steps' or 'strength'",
+        ),
+    ],
+)
+def test_which_problem_is_reported_first(body: dict[str, Any], message: str, details: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_image_to_image(body, styles=STYLE_PRESETS)
+    assert (info.value.message, info.value.details) == (message, details)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"steps": 30.0}, {"steps": True}, {"strength": math.nan}, {"steps": 1}, {"style": "nope"}, {"x": 1}]
+)
+def test_the_model_enforces_the_rules_when_built_directly(overrides: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        ImageToImageRequest(image="i", prompt="p", **overrides)
 
 
 # --- styles -----------------------------------------------------------------------------------------------
@@ -345,3 +409,103 @@ def test_steps_times_strength_must_run_a_step(steps: int, strength: float) -> No
 
 def test_steps_times_strength_of_one_is_enough() -> None:
     assert parse(steps=10, strength=0.1).steps == 10
+
+
+# --- response models --------------------------------------------------------------------------------------
+# Views built by hand in the exact shape `ImageService.view(job, progress)` returns.
+
+COMPLETED_VIEW: dict[str, Any] = {
+    "id": "job_1",
+    "status": "completed",
+    "prompt": "a cat",
+    "negative_prompt": None,
+    "model": "imagen-v2",
+    "strength": 0.7,
+    "steps": 30,
+    "guidance_scale": 7.5,
+    "seed": 42,
+    "style": "anime",
+    "num_images": 2,
+    "webhook_url": None,
+    "created_at": "2024-01-15T10:30:00.000Z",
+    "completed_at": "2024-01-15T10:30:20.123Z",
+    "original_image": {"url": "https://example.com/in.png", "width": 640, "height": 480},
+    "processed_size": {"width": 512, "height": 384},
+    "effective_steps": 21,
+    "images": [
+        {"url": "http://t/v1/images/job_1_0.png", "width": 512, "height": 384, "seed": 42},
+        {"url": "http://t/v1/images/job_1_1.png", "width": 512, "height": 384, "seed": 43},
+    ],
+    "progress": {"step": 21, "total_steps": 21, "queue_position": None},
+    "error": None,
+    "webhook": None,
+}
+QUEUED_VIEW: dict[str, Any] = {
+    **COMPLETED_VIEW,
+    "status": "queued",
+    "negative_prompt": "blurry",
+    "seed": 4294967295,
+    "style": None,
+    "webhook_url": "https://hooks.example/x",
+    "completed_at": None,
+    "images": [],
+    "progress": {"step": 0, "total_steps": 21, "queue_position": 3},
+    "webhook": {"url": "https://hooks.example/x", "status": "pending", "attempts": []},
+}
+FAILED_VIEW: dict[str, Any] = {
+    **QUEUED_VIEW,
+    "status": "failed",
+    "completed_at": "2024-01-15T10:30:25.000Z",
+    "progress": None,
+    "error": {"code": "backend_unavailable", "message": "Inference backend unavailable", "details": None},
+    "webhook": {
+        "url": "https://hooks.example/x",
+        "status": "failed",
+        "attempts": [
+            {"at": "2024-01-15T10:30:26.000Z", "status_code": 500, "error": None},
+            {"at": "2024-01-15T10:30:28.000Z", "status_code": None, "error": "ConnectError: refused"},
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("view", [COMPLETED_VIEW, QUEUED_VIEW, FAILED_VIEW], ids=["completed", "queued", "failed"])
+def test_job_view_round_trips_the_service_view(view: dict[str, Any]) -> None:
+    dumped = JobView.model_validate(view).model_dump(mode="json")
+    assert json.dumps(dumped) == json.dumps(view)  # same keys, same order, same values and types
+    assert JobView.model_validate_json(json.dumps(view)) == JobView.model_validate(view)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {**COMPLETED_VIEW, "extra": 1},
+        {k: v for k, v in COMPLETED_VIEW.items() if k != "webhook"},
+        {**COMPLETED_VIEW, "status": "done"},
+        {**COMPLETED_VIEW, "steps": 30.0},
+        {**COMPLETED_VIEW, "images": [{"url": "u", "width": 1, "height": 1}]},
+        {**FAILED_VIEW, "error": {"code": "made_up", "message": "x", "details": None}},
+        {**FAILED_VIEW, "webhook": {**FAILED_VIEW["webhook"], "attempts": [{"at": "t", "status": 500, "error": None}]}},
+    ],
+)
+def test_job_view_refuses_a_drifted_shape(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        JobView.model_validate(bad)
+
+
+@pytest.mark.parametrize("code", sorted({code for _, code in ERROR_TABLE.values()}))
+def test_error_body_round_trips_every_code_of_the_error_table(code: str) -> None:
+    body = error_body(code, "Something", None)
+    assert ErrorBody.model_validate(body).model_dump(mode="json") == body
+    assert ErrorObject(code=code, message="m", details="d").model_dump(mode="json") == {
+        "code": code,
+        "message": "m",
+        "details": "d",
+    }
+
+
+def test_error_object_refuses_unknown_codes_and_empty_messages() -> None:
+    with pytest.raises(ValidationError):
+        ErrorObject(code="made_up", message="m", details=None)
+    with pytest.raises(ValidationError):
+        ErrorObject(code="not_found", message="", details=None)

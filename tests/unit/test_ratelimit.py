@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from gateway.app import create_app
 from gateway.errors import ERROR_TABLE, RateLimited, status_and_code
-from gateway.ratelimit import RateLimitMiddleware, TokenBucketLimiter, api_key_or_address, retry_after_s
+from gateway.http.ratelimit import RateLimitMiddleware, TokenBucketLimiter, api_key_or_address, retry_after_s
 from gateway.settings import Settings
 
 KEY_A, KEY_B = "key-a-0123456789", "key-b-0123456789"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import storage
-from gateway.auth import check_bearer, load_api_keys
+from gateway.media import storage
+from gateway.http.auth import check_bearer, load_api_keys
 from gateway.errors import Unauthorized
-from gateway.storage import LocalStorage, Storage, content_type_for
+from gateway.media.storage import LocalStorage, Storage, content_type_for
 
 # --- storage --------------------------------------------------------------------------------------------
 
@@ -166,7 +166,7 @@ def test_no_keys_configured_rejects_everyone_unless_anonymous() -> None:
 
 
 def test_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gateway.auth as auth
+    import gateway.http.auth as auth
 
     calls: list[tuple[bytes, bytes]] = []
     real = auth.hmac.compare_digest

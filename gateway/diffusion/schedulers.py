@@ -109,7 +109,8 @@ def _make_betas(config: Mapping[str, Any]) -> np.ndarray:
         return _torch_linspace_f32(config["beta_start"], config["beta_end"], n)
     if schedule == "scaled_linear":
         root = _torch_linspace_f32(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n)
-        return root * root
+        betas: np.ndarray = root * root
+        return betas
     if schedule == "squaredcos_cap_v2":
         return _betas_for_alpha_bar(n)
     raise UnsupportedScheduler(
@@ -126,7 +127,8 @@ def _threshold_sample(sample: np.ndarray, ratio: float, max_value: float) -> np.
     s = np.quantile(np.abs(flat), ratio, axis=1).astype(flat.dtype)
     s = np.minimum(np.maximum(s, flat.dtype.type(1)), flat.dtype.type(max_value))[:, None]
     out = np.minimum(np.maximum(flat, -s), s) / s
-    return out.reshape(work.shape).astype(dtype)
+    thresholded: np.ndarray = out.reshape(work.shape).astype(dtype)
+    return thresholded
 
 
 def _randn(shape: tuple[int, ...], generator: Generators) -> np.ndarray:
@@ -264,7 +266,8 @@ class _AlphaScheduler(Scheduler):
         ndim = original_samples.ndim
         sqrt_alpha_prod = _broadcast_per_sample(np.sqrt(alphas_cumprod[idx]), ndim)
         sqrt_one_minus_alpha_prod = _broadcast_per_sample(np.sqrt(1 - alphas_cumprod[idx]), ndim)
-        return sqrt_alpha_prod * original_samples + sqrt_one_minus_alpha_prod * noise
+        noisy: np.ndarray = sqrt_alpha_prod * original_samples + sqrt_one_minus_alpha_prod * noise
+        return noisy
 
 
 class DDIMScheduler(_AlphaScheduler):
@@ -348,7 +351,8 @@ class DDIMScheduler(_AlphaScheduler):
             pred_original_sample = np.clip(pred_original_sample, -r, r).astype(pred_original_sample.dtype)
         # eta = 0: std_dev_t = 0, so the direction term is sqrt(1 - a_prev) * eps.
         pred_sample_direction = np.sqrt(1 - alpha_prod_t_prev) * pred_epsilon
-        return np.sqrt(alpha_prod_t_prev) * pred_original_sample + pred_sample_direction
+        prev_sample: np.ndarray = np.sqrt(alpha_prod_t_prev) * pred_original_sample + pred_sample_direction
+        return prev_sample
 
 
 class PNDMScheduler(_AlphaScheduler):
@@ -448,7 +452,8 @@ class PNDMScheduler(_AlphaScheduler):
             model_output = np.sqrt(alpha_prod_t) * model_output + np.sqrt(beta_prod_t) * sample
         sample_coeff = np.sqrt(alpha_prod_t_prev / alpha_prod_t)
         denom = alpha_prod_t * np.sqrt(beta_prod_t_prev) + np.sqrt(alpha_prod_t * beta_prod_t * alpha_prod_t_prev)
-        return sample_coeff * sample - (alpha_prod_t_prev - alpha_prod_t) * model_output / denom
+        prev_sample: np.ndarray = sample_coeff * sample - (alpha_prod_t_prev - alpha_prod_t) * model_output / denom
+        return prev_sample
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,7 +471,7 @@ def _sigma_to_t(sigma: np.ndarray | float, log_sigmas: np.ndarray) -> np.ndarray
     low = log_sigmas[low_idx]
     high = log_sigmas[high_idx]
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
-    t = (1 - w) * low_idx + w * high_idx
+    t: np.ndarray = (1 - w) * low_idx + w * high_idx
     return t.reshape(sigma.shape)
 
 
@@ -480,7 +485,8 @@ def _karras_sigmas(config: Mapping[str, Any], in_sigmas: np.ndarray, steps: int)
     ramp = np.linspace(0, 1, steps)
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    sigmas: np.ndarray = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return sigmas
 
 
 def _exponential_sigmas(config: Mapping[str, Any], in_sigmas: np.ndarray, steps: int) -> np.ndarray:
@@ -513,7 +519,8 @@ class _SigmaScheduler(Scheduler):
     def _train_sigmas(self) -> np.ndarray:
         """sqrt((1 - a) / a) for every training timestep, ascending in t (float32, like diffusers)."""
         ac = self.alphas_cumprod
-        return np.sqrt((1 - ac) / ac)
+        sigmas: np.ndarray = np.sqrt((1 - ac) / ac)
+        return sigmas
 
     def _spaced_timesteps(self, steps: int) -> np.ndarray:
         """Float timesteps for Euler-style schedulers (diffusers' three `timestep_spacing` rules)."""
@@ -576,17 +583,20 @@ class _EulerBase(_SigmaScheduler):
             self._init_step_index(timestep)
         assert self._step_index is not None
         sigma = self.sigmas[self._step_index]
-        return sample / np.sqrt(sigma * sigma + 1)
+        scaled: np.ndarray = sample / np.sqrt(sigma * sigma + 1)
+        return scaled
 
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
         """x0 + sigma * noise at the sigma of `timesteps` (or of the begin/step index once known)."""
         sigmas = self.sigmas.astype(original_samples.dtype)
         sigma = _broadcast_per_sample(sigmas[self._noise_indices(timesteps)], original_samples.ndim)
-        return original_samples + noise * sigma
+        noisy: np.ndarray = original_samples + noise * sigma
+        return noisy
 
     def _pred_original_sample(self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
         if self.config["prediction_type"] == "v_prediction":
-            return model_output * (-sigma / np.sqrt(sigma * sigma + 1)) + (sample / (sigma * sigma + 1))
+            x0: np.ndarray = model_output * (-sigma / np.sqrt(sigma * sigma + 1)) + (sample / (sigma * sigma + 1))
+            return x0
         if self.config["prediction_type"] in ("sample", "original_sample"):
             return model_output
         return sample - sigma * model_output  # epsilon
@@ -633,7 +643,7 @@ class EulerDiscreteScheduler(_EulerBase):
         self.sigmas = np.concatenate([sigmas, np.zeros(1, dtype=_F32)]).astype(_F32)
 
     def _continuous_v(self) -> bool:
-        return self.config["timestep_type"] == "continuous" and self.config["prediction_type"] == "v_prediction"
+        return bool(self.config["timestep_type"] == "continuous" and self.config["prediction_type"] == "v_prediction")
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Float32 timesteps and the matching sigma table (diffusers Euler `set_timesteps`)."""
@@ -684,7 +694,7 @@ class EulerDiscreteScheduler(_EulerBase):
         pred_original_sample = self._pred_original_sample(model_output, sample, sigma_hat)
         derivative = (sample - pred_original_sample) / sigma_hat
         dt = self.sigmas[self._step_index + 1] - sigma_hat
-        prev_sample = (sample + derivative * dt).astype(model_output.dtype, copy=False)
+        prev_sample: np.ndarray = (sample + derivative * dt).astype(model_output.dtype, copy=False)
         self._step_index += 1
         return prev_sample
 
@@ -748,7 +758,7 @@ class EulerAncestralDiscreteScheduler(_EulerBase):
         sigma_down = np.sqrt(sigma_to_sq - sigma_up * sigma_up)
         derivative = (sample - pred_original_sample) / sigma
         dt = sigma_down - sigma
-        prev_sample = sample + derivative * dt
+        prev_sample: np.ndarray = sample + derivative * dt
         noise = _randn(tuple(model_output.shape), generator).astype(model_output.dtype, copy=False)
         prev_sample = (prev_sample + noise * sigma_up).astype(model_output.dtype, copy=False)
         self._step_index += 1
@@ -889,7 +899,8 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
     @staticmethod
     def _lambda(alpha: np.float32, sigma: np.float32) -> np.float32:
         with np.errstate(divide="ignore"):  # sigma = 0 at the final step gives lambda = +inf, as in torch
-            return np.log(alpha) - np.log(sigma)
+            lam: np.float32 = np.log(alpha) - np.log(sigma)
+            return lam
 
     def _convert_model_output(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
         """Turn the model output into a data (x0) prediction, as dpmsolver++ needs."""
@@ -915,13 +926,15 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         alpha_s, sigma_s = self._alpha_sigma(self.sigmas[self._step_index])
         h = self._lambda(alpha_t, sigma_t) - self._lambda(alpha_s, sigma_s)
         if self.config["algorithm_type"] == "dpmsolver++":
-            return (sigma_t / sigma_s) * sample - (alpha_t * (np.exp(-h) - 1.0)) * model_output
+            x_t: np.ndarray = (sigma_t / sigma_s) * sample - (alpha_t * (np.exp(-h) - 1.0)) * model_output
+            return x_t
         assert noise is not None
-        return (
+        x_t = (
             (sigma_t / sigma_s * np.exp(-h)) * sample
             + (alpha_t * (1 - np.exp(-2.0 * h))) * model_output
             + sigma_t * np.sqrt(1.0 - np.exp(-2 * h)) * noise
         )
+        return x_t
 
     def _second_order(self, sample: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         assert self._step_index is not None
@@ -940,30 +953,34 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         midpoint = self.config["solver_type"] == "midpoint"
         if self.config["algorithm_type"] == "dpmsolver++":
             if midpoint:
-                return (
+                x_t: np.ndarray = (
                     (sigma_t / sigma_s0) * sample
                     - (alpha_t * (np.exp(-h) - 1.0)) * d0
                     - 0.5 * (alpha_t * (np.exp(-h) - 1.0)) * d1
                 )
-            return (
+                return x_t
+            x_t = (
                 (sigma_t / sigma_s0) * sample
                 - (alpha_t * (np.exp(-h) - 1.0)) * d0
                 + (alpha_t * ((np.exp(-h) - 1.0) / h + 1.0)) * d1
             )
+            return x_t
         assert noise is not None
         if midpoint:
-            return (
+            x_t = (
                 (sigma_t / sigma_s0 * np.exp(-h)) * sample
                 + (alpha_t * (1 - np.exp(-2.0 * h))) * d0
                 + 0.5 * (alpha_t * (1 - np.exp(-2.0 * h))) * d1
                 + sigma_t * np.sqrt(1.0 - np.exp(-2 * h)) * noise
             )
-        return (
+            return x_t
+        x_t = (
             (sigma_t / sigma_s0 * np.exp(-h)) * sample
             + (alpha_t * (1 - np.exp(-2.0 * h))) * d0
             + (alpha_t * ((1.0 - np.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d1
             + sigma_t * np.sqrt(1.0 - np.exp(-2 * h)) * noise
         )
+        return x_t
 
     def _third_order(self, sample: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         assert self._step_index is not None
@@ -985,20 +1002,22 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
         d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
         if self.config["algorithm_type"] == "dpmsolver++":
-            return (
+            x_t: np.ndarray = (
                 (sigma_t / sigma_s0) * sample
                 - (alpha_t * (np.exp(-h) - 1.0)) * d0
                 + (alpha_t * ((np.exp(-h) - 1.0) / h + 1.0)) * d1
                 - (alpha_t * ((np.exp(-h) - 1.0 + h) / h**2 - 0.5)) * d2
             )
+            return x_t
         assert noise is not None
-        return (
+        x_t = (
             (sigma_t / sigma_s0 * np.exp(-h)) * sample
             + (alpha_t * (1.0 - np.exp(-2.0 * h))) * d0
             + (alpha_t * ((1.0 - np.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d1
             + (alpha_t * ((1.0 - np.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * d2
             + sigma_t * np.sqrt(1.0 - np.exp(-2 * h)) * noise
         )
+        return x_t
 
     def step(
         self,
@@ -1044,7 +1063,8 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         sigma = _broadcast_per_sample(sigmas[self._noise_indices(timesteps)], original_samples.ndim)
         alpha_t = 1 / np.sqrt(sigma * sigma + 1)
         sigma_t = sigma * alpha_t
-        return alpha_t * original_samples + sigma_t * noise
+        noisy: np.ndarray = alpha_t * original_samples + sigma_t * noise
+        return noisy
 
 
 _REGISTRY: dict[str, type[Scheduler]] = {

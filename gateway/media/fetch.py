@@ -13,10 +13,10 @@ from types import MappingProxyType
 import anyio
 import httpx
 
-from gateway import netguard
-from gateway.codecs import IMAGE_URL_SCHEMES, image_too_large
 from gateway.errors import InvalidImage
-from gateway.netguard import OutboundPolicy
+from gateway.media import netguard
+from gateway.media.codecs import IMAGE_URL_SCHEMES, image_too_large
+from gateway.media.netguard import OutboundPolicy
 
 MAX_REDIRECTS = netguard.MAX_REDIRECTS
 # Ask for uncompressed bytes so Content-Length is the real size and no gzip bomb is inflated in memory.

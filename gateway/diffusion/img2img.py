@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from gateway import pipeline as math
-from gateway.engine import TritonEngine
-from gateway.manifest import PipelineManifest
-from gateway.schedulers import make_scheduler
+from gateway.diffusion import sampling as math
+from gateway.diffusion.manifest import PipelineManifest
+from gateway.diffusion.schedulers import make_scheduler
+from gateway.triton.client import TritonEngine
 
 
 class GenerationCanceled(Exception):
@@ -52,7 +52,7 @@ class Img2ImgPipeline:
     def __init__(self, manifest: PipelineManifest, engine: TritonEngine) -> None:
         self.manifest = manifest
         self.engine = engine
-        self.tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))
+        self.tokenizer: Tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))
         # diffusers' img2img pipeline rewrites some scheduler settings at construction; serve what it runs.
         self.scheduler_config = math.img2img_scheduler_config(dict(manifest.scheduler))
         make_scheduler(self.scheduler_config)  # fail at start-up, not per request, on an unsupported one

@@ -14,7 +14,6 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 SIGNATURE_HEADER = "Imagen-Signature"
@@ -65,17 +64,6 @@ def backoff_s(attempt: int, base_s: float, rng: random.Random | None = None) -> 
     """Delay before retry `attempt` (1-based): base * 2^(attempt-1), with +-50% jitter, capped."""
     jitter = (rng or random).uniform(0.5, 1.5)
     return min(MAX_BACKOFF_S, base_s * 2 ** (attempt - 1)) * jitter
-
-
-@dataclass(frozen=True)
-class DeliveryAttempt:
-    at: str
-    status_code: int | None
-    error: str | None
-
-    @property
-    def ok(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
 
 
 def signed_headers(secret: str, job_id: str, body: bytes) -> dict[str, str]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.schedulers import SUPPORTED_SCHEDULERS, Scheduler, default_config
+from gateway.diffusion.schedulers import SUPPORTED_SCHEDULERS, Scheduler, default_config
 
 __all__ = [
     "apply_guidance",
@@ -92,8 +92,10 @@ def sample_latents(
     sample = mean + std * noise
     scale = _F32(scaling_factor)
     if shift_factor is not None:
-        return (sample - _F32(shift_factor)) * scale
-    return scale * sample
+        latents: np.ndarray = (sample - _F32(shift_factor)) * scale
+    else:
+        latents = scale * sample
+    return latents
 
 
 def do_classifier_free_guidance(guidance_scale: float) -> bool:
@@ -109,7 +111,8 @@ def apply_guidance(noise_pred: np.ndarray, guidance_scale: float) -> np.ndarray:
     if noise_pred.shape[0] % 2:
         raise ValueError(f"guidance needs an even batch (uncond + cond), got {noise_pred.shape[0]}")
     uncond, cond = np.split(noise_pred, 2, axis=0)
-    return uncond + _F32(guidance_scale) * (cond - uncond)
+    guided: np.ndarray = uncond + _F32(guidance_scale) * (cond - uncond)
+    return guided
 
 
 def prepare_initial_latents(

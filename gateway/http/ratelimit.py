@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.auth import check_bearer
-from gateway.errors import RateLimited, error_response
+from gateway.errors import RateLimited
+from gateway.http.auth import check_bearer
+from gateway.http.responses import error_response
 
 LIMITED_PATH = "/v1/image-to-image"
 LIMITED_METHOD = "POST"
@@ -111,7 +112,8 @@ def retry_after_s(wait_s: float) -> int:
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
-            return value.decode("latin-1")
+            decoded: str = value.decode("latin-1")  # ASGI scope values are Any; header values are bytes
+            return decoded
     return None
 
 

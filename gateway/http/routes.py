@@ -1,0 +1,260 @@
+"""The routes: each handler parses the request, calls one use case, and renders the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from gateway.diffusion.img2img import Img2ImgPipeline
+from gateway.diffusion.styles import STYLE_PRESETS
+from gateway.errors import (
+    InvalidRequest,
+    JobFinished,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    code_status,
+)
+from gateway.http.auth import check_bearer
+from gateway.http.openapi import openapi_endpoint
+from gateway.http.schema import PARAMETER_LIMITS, parse_image_to_image
+from gateway.http.views import job_view
+from gateway.jobs.create import Caller, CreateJob, request_hash
+from gateway.jobs.model import FAILED, TERMINAL, Job, owner_of
+from gateway.jobs.runner import JobManager
+from gateway.jobs.webhooks import key_secret
+from gateway.media.storage import Storage
+from gateway.observability import current_request_id, metrics_endpoint
+from gateway.settings import Settings
+from gateway.triton.client import TritonEngine
+
+log = logging.getLogger("gateway")
+
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+DISCONNECT_POLL_S = 0.25
+SSE_HEARTBEAT_S = 15.0
+IMAGE_CACHE_CONTROL = "public, max-age=31536000"
+
+
+@dataclass
+class Services:
+    """What the handlers use, built by the composition root (`app.py`) in the lifespan."""
+
+    settings: Settings
+    engine: TritonEngine
+    pipelines: Mapping[str, Img2ImgPipeline]
+    storage: Storage
+    jobs: JobManager
+    create_job: CreateJob
+    webhook_secret: str
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The body, capped before parsing; wrong content types and malformed JSON are 4xx, never 500."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise UnsupportedMediaType("Request body must be JSON", "Send Content-Type: application/json")
+    declared = request.headers.get("content-length")
+    too_large = PayloadTooLarge("Request body too large", f"Maximum request body is {max_bytes // 2**20} MB")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest("Request body is not valid UTF-8", str(exc)) from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest("Request body is not valid JSON", str(exc)) from exc
+    except (ValueError, RecursionError) as exc:  # >4300-digit integers; nesting past the recursion limit
+        raise InvalidRequest("Request body is not valid JSON", "Too deeply nested, or a number too long") from exc
+
+
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidRequest(
+            "Invalid Idempotency-Key header", "Use 1-255 printable ASCII characters (a UUID is a good choice)"
+        )
+    return key
+
+
+def wants_async(request: Request, webhook_url: str | None) -> bool:
+    """Asynchronous when a webhook is given, or when asked with `Prefer: respond-async` (RFC 7240)."""
+    return webhook_url is not None or "respond-async" in request.headers.get("prefer", "").lower()
+
+
+class Handlers:
+    """The route handlers, bound to the lifespan's services once they exist."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.services: Services | None = None
+
+    @property
+    def s(self) -> Services:
+        assert self.services is not None, "lifespan not started"
+        return self.services
+
+    def _auth(self, request: Request) -> str | None:
+        return check_bearer(request.headers.get("authorization"), self.settings.api_keys, self.settings.allow_anonymous)
+
+    def _owner(self, request: Request) -> str:
+        return owner_of(self._auth(request))
+
+    def _view(self, job: Job) -> dict[str, Any]:
+        return job_view(job, self.s.jobs.progress(job))
+
+    async def image_to_image(self, request: Request) -> Response:
+        owner = self._owner(request)
+        raw = await read_json(request, self.settings.max_body_bytes)
+        req = parse_image_to_image(raw, styles=STYLE_PRESETS)
+        caller = Caller(
+            owner=owner,
+            request_hash=request_hash(raw),
+            idempotency_key=idempotency_key(request),
+            asynchronous=wants_async(request, req.webhook_url),
+            request_id=current_request_id(),
+        )
+        job = await self.s.create_job(req, caller)
+        return await self._respond(request, job, caller.asynchronous)
+
+    async def _respond(self, request: Request, job: Job, asynchronous: bool) -> Response:
+        location = {"Location": f"/v1/image-to-image/{job.id}"}
+        if asynchronous and not job.finished:
+            return JSONResponse(self._view(job), status_code=202, headers=location)
+        if not job.finished:
+            job = await self._wait_or_cancel(request, job)
+        if job.status == FAILED and job.error is not None:
+            body = {"error": {"code": job.error.code, "message": job.error.message, "details": job.error.details}}
+            return JSONResponse(body, status_code=code_status(job.error.code), headers=location)
+        return JSONResponse(self._view(job), headers=location)
+
+    async def _wait_or_cancel(self, request: Request, job: Job) -> Job:
+        """Wait for a synchronous job; a client that disconnects cancels it (no more UNet steps are sent)."""
+        waiter = asyncio.ensure_future(self.s.jobs.wait(job.id))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return waiter.result()
+                if await request.is_disconnected():
+                    log.info("client gone: canceling job %s", job.id)
+                    with contextlib.suppress(JobFinished):
+                        await self.s.jobs.cancel(job.id, job.owner)
+                    return await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    async def get_job(self, request: Request) -> Response:
+        job = await self.s.jobs.get(request.path_params["job_id"], self._owner(request))
+        return JSONResponse(self._view(job))
+
+    async def cancel_job(self, request: Request) -> Response:
+        job = await self.s.jobs.cancel(request.path_params["job_id"], self._owner(request))
+        return JSONResponse(self._view(job))
+
+    async def job_events(self, request: Request) -> Response:
+        """Server-sent events: the job view on every change (progress steps, status), until it finishes."""
+        jobs = self.s.jobs
+        job = await jobs.get(request.path_params["job_id"], self._owner(request))
+        queue = jobs.subscribe(job.id)
+
+        def event(view: dict[str, Any]) -> bytes:
+            return f"event: job\ndata: {json.dumps(view, separators=(',', ':'))}\n\n".encode()
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                view = self._view(await jobs.get(job.id, job.owner))
+                while True:
+                    yield event(view)
+                    if view["status"] in TERMINAL:
+                        return
+                    try:
+                        update = await asyncio.wait_for(queue.get(), timeout=SSE_HEARTBEAT_S)
+                        view = job_view(update.job, update.progress)
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+                        view = self._view(await jobs.get(job.id, job.owner))
+            finally:
+                jobs.unsubscribe(job.id, queue)
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+    async def webhook_secret(self, request: Request) -> Response:
+        return JSONResponse({"secret": key_secret(self.s.webhook_secret, self._owner(request))})
+
+    async def get_image(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        found = await self.s.storage.get(name)  # None for unknown names and names outside its alphabet
+        if found is None:
+            raise NotFound("Image not found", f"No stored image named '{name}'")
+        data, content_type = found
+        return Response(data, media_type=content_type, headers={"Cache-Control": IMAGE_CACHE_CONTROL})
+
+    async def list_models(self, request: Request) -> Response:
+        self._auth(request)
+        return JSONResponse(
+            {
+                "object": "list",
+                "default": "imagen-v2",
+                "limits": {k: dict(v) for k, v in PARAMETER_LIMITS.items()},
+                "data": [p.manifest.describe() for _, p in sorted(self.s.pipelines.items())],
+            }
+        )
+
+    async def list_styles(self, request: Request) -> Response:
+        self._auth(request)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": s.name, "prompt_template": s.prompt_template, "negative_prompt": s.negative_prompt}
+                    for s in STYLE_PRESETS.values()
+                ],
+            }
+        )
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        models = [m for p in self.s.pipelines.values() for m in p.manifest.models]
+        ready = bool(models) and await self.s.engine.models_ready(models)
+        return JSONResponse({"status": "ready" if ready else "not_ready"}, status_code=200 if ready else 503)
+
+
+def routes(handlers: Handlers) -> list[BaseRoute]:
+    h = handlers
+    table: list[tuple[str, Callable[[Request], Any], str]] = [
+        ("/v1/image-to-image", h.image_to_image, "POST"),
+        ("/v1/image-to-image/{job_id}", h.get_job, "GET"),
+        ("/v1/image-to-image/{job_id}/cancel", h.cancel_job, "POST"),
+        ("/v1/image-to-image/{job_id}/events", h.job_events, "GET"),
+        ("/v1/webhook-secret", h.webhook_secret, "GET"),
+        ("/v1/images/{name}", h.get_image, "GET"),
+        ("/v1/models", h.list_models, "GET"),
+        ("/v1/styles", h.list_styles, "GET"),
+        ("/healthz", h.healthz, "GET"),
+        ("/readyz", h.readyz, "GET"),
+        ("/metrics", metrics_endpoint, "GET"),
+        ("/openapi.json", openapi_endpoint, "GET"),
+    ]
+    return [Route(path, endpoint, methods=[method]) for path, endpoint, method in table]

@@ -1,0 +1,491 @@
+"""The wire schema: the pydantic models of every JSON body the gateway reads or writes, defined once.
+
+Validation (`parse_image_to_image`) and the OpenAPI document's component schemas (`openapi.py`, through
+`model_json_schema`) both derive from these models, so the two cannot drift. Limits and defaults stay module
+constants, and `PARAMETER_LIMITS` is read back from the request model's JSON schema, so `GET /v1/models`
+and the README quote the numbers the validator enforces.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, Self, cast, get_args
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.config import JsonDict
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
+
+from gateway.diffusion.sampling import img2img_effective_steps
+from gateway.diffusion.styles import STYLE_PRESETS, StylePreset
+from gateway.errors import ERROR_TABLE, InvalidRequest
+from gateway.media import codecs
+
+# Defaults (the spec's).
+DEFAULT_MODEL = "imagen-v2"
+DEFAULT_STRENGTH = 0.7
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE_SCALE = 7.5
+DEFAULT_NUM_IMAGES = 1
+
+# Limits.
+MIN_STRENGTH = 0.1
+MAX_STRENGTH = 1.0
+MIN_STEPS = 1
+MAX_STEPS = 150
+MIN_GUIDANCE_SCALE = 0.0
+MAX_GUIDANCE_SCALE = 20.0
+MIN_SEED = 0
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding range; what most clients expect a "seed" to be
+MIN_NUM_IMAGES = 1
+MAX_NUM_IMAGES = 4
+MAX_PROMPT_CHARS = 2000
+MAX_NEGATIVE_PROMPT_CHARS = 2000
+MAX_MODEL_CHARS = 128
+MAX_WEBHOOK_URL_CHARS = 2048
+WEBHOOK_SCHEMES = ("http", "https")
+
+# Documentation-only patterns: the validators below enforce the rules exactly (Python's notion of whitespace,
+# urlsplit), the patterns let schema-driven clients refuse the obvious cases first.
+NON_BLANK_PATTERN = r"\S"
+WEBHOOK_URL_PATTERN = "^[Hh][Tt][Tt][Pp][Ss]?://"
+
+# `parse_image_to_image` passes the deployment's styles under this key of pydantic's validation context.
+STYLES_CONTEXT = "styles"
+# The error type of the cross-field rule int(steps * strength) >= 1 (a model-level error: no field in its loc).
+EFFECTIVE_STEPS_ERROR = "effective_steps"
+
+ERROR_CODES: tuple[str, ...] = tuple(sorted({code for _, code in ERROR_TABLE.values()}))
+
+JobStatus = Literal["queued", "processing", "completed", "failed", "canceled"]
+JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
+WebhookStatus = Literal["pending", "delivered", "failed"]
+# The fields of the spec's success example: the document requires only these, so a response that follows the
+# spec to the letter validates too; this gateway always sends every JobView field.
+SPEC_RESPONSE_FIELDS = (
+    "id", "status", "prompt", "negative_prompt", "model", "strength", "steps", "guidance_scale", "seed", "style",
+    "created_at", "completed_at", "original_image", "images",
+)  # fmt: skip
+
+
+class WireJsonSchema(GenerateJsonSchema):
+    """JSON Schema as the OpenAPI document has always spelled it: nullable as a type union, no field titles.
+
+    A type union (`["integer", "null"]`) keeps `minimum`/`maxLength` beside `type`, where simple schema-driven
+    clients (and the fuzz test's generator) look; a nullable `$ref` stays `anyOf` with null.
+    """
+
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        generated = super().nullable_schema(schema)
+        branches = generated.get("anyOf")
+        if not (isinstance(branches, list) and len(branches) == 2 and branches[1] == {"type": "null"}):
+            return generated
+        inner = dict(branches[0])
+        if not isinstance(inner.get("type"), str):
+            return generated
+        inner["type"] = [inner["type"], "null"]
+        if "enum" in inner:
+            inner["enum"] = [*inner["enum"], None]
+        return {**{k: v for k, v in generated.items() if k != "anyOf"}, **inner}
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("blank")
+    return value
+
+
+def _absolute_http_url(value: str) -> str:
+    """An absolute http(s) URL with a host and no whitespace or control characters (urlsplit would accept them)."""
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError("whitespace or control character")
+    parts = urlsplit(value)
+    _ = parts.port  # raises ValueError on a malformed port
+    if parts.scheme.lower() not in WEBHOOK_SCHEMES or not parts.hostname:
+        raise ValueError("not an absolute http(s) URL")
+    return value
+
+
+def _known_error_code(value: str) -> str:
+    if value not in ERROR_CODES:
+        raise ValueError("unknown error code")
+    return value
+
+
+# Constrained types shared by the request and the job view, so both state the same ranges.
+Strength = Annotated[float, Field(ge=MIN_STRENGTH, le=MAX_STRENGTH)]
+Steps = Annotated[int, Field(ge=MIN_STEPS, le=MAX_STEPS)]
+GuidanceScale = Annotated[float, Field(ge=MIN_GUIDANCE_SCALE, le=MAX_GUIDANCE_SCALE)]
+Seed = Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)]
+NumImages = Annotated[int, Field(ge=MIN_NUM_IMAGES, le=MAX_NUM_IMAGES)]
+Positive = Annotated[int, Field(ge=1)]
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+Url = Annotated[str, Field(json_schema_extra={"format": "uri"})]
+NonBlank = Annotated[
+    str, Field(min_length=1, json_schema_extra={"pattern": NON_BLANK_PATTERN}), AfterValidator(_non_blank)
+]
+ErrorCode = Annotated[str, Field(json_schema_extra={"enum": list(ERROR_CODES)}), AfterValidator(_known_error_code)]
+
+
+class WireModel(BaseModel):
+    """Immutable, unknown keys refused, no coercion (`30.0` is not an integer, `true` not a number), no NaN."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ImageToImageRequest(WireModel):
+    """Unknown fields, wrong types (`true` is not a number), NaN and out-of-range values are refused with 400 \
+`invalid_request` naming the field. Fields with a default must be omitted rather than sent as null.
+
+    Prompts may exceed what the text encoder reads: tokens past CLIP's 77-token window (after any style template \
+is applied) are dropped, as in diffusers.
+    """
+
+    # `image` stays the raw wire string (URL, data URI or base64): media.codecs decodes it.
+    image: str = Field(
+        min_length=1,
+        description=(
+            "An http(s) URL, a base64 data URI (`data:image/png;base64,...`) or bare base64. JPEG, PNG or WebP "
+            f"(recognised by content), at most {codecs.MAX_IMAGE_BYTES // 2**20} MB (413 `image_too_large`) "
+            f"and {codecs.MAX_IMAGE_SIDE}x{codecs.MAX_IMAGE_SIDE} pixels (400 `image_dimensions_too_large`)."
+        ),
+    )
+    prompt: Annotated[NonBlank, Field(max_length=MAX_PROMPT_CHARS)] = Field(
+        description="Description of the desired transformation; not blank."
+    )
+    model: Annotated[NonBlank, Field(max_length=MAX_MODEL_CHARS)] = Field(
+        default=DEFAULT_MODEL, description="A served pipeline (`GET /v1/models`); unknown -> 404 `model_not_found`."
+    )
+    strength: Strength = Field(default=DEFAULT_STRENGTH, description="How much to transform the image.")
+    steps: Steps = Field(
+        default=DEFAULT_STEPS,
+        description=(
+            "Inference steps (a JSON integer: `30.0` is refused). diffusers runs `int(steps * strength)` "
+            "denoising steps, which must be at least 1."
+        ),
+    )
+    guidance_scale: GuidanceScale = Field(
+        default=DEFAULT_GUIDANCE_SCALE, description="Classifier-free guidance; at most 1 disables it."
+    )
+    negative_prompt: Annotated[str, Field(max_length=MAX_NEGATIVE_PROMPT_CHARS)] | None = Field(
+        default=None, description="What to avoid."
+    )
+    seed: Seed | None = Field(default=None, description="Random when absent; image i uses seed + i.")
+    num_images: NumImages = Field(default=DEFAULT_NUM_IMAGES, description="Number of variations.")
+    style: str | None = Field(default=None, description="A preset from `GET /v1/styles`.")
+    webhook_url: (
+        Annotated[str, Field(min_length=1, max_length=MAX_WEBHOOK_URL_CHARS), AfterValidator(_absolute_http_url)] | None
+    ) = Field(
+        default=None,
+        description=(
+            "Absolute http(s) URL. When given the job runs asynchronously: 202 at once, then the final job "
+            "JSON is POSTed here, signed with the key's webhook secret (`GET /v1/webhook-secret`)."
+        ),
+        json_schema_extra={"format": "uri", "pattern": WEBHOOK_URL_PATTERN},
+    )
+
+    @field_validator("style")
+    @classmethod
+    def _style_is_served(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Styles come from the validation context (the deployment's presets), else the built-in ones."""
+        styles = (info.context or {}).get(STYLES_CONTEXT, STYLE_PRESETS)
+        if value is not None and value not in styles:
+            raise ValueError("unknown style")
+        return value
+
+    @model_validator(mode="after")
+    def _runs_a_denoising_step(self) -> Self:
+        # diffusers runs int(steps * strength) denoising steps; zero would return the input unchanged (or fail).
+        if img2img_effective_steps(self.steps, self.strength) < 1:
+            raise PydanticCustomError(EFFECTIVE_STEPS_ERROR, "steps x strength runs no denoising step")
+        return self
+
+
+# --- responses --------------------------------------------------------------------------------------------
+
+
+def _spec_requires(*fields: str) -> JsonDict:
+    """The document's `required`: the spec's fields only (ours are always sent, see SPEC_RESPONSE_FIELDS)."""
+    return {"required": list(fields)}
+
+
+class Size(WireModel):
+    width: Positive
+    height: Positive
+
+
+class ImageRef(WireModel):
+    url: Url
+    width: Positive
+    height: Positive
+
+
+class OutputImage(ImageRef):
+    model_config = ConfigDict(json_schema_extra=_spec_requires("url", "width", "height"))
+
+    seed: Seed = Field(
+        description="The seed this image used (seed + i); always sent by this gateway, absent from the spec"
+    )
+
+
+class Progress(WireModel):
+    step: Annotated[int, Field(ge=0)]
+    total_steps: Annotated[int, Field(ge=0)]
+    queue_position: Annotated[int, Field(ge=1)] | None
+
+
+class WebhookAttempt(WireModel):
+    """One delivery attempt (`jobs.webhooks.DeliveryAttempt`): `status_code` null when no answer came."""
+
+    at: Timestamp
+    status_code: int | None
+    error: str | None
+
+
+class WebhookState(WireModel):
+    url: str
+    status: WebhookStatus = Field(description="pending, then delivered or failed")
+    attempts: list[WebhookAttempt]
+
+
+class ErrorObject(WireModel):
+    code: ErrorCode
+    message: str = Field(min_length=1)
+    details: str | None
+
+
+def error_codes_by_status() -> dict[int, list[str]]:
+    """Every wire error code the gateway can send, grouped by HTTP status (from the one error table)."""
+    grouped: dict[int, set[str]] = defaultdict(set)
+    for status, code in ERROR_TABLE.values():
+        grouped[status].add(code)
+    return {status: sorted(codes) for status, codes in sorted(grouped.items())}
+
+
+class ErrorBody(WireModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "description": "Every error response. Codes by status: "
+            + "; ".join(f"{status}: {', '.join(codes)}" for status, codes in error_codes_by_status().items())
+        }
+    )
+
+    error: ErrorObject
+
+
+def _job_view_schema(schema: JsonDict) -> None:
+    """Spec-only `required`, and the rules that tie `images`, `completed_at` and `error` to `status`."""
+    schema.update(_spec_requires(*SPEC_RESPONSE_FIELDS))
+    # `error` is nullable: reuse the generated reference to ErrorObject, whatever the ref template.
+    error_branches = cast(list[JsonDict], cast(JsonDict, cast(JsonDict, schema["properties"])["error"])["anyOf"])
+    error_ref = next(branch for branch in error_branches if "$ref" in branch)
+    schema["allOf"] = [
+        {
+            "if": {"properties": {"status": {"const": "completed"}}, "required": ["status"]},
+            "then": {"properties": {"images": {"minItems": 1}, "completed_at": {"type": "string"}}},
+        },
+        {
+            "if": {"properties": {"status": {"enum": ["queued", "processing"]}}, "required": ["status"]},
+            "then": {"properties": {"images": {"maxItems": 0}, "completed_at": {"type": "null"}}},
+        },
+        {
+            "if": {"properties": {"status": {"const": "failed"}}, "required": ["status"]},
+            "then": {"properties": {"error": error_ref}, "required": ["error"]},
+        },
+    ]
+
+
+class JobView(WireModel):
+    """A job, in the spec's response shape. While `queued` or `processing`, `images` is [] and `completed_at` \
+is null; a `failed` job carries the error object."""
+
+    model_config = ConfigDict(json_schema_extra=_job_view_schema)
+
+    id: str = Field(min_length=1)
+    status: JobStatus
+    prompt: str
+    negative_prompt: str | None
+    model: str
+    strength: Strength
+    steps: Steps
+    guidance_scale: GuidanceScale
+    seed: Seed = Field(description="Always set: a random seed is drawn when the job is created.")
+    style: str | None
+    num_images: NumImages
+    webhook_url: str | None
+    created_at: Timestamp
+    completed_at: Timestamp | None
+    original_image: ImageRef = Field(description="The input: its URL (or a stored copy) and size.")
+    processed_size: Size = Field(description="The size the model works at (= each output's size).")
+    effective_steps: Positive = Field(description="Denoising steps diffusers runs.")
+    images: list[OutputImage] = Field(max_length=MAX_NUM_IMAGES)
+    progress: Progress | None
+    error: ErrorObject | None
+    webhook: WebhookState | None
+
+
+class ModelInfo(WireModel):
+    id: str
+    object: Literal["model"]
+    native_resolution: int
+    resolution_multiple: int
+    scheduler: str | None
+    dtype: str
+    defaults: dict[str, Any]
+
+
+class ModelList(WireModel):
+    object: Literal["list"]
+    default: str
+    limits: dict[str, dict[str, Any]] = Field(description="Parameter limits, as enforced (see the request schema).")
+    data: list[ModelInfo]
+
+
+class StyleInfo(WireModel):
+    id: str
+    prompt_template: str
+    negative_prompt: str | None
+
+
+class StyleList(WireModel):
+    object: Literal["list"]
+    data: list[StyleInfo]
+
+
+class Status(WireModel):
+    status: Literal["ok", "ready", "not_ready"]
+
+
+class WebhookSecret(WireModel):
+    secret: str = Field(min_length=1)
+
+
+# --- what the request model enforces, read back for other modules and for the error messages ---------
+
+FIELDS: tuple[str, ...] = tuple(ImageToImageRequest.model_fields)
+REQUIRED_FIELDS: tuple[str, ...] = tuple(
+    name for name, info in ImageToImageRequest.model_fields.items() if info.is_required()
+)
+_REQUEST_PROPERTIES: Mapping[str, Mapping[str, Any]] = ImageToImageRequest.model_json_schema(
+    schema_generator=WireJsonSchema
+)["properties"]
+
+
+def _limits(name: str, prop: Mapping[str, Any]) -> Mapping[str, Any]:
+    """One field's entry of PARAMETER_LIMITS, read off its JSON schema (numbers always state default/nullable)."""
+    types = prop["type"] if isinstance(prop["type"], list) else [prop["type"]]
+    kind = next(t for t in types if t != "null")
+    nullable = "null" in types
+    if kind in ("integer", "number"):
+        return MappingProxyType(
+            {
+                "type": kind,
+                "minimum": prop["minimum"],
+                "maximum": prop["maximum"],
+                "default": prop.get("default"),
+                "nullable": nullable,
+            }
+        )
+    limits: dict[str, Any] = {"type": kind, "max_length": prop["maxLength"]}
+    if prop.get("default") is not None:
+        limits["default"] = prop["default"]
+    if nullable:
+        limits["nullable"] = True
+    if name == "webhook_url":
+        limits["schemes"] = WEBHOOK_SCHEMES
+    return MappingProxyType(limits)
+
+
+# JSON-ready summary for `GET /v1/models` and the README: every field with a range or a length cap.
+PARAMETER_LIMITS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        name: _limits(name, prop)
+        for name, prop in _REQUEST_PROPERTIES.items()
+        if "maximum" in prop or "maxLength" in prop
+    }
+)
+
+
+def _rule(field: str) -> str:
+    """The `details` of an invalid field: the rule it breaks, in words, from the limits the model enforces."""
+    limits = PARAMETER_LIMITS[field]
+    or_null = " or null" if limits.get("nullable") else ""
+    if limits["type"] == "string":
+        non_empty = "non-empty " if "minLength" in _REQUEST_PROPERTIES[field] else ""
+        return f"'{field}' must be a {non_empty}string of at most {limits['max_length']} characters{or_null}"
+    integer = limits["type"] == "integer"
+    low, high = (str(limits[k]) if integer else repr(float(limits[k])) for k in ("minimum", "maximum"))
+    return f"'{field}' must be {'an integer' if integer else 'a number'} between {low} and {high}{or_null}"
+
+
+_RULES: Mapping[str, str] = MappingProxyType(
+    {
+        **{field: _rule(field) for field in PARAMETER_LIMITS},
+        "image": "'image' must be a non-empty string: an http(s) URL, a data URI or base64",
+        "webhook_url": (
+            "'webhook_url' must be null or an absolute http(s) URL with a host, "
+            f"at most {MAX_WEBHOOK_URL_CHARS} characters"
+        ),
+    }
+)
+
+
+# A body with several bad fields gets the first in FIELDS order, except these, reported after the rest: the
+# order the hand-written validator checked in, kept so clients get the same answer as before.
+_REPORTED_LAST = ("negative_prompt", "style", "webhook_url")
+
+
+def _invalid(field: str, rule: str) -> InvalidRequest:
+    return InvalidRequest(f"Invalid field '{field}'", rule)
+
+
+def _translate(error: ValidationError, styles: Mapping[str, StylePreset]) -> InvalidRequest:
+    """Our message for the first problem: unknown fields (all listed), then a missing one, then the first field
+    that breaks its rule (see _REPORTED_LAST), then the cross-field steps x strength rule."""
+    problems = error.errors(include_url=False, include_input=False)
+    unknown = [str(p["loc"][0]) for p in problems if p["type"] == "extra_forbidden"]
+    if unknown:
+        listed = ", ".join(f"'{key}'" for key in unknown)
+        return InvalidRequest(f"Unknown field(s): {listed}", f"Allowed fields: {', '.join(FIELDS)}")
+    missing = [str(p["loc"][0]) for p in problems if p["type"] == "missing"]
+    if missing:
+        return InvalidRequest(f"Missing required field '{missing[0]}'", f"'{missing[0]}' is required")
+    fields = sorted(
+        {str(p["loc"][0]) for p in problems if p["loc"]}, key=lambda name: (name in _REPORTED_LAST, FIELDS.index(name))
+    )
+    if fields:
+        field = fields[0]
+        if field == "style":
+            return _invalid("style", f"'style' must be one of: {', '.join(sorted(styles))}")
+        return _invalid(field, _RULES[field])
+    # Model-level rules run only once every field is valid, and steps x strength is the only one.
+    return _invalid("steps", "'steps' x 'strength' must be at least 1: raise 'steps' or 'strength'")
+
+
+def parse_image_to_image(body: object, *, styles: Mapping[str, StylePreset]) -> ImageToImageRequest:
+    """Validate a decoded JSON body and return the typed request; raise `InvalidRequest` on the first problem.
+
+    `null` is accepted only where the field itself may be absent with no default (negative_prompt, seed,
+    style, webhook_url); a field with a default must be omitted rather than sent as null.
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object", "Send a JSON object with 'image' and 'prompt'")
+    try:
+        return ImageToImageRequest.model_validate(body, context={STYLES_CONTEXT: styles})
+    except ValidationError as error:
+        raise _translate(error, styles) from None

@@ -1,0 +1,52 @@
+"""The job as the wire shows it: a `Job` and its live progress rendered through the one `JobView` schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.http import schema
+from gateway.jobs.model import Job
+from gateway.jobs.runner import Progress
+
+
+def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
+    """The public JSON of a job; built through `schema.JobView`, so it cannot drift from the OpenAPI document."""
+    spec = job.spec
+    view = schema.JobView(
+        id=job.id,
+        status=str(job.status),  # type: ignore[arg-type]  # a JobStatus value; the model checks it
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        model=spec.model,
+        strength=spec.strength,
+        steps=spec.steps,
+        guidance_scale=spec.guidance_scale,
+        seed=spec.seed,
+        style=spec.style,
+        num_images=spec.num_images,
+        webhook_url=spec.webhook_url,
+        created_at=job.created_at,
+        completed_at=job.completed_at,
+        original_image=schema.ImageRef(url=job.input.url, width=job.input.width, height=job.input.height),
+        processed_size=schema.Size(width=spec.processed_size.width, height=spec.processed_size.height),
+        effective_steps=spec.effective_steps,
+        images=[schema.OutputImage(url=i.url, width=i.width, height=i.height, seed=i.seed) for i in job.images],
+        progress=None
+        if progress is None
+        else schema.Progress(
+            step=progress.step, total_steps=progress.total_steps, queue_position=progress.queue_position
+        ),
+        error=None
+        if job.error is None
+        else schema.ErrorObject(code=job.error.code, message=job.error.message, details=job.error.details),  # type: ignore[arg-type]
+        webhook=None
+        if job.webhook is None
+        else schema.WebhookState(
+            url=job.webhook.url,
+            status=str(job.webhook.status),  # type: ignore[arg-type]
+            attempts=[
+                schema.WebhookAttempt(at=a.at, status_code=a.status_code, error=a.error) for a in job.webhook.attempts
+            ],
+        ),
+    )
+    return view.model_dump(mode="json")

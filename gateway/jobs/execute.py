@@ -1,0 +1,98 @@
+"""Running one job: read its stored input, run the img2img recipe over Triton, store its output PNGs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+from PIL import Image
+
+from gateway.diffusion.img2img import Generation, Img2ImgPipeline
+from gateway.diffusion.styles import STYLE_PRESETS, apply_style
+from gateway.errors import InternalError, ModelNotFound
+from gateway.jobs.model import Job, OutputImage, output_name
+from gateway.media import codecs
+from gateway.media.storage import Storage
+
+DECODED_CACHE_SIZE = 32
+MAX_SEED = 2**32 - 1  # seeds of image i are (seed + i) mod 2^32, the request's seed range
+
+
+def resolve_pipeline(pipelines: Mapping[str, Img2ImgPipeline], model: str) -> Img2ImgPipeline:
+    pipeline = pipelines.get(model)
+    if pipeline is None:
+        available = ", ".join(sorted(pipelines)) or "none"
+        raise ModelNotFound(f"Model '{model}' not found", f"Available models: {available}")
+    return pipeline
+
+
+class DecodedInputs:
+    """Decoded inputs of just-accepted jobs, so the first run does not decode twice (bounded: misses re-decode)."""
+
+    def __init__(self, size: int = DECODED_CACHE_SIZE) -> None:
+        self._size = size
+        self._images: OrderedDict[str, Image.Image] = OrderedDict()
+
+    def put(self, job_id: str, image: Image.Image) -> None:
+        self._images[job_id] = image
+        while len(self._images) > self._size:
+            self._images.popitem(last=False)
+
+    def take(self, job_id: str) -> Image.Image | None:
+        return self._images.pop(job_id, None)
+
+
+class JobExecutor:
+    """Everything between a claimed job and its stored PNGs; knows nothing of HTTP or of the job store."""
+
+    def __init__(
+        self,
+        pipelines: Mapping[str, Img2ImgPipeline],
+        storage: Storage,
+        decoded: DecodedInputs,
+        url_for: Callable[[str], str],
+    ) -> None:
+        self.pipelines = pipelines
+        self.storage = storage
+        self.decoded = decoded
+        self.url_for = url_for
+
+    async def __call__(
+        self, job: Job, *, on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
+    ) -> tuple[OutputImage, ...]:
+        spec = job.spec
+        # 1. The model, and the input as first decoded (or read back from storage after a restart).
+        pipeline = resolve_pipeline(self.pipelines, spec.model)
+        image = self.decoded.take(job.id)
+        if image is None:
+            found = await self.storage.get(job.input.name)
+            if found is None:
+                raise InternalError("Job input is missing", f"Stored input {job.input.name} not found")
+            image = await asyncio.to_thread(codecs.decode_image, found[0])
+        # 2. The tensor at the processed size, the styled prompts, one seed per image.
+        size = (spec.processed_size.width, spec.processed_size.height)
+        tensor = await asyncio.to_thread(codecs.image_to_tensor, image, size)
+        prompt, negative = apply_style(spec.prompt, spec.negative_prompt, STYLE_PRESETS.get(spec.style or ""))
+        seeds = [(spec.seed + i) % (MAX_SEED + 1) for i in range(spec.num_images)]
+        # 3. Denoise.
+        result = await pipeline(
+            Generation(
+                prompt=prompt,
+                negative_prompt=negative,
+                image=tensor,
+                strength=spec.strength,
+                steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                seeds=seeds,
+            ),
+            on_step=on_step,
+            should_stop=should_stop,
+        )
+        # 4. Encode and store each image.
+        images = []
+        for i, sample in enumerate(result.images):
+            name = output_name(job.id, i)
+            await self.storage.put(name, await asyncio.to_thread(codecs.tensor_to_png, sample), "image/png")
+            images.append(OutputImage(name=name, url=self.url_for(name), width=size[0], height=size[1], seed=seeds[i]))
+        return tuple(images)

@@ -1,0 +1,260 @@
+"""The job: the durable record of every accepted request, and the transitions between its states.
+
+Every accepted request, synchronous or not, is a job written to the store before any work starts, with its
+seed resolved and its input image stored: a gateway killed mid-job re-runs it after a restart and gets the
+same pixels. A `Job` is immutable; each state change is a pure function here (`claimed`, `finished`, ...)
+that the runner applies with a compare-and-set in the store (`JobStore.update`), so two actors racing on one
+job (cancel vs completion, cancel vs pickup, retry vs cancel) have exactly one winner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import TypeAdapter
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+QUEUED, PROCESSING, COMPLETED, FAILED, CANCELED = (
+    JobStatus.QUEUED,
+    JobStatus.PROCESSING,
+    JobStatus.COMPLETED,
+    JobStatus.FAILED,
+    JobStatus.CANCELED,
+)
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELED})
+UNFINISHED = (QUEUED, PROCESSING)
+
+
+class WebhookStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def owner_of(api_key: str | None) -> str:
+    """Jobs are owned by a key's hash (never the key itself); anonymous callers share one owner."""
+    return "anonymous" if api_key is None else hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def input_name(job_id: str, extension: str) -> str:
+    """The stored copy of a job's input (the storage names every object a job owns from its id)."""
+    return f"{job_id}_input.{extension}"
+
+
+def output_name(job_id: str, index: int) -> str:
+    return f"{job_id}_{index}.png"
+
+
+@dataclass(frozen=True)
+class Size:
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to run: the validated request without its image, with the seed resolved and the size fixed."""
+
+    prompt: str
+    negative_prompt: str | None
+    model: str
+    strength: float
+    steps: int
+    guidance_scale: float
+    seed: int
+    style: str | None
+    num_images: int
+    webhook_url: str | None
+    asynchronous: bool
+    processed_size: Size
+    effective_steps: int
+
+
+@dataclass(frozen=True)
+class InputImage:
+    url: str  # the caller's URL, or ours for an uploaded image
+    name: str  # the stored copy, read back when the job is (re-)run
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class OutputImage:
+    name: str  # the stored object
+    url: str
+    width: int
+    height: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class JobError:
+    """The spec's error object, as the job ended with it; `code` is one of `errors.ERROR_TABLE`'s."""
+
+    code: str
+    message: str
+    details: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryAttempt:
+    at: str
+    status_code: int | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+@dataclass(frozen=True)
+class WebhookState:
+    url: str
+    status: WebhookStatus = WebhookStatus.PENDING
+    attempts: tuple[DeliveryAttempt, ...] = ()
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Which worker runs a job, until when (epoch seconds); renewed while it runs."""
+
+    owner: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: str
+    status: JobStatus
+    spec: JobSpec
+    input: InputImage
+    created_at: str
+    updated_at: str
+    completed_at: str | None = None
+    images: tuple[OutputImage, ...] = ()
+    error: JobError | None = None
+    webhook: WebhookState | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    request_id: str | None = None  # of the request that created it, for logs
+    run_attempts: int = 0  # how many times a worker claimed it (crash re-runs count)
+    cancel_requested: bool = False
+    steps_done: int = 0  # as of the last store write (live progress is in memory, never written per step)
+    lease: Lease | None = None
+    version: int = 0  # bumped by every store write: the compare-and-set token
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def stored_names(self) -> list[str]:
+        """Every stored object this job owns (retention deletes them with it)."""
+        return [self.input.name, *(image.name for image in self.images)]
+
+    # --- transitions: each returns the new job, or None when it does not apply to this state ---------------
+
+    def claimed(self, worker: str, lease_until: float) -> Job | None:
+        """queued -> processing under `worker`'s lease (a canceled or finished job is not picked up)."""
+        if self.status != QUEUED:
+            return None
+        return dataclasses.replace(
+            self, status=PROCESSING, run_attempts=self.run_attempts + 1, lease=Lease(worker, lease_until)
+        )
+
+    def renewed(self, worker: str, lease_until: float) -> Job | None:
+        if self.status != PROCESSING or self.lease is None or self.lease.owner != worker:
+            return None
+        return dataclasses.replace(self, lease=Lease(worker, lease_until))
+
+    def released(self, worker: str) -> Job | None:
+        """processing -> queued (a retry later); a job whose cancel was requested meanwhile ends canceled."""
+        if self.status != PROCESSING or self.lease is None or self.lease.owner != worker:
+            return None
+        if self.cancel_requested:
+            return self.finished_as(CANCELED)
+        return dataclasses.replace(self, status=QUEUED, lease=None)
+
+    def cancel_requested_now(self) -> Job | None:
+        """A queued job is canceled at once; a running one is asked to stop (its worker decides at the next step)."""
+        if self.status == QUEUED:
+            return self.finished_as(CANCELED)
+        if self.status == PROCESSING and not self.cancel_requested:
+            return dataclasses.replace(self, cancel_requested=True)
+        return None
+
+    def finished_by(
+        self,
+        worker: str,
+        status: JobStatus,
+        *,
+        images: tuple[OutputImage, ...] = (),
+        error: JobError | None = None,
+        steps_done: int | None = None,
+    ) -> Job | None:
+        """processing -> a final state, only by the worker holding the lease (a lost lease loses the result)."""
+        if self.status != PROCESSING or self.lease is None or self.lease.owner != worker:
+            return None
+        return self.finished_as(status, images=images, error=error, steps_done=steps_done)
+
+    def finished_as(
+        self,
+        status: JobStatus,
+        *,
+        images: tuple[OutputImage, ...] = (),
+        error: JobError | None = None,
+        steps_done: int | None = None,
+    ) -> Job:
+        assert status in TERMINAL, status
+        return dataclasses.replace(
+            self,
+            status=status,
+            completed_at=now_iso(),
+            images=images,
+            error=error,
+            lease=None,
+            steps_done=self.steps_done if steps_done is None else steps_done,
+        )
+
+    def with_delivery(self, attempt: DeliveryAttempt, max_attempts: int) -> Job | None:
+        """Record one webhook attempt (delivered on a 2xx, failed after the last one)."""
+        if self.webhook is None or self.webhook.status != WebhookStatus.PENDING:
+            return None
+        attempts = (*self.webhook.attempts, attempt)
+        if attempt.ok:
+            status = WebhookStatus.DELIVERED
+        elif len(attempts) >= max_attempts:
+            status = WebhookStatus.FAILED
+        else:
+            status = WebhookStatus.PENDING
+        return dataclasses.replace(self, webhook=WebhookState(self.webhook.url, status, attempts))
+
+
+_JOB_JSON = TypeAdapter(Job)
+
+
+def job_to_json(job: Job) -> bytes:
+    """The stored form (pydantic serialises the dataclasses; `version` lives in its own column)."""
+    return _JOB_JSON.dump_json(job, exclude={"version"})
+
+
+def job_from_json(raw: str | bytes, *, version: int) -> Job:
+    job = _JOB_JSON.validate_json(raw)
+    return dataclasses.replace(job, version=version)

@@ -1,0 +1,263 @@
+"""The embedded job store: one SQLite file (WAL), for a gateway running as one process.
+
+Every call runs on one dedicated thread (SQLite serialises writes anyway), so a slow or locked database
+stalls job-store calls only, never the event loop or the threads that decode images. Every write is a
+compare-and-set on `version` in the `WHERE`; sqlite3's exceptions become `StoreUnavailable` here and
+nowhere else. The schema is versioned with `PRAGMA user_version`; each migration runs in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.errors import StoreUnavailable
+from gateway.jobs.model import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
+    PROCESSING,
+    QUEUED,
+    Job,
+    WebhookStatus,
+    job_from_json,
+    job_to_json,
+    now_iso,
+)
+from gateway.jobs.store import IdempotencyConflict, StaleJob
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# How long one statement waits for a lock held by another connection before it reports the store unavailable
+# (the runner then retries with backoff, so a longer lock delays jobs but loses none).
+BUSY_TIMEOUT_S = 5.0
+SCHEMA_VERSION = 2
+
+_CREATE_V1 = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    completed_at TEXT,
+    idempotency_key TEXT,
+    webhook_status TEXT,
+    data TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (owner, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
+"""
+_MIGRATE_V2 = """
+ALTER TABLE jobs ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+ALTER TABLE jobs ADD COLUMN lease_expires_at REAL;
+"""
+_COLUMNS = "data, version"
+
+
+def _legacy_to_v2(job_id: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Rows written before schema 2 kept the request as an untyped `params` dict; give them the typed spec."""
+    params = data.pop("params")
+    data["spec"] = {
+        **{k: params[k] for k in ("prompt", "negative_prompt", "model", "strength", "steps", "guidance_scale")},
+        **{k: params[k] for k in ("seed", "style", "num_images", "webhook_url", "processed_size", "effective_steps")},
+        "asynchronous": bool(params.get("asynchronous", False)),
+    }
+    result = data.pop("result", None) or {}
+    data["images"] = [{"name": f"{job_id}_{i}.png", **image} for i, image in enumerate(result.get("images", []))]
+    return data
+
+
+def _statements(script: str) -> list[str]:
+    return [statement.strip() for statement in script.split(";") if statement.strip()]
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """`BEGIN IMMEDIATE` (take the write lock now, not at the first write) ... COMMIT, or ROLLBACK on error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        with suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+class SqliteJobStore:
+    """`JobStore` on one SQLite file (see the module docstring)."""
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstore")
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=busy_timeout_s)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.Error:
+            self._db.close()
+            raise
+
+    def _migrate(self) -> None:
+        """Bring the file to SCHEMA_VERSION under one write lock: a second process starting at the same moment
+        waits, then finds the work done (the version is re-read inside the transaction)."""
+        with _transaction(self._db) as db:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version < 1:
+                for statement in _statements(_CREATE_V1):
+                    db.execute(statement)
+            if version < SCHEMA_VERSION:
+                columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+                if "version" not in columns:
+                    for statement in _statements(_MIGRATE_V2):
+                        db.execute(statement)
+                for job_id, raw in db.execute("SELECT id, data FROM jobs").fetchall():
+                    data = json.loads(raw)
+                    if "params" in data:
+                        upgraded = json.dumps(_legacy_to_v2(job_id, data))
+                        db.execute("UPDATE jobs SET data = ? WHERE id = ?", (upgraded, job_id))
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on the store's thread; the one boundary where sqlite3 errors become ours."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, self._db)
+        except sqlite3.Error as exc:
+            log.warning("job store error: %s", exc)
+            raise StoreUnavailable("The job store is unavailable", "Retry the request later") from exc
+
+    @staticmethod
+    def _load(row: tuple[Any, ...] | None) -> Job | None:
+        return None if row is None else job_from_json(row[0], version=row[1])
+
+    async def create(self, job: Job) -> Job:
+        def run(connection: sqlite3.Connection) -> Job:
+            with _transaction(connection) as db:
+                if job.idempotency_key is not None:
+                    existing = self._load(
+                        db.execute(
+                            f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                            (job.owner, job.idempotency_key),
+                        ).fetchone()
+                    )
+                    if existing is not None:
+                        if existing.request_hash != job.request_hash:
+                            raise IdempotencyConflict(job.idempotency_key)
+                        return existing
+                stored = replace(job, version=1)
+                db.execute(
+                    "INSERT INTO jobs (id, owner, status, created_at, completed_at, idempotency_key, webhook_status,"
+                    " data, version, lease_owner, lease_expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        stored.id,
+                        stored.owner,
+                        stored.status,
+                        stored.created_at,
+                        stored.completed_at,
+                        stored.idempotency_key,
+                        *self._mutable_columns(stored),
+                    ),
+                )
+                return stored
+
+        return await self._call(run)
+
+    @staticmethod
+    def _mutable_columns(job: Job) -> tuple[Any, ...]:
+        return (
+            job.webhook.status if job.webhook else None,
+            job_to_json(job).decode(),
+            job.version,
+            job.lease.owner if job.lease else None,
+            job.lease.expires_at if job.lease else None,
+        )
+
+    async def get(self, job_id: str) -> Job | None:
+        return await self._call(
+            lambda db: self._load(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        )
+
+    async def get_idempotent(self, owner: str, key: str) -> Job | None:
+        return await self._call(
+            lambda db: self._load(
+                db.execute(
+                    f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, key)
+                ).fetchone()
+            )
+        )
+
+    def _write(self, db: sqlite3.Connection, job: Job) -> Job:
+        """Compare-and-set: write `job` with the next version if the row still has `job.version`."""
+        stored = replace(job, version=job.version + 1, updated_at=now_iso())
+        webhook_status, data, version, lease_owner, lease_expires_at = self._mutable_columns(stored)
+        cursor = db.execute(
+            "UPDATE jobs SET status = ?, completed_at = ?, webhook_status = ?, data = ?, version = ?,"
+            " lease_owner = ?, lease_expires_at = ? WHERE id = ? AND version = ?",
+            (stored.status, stored.completed_at, webhook_status, data, version, lease_owner, lease_expires_at,
+             job.id, job.version),
+        )  # fmt: skip
+        if cursor.rowcount != 1:
+            raise StaleJob(self._load(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job.id,)).fetchone()))
+        return stored
+
+    async def update(self, job: Job) -> Job:
+        return await self._call(lambda db: self._write(db, job))
+
+    async def _conditional(self, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
+        """Read and compare-and-set in one transaction on the store's thread (no other writer can interleave)."""
+
+        def run(connection: sqlite3.Connection) -> Job | None:
+            with _transaction(connection) as db:
+                job = self._load(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+                proposed = None if job is None else change(job)
+                return None if proposed is None else self._write(db, proposed)
+
+        return await self._call(run)
+
+    async def claim(self, job_id: str, worker: str, lease_until: float) -> Job | None:
+        return await self._conditional(job_id, lambda job: job.claimed(worker, lease_until))
+
+    async def renew(self, job_id: str, worker: str, lease_until: float) -> Job | None:
+        return await self._conditional(job_id, lambda job: job.renewed(worker, lease_until))
+
+    async def _select(self, sql: str, args: tuple[Any, ...] = ()) -> list[Job]:
+        rows = await self._call(lambda db: db.execute(sql, args).fetchall())
+        return [job for job in map(self._load, rows) if job is not None]
+
+    async def unfinished(self) -> list[Job]:
+        return await self._select(
+            f"SELECT {_COLUMNS} FROM jobs WHERE status IN (?, ?) ORDER BY created_at", (QUEUED, PROCESSING)
+        )
+
+    async def undelivered(self) -> list[Job]:
+        return await self._select(
+            f"SELECT {_COLUMNS} FROM jobs WHERE webhook_status = ? AND status IN (?, ?, ?) ORDER BY created_at",
+            (WebhookStatus.PENDING, COMPLETED, FAILED, CANCELED),
+        )
+
+    async def expired(self, before: str) -> list[Job]:
+        return await self._select(
+            f"SELECT {_COLUMNS} FROM jobs WHERE completed_at IS NOT NULL AND completed_at < ?"
+            " AND (webhook_status IS NULL OR webhook_status != ?)",
+            (before, WebhookStatus.PENDING),
+        )
+
+    async def delete(self, job_id: str) -> None:
+        await self._call(lambda db: db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)))
+
+    async def close(self) -> None:
+        await self._call(lambda db: db.close())
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,98 @@
+"""The job-store contract: what the runner needs from a durable store, whatever the engine behind it.
+
+Every write is a compare-and-set on the job's `version`: `update(job)` succeeds only if the stored row still
+has `job.version`, so the loser of a race learns it (`StaleJob`) and re-decides from the winner's copy. The
+lease methods (`claim`, `renew`, `release`) are what a shared store needs for several replicas; SQLite
+implements them for one process, PostgreSQL can implement them with `FOR UPDATE SKIP LOCKED`.
+
+Stores raise `StoreUnavailable` (never their driver's exceptions) when the engine does not answer, so the
+runner can retry with backoff without knowing which engine it talks to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from gateway.jobs.model import Job
+
+
+class StaleJob(Exception):
+    """A compare-and-set lost: the stored job changed since it was read (`current` is the stored copy)."""
+
+    def __init__(self, current: Job | None) -> None:
+        super().__init__(current.id if current else "job deleted")
+        self.current = current
+
+
+class IdempotencyConflict(Exception):
+    """The key was used before with another request body."""
+
+
+class JobStore(Protocol):
+    async def create(self, job: Job) -> Job:
+        """Insert `job`; with an idempotency key already used by this owner, return that job instead
+        (raise IdempotencyConflict when its request hash differs). Exactly one of concurrent creates wins."""
+        ...
+
+    async def get(self, job_id: str) -> Job | None: ...
+
+    async def get_idempotent(self, owner: str, key: str) -> Job | None: ...
+
+    async def update(self, job: Job) -> Job:
+        """Write `job` if the stored version is still `job.version`; return it with the new version.
+        Raise StaleJob (carrying the stored copy) otherwise."""
+        ...
+
+    async def claim(self, job_id: str, worker: str, lease_until: float) -> Job | None:
+        """queued -> processing under `worker`'s lease; None if the job is not queued (canceled, taken)."""
+        ...
+
+    async def renew(self, job_id: str, worker: str, lease_until: float) -> Job | None:
+        """Extend `worker`'s lease; None when it no longer holds it. The returned copy carries
+        `cancel_requested`, so a worker learns of a cancel sent to another replica at its next renewal."""
+        ...
+
+    async def unfinished(self) -> list[Job]:
+        """Queued or processing jobs, oldest first (restart recovery)."""
+        ...
+
+    async def undelivered(self) -> list[Job]:
+        """Finished jobs whose webhook is still pending (restart recovery)."""
+        ...
+
+    async def expired(self, before: str) -> list[Job]:
+        """Finished jobs completed before `before` whose webhook is settled (retention)."""
+        ...
+
+    async def delete(self, job_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+Transition = Callable[[Job], Job | None]
+
+
+async def transition(store: JobStore, job: Job, change: Transition, *, max_rounds: int = 16) -> tuple[Job, bool]:
+    """Apply `change` with compare-and-set, re-reading on a lost race: returns (stored job, whether it applied).
+
+    `change` returns the new job, or None when it does not apply to the current state (the caller then sees
+    the winner's copy and `False`). Each round re-evaluates on the freshest copy, so the decision is always
+    made on what is stored, never on a stale read.
+    """
+    current: Job | None = job
+    fresh = False  # `job` may be an old read: a "does not apply" verdict on it is confirmed on a fresh copy
+    for _ in range(max_rounds):
+        if current is None:
+            raise StaleJob(None)
+        proposed = change(current)
+        if proposed is None:
+            if fresh:
+                return current, False
+            current, fresh = await store.get(current.id), True
+            continue
+        try:
+            return await store.update(proposed), True
+        except StaleJob as lost:
+            current, fresh = lost.current, True
+    raise StaleJob(current)  # a job contended past max_rounds is a bug worth a loud failure

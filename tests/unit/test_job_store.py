@@ -1,0 +1,398 @@
+"""The `JobStore` contract, run against SqliteJobStore and the in-memory fake; SQLite's own migration and
+locking; and the webhook signing helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import StoreUnavailable
+from gateway.jobs import webhooks
+from gateway.jobs.create import request_hash
+from gateway.jobs.model import (
+    CANCELED,
+    COMPLETED,
+    PROCESSING,
+    QUEUED,
+    DeliveryAttempt,
+    Job,
+    JobStatus,
+    OutputImage,
+    Size,
+    WebhookStatus,
+    now_iso,
+    owner_of,
+)
+from gateway.jobs.sqlite import SCHEMA_VERSION, SqliteJobStore
+from gateway.jobs.store import IdempotencyConflict, JobStore, StaleJob, transition
+from tests.unit.fakes import InMemoryJobStore, make_job
+
+LEASE = 10_000.0
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    made: JobStore = SqliteJobStore(tmp_path / "jobs.sqlite3") if request.param == "sqlite" else InMemoryJobStore()
+    yield made
+    await made.close()
+
+
+def _image(job_id: str) -> OutputImage:
+    return OutputImage(name=f"{job_id}_0.png", url="http://x/a.png", width=16, height=16, seed=1)
+
+
+# --- the contract ------------------------------------------------------------------------------------------
+
+
+async def test_round_trip_and_queries(store: JobStore) -> None:
+    a = await store.create(make_job("a", webhook="http://h/x"))
+    await store.create(make_job("b"))
+    assert a.version == 1 and await store.get("a") == a
+    claimed = await store.claim("a", "w", LEASE)
+    assert claimed is not None
+    done = await store.update(claimed.finished_by("w", COMPLETED, images=(_image("a"),), steps_done=2))  # type: ignore[arg-type]
+    got = await store.get("a")
+    assert got == done and got is not None
+    assert got.status == COMPLETED and got.images == (_image("a"),) and got.lease is None and got.steps_done == 2
+    assert got.webhook is not None and got.webhook.url == "http://h/x" and got.webhook.status == WebhookStatus.PENDING
+    assert isinstance(got.status, JobStatus) and isinstance(got.spec.processed_size, Size)
+    assert [j.id for j in await store.unfinished()] == ["b"]
+    assert [j.id for j in await store.undelivered()] == ["a"]  # completed, webhook still pending
+    assert await store.expired(now_iso()) == []  # a pending webhook keeps a job alive
+    delivered = got.with_delivery(DeliveryAttempt(now_iso(), 204, None), max_attempts=3)
+    assert delivered is not None
+    await store.update(delivered)
+    assert await store.undelivered() == []
+    await asyncio.sleep(0.002)
+    assert [j.id for j in await store.expired(now_iso())] == ["a"]
+    await store.delete("a")
+    assert await store.get("a") is None
+    assert await store.get("missing") is None
+
+
+async def test_unfinished_oldest_first(store: JobStore) -> None:
+    for i, job_id in enumerate(["c", "a", "b"]):
+        await store.create(make_job(job_id, created_at=f"2024-01-01T00:00:0{3 - i}.000Z"))
+    assert [j.id for j in await store.unfinished()] == ["b", "a", "c"]
+
+
+async def test_idempotency_per_owner(store: JobStore) -> None:
+    first = await store.create(make_job("1", key="k", body="same"))
+    again = await store.create(make_job("2", key="k", body="same"))
+    assert again.id == first.id == "1"  # the retry gets the original job
+    with pytest.raises(IdempotencyConflict):
+        await store.create(make_job("3", key="k", body="other"))
+    other_owner = await store.create(make_job("4", owner="p", key="k", body="other"))
+    assert other_owner.id == "4"  # keys are scoped to their owner
+    found = await store.get_idempotent("o", "k")
+    assert found is not None and found.id == "1"
+    assert await store.get_idempotent("o", "nope") is None
+    assert await store.get("2") is None and await store.get("3") is None
+
+
+async def test_concurrent_creates_with_one_key_make_one_job(store: JobStore) -> None:
+    created = await asyncio.gather(*(store.create(make_job(f"j{i}", key="k", body="b")) for i in range(20)))
+    assert len({job.id for job in created}) == 1
+    assert len(await store.unfinished()) == 1
+
+
+async def test_update_is_compare_and_set(store: JobStore) -> None:
+    v1 = await store.create(make_job("a"))
+    v2 = await store.update(dataclasses.replace(v1, steps_done=1))
+    assert v2.version == 2 and v2.steps_done == 1 and v2.updated_at >= v1.updated_at
+    with pytest.raises(StaleJob) as lost:
+        await store.update(dataclasses.replace(v1, steps_done=9))  # written from a stale read
+    assert lost.value.current == v2  # the loser learns the winner's copy
+    assert await store.get("a") == v2
+    await store.delete("a")
+    with pytest.raises(StaleJob) as gone:
+        await store.update(v2)
+    assert gone.value.current is None
+
+
+async def test_claim_only_from_queued_and_once(store: JobStore) -> None:
+    await store.create(make_job("a"))
+    claimed = await store.claim("a", "w1", LEASE)
+    assert claimed is not None and claimed.status == PROCESSING and claimed.run_attempts == 1
+    assert claimed.lease is not None and claimed.lease.owner == "w1" and claimed.lease.expires_at == LEASE
+    assert claimed.version == 2
+    assert await store.claim("a", "w2", LEASE) is None  # taken
+    assert await store.claim("a", "w1", LEASE) is None  # even by the same worker
+    assert await store.get("a") == claimed
+    canceled = await store.create(make_job("b"))
+    await store.update(canceled.finished_as(CANCELED))
+    assert await store.claim("b", "w1", LEASE) is None  # a canceled job is not picked up
+    assert await store.claim("missing", "w1", LEASE) is None
+
+
+async def test_renew_only_by_the_holder(store: JobStore) -> None:
+    await store.create(make_job("a"))
+    assert await store.renew("a", "w1", LEASE) is None  # queued: nobody holds it
+    claimed = await store.claim("a", "w1", 1.0)
+    assert claimed is not None
+    assert await store.renew("a", "w2", LEASE) is None
+    renewed = await store.renew("a", "w1", LEASE)
+    assert renewed is not None and renewed.lease is not None and renewed.lease.expires_at == LEASE
+    assert renewed.version == claimed.version + 1
+    asked = await store.update(renewed.cancel_requested_now())  # type: ignore[arg-type]
+    again = await store.renew("a", "w1", LEASE + 1)
+    assert again is not None and again.cancel_requested  # the renewal tells the worker of the cancel
+    finished = await store.update(again.finished_by("w1", CANCELED))  # type: ignore[arg-type]
+    assert asked.version < again.version < finished.version
+    assert await store.renew("a", "w1", LEASE) is None  # finished
+    assert await store.renew("missing", "w1", LEASE) is None
+
+
+async def test_transition_rereads_a_stale_copy(store: JobStore) -> None:
+    await store.create(make_job("a"))
+    stale = await store.claim("a", "w", LEASE)
+    assert stale is not None
+    # Another actor writes meanwhile: a cancel request.
+    await store.update(stale.cancel_requested_now())  # type: ignore[arg-type]
+    stored, applied = await transition(store, stale, lambda j: j.finished_by("w", COMPLETED, images=(_image("a"),)))
+    assert applied and stored.status == COMPLETED and stored.cancel_requested  # decided on the fresh copy
+    assert stored.version == stale.version + 2
+    # A verdict "does not apply" on a stale copy is confirmed on a fresh one: here the fresh one applies.
+    await store.create(make_job("b"))
+    taken = await store.claim("b", "w", LEASE)
+    asked = await store.update(taken.cancel_requested_now())  # type: ignore[union-attr,arg-type]
+    requeued = await store.update(dataclasses.replace(asked, status=QUEUED, lease=None, cancel_requested=False))
+    stored, applied = await transition(store, asked, Job.cancel_requested_now)  # None on `asked`
+    assert applied and stored.status == CANCELED and stored.version == requeued.version + 1
+    # And when it does not apply to the fresh copy either, the caller gets the fresh copy and False.
+    stored_again, applied = await transition(store, asked, Job.cancel_requested_now)
+    assert not applied and stored_again == stored
+    await store.delete("b")
+    with pytest.raises(StaleJob):
+        await transition(store, stored, lambda j: dataclasses.replace(j, steps_done=1))
+
+
+async def test_versions_strictly_increase(store: JobStore) -> None:
+    job = await store.create(make_job("a", webhook="http://h"))
+    versions = [job.version]
+    job = await store.claim("a", "w", LEASE)  # type: ignore[assignment]
+    versions.append(job.version)
+    job = await store.renew("a", "w", LEASE)  # type: ignore[assignment]
+    versions.append(job.version)
+    job = await store.update(job.finished_by("w", COMPLETED))  # type: ignore[arg-type]
+    versions.append(job.version)
+    job = await store.update(job.with_delivery(DeliveryAttempt(now_iso(), 500, None), 2))  # type: ignore[arg-type]
+    versions.append(job.version)
+    assert versions == sorted(set(versions)) == list(range(1, 6))
+
+
+# --- SQLite only -----------------------------------------------------------------------------------------
+
+
+async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    await store.create(make_job("x"))
+    claimed = await store.claim("x", "w", LEASE)
+    await store.close()
+    reopened = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    try:
+        [job] = await reopened.unfinished()
+        assert job == claimed and job.status == PROCESSING and job.lease is not None and job.lease.owner == "w"
+    finally:
+        await reopened.close()
+
+
+_LEGACY_SCHEMA = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    completed_at TEXT,
+    idempotency_key TEXT,
+    webhook_status TEXT,
+    data TEXT NOT NULL
+);
+CREATE UNIQUE INDEX jobs_idempotency ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX jobs_status ON jobs (status, created_at);
+"""
+
+
+def _legacy_row(job_id: str, status: str, **extra: object) -> dict[str, object]:
+    """A row as `gateway/jobs.py` before schema 2 wrote it (`asdict` of its mutable Job)."""
+    return {
+        "id": job_id,
+        "owner": owner_of("key"),
+        "status": status,
+        "params": {
+            "prompt": "a cat",
+            "negative_prompt": None,
+            "model": "imagen-v2",
+            "strength": 0.8,
+            "steps": 10,
+            "guidance_scale": 7.5,
+            "seed": 1234,
+            "style": None,
+            "num_images": 2,
+            "webhook_url": "http://hook.test/x",
+            "processed_size": {"width": 64, "height": 48},
+            "effective_steps": 8,
+            "asynchronous": True,
+        },
+        "input": {"url": "http://img.test/a.png", "name": f"{job_id}_input.png", "width": 70, "height": 50},
+        "created_at": "2024-05-01T10:00:00.000Z",
+        "updated_at": "2024-05-01T10:00:01.000Z",
+        "completed_at": None,
+        "result": None,
+        "error": None,
+        "webhook": {"url": "http://hook.test/x", "status": "pending", "attempts": []},
+        "idempotency_key": "idem",
+        "request_hash": "h",
+        "run_attempts": 1,
+        "cancel_requested": False,
+        "steps_done": 0,
+        **extra,
+    }
+
+
+async def test_sqlite_migrates_a_legacy_v1_file(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(_LEGACY_SCHEMA)
+    running = _legacy_row("img_transform_old1", "processing")
+    done = _legacy_row(
+        "img_transform_old2",
+        "completed",
+        completed_at="2024-05-01T10:00:05.000Z",
+        result={"images": [{"url": "http://g/a_0.png", "width": 64, "height": 48, "seed": 1234}]},
+        webhook={
+            "url": "http://hook.test/x",
+            "status": "delivered",
+            "attempts": [{"at": "2024-05-01T10:00:06.000Z", "status_code": 200, "error": None}],
+        },
+        idempotency_key=None,
+    )
+    for row in (running, done):
+        old.execute(
+            "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row["id"],
+                row["owner"],
+                row["status"],
+                row["created_at"],
+                row["completed_at"],
+                row["idempotency_key"],
+                row["webhook"]["status"],  # type: ignore[index]
+                json.dumps(row),
+            ),
+        )
+    old.commit()
+    old.close()
+
+    store = SqliteJobStore(path)
+    try:
+        job = await store.get("img_transform_old1")
+        assert job is not None
+        assert job.status == PROCESSING and isinstance(job.status, JobStatus)
+        assert job.spec.processed_size == Size(64, 48) and job.spec.seed == 1234 and job.spec.asynchronous
+        assert job.spec.effective_steps == 8 and job.spec.num_images == 2 and job.spec.webhook_url == "http://hook.test/x"
+        assert job.input.name == "img_transform_old1_input.png" and job.input.width == 70
+        assert job.webhook is not None and job.webhook.status == WebhookStatus.PENDING
+        assert job.run_attempts == 1 and job.lease is None and job.images == ()
+        assert [j.id for j in await store.unfinished()] == ["img_transform_old1"]
+        assert await store.get_idempotent(owner_of("key"), "idem") == job
+        finished = await store.get("img_transform_old2")
+        assert finished is not None and finished.status == COMPLETED
+        assert finished.images == (
+            OutputImage(name="img_transform_old2_0.png", url="http://g/a_0.png", width=64, height=48, seed=1234),
+        )
+        assert finished.webhook is not None and finished.webhook.attempts[0].ok
+        assert finished.stored_names == ["img_transform_old2_input.png", "img_transform_old2_0.png"]
+        # Migrated rows take part in compare-and-set like new ones.
+        updated = await store.update(dataclasses.replace(job, steps_done=3))
+        assert updated.version == job.version + 1
+        with pytest.raises(StaleJob):
+            await store.update(job)
+    finally:
+        await store.close()
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    check.close()
+    again = SqliteJobStore(path)  # a second open finds the work done
+    try:
+        assert (await again.get("img_transform_old1")) is not None
+    finally:
+        await again.close()
+
+
+async def test_sqlite_locked_file_is_unavailable_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    store = SqliteJobStore(path, busy_timeout_s=0.05)
+    try:
+        created = await store.create(make_job("a"))
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreUnavailable):
+                await store.create(make_job("b"))
+            with pytest.raises(StoreUnavailable):
+                await store.claim("a", "w", LEASE)
+            with pytest.raises(StoreUnavailable):
+                await store.update(dataclasses.replace(created, steps_done=1))
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        # The failed writes left nothing behind, and the store works again.
+        assert await store.get("a") == created and await store.get("b") is None
+        assert (await store.claim("a", "w", LEASE)) is not None
+        assert (await store.create(make_job("b"))).version == 1
+    finally:
+        await store.close()
+
+
+# --- owners and webhooks -----------------------------------------------------------------------------------
+
+
+def test_owner_is_a_hash_of_the_key() -> None:
+    assert owner_of(None) == "anonymous"
+    assert owner_of("secret-key") != "secret-key" and len(owner_of("secret-key")) == 64
+    assert owner_of("a") == owner_of("a") != owner_of("b")
+
+
+def test_request_hash_ignores_key_order_and_spacing() -> None:
+    assert request_hash({"a": 1, "b": [1, 2]}) == request_hash({"b": [1, 2], "a": 1})
+    assert request_hash({"a": 1}) != request_hash({"a": 2})
+
+
+def test_signature_round_trip_and_tampering() -> None:
+    secret = webhooks.key_secret("server-secret", owner_of("k"))
+    assert secret.startswith("whsec_") and secret != webhooks.key_secret("server-secret", owner_of("k2"))
+    body = b'{"id":"img_transform_1","status":"completed"}'
+    headers = webhooks.signed_headers(secret, "img_transform_1", body)
+    assert headers[webhooks.ID_HEADER] == "img_transform_1"
+    assert webhooks.verify(secret, headers, body)
+    assert not webhooks.verify(secret, headers, body[:-1])
+    assert not webhooks.verify(webhooks.key_secret("other", owner_of("k")), headers, body)
+    assert not webhooks.verify(secret, {k: v for k, v in headers.items() if k != webhooks.TIMESTAMP_HEADER}, body)
+    stale = {**headers, webhooks.TIMESTAMP_HEADER: str(int(time.time()) - 3600)}
+    stale[webhooks.SIGNATURE_HEADER] = webhooks.sign(secret, int(stale[webhooks.TIMESTAMP_HEADER]), body)
+    assert not webhooks.verify(secret, stale, body), "old timestamps are replays"
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    rng = random.Random(0)
+    delays = [webhooks.backoff_s(n, 1.0, rng) for n in range(1, 8)]
+    for n, delay in enumerate(delays, start=1):
+        assert 0.5 * 2 ** (n - 1) <= delay <= 1.5 * 2 ** (n - 1)
+    assert webhooks.backoff_s(30, 1.0, rng) <= webhooks.MAX_BACKOFF_S * 1.5
+
+
+def test_secret_is_generated_once_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    first = webhooks.load_or_create_secret(None, path)
+    assert webhooks.load_or_create_secret(None, path) == first and len(first) == 64
+    assert webhooks.load_or_create_secret("configured", path) == "configured"
+    assert path.stat().st_mode & 0o077 == 0
