@@ -44,14 +44,14 @@ log = logging.getLogger("gateway")
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
+    assert isinstance(exc, ApiError)  # noqa: S101 (Starlette dispatches handlers by exception type)
     return error_response(exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own HTTPExceptions (routing, form parsing) become errors of our table, keeping their
     headers: a 405 carries `Allow` (RFC 9110)."""
-    assert isinstance(exc, HTTPException)
+    assert isinstance(exc, HTTPException)  # noqa: S101 (Starlette dispatches handlers by exception type)
     headers = dict(exc.headers or {})
     error: ApiError
     if exc.status_code == 405:
@@ -91,13 +91,10 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
             log.warning("no pipeline manifests in %s", settings.model_repository)
         pipelines = {name: Img2ImgPipeline(m, triton) for name, m in manifests.items()}
         # 2. Media: storage and the guarded outbound HTTP client (image URLs, webhooks).
-        storage = LocalStorage(settings.storage_dir)
+        storage = LocalStorage(settings.storage_dir, base_url=settings.base_url)
         http = netguard.make_client()  # no redirects, no proxies from the environment: netguard decides
         policy = OutboundPolicy.from_settings(settings)
         decoded = DecodedInputs()
-
-        def url_for(name: str) -> str:
-            return f"{settings.base_url}/v1/images/{name}"
 
         async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
             # No redirects: a 307/308 would resend the signature to another origin.
@@ -122,7 +119,7 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
         secret = load_or_create_secret(settings.webhook_secret, settings.jobs_db.with_suffix(".webhook-secret"))
         jobs = JobManager(
             store,
-            JobExecutor(pipelines, storage, decoded, url_for),
+            JobExecutor(pipelines, storage, decoded),
             storage,
             settings,
             poster=post,
@@ -139,7 +136,6 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
             http=http,
             policy=policy,
             fetch_timeout_s=settings.fetch_timeout_s,
-            url_for=url_for,
         )
         handlers.services = Services(
             settings=settings,

@@ -339,6 +339,12 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.store_retries = Counter(
+            "imagen_job_store_retries",
+            "Store operations a worker retried because the job store did not answer (locked, disk full)",
+            ["operation"],
+            registry=self.registry,
+        )
         for status in JOB_STATUSES:  # export zeros from the start, so rate() sees the first increment
             self.jobs.labels(status=status)
         for outcome in WEBHOOK_OUTCOMES:
@@ -378,6 +384,8 @@ class Metrics:
             self.set_queue_depth(int(queued), int(running))
         elif event == "webhook":
             self.record_webhook(str(value))
+        elif event == "store_retry":
+            self.store_retries.labels(operation=str(value)).inc()
 
     async def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition (format negotiated from `Accept`) and its content type, with fresh Triton counts."""

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-from gateway.http.auth import load_api_keys
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository" / "models"
 DEFAULT_TRITON_ENV = PROJECT_ROOT / ".venv-triton"
 DEFAULT_STORAGE = PROJECT_ROOT / "var" / "images"
 _TRUE = {"1", "true", "yes", "on"}
+# RFC 6750 b64token: the only characters a bearer token can carry in an Authorization header.
+API_KEY_PATTERN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+COMMENT_PREFIX = "#"
 
 
 @dataclass(frozen=True)
@@ -148,3 +150,28 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not export the tiny demo pipelines when the repository is empty",
     )
     parser.add_argument("--log-level", help="uvicorn/gateway log level (default info)")
+
+
+def load_api_keys(env_value: str | None, keys_file: Path | None) -> frozenset[str]:
+    """Union of a comma-separated env value and a file with one key per line.
+
+    In the file, blank lines and lines starting with `#` are ignored. A key that could never be sent as a
+    bearer token (spaces, non-ASCII...) raises ValueError at startup, naming where it is but not the key.
+    A missing file raises FileNotFoundError: a configured key file that is absent is a deployment error.
+    """
+    found: list[tuple[str, str]] = []
+    if env_value:
+        found.extend((key.strip(), f"env entry {i + 1}") for i, key in enumerate(env_value.split(",")))
+    if keys_file is not None:
+        for number, line in enumerate(keys_file.read_text(encoding="utf-8").splitlines(), start=1):
+            stripped = line.strip()
+            if not stripped.startswith(COMMENT_PREFIX):
+                found.append((stripped, f"{keys_file}:{number}"))
+    keys: set[str] = set()
+    for key, where in found:
+        if not key:
+            continue
+        if not API_KEY_PATTERN.fullmatch(key):
+            raise ValueError(f"API key at {where} is not a valid bearer token (RFC 6750 b64token)")
+        keys.add(key)
+    return frozenset(keys)

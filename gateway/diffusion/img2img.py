@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from gateway.diffusion import sampling as math
 from gateway.diffusion.manifest import PipelineManifest
 from gateway.diffusion.schedulers import make_scheduler
+from gateway.errors import BackendError
 from gateway.triton.client import TritonEngine
 
 
@@ -135,4 +136,6 @@ class Img2ImgPipeline:
             "vae_decoder",
             {"latent_sample": math.denormalize_latents_for_decode(latents, m.scaling_factor, m.shift_factor)},
         )
+        if not np.all(np.isfinite(decoded)):  # the classic fp16 VAE overflow: an error, not arbitrary pixels
+            raise BackendError("The model produced an invalid image", "Decoder output contains NaN or infinity")
         return GenerationResult(images=decoded)

@@ -13,12 +13,15 @@ import numpy as np
 from gateway.diffusion.schedulers import SUPPORTED_SCHEDULERS, Scheduler, default_config
 
 __all__ = [
+    "MAX_SEED",
+    "MIN_SEED",
     "apply_guidance",
     "denormalize_latents_for_decode",
     "do_classifier_free_guidance",
     "draw_noise",
     "draw_noise_from",
     "get_img2img_timesteps",
+    "image_seeds",
     "img2img_effective_steps",
     "img2img_scheduler_config",
     "noise_generator",
@@ -47,6 +50,15 @@ def get_img2img_timesteps(scheduler: Scheduler, num_inference_steps: int, streng
     timesteps = scheduler.timesteps[begin:]
     scheduler.set_begin_index(begin)
     return timesteps, num_inference_steps - t_start
+
+
+MIN_SEED = 0
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding range; what most clients expect a "seed" to be
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """Image i of a request uses seed + i (wrapping at MAX_SEED), so any image can be reproduced alone."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
 
 
 def noise_generator(seed: int) -> np.random.Generator:

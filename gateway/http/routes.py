@@ -107,7 +107,8 @@ class Handlers:
 
     @property
     def s(self) -> Services:
-        assert self.services is not None, "lifespan not started"
+        if self.services is None:
+            raise RuntimeError("the app's lifespan has not started")
         return self.services
 
     def _auth(self, request: Request) -> str | None:

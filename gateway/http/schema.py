@@ -28,7 +28,7 @@ from pydantic.config import JsonDict
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
-from gateway.diffusion.sampling import img2img_effective_steps
+from gateway.diffusion.sampling import MAX_SEED, MIN_SEED, img2img_effective_steps
 from gateway.diffusion.styles import STYLE_PRESETS, StylePreset
 from gateway.errors import ERROR_TABLE, InvalidRequest
 from gateway.media import codecs
@@ -47,8 +47,6 @@ MIN_STEPS = 1
 MAX_STEPS = 150
 MIN_GUIDANCE_SCALE = 0.0
 MAX_GUIDANCE_SCALE = 20.0
-MIN_SEED = 0
-MAX_SEED = 2**32 - 1  # numpy's legacy seeding range; what most clients expect a "seed" to be
 MIN_NUM_IMAGES = 1
 MAX_NUM_IMAGES = 4
 MAX_PROMPT_CHARS = 2000

@@ -38,7 +38,7 @@ def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
         ),
         error=None
         if job.error is None
-        else schema.ErrorObject(code=job.error.code, message=job.error.message, details=job.error.details),  # type: ignore[arg-type]
+        else schema.ErrorObject(code=job.error.code, message=job.error.message, details=job.error.details),
         webhook=None
         if job.webhook is None
         else schema.WebhookState(

@@ -7,16 +7,16 @@ import hashlib
 import json
 import secrets
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
 
 from gateway.diffusion.img2img import Img2ImgPipeline
-from gateway.diffusion.sampling import img2img_effective_steps
+from gateway.diffusion.sampling import MAX_SEED, img2img_effective_steps
 from gateway.errors import IdempotencyKeyReused
-from gateway.jobs.execute import MAX_SEED, DecodedInputs, resolve_pipeline
+from gateway.jobs.execute import DecodedInputs, resolve_pipeline
 from gateway.jobs.model import QUEUED, InputImage, Job, JobSpec, Size, WebhookState, input_name, now_iso
 from gateway.jobs.runner import JobManager
 from gateway.jobs.store import IdempotencyConflict, JobStore
@@ -94,7 +94,6 @@ class CreateJob:
         http: httpx.AsyncClient,
         policy: OutboundPolicy,
         fetch_timeout_s: float,
-        url_for: Callable[[str], str],
     ) -> None:
         self.pipelines = pipelines
         self.store = store
@@ -104,7 +103,6 @@ class CreateJob:
         self.http = http
         self.policy = policy
         self.fetch_timeout_s = fetch_timeout_s
-        self.url_for = url_for
 
     async def __call__(self, request: ImageToImageParams, caller: Caller) -> Job:
         # 1. An idempotent retry gets the job it created (a key reused for another body is a conflict).
@@ -135,7 +133,7 @@ class CreateJob:
             status=QUEUED,
             spec=self._spec(request, caller, Size(width, height)),
             input=InputImage(
-                url=source_url or self.url_for(stored), name=stored, width=image.width, height=image.height
+                url=source_url or self.storage.url_for(stored), name=stored, width=image.width, height=image.height
             ),
             created_at=created_at,
             updated_at=created_at,
@@ -195,5 +193,4 @@ class CreateJob:
                 policy=self.policy,
             )
             return data, source.url
-        assert source.data is not None
-        return source.data, None
+        return source.data or b"", None  # parse_image_field gives a URL or non-empty bytes

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from PIL import Image
 
 from gateway.diffusion.img2img import Generation, Img2ImgPipeline
+from gateway.diffusion.sampling import image_seeds
 from gateway.diffusion.styles import STYLE_PRESETS, apply_style
 from gateway.errors import InternalError, ModelNotFound
 from gateway.jobs.model import Job, OutputImage, output_name
@@ -16,7 +17,6 @@ from gateway.media import codecs
 from gateway.media.storage import Storage
 
 DECODED_CACHE_SIZE = 32
-MAX_SEED = 2**32 - 1  # seeds of image i are (seed + i) mod 2^32, the request's seed range
 
 
 def resolve_pipeline(pipelines: Mapping[str, Img2ImgPipeline], model: str) -> Img2ImgPipeline:
@@ -51,12 +51,10 @@ class JobExecutor:
         pipelines: Mapping[str, Img2ImgPipeline],
         storage: Storage,
         decoded: DecodedInputs,
-        url_for: Callable[[str], str],
     ) -> None:
         self.pipelines = pipelines
         self.storage = storage
         self.decoded = decoded
-        self.url_for = url_for
 
     async def __call__(
         self, job: Job, *, on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
@@ -74,7 +72,7 @@ class JobExecutor:
         size = (spec.processed_size.width, spec.processed_size.height)
         tensor = await asyncio.to_thread(codecs.image_to_tensor, image, size)
         prompt, negative = apply_style(spec.prompt, spec.negative_prompt, STYLE_PRESETS.get(spec.style or ""))
-        seeds = [(spec.seed + i) % (MAX_SEED + 1) for i in range(spec.num_images)]
+        seeds = image_seeds(spec.seed, spec.num_images)
         # 3. Denoise.
         result = await pipeline(
             Generation(
@@ -94,5 +92,7 @@ class JobExecutor:
         for i, sample in enumerate(result.images):
             name = output_name(job.id, i)
             await self.storage.put(name, await asyncio.to_thread(codecs.tensor_to_png, sample), "image/png")
-            images.append(OutputImage(name=name, url=self.url_for(name), width=size[0], height=size[1], seed=seeds[i]))
+            images.append(
+                OutputImage(name=name, url=self.storage.url_for(name), width=size[0], height=size[1], seed=seeds[i])
+            )
         return tuple(images)

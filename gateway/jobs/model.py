@@ -222,7 +222,8 @@ class Job:
         error: JobError | None = None,
         steps_done: int | None = None,
     ) -> Job:
-        assert status in TERMINAL, status
+        if status not in TERMINAL:
+            raise ValueError(f"{status} is not a final state")
         return dataclasses.replace(
             self,
             status=status,

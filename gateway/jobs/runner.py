@@ -141,10 +141,10 @@ class JobManager:
         a cancel it was asked for is honoured, a synchronous one (its caller is gone) fails `interrupted`, one
         that already crashed `max_run_attempts` runs fails `run_attempts_exhausted`, the rest run again.
         """
-        for job in await self.store.unfinished():
+        for job in await self._retrying("recovery", "-", self.store.unfinished):
             await self._recover(job)
-        for job in await self.store.undelivered():
-            self._spawn(self._deliver(job))
+        for job in await self._retrying("recovery", "-", self.store.undelivered):
+            self._start_delivery(job)
         for _ in range(self.settings.max_running_jobs):
             self._spawn(self._worker())
         self._spawn(self._retention_loop())
@@ -170,7 +170,7 @@ class JobManager:
             change = lambda j: j.finished_as(FAILED, error=error) if not j.finished else None  # noqa: E731
         else:
             change = lambda j: replace(j, status=QUEUED, lease=None) if not j.finished else None  # noqa: E731
-        stored, applied = await transition(self.store, job, change)
+        stored, applied = await self._retrying("recovery", job.id, lambda: transition(self.store, job, change))
         if not applied:
             return
         if stored.finished:
@@ -250,13 +250,27 @@ class JobManager:
 
     async def wait(self, job_id: str) -> Job:
         """The job once final (a synchronous request waits here)."""
-        event = self._done.setdefault(job_id, asyncio.Event())
-        job = await self.store.get(job_id)
-        while job is None or not job.finished:
-            await event.wait()
+        job = await self._existing(job_id)
+        while not job.finished:
             event = self._done.setdefault(job_id, asyncio.Event())
-            job = await self.store.get(job_id)
+            job = await self._existing(job_id)  # a final state written before the event existed is seen here
+            if not job.finished:
+                await event.wait()
+                job = await self._existing(job_id)
+        self._release_waiters(job_id)
         return job
+
+    async def _existing(self, job_id: str) -> Job:
+        job = await self.store.get(job_id)
+        if job is None:
+            raise NotFound("Job not found", f"No job '{job_id}'")
+        return job
+
+    def _release_waiters(self, job_id: str) -> None:
+        """Wake everyone waiting for this job and forget it: no per-job state outlives a final state."""
+        event = self._done.pop(job_id, None)
+        if event is not None:
+            event.set()
 
     async def cancel(self, job_id: str, owner: str) -> Job:
         """Cancel: a queued job ends `canceled` now; a running one stops before its next Triton call and the
@@ -331,7 +345,7 @@ class JobManager:
 
     async def _run(self, job: Job, running: _Running) -> None:
         log.info("job %s: running (attempt %d, request %s)", job.id, job.run_attempts, job.request_id)
-        running.cancel = job.cancel_requested
+        running.cancel = running.cancel or job.cancel_requested  # a cancel may have landed while the claim returned
         self._notify(job)
         self._gauges()
         renewer = asyncio.create_task(self._keep_lease(job.id, running))
@@ -360,8 +374,12 @@ class JobManager:
             status, error = FAILED, _INTERNAL
         finally:
             renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await renewer
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # the renewer's own failure must not cost the job its result
+                log.exception("job %s: lease renewal failed", job.id)
         if running.lost:
             log.warning("job %s: lease lost while running; its result is dropped", job.id)
             await self._delete(images)
@@ -377,7 +395,10 @@ class JobManager:
             except StoreUnavailable:
                 continue  # the lease is long enough to survive a missed renewal
             if renewed is None:
-                current = await self.store.get(job_id)
+                try:
+                    current = await self.store.get(job_id)
+                except StoreUnavailable:
+                    continue
                 running.lost = current is None or current.lease is None or current.lease.owner != self.worker_id
                 if running.lost:
                     return
@@ -436,19 +457,21 @@ class JobManager:
         log.info("job %s: %s", job.id, job.status)
         self.on_event("job_finished", job.status)
         self._notify(job)
-        event = self._done.pop(job.id, None)
-        if event is not None:
-            event.set()
-        if job.webhook is not None:
-            self._spawn(self._deliver(job))
+        self._release_waiters(job.id)
+        self._start_delivery(job)
 
     # --- webhooks ----------------------------------------------------------------------------------------
 
-    async def _deliver(self, job: Job) -> None:
-        """Deliver a finished job's webhook, retrying with backoff; one delivery loop per job at a time."""
+    def _start_delivery(self, job: Job) -> None:
+        """One delivery loop per job at a time: the id is marked when the loop is spawned, so recovery and a
+        final state reached meanwhile cannot start a second one."""
         if job.webhook is None or job.webhook.status != WebhookStatus.PENDING or job.id in self._delivering:
             return
         self._delivering.add(job.id)
+        self._spawn(self._deliver(job))
+
+    async def _deliver(self, job: Job) -> None:
+        """Deliver a finished job's webhook, retrying with backoff."""
         try:
             await self._deliver_attempts(job)
         except asyncio.CancelledError:
@@ -459,7 +482,6 @@ class JobManager:
             self._delivering.discard(job.id)
 
     async def _deliver_attempts(self, job: Job) -> None:
-        assert job.webhook is not None
         body = self.render(job, self.progress(job))
         secret = webhooks.key_secret(self.webhook_secret, job.owner)
         max_attempts = self.settings.webhook_max_attempts
@@ -478,8 +500,8 @@ class JobManager:
             current, applied = await self._record_delivery(current, result, max_attempts)
             if not applied:
                 return
-            assert current.webhook is not None
-            outcome = "delivered" if result.ok else ("failed" if current.webhook.status == "failed" else "retry")
+            settled = current.webhook is not None and current.webhook.status == WebhookStatus.FAILED
+            outcome = "delivered" if result.ok else ("failed" if settled else "retry")
             self.on_event("webhook", outcome)
 
     async def _record_delivery(self, job: Job, attempt: DeliveryAttempt, max_attempts: int) -> tuple[Job, bool]:

@@ -62,7 +62,6 @@ ALTER TABLE jobs ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
 ALTER TABLE jobs ADD COLUMN lease_expires_at REAL;
 """
-_COLUMNS = "data, version"
 
 
 def _legacy_to_v2(job_id: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +148,7 @@ class SqliteJobStore:
                 if job.idempotency_key is not None:
                     existing = self._load(
                         db.execute(
-                            f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                            "SELECT data, version FROM jobs WHERE owner = ? AND idempotency_key = ?",
                             (job.owner, job.idempotency_key),
                         ).fetchone()
                     )
@@ -187,14 +186,14 @@ class SqliteJobStore:
 
     async def get(self, job_id: str) -> Job | None:
         return await self._call(
-            lambda db: self._load(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            lambda db: self._load(db.execute("SELECT data, version FROM jobs WHERE id = ?", (job_id,)).fetchone())
         )
 
     async def get_idempotent(self, owner: str, key: str) -> Job | None:
         return await self._call(
             lambda db: self._load(
                 db.execute(
-                    f"SELECT {_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, key)
+                    "SELECT data, version FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, key)
                 ).fetchone()
             )
         )
@@ -210,7 +209,7 @@ class SqliteJobStore:
              job.id, job.version),
         )  # fmt: skip
         if cursor.rowcount != 1:
-            raise StaleJob(self._load(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job.id,)).fetchone()))
+            raise StaleJob(self._load(db.execute("SELECT data, version FROM jobs WHERE id = ?", (job.id,)).fetchone()))
         return stored
 
     async def update(self, job: Job) -> Job:
@@ -221,7 +220,7 @@ class SqliteJobStore:
 
         def run(connection: sqlite3.Connection) -> Job | None:
             with _transaction(connection) as db:
-                job = self._load(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+                job = self._load(db.execute("SELECT data, version FROM jobs WHERE id = ?", (job_id,)).fetchone())
                 proposed = None if job is None else change(job)
                 return None if proposed is None else self._write(db, proposed)
 
@@ -239,18 +238,18 @@ class SqliteJobStore:
 
     async def unfinished(self) -> list[Job]:
         return await self._select(
-            f"SELECT {_COLUMNS} FROM jobs WHERE status IN (?, ?) ORDER BY created_at", (QUEUED, PROCESSING)
+            "SELECT data, version FROM jobs WHERE status IN (?, ?) ORDER BY created_at", (QUEUED, PROCESSING)
         )
 
     async def undelivered(self) -> list[Job]:
         return await self._select(
-            f"SELECT {_COLUMNS} FROM jobs WHERE webhook_status = ? AND status IN (?, ?, ?) ORDER BY created_at",
+            "SELECT data, version FROM jobs WHERE webhook_status = ? AND status IN (?, ?, ?) ORDER BY created_at",
             (WebhookStatus.PENDING, COMPLETED, FAILED, CANCELED),
         )
 
     async def expired(self, before: str) -> list[Job]:
         return await self._select(
-            f"SELECT {_COLUMNS} FROM jobs WHERE completed_at IS NOT NULL AND completed_at < ?"
+            "SELECT data, version FROM jobs WHERE completed_at IS NOT NULL AND completed_at < ?"
             " AND (webhook_status IS NULL OR webhook_status != ?)",
             (before, WebhookStatus.PENDING),
         )

@@ -62,8 +62,8 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, *, tolerance_s:
 
 def backoff_s(attempt: int, base_s: float, rng: random.Random | None = None) -> float:
     """Delay before retry `attempt` (1-based): base * 2^(attempt-1), with +-50% jitter, capped."""
-    jitter = (rng or random).uniform(0.5, 1.5)
-    return min(MAX_BACKOFF_S, base_s * 2 ** (attempt - 1)) * jitter
+    jitter = rng.uniform(0.5, 1.5) if rng is not None else random.uniform(0.5, 1.5)  # noqa: S311 (jitter, not a secret)
+    return min(MAX_BACKOFF_S, base_s * 2.0 ** (attempt - 1)) * jitter
 
 
 def signed_headers(secret: str, job_id: str, body: bytes) -> dict[str, str]:

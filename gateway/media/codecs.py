@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from gateway.errors import BackendError, ImageDimensionsTooLarge, ImageTooLarge, InvalidImage
+from gateway.errors import ImageDimensionsTooLarge, ImageTooLarge, InvalidImage
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_IMAGE_SIDE = 2048
@@ -262,13 +262,12 @@ def _encode_png(img: Image.Image) -> bytes:
 def tensor_to_png(sample: np.ndarray) -> bytes:
     """Encode one VAE-decoder output `[3, H, W]` (roughly [-1, 1]) as PNG, as diffusers' postprocess does.
 
-    Non-finite values mean the backend overflowed (the classic fp16 VAE failure); that is a `BackendError`
-    rather than an image of arbitrary pixels.
+    Non-finite values are refused (ValueError): the recipe checks the decoder's output before it gets here.
     """
     if sample.ndim != 3 or sample.shape[0] != 3:
         raise ValueError(f"expected a [3, H, W] array, got shape {sample.shape}")
     if not np.all(np.isfinite(sample)):
-        raise BackendError("The model produced an invalid image", "Decoder output contains NaN or infinity")
+        raise ValueError("sample contains NaN or infinity")
     unit = np.clip(sample.astype(np.float32) / 2.0 + 0.5, 0.0, 1.0)
     pixels = (unit.transpose(1, 2, 0) * 255).round().astype(np.uint8)
     return _encode_png(Image.fromarray(pixels))

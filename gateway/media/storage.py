@@ -20,6 +20,7 @@ import anyio.to_thread
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}\.(png|jpg|webp)$")
 CONTENT_TYPES: Mapping[str, str] = MappingProxyType({"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"})
 FILE_MODE = 0o644  # mkstemp creates 0600; stored images may be served by another process (nginx, a CDN agent)
+SERVED_AT = "/v1/images/"  # the gateway's route for stored objects
 _TEMP_PREFIX = ".tmp-"  # a leading dot never matches NAME_PATTERN, so partial files are never served
 
 
@@ -38,6 +39,10 @@ class Storage(Protocol):
         """Remove an object if it exists (retention clean-up)."""
         ...
 
+    def url_for(self, name: str) -> str:
+        """The absolute URL a client fetches the object from."""
+        ...
+
 
 def content_type_for(name: str) -> str | None:
     """Content type of a valid object name, or None when `name` is not a valid object name."""
@@ -48,9 +53,14 @@ def content_type_for(name: str) -> str | None:
 class LocalStorage:
     """Files in one folder, written atomically (temp file + fsync + os.replace), I/O off the event loop."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, base_url: str) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.base_url = base_url.rstrip("/")
+
+    def url_for(self, name: str) -> str:
+        """Local files are served by the gateway itself (`GET /v1/images/{name}`)."""
+        return f"{self.base_url}{SERVED_AT}{name}"
 
     async def put(self, name: str, data: bytes, content_type: str) -> None:
         """Store `data`; a bad name, or a content type the extension disagrees with, is a bug: ValueError."""

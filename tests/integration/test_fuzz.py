@@ -28,10 +28,11 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.media import codecs
 from gateway.app import create_app
-from gateway.triton.client import TritonEngine
 from gateway.errors import ERROR_TABLE
+from gateway.http.openapi import component_schema, openapi_document, openapi_endpoint
+from gateway.http.schema import FIELDS
+from gateway.media import codecs
 from gateway.observability import (
     REQUEST_ID_PATTERN,
     Metrics,
@@ -40,9 +41,8 @@ from gateway.observability import (
     metrics_endpoint,
     triton_stats_source,
 )
-from gateway.http.openapi import component_schema, openapi_document, openapi_endpoint
-from gateway.http.schema import FIELDS
 from gateway.settings import Settings
+from gateway.triton.client import TritonEngine
 from tests.helpers import ThreadedUvicorn, data_uri, free_port, make_image
 from tests.integration.conftest import API_KEY, Repository
 

@@ -42,7 +42,6 @@ pytestmark = pytest.mark.integration
 
 IMAGE = data_uri(make_image(128, 128, seed=23))
 FINAL = {"completed", "failed", "canceled"}
-UNFINISHED = {"queued", "processing"}
 API_KEY = "integrity-key-0000"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

@@ -24,9 +24,9 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
+from gateway.jobs.webhooks import verify
 from gateway.settings import PROJECT_ROOT
 from gateway.triton.server import TritonServer
-from gateway.jobs.webhooks import verify
 from tests.helpers import data_uri, free_port, make_image
 from tests.integration.conftest import TRITON_ENV, GatewayFactory, Repository
 

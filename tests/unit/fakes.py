@@ -23,9 +23,6 @@ from gateway.diffusion.img2img import GenerationCanceled
 from gateway.diffusion.manifest import Component, PipelineManifest
 from gateway.errors import StoreUnavailable
 from gateway.jobs.model import (
-    CANCELED,
-    COMPLETED,
-    FAILED,
     QUEUED,
     UNFINISHED,
     InputImage,
@@ -293,9 +290,13 @@ def make_job(
 
 
 class MemoryStorage:
-    def __init__(self) -> None:
+    def __init__(self, base_url: str = "http://gw.test") -> None:
+        self.base_url = base_url
         self.objects: dict[str, tuple[bytes, str]] = {}
         self.deleted: list[str] = []
+
+    def url_for(self, name: str) -> str:
+        return f"{self.base_url}/v1/images/{name}"
 
     async def put(self, name: str, data: bytes, content_type: str) -> None:
         self.objects[name] = (data, content_type)
@@ -420,7 +421,11 @@ def write_word_tokenizer(path: Path, max_length: int) -> Path:
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
-    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate("a cat dog in the style of neon".split())}}
+    vocab = {
+        "<pad>": 0,
+        "<unk>": 1,
+        **{w: i + 2 for i, w in enumerate(["a", "cat", "dog", "in", "the", "style", "of", "neon"])},
+    }
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = WhitespaceSplit()
     tokenizer.enable_truncation(max_length=max_length)
@@ -462,8 +467,9 @@ def tiny_manifest(tmp_path: Path, *, name: str = "tiny", scheduler: str = "DDIMS
 class FakeTriton:
     """`infer(model, inputs, outputs)` of `TritonEngine`, with correctly shaped float32 outputs per component.
 
-    `fail`: a callable (model, call index) -> exception to raise or None. `gate`: when set, every call awaits
-    it first. `unet_calls` counts UNet calls; `calls` logs (model, {input name: shape}).
+    `fail`: a callable (model, call index) -> exception to raise or None. `gate`: when set, the calls for which
+    `gate_if(model, call index)` is true (all by default) await it first. `unet_calls` counts UNet calls;
+    `calls` logs (model, {input name: shape}).
     """
 
     def __init__(
@@ -472,10 +478,12 @@ class FakeTriton:
         *,
         fail: Callable[[str, int], BaseException | None] | None = None,
         gate: asyncio.Event | None = None,
+        gate_if: Callable[[str, int], bool] | None = None,
     ) -> None:
         self.manifest = manifest
         self.fail = fail or (lambda model, n: None)
         self.gate = gate
+        self.gate_if = gate_if or (lambda model, n: True)
         self.calls: list[tuple[str, dict[str, tuple[int, ...]]]] = []
         self.entered = asyncio.Event()
 
@@ -489,7 +497,7 @@ class FakeTriton:
         m = self.manifest
         self.calls.append((model, {k: tuple(v.shape) for k, v in inputs.items()}))
         self.entered.set()
-        if self.gate is not None:
+        if self.gate is not None and self.gate_if(model, len(self.calls)):
             await self.gate.wait()
         failure = self.fail(model, len(self.calls))
         if failure is not None:
@@ -520,4 +528,3 @@ class FakeTriton:
         (name,) = outputs
         assert name == next(iter(component.outputs.values()))
         return {name: result.astype(np.float32)}
-

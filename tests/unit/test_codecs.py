@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gateway.errors import ImageDimensionsTooLarge, ImageTooLarge, InvalidImage
 from gateway.media import codecs
 from gateway.media.codecs import (
     MAX_IMAGE_BYTES,
@@ -25,7 +26,6 @@ from gateway.media.codecs import (
     sniff_format,
     tensor_to_png,
 )
-from gateway.errors import BackendError, ImageDimensionsTooLarge, ImageTooLarge, InvalidImage
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
@@ -406,7 +406,7 @@ def test_tensor_to_png_rejects_bad_input() -> None:
         tensor_to_png(np.zeros((4, 4, 3), dtype=np.float32))
     nan = np.zeros((3, 4, 4), dtype=np.float32)
     nan[1, 2, 3] = np.nan
-    with pytest.raises(BackendError):
+    with pytest.raises(ValueError, match="NaN"):
         tensor_to_png(nan)
 
 

@@ -298,7 +298,9 @@ async def test_sqlite_migrates_a_legacy_v1_file(tmp_path: Path) -> None:
         assert job is not None
         assert job.status == PROCESSING and isinstance(job.status, JobStatus)
         assert job.spec.processed_size == Size(64, 48) and job.spec.seed == 1234 and job.spec.asynchronous
-        assert job.spec.effective_steps == 8 and job.spec.num_images == 2 and job.spec.webhook_url == "http://hook.test/x"
+        assert (
+            job.spec.effective_steps == 8 and job.spec.num_images == 2 and job.spec.webhook_url == "http://hook.test/x"
+        )
         assert job.input.name == "img_transform_old1_input.png" and job.input.width == 70
         assert job.webhook is not None and job.webhook.status == WebhookStatus.PENDING
         assert job.run_attempts == 1 and job.lease is None and job.images == ()

@@ -18,8 +18,8 @@ import anyio
 import httpx
 import pytest
 
-from gateway.media import netguard
 from gateway.errors import UrlNotAllowed, status_and_code
+from gateway.media import netguard
 from gateway.media.netguard import (
     BadRedirect,
     HostNotResolved,

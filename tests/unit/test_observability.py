@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from gateway.app import create_app
 from gateway.errors import InvalidRequest
+from gateway.http.ratelimit import RateLimitMiddleware, api_key_or_address
 from gateway.observability import (
     REQUEST_ID_HEADER,
     Metrics,
@@ -33,7 +34,6 @@ from gateway.observability import (
     route_template,
     triton_stats_source,
 )
-from gateway.http.ratelimit import RateLimitMiddleware, api_key_or_address
 from gateway.settings import Settings
 
 API_KEY = "unit-key-0123456789"

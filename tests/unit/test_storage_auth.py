@@ -9,17 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from gateway.media import storage
-from gateway.http.auth import check_bearer, load_api_keys
 from gateway.errors import Unauthorized
+from gateway.http.auth import check_bearer
+from gateway.media import storage
 from gateway.media.storage import LocalStorage, Storage, content_type_for
+from gateway.settings import load_api_keys
+
+BASE = "http://gateway.test"
 
 # --- storage --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.asyncio
 async def test_put_then_get_round_trip(tmp_path: Path) -> None:
-    store = LocalStorage(tmp_path / "images")
+    store = LocalStorage(tmp_path / "images", base_url=BASE)
     await store.put("img_abc123_0.png", b"\x89PNG data", "image/png")
     assert await store.get("img_abc123_0.png") == (b"\x89PNG data", "image/png")
     assert (tmp_path / "images" / "img_abc123_0.png").read_bytes() == b"\x89PNG data"
@@ -27,7 +30,7 @@ async def test_put_then_get_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_overwrite_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
-    store = LocalStorage(tmp_path)
+    store = LocalStorage(tmp_path, base_url=BASE)
     await store.put("a.jpg", b"one", "image/jpeg")
     await store.put("a.jpg", b"two", "image/jpeg")
     assert await store.get("a.jpg") == (b"two", "image/jpeg")
@@ -37,7 +40,7 @@ async def test_overwrite_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> N
 
 @pytest.mark.asyncio
 async def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = LocalStorage(tmp_path)
+    store = LocalStorage(tmp_path, base_url=BASE)
 
     def broken_replace(*_args: object) -> None:
         raise OSError("disk full")
@@ -50,7 +53,7 @@ async def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
 
 @pytest.mark.asyncio
 async def test_missing_object_is_none(tmp_path: Path) -> None:
-    assert await LocalStorage(tmp_path).get("nothing.webp") is None
+    assert await LocalStorage(tmp_path, base_url=BASE).get("nothing.webp") is None
 
 
 BAD_NAMES = [
@@ -77,7 +80,7 @@ BAD_NAMES = [
 async def test_invalid_names_are_refused(tmp_path: Path, name: str) -> None:
     (tmp_path / "inside").mkdir()
     (tmp_path / "secret.png").write_bytes(b"outside the folder")
-    store = LocalStorage(tmp_path / "inside")
+    store = LocalStorage(tmp_path / "inside", base_url=BASE)
     assert content_type_for(name) is None
     assert await store.get(name) is None
     with pytest.raises(ValueError, match="invalid storage name"):
@@ -100,17 +103,17 @@ def test_valid_names(name: str, content_type: str) -> None:
 @pytest.mark.asyncio
 async def test_content_type_must_match_extension(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not match"):
-        await LocalStorage(tmp_path).put("a.png", b"x", "image/jpeg")
+        await LocalStorage(tmp_path, base_url=BASE).put("a.png", b"x", "image/jpeg")
 
 
 @pytest.mark.asyncio
 async def test_a_directory_with_a_valid_name_is_not_an_object(tmp_path: Path) -> None:
     (tmp_path / "dir.png").mkdir()
-    assert await LocalStorage(tmp_path).get("dir.png") is None
+    assert await LocalStorage(tmp_path, base_url=BASE).get("dir.png") is None
 
 
 def test_local_storage_satisfies_the_protocol(tmp_path: Path) -> None:
-    store: Storage = LocalStorage(tmp_path)
+    store: Storage = LocalStorage(tmp_path, base_url=BASE)
     assert asyncio.run(store.get("a.png")) is None
 
 
