@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TextIO
 
@@ -54,6 +55,16 @@ _request_id: ContextVar[str | None] = ContextVar("imagen_request_id", default=No
 def current_request_id() -> str | None:
     """The id of the request being served in this context (None outside a request)."""
     return _request_id.get()
+
+
+@contextmanager
+def request_context(request_id: str | None) -> Iterator[None]:
+    """Run a block as part of a request (a worker running a job): its log lines carry that request's id."""
+    token = _request_id.set(request_id)
+    try:
+        yield
+    finally:
+        _request_id.reset(token)
 
 
 def new_request_id() -> str:

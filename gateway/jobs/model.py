@@ -192,6 +192,18 @@ class Job:
             return self.finished_as(CANCELED)
         return dataclasses.replace(self, status=QUEUED, lease=None)
 
+    def requeued(self) -> Job | None:
+        """An unfinished job whose worker's process died: queued again, its lease dropped (recovery)."""
+        if self.finished:
+            return None
+        return dataclasses.replace(self, status=QUEUED, lease=None)
+
+    def ended(self, status: JobStatus, *, error: JobError | None = None) -> Job | None:
+        """An unfinished job ended by someone other than its worker (recovery); a final job stays as it is."""
+        if self.finished:
+            return None
+        return self.finished_as(status, error=error)
+
     def cancel_requested_now(self) -> Job | None:
         """A queued job is canceled at once; a running one is asked to stop (its worker decides at the next step)."""
         if self.status == QUEUED:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -49,6 +50,7 @@ from gateway.jobs.model import (
 )
 from gateway.jobs.store import JobStore, StaleJob, Transition, transition
 from gateway.media.storage import Storage
+from gateway.observability import request_context
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -150,26 +152,27 @@ class JobManager:
         self._spawn(self._retention_loop())
 
     async def _recover(self, job: Job) -> None:
+        change: Transition
         if job.cancel_requested:
-            change: Transition = lambda j: j.finished_as(CANCELED) if not j.finished else None  # noqa: E731
+            change = functools.partial(Job.ended, status=CANCELED)
         elif not job.spec.asynchronous:
-            error = _job_error(
+            interrupted = _job_error(
                 Interrupted(
                     "The gateway restarted while this synchronous request ran",
                     "Retry the request; use webhook_url for work that must survive restarts",
                 )
             )
-            change = lambda j: j.finished_as(FAILED, error=error) if not j.finished else None  # noqa: E731
+            change = functools.partial(Job.ended, status=FAILED, error=interrupted)
         elif job.status == PROCESSING and job.run_attempts >= self.settings.max_run_attempts:
-            error = _job_error(
+            exhausted = _job_error(
                 RunAttemptsExhausted(
                     "The job failed repeatedly",
                     f"The gateway stopped {job.run_attempts} times while running this job; it is not retried",
                 )
             )
-            change = lambda j: j.finished_as(FAILED, error=error) if not j.finished else None  # noqa: E731
+            change = functools.partial(Job.ended, status=FAILED, error=exhausted)
         else:
-            change = lambda j: replace(j, status=QUEUED, lease=None) if not j.finished else None  # noqa: E731
+            change = Job.requeued
         stored, applied = await self._retrying("recovery", job.id, lambda: transition(self.store, job, change))
         if not applied:
             return
@@ -338,7 +341,8 @@ class JobManager:
             )
             if job is None:
                 return  # canceled meanwhile
-            await self._run(job, running)
+            with request_context(job.request_id):  # every log line of this run names the creating request
+                await self._run(job, running)
         finally:
             self._running.pop(job_id, None)
             self._gauges()
@@ -408,10 +412,8 @@ class JobManager:
     async def _retry_later(self, job: Job, running: _Running) -> None:
         delay = min(BACKEND_RETRY_MAX_S, 2.0**job.run_attempts)
         log.warning("job %s: backend unavailable, retry %d in %.0f s", job.id, job.run_attempts, delay)
-        stored, applied = await self._retrying(
-            "release", job.id, lambda: transition(self.store, job, lambda j: j.released(self.worker_id))
-        )
-        if not applied:
+        stored = await self._retrying("release", job.id, lambda: self.store.release(job.id, self.worker_id))
+        if stored is None:
             return
         if stored.finished:  # canceled while it waited
             self._after_final(stored)

@@ -232,6 +232,9 @@ class SqliteJobStore:
     async def renew(self, job_id: str, worker: str, lease_until: float) -> Job | None:
         return await self._conditional(job_id, lambda job: job.renewed(worker, lease_until))
 
+    async def release(self, job_id: str, worker: str) -> Job | None:
+        return await self._conditional(job_id, lambda job: job.released(worker))
+
     async def _select(self, sql: str, args: tuple[Any, ...] = ()) -> list[Job]:
         rows = await self._call(lambda db: db.execute(sql, args).fetchall())
         return [job for job in map(self._load, rows) if job is not None]

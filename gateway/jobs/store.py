@@ -53,6 +53,11 @@ class JobStore(Protocol):
         `cancel_requested`, so a worker learns of a cancel sent to another replica at its next renewal."""
         ...
 
+    async def release(self, job_id: str, worker: str) -> Job | None:
+        """processing -> queued (a retry later), by the lease holder; a job whose cancel was requested meanwhile
+        ends canceled instead. None when `worker` no longer holds it."""
+        ...
+
     async def unfinished(self) -> list[Job]:
         """Queued or processing jobs, oldest first (restart recovery)."""
         ...

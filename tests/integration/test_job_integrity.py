@@ -10,20 +10,16 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
-import os
 import random
 import re
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import pytest
@@ -32,11 +28,11 @@ from starlette.routing import Mount, Route
 from gateway.app import create_app
 from gateway.errors import ERROR_TABLE
 from gateway.settings import PROJECT_ROOT, Settings
-from tests.helpers import data_uri, free_port, make_image
+from gateway.triton.server import TritonServer
+from tests.helpers import data_uri, make_image
+from tests.integration import gateways
 from tests.integration.conftest import Repository
-
-if TYPE_CHECKING:  # only for annotations: the module moved in the package reorganisation
-    from gateway.triton.server import TritonServer
+from tests.integration.gateways import SubprocessGateway
 
 pytestmark = pytest.mark.integration
 
@@ -50,82 +46,11 @@ def body(**overrides: Any) -> dict[str, Any]:
     return {"image": IMAGE, "prompt": "a lighthouse in fog", "steps": 6, "seed": 7, **overrides}
 
 
-# --- a gateway subprocess with its own job store --------------------------------------------------------------
-
-
-@dataclass
-class SubprocessGateway:
-    url: str
-    jobs_db: Path
-    log_file: Path
-    process: subprocess.Popen[bytes]
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")[-chars:]
-        except OSError as exc:
-            return f"(no gateway log: {exc})"
-
-
-@contextmanager
 def subprocess_gateway(
     triton: TritonServer, repository: Repository, folder: Path, **env_overrides: str
-) -> Iterator[SubprocessGateway]:
-    """`python -m gateway` on the session's Triton, configured through IMAGEN_* variables only."""
-    port = free_port()
-    folder.mkdir(parents=True, exist_ok=True)
-    jobs_db = folder / "jobs.sqlite3"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEN_")}
-    env.update(
-        IMAGEN_JOBS_DB=str(jobs_db),
-        IMAGEN_STORAGE_DIR=str(folder / "images"),
-        IMAGEN_WEBHOOK_BACKOFF_S="0.05",
-        IMAGEN_OUTBOUND_ALLOW="127.0.0.2",
-        IMAGEN_API_KEYS=API_KEY,
-        IMAGEN_RATE_LIMIT_PER_MINUTE="0",
-        IMAGEN_LOG_LEVEL="warning",
-    )
-    env.update(env_overrides)
-    log_file = folder / f"gateway-{time.time_ns()}.log"
-    with open(log_file, "wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "--triton-url",
-                triton.grpc_url,
-                "--port",
-                str(port),
-                "--model-repository",
-                str(repository.path),
-            ],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    gateway = SubprocessGateway(f"http://127.0.0.1:{port}", jobs_db, log_file, process)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{gateway.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"gateway subprocess did not start:\n{gateway.log_tail()}")
-            time.sleep(0.1)
-        yield gateway
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+) -> AbstractContextManager[SubprocessGateway]:
+    settings = {"IMAGEN_API_KEYS": API_KEY, "IMAGEN_RATE_LIMIT_PER_MINUTE": "0", "IMAGEN_LOG_LEVEL": "warning"}
+    return gateways.subprocess_gateway(triton, repository, folder, **{**settings, **env_overrides})
 
 
 # --- a webhook receiver that counts deliveries per job --------------------------------------------------------

@@ -9,10 +9,6 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,10 +21,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from gateway.jobs.webhooks import verify
-from gateway.settings import PROJECT_ROOT
 from gateway.triton.server import TritonServer
 from tests.helpers import data_uri, free_port, make_image
 from tests.integration.conftest import TRITON_ENV, GatewayFactory, Repository
+from tests.integration.gateways import SubprocessGateway, start_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -263,43 +259,10 @@ def test_admission_limit_gives_503_with_retry_after_and_accepted_jobs_complete(
 # --- restart recovery: kill -9 the gateway with jobs queued, start it again ----------------------------------
 
 
-def _start_gateway(port: int, triton: TritonServer, repository: Repository, folder: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEN_")}
-    env.update(
-        IMAGEN_JOBS_DB=str(folder / "jobs.sqlite3"),
-        IMAGEN_STORAGE_DIR=str(folder / "images"),
-        IMAGEN_MAX_RUNNING_JOBS="1",
-        IMAGEN_WEBHOOK_BACKOFF_S="0.05",
-        IMAGEN_OUTBOUND_ALLOW="127.0.0.2",
-        IMAGEN_API_KEYS="restart-key-0000",
+def _start_gateway(port: int, triton: TritonServer, repository: Repository, folder: Path) -> SubprocessGateway:
+    return start_gateway(
+        triton, repository, folder, port=port, IMAGEN_MAX_RUNNING_JOBS="1", IMAGEN_API_KEYS="restart-key-0000"
     )
-    log = open(folder / f"gateway-{time.time_ns()}.log", "wb")  # noqa: SIM115 - lives with the process
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "--triton-url",
-            triton.grpc_url,
-            "--port",
-            str(port),
-            "--model-repository",
-            str(repository.path),
-        ],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.1)
 
 
 def test_jobs_survive_a_killed_gateway(
@@ -307,7 +270,7 @@ def test_jobs_survive_a_killed_gateway(
 ) -> None:
     port = free_port()
     auth = {"Authorization": "Bearer restart-key-0000"}
-    process = _start_gateway(port, triton, repository, tmp_path)
+    gateway = _start_gateway(port, triton, repository, tmp_path)
     ids = []
     try:
         for i in range(3):
@@ -320,9 +283,8 @@ def test_jobs_survive_a_killed_gateway(
             ids.append(r.json()["id"])
         poll(f"http://127.0.0.1:{port}/v1/image-to-image/{ids[0]}", auth, {"processing", "completed"})
     finally:
-        process.send_signal(signal.SIGKILL)  # no graceful shutdown: jobs stay queued/processing in the store
-        process.wait()
-    process = _start_gateway(port, triton, repository, tmp_path)
+        gateway.kill()  # no graceful shutdown: jobs stay queued/processing in the store
+    gateway = _start_gateway(port, triton, repository, tmp_path)
     try:
         delivered = receiver.wait_for(3, timeout_s=120)
         assert {json.loads(b)["id"] for _, b in delivered} == set(ids)
@@ -331,8 +293,7 @@ def test_jobs_survive_a_killed_gateway(
             assert job["status"] == "completed" and len(job["images"]) == 1
             assert httpx.get(job["images"][0]["url"]).status_code == 200
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
+        gateway.stop()
 
 
 # --- Triton down and back ------------------------------------------------------------------------------------

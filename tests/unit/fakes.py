@@ -190,6 +190,10 @@ class InMemoryJobStore:
         await self._enter("renew", job_id, worker)
         return await self._conditional("renew", job_id, lambda job: job.renewed(worker, lease_until))
 
+    async def release(self, job_id: str, worker: str) -> Job | None:
+        await self._enter("release", job_id, worker)
+        return await self._conditional("release", job_id, lambda job: job.released(worker))
+
     async def _select(self, method: str, keep: Callable[[Job], bool]) -> list[Job]:
         await self._enter(method)
         found = sorted((j for j in self._jobs.values() if keep(j)), key=lambda j: j.created_at)

@@ -268,16 +268,11 @@ def _is_webhook_record(method: str, args: tuple[Any, ...]) -> bool:
     return method == "update" and isinstance(job, Job) and job.webhook is not None and bool(job.webhook.attempts)
 
 
-def _is_release(method: str, args: tuple[Any, ...]) -> bool:
-    job = args[0] if args else None
-    return method == "update" and isinstance(job, Job) and job.status == QUEUED
-
-
 WORKER_SITES: dict[str, Callable[[str, tuple[Any, ...]], bool]] = {
     "claim": lambda m, a: m == "claim",
     "finish": _is_finish,
     "webhook_record": _is_webhook_record,
-    "release": _is_release,
+    "release": lambda m, a: m == "release",
     "renew": lambda m, a: m == "renew",
     "retention": lambda m, a: m == "expired",
 }
@@ -352,7 +347,8 @@ async def test_store_fault_in_renewal_after_a_lost_lease(make_rig: MakeRig) -> N
     await eventually(lambda: "a" not in rig.manager._running)
     assert store.peek("a") == stolen  # nothing written over the other replica's job
     assert rig.storage.objects == {}, "the dropped result's images were left in storage"
-    store.put(dataclasses.replace(stolen.finished_as(COMPLETED), version=stolen.version + 1))  # the other replica ends it
+    # The other replica ends it.
+    store.put(dataclasses.replace(stolen.finished_as(COMPLETED), version=stolen.version + 1))
     rig.executor.gate = None
     await rig.more_jobs_complete()
 
