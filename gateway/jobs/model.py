@@ -124,18 +124,22 @@ class DeliveryAttempt:
 
 
 @dataclass(frozen=True)
-class WebhookState:
-    url: str
-    status: WebhookStatus = WebhookStatus.PENDING
-    attempts: tuple[DeliveryAttempt, ...] = ()
-
-
-@dataclass(frozen=True)
 class Lease:
     """Which worker runs a job, until when (epoch seconds); renewed while it runs."""
 
     owner: str
     expires_at: float
+
+
+@dataclass(frozen=True)
+class WebhookState:
+    """The job's outbox entry: delivered by one replica at a time (its `lease`), next try at `next_attempt_at`."""
+
+    url: str
+    status: WebhookStatus = WebhookStatus.PENDING
+    attempts: tuple[DeliveryAttempt, ...] = ()
+    next_attempt_at: float = 0.0  # epoch seconds; 0: as soon as the job is final
+    lease: Lease | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ class Job:
     cancel_requested: bool = False
     steps_done: int = 0  # as of the last store write (live progress is in memory, never written per step)
     lease: Lease | None = None
+    not_before: float = 0.0  # epoch seconds before which no worker claims it (a retry's delay)
     version: int = 0  # bumped by every store write: the compare-and-set token
 
     @property
@@ -184,13 +189,14 @@ class Job:
             return None
         return dataclasses.replace(self, lease=Lease(worker, lease_until))
 
-    def released(self, worker: str) -> Job | None:
-        """processing -> queued (a retry later); a job whose cancel was requested meanwhile ends canceled."""
+    def released(self, worker: str, not_before: float = 0.0) -> Job | None:
+        """processing -> queued (a retry, not before `not_before`); a job whose cancel was requested meanwhile
+        ends canceled."""
         if self.status != PROCESSING or self.lease is None or self.lease.owner != worker:
             return None
         if self.cancel_requested:
             return self.finished_as(CANCELED)
-        return dataclasses.replace(self, status=QUEUED, lease=None)
+        return dataclasses.replace(self, status=QUEUED, lease=None, not_before=not_before)
 
     def requeued(self) -> Job | None:
         """An unfinished job whose worker's process died: queued again, its lease dropped (recovery)."""
@@ -246,8 +252,18 @@ class Job:
             steps_done=self.steps_done if steps_done is None else steps_done,
         )
 
-    def with_delivery(self, attempt: DeliveryAttempt, max_attempts: int) -> Job | None:
-        """Record one webhook attempt (delivered on a 2xx, failed after the last one)."""
+    def delivery_claimed(self, worker: str, lease_until: float, now: float) -> Job | None:
+        """Take the webhook outbox entry of a final job: due, and no live delivery lease on it."""
+        hook = self.webhook
+        if not self.finished or hook is None or hook.status != WebhookStatus.PENDING or hook.next_attempt_at > now:
+            return None
+        if hook.lease is not None and hook.lease.expires_at > now and hook.lease.owner != worker:
+            return None
+        return dataclasses.replace(self, webhook=dataclasses.replace(hook, lease=Lease(worker, lease_until)))
+
+    def with_delivery(self, attempt: DeliveryAttempt, max_attempts: int, next_attempt_at: float = 0.0) -> Job | None:
+        """Record one webhook attempt (delivered on a 2xx, failed after the last one, else due again at
+        `next_attempt_at`) and release the delivery lease."""
         if self.webhook is None or self.webhook.status != WebhookStatus.PENDING:
             return None
         attempts = (*self.webhook.attempts, attempt)
@@ -257,7 +273,9 @@ class Job:
             status = WebhookStatus.FAILED
         else:
             status = WebhookStatus.PENDING
-        return dataclasses.replace(self, webhook=WebhookState(self.webhook.url, status, attempts))
+        return dataclasses.replace(
+            self, webhook=WebhookState(self.webhook.url, status, attempts, next_attempt_at=next_attempt_at, lease=None)
+        )
 
 
 _JOB_JSON = TypeAdapter(Job)

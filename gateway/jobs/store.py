@@ -1,12 +1,17 @@
 """The job-store contract: what the runner needs from a durable store, whatever the engine behind it.
 
+The store is the queue: workers of every replica take work from it (`claim_next`), so any number of gateway
+processes can share one store (PostgreSQL); SQLite implements the same contract for one process.
+
 Every write is a compare-and-set on the job's `version`: `update(job)` succeeds only if the stored row still
-has `job.version`, so the loser of a race learns it (`StaleJob`) and re-decides from the winner's copy. The
-lease methods (`claim`, `renew`, `release`) are what a shared store needs for several replicas; SQLite
-implements them for one process, PostgreSQL can implement them with `FOR UPDATE SKIP LOCKED`.
+has `job.version`, so the loser of a race learns it (`StaleJob`) and re-decides from the winner's copy.
+Leases (`claim_next`/`claim`, `renew`, `release`) say which worker runs a job until when; a job whose lease
+expired (its replica died) is found by `expired_leases` and taken over. Webhook deliveries are an outbox on the
+job row (`claim_delivery`); singleton chores such as retention take a named lock (`acquire_lock`).
 
 Stores raise `StoreUnavailable` (never their driver's exceptions) when the engine does not answer, so the
-runner can retry with backoff without knowing which engine it talks to.
+runner can retry with backoff without knowing which engine it talks to. Times are epoch seconds (`now` is
+passed in, so the caller's clock decides and tests can move it).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ class IdempotencyConflict(Exception):
 
 
 class JobStore(Protocol):
+    # True when one process owns the store (SQLite, locked at open): every unfinished job found at start is an
+    # orphan of a dead process. False for a shared store: only expired leases are orphans.
+    exclusive: bool
+
     async def create(self, job: Job) -> Job:
         """Insert `job`; with an idempotency key already used by this owner, return that job instead
         (raise IdempotencyConflict when its request hash differs). Exactly one of concurrent creates wins."""
@@ -53,9 +62,38 @@ class JobStore(Protocol):
         `cancel_requested`, so a worker learns of a cancel sent to another replica at its next renewal."""
         ...
 
-    async def release(self, job_id: str, worker: str) -> Job | None:
-        """processing -> queued (a retry later), by the lease holder; a job whose cancel was requested meanwhile
-        ends canceled instead. None when `worker` no longer holds it."""
+    async def release(self, job_id: str, worker: str, not_before: float = 0.0) -> Job | None:
+        """processing -> queued (a retry, claimable from `not_before`), by the lease holder; a job whose cancel was
+        requested meanwhile ends canceled instead. None when `worker` no longer holds it."""
+        ...
+
+    async def claim_next(self, worker: str, lease_until: float, now: float) -> Job | None:
+        """The oldest queued job with `not_before <= now`, moved to processing under `worker`'s lease
+        (`Job.claimed`); None when there is none. Concurrent callers (other replicas) never get the same job
+        and never wait on each other's row locks (PostgreSQL: `FOR UPDATE SKIP LOCKED`)."""
+        ...
+
+    async def expired_leases(self, now: float, limit: int) -> list[Job]:
+        """Up to `limit` processing jobs whose lease expired before `now`, oldest first (a dead replica's)."""
+        ...
+
+    async def count_queued(self) -> int:
+        """Queued jobs in the whole store (admission control counts the fleet's queue, not one process's)."""
+        ...
+
+    async def queue_position(self, job: Job) -> int | None:
+        """1-based position of a queued job among the queued ones by `created_at`; None if it is not queued."""
+        ...
+
+    async def claim_delivery(self, worker: str, lease_until: float, now: float) -> Job | None:
+        """A final job whose webhook is pending and due (`next_attempt_at <= now`) with no live delivery lease,
+        its outbox entry leased to `worker` (`Job.delivery_claimed`); None when there is none. The lease is
+        released by recording the attempt (`Job.with_delivery` through `update`)."""
+        ...
+
+    async def acquire_lock(self, name: str, holder: str, until: float, now: float) -> bool:
+        """A named lease for a chore one replica at a time does (retention): True when `holder` now holds `name`
+        until `until` (it was free, expired, or already `holder`'s)."""
         ...
 
     async def unfinished(self) -> list[Job]:
