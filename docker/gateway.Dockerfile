@@ -12,16 +12,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    IMAGEN_HOST=0.0.0.0 \
+    IMAGEN_PORT=8080 \
+    IMAGEN_TRITON_URL=triton:8001 \
+    IMAGEN_EXPORT_DEMO=0 \
     IMAGEN_MODEL_REPOSITORY=/data/models \
     IMAGEN_STORAGE_DIR=/var/lib/imagen/images \
-    IMAGEN_PORT=8080
+    IMAGEN_JOBS_DB=/var/lib/imagen/jobs/jobs.sqlite3
 
 # The service user, and the mount points it needs. uid 10001 owns /data (so a fresh named volume mounted there is
-# created with that owner, whichever image mounts it first) and the image store.
+# created with that owner, whichever image mounts it first), the image store and the SQLite job store's folder
+# (the database, its -wal/-shm files and the generated webhook secret when IMAGEN_WEBHOOK_SECRET is unset).
+# Mount volumes at these folders: a fresh named volume copies the folder's owner, so uid 10001 can write to it.
 RUN groupadd --system --gid 10001 imagen \
     && useradd --system --uid 10001 --gid imagen --home-dir /nonexistent --no-create-home \
        --shell /usr/sbin/nologin imagen \
-    && mkdir -p /data/models /var/lib/imagen/images \
+    && mkdir -p /data/models /var/lib/imagen/images /var/lib/imagen/jobs \
     && chown -R imagen:imagen /data /var/lib/imagen
 
 WORKDIR /app
@@ -41,4 +47,7 @@ EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('IMAGEN_PORT', '8080'), timeout=4)"]
 
-CMD ["python", "-m", "gateway", "--host", "0.0.0.0", "--triton-url", "triton:8001", "--no-export-demo"]
+# Every setting comes from the environment (the ENV defaults above; compose and Kubernetes override them), so
+# nothing on the command line shadows IMAGEN_TRITON_URL or IMAGEN_HOST. `--workers N` / IMAGEN_WORKERS=N runs N
+# processes (PostgreSQL job store only).
+CMD ["python", "-m", "gateway"]

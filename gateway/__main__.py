@@ -2,6 +2,10 @@
 
 If the repository holds no pipeline yet, the demo is exported first: two tiny random-weight pipelines,
 `imagen-v2` (PNDM) and `imagen-v3` (Euler), so the API spec's examples run as written.
+
+`--workers N` (IMAGEN_WORKERS, default 1) runs N gateway processes sharing the port (uvicorn's workers, each
+building its app with `gateway.asgi:create_app_from_env`). They need a job store shared between processes
+(IMAGEN_JOBS_DB=postgresql://...): with the SQLite store (single-process) more than one is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 import uvicorn
 
 from gateway.app import create_app
+from gateway.asgi import APP_FACTORY
 from gateway.diffusion.manifest import load_manifests
 from gateway.observability import configure_logging
 from gateway.settings import PROJECT_ROOT, Settings, add_cli_arguments
@@ -52,6 +57,56 @@ def export_demo(settings: Settings) -> None:
         )
 
 
+def shared_job_store(jobs_db: object) -> bool:
+    """True for a job store several processes can share (PostgreSQL); a file path is SQLite (one process).
+
+    `str()` of a Path turns `postgresql://` into `postgresql:/`, so only the scheme is compared."""
+    return str(jobs_db).strip().lower().startswith(("postgresql:", "postgres:"))
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple | list | set | frozenset):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def cli_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The command-line flags that were given, as the `IMAGEN_*` variables `Settings.from_env` reads.
+
+    Worker processes build their settings from the environment only (`gateway.asgi`), so the launcher hands its
+    overrides to them this way."""
+    fields = Settings.__dataclass_fields__
+    return {
+        f"IMAGEN_{name.upper()}": _env_value(value)
+        for name, value in vars(args).items()
+        if value is not None and name in fields
+    }
+
+
+def serve_workers(settings: Settings, child_env: dict[str, str]) -> None:
+    """N processes on one port: uvicorn binds the socket here and each worker imports the app factory.
+
+    Blocks until SIGINT/SIGTERM (uvicorn's supervisor handles both, restarts dead workers, stops the rest)."""
+    os.environ.update(child_env)
+    print(
+        f"gateway: starting {settings.workers} worker processes on {settings.base_url} "
+        f"(requests: {settings.base_url}/v1/image-to-image). Ctrl-C stops.",
+        flush=True,
+    )
+    uvicorn.run(
+        APP_FACTORY,
+        factory=True,
+        workers=settings.workers,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+        access_log=False,  # gateway.access logs each request with its request id
+    )
+
+
 async def serve(settings: Settings) -> None:
     config = uvicorn.Config(
         create_app(settings),
@@ -78,10 +133,43 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__.splitlines()[0])
     add_cli_arguments(parser)
-    settings = Settings.from_env(os.environ).with_cli(parser.parse_args(argv))
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        help="gateway processes sharing the port (IMAGEN_WORKERS, default 1; more than 1 needs PostgreSQL)",
+    )
+    args = parser.parse_args(argv)
+    settings = Settings.from_env(os.environ).with_cli(args)
+    if settings.workers < 1:
+        print(f"gateway: error: IMAGEN_WORKERS must be 1 or more, not {settings.workers}", file=sys.stderr)
+        return 2
+    child_env: dict[str, str] = {}
+    if settings.workers > 1:
+        if not shared_job_store(settings.jobs_db):
+            print(
+                f"gateway: error: --workers {settings.workers} needs a job store shared between processes, but "
+                f"IMAGEN_JOBS_DB is the SQLite file {settings.jobs_db} (one process only): set "
+                "IMAGEN_JOBS_DB=postgresql://... to run several processes, or use --workers 1",
+                file=sys.stderr,
+            )
+            return 2
+        child_env = cli_environment(args)
+        # A flag without an IMAGEN_* variable would silently not reach the workers: check they rebuild these.
+        workers_settings = Settings.from_env({**os.environ, **child_env})
+        differ = [f for f in Settings.__dataclass_fields__ if getattr(workers_settings, f) != getattr(settings, f)]
+        if differ:
+            print(f"gateway: error: these settings cannot reach worker processes: {', '.join(differ)}", file=sys.stderr)
+            return 2
     configure_logging(settings.log_level)
     if not settings.api_keys and not settings.allow_anonymous:
         print(
@@ -123,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             models = [m for manifest in load_manifests(settings.model_repository).values() for m in manifest.models]
             triton.wait_ready(models, timeout_s=settings.triton_timeout_s)
             print(f"gateway: Triton ready at {triton.grpc_url} (gRPC), {len(models)} models", flush=True)
-        asyncio.run(serve(settings))
+        if settings.workers > 1:
+            serve_workers(settings, child_env)
+        else:
+            asyncio.run(serve(settings))
     except (TritonNotFound, TritonStartError) as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
         return 1

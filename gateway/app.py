@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -17,7 +18,7 @@ from starlette.responses import Response
 from gateway.diffusion.img2img import Img2ImgPipeline
 from gateway.diffusion.manifest import load_manifests
 from gateway.errors import ApiError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
-from gateway.http.ratelimit import RateLimitMiddleware, api_key_or_address
+from gateway.http.ratelimit import RateLimitMiddleware, api_key_or_address, make_limiter
 from gateway.http.responses import error_response
 from gateway.http.routes import Handlers, Services, routes
 from gateway.http.views import job_view
@@ -25,11 +26,11 @@ from gateway.jobs.create import CreateJob
 from gateway.jobs.execute import DecodedInputs, JobExecutor
 from gateway.jobs.model import Job
 from gateway.jobs.runner import JobManager, Progress
-from gateway.jobs.sqlite import SqliteJobStore
+from gateway.jobs.stores import open_job_store
 from gateway.jobs.webhooks import load_or_create_secret
 from gateway.media import netguard
 from gateway.media.netguard import OutboundPolicy
-from gateway.media.storage import LocalStorage
+from gateway.media.storage import make_storage
 from gateway.observability import (
     Metrics,
     MetricsMiddleware,
@@ -38,9 +39,20 @@ from gateway.observability import (
     triton_stats_source,
 )
 from gateway.settings import Settings
-from gateway.triton.client import TritonEngine
+from gateway.triton.client import Engine
+from gateway.triton.pool import make_triton
 
 log = logging.getLogger("gateway")
+
+
+def webhook_secret(settings: Settings) -> str:
+    """The server's signing secret: configured, or (SQLite, one process) generated once beside the job store.
+    Several replicas must all sign alike, and a secret in a container layer would change on every recreate."""
+    if settings.webhook_secret:
+        return settings.webhook_secret
+    if not isinstance(settings.jobs_db, Path):
+        raise ValueError("IMAGEN_WEBHOOK_SECRET must be set when the job store is shared (PostgreSQL)")
+    return load_or_create_secret(None, settings.jobs_db.with_suffix(".webhook-secret"))
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -71,7 +83,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_response(InternalError("Internal server error", f"Request {incident}"))
 
 
-def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Starlette:
+def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette:
     handlers = Handlers(settings)
     metrics = Metrics(
         triton_stats_source(
@@ -79,19 +91,18 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
             lambda: [p.manifest.unet.model for p in handlers.s.pipelines.values()],
         )
     )
+    limiter = make_limiter(settings, registry=metrics.registry)  # shared through Redis when configured
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # 1. Triton and the pipelines the repository's manifests describe.
-        triton = engine or TritonEngine(
-            settings.triton_url or f"127.0.0.1:{settings.triton_grpc_port}", timeout_s=settings.triton_timeout_s
-        )
+        triton = engine or make_triton(settings, metrics=metrics)
         manifests = load_manifests(settings.model_repository)
         if not manifests:
             log.warning("no pipeline manifests in %s", settings.model_repository)
         pipelines = {name: Img2ImgPipeline(m, triton) for name, m in manifests.items()}
         # 2. Media: storage and the guarded outbound HTTP client (image URLs, webhooks).
-        storage = LocalStorage(settings.storage_dir, base_url=settings.base_url)
+        storage = make_storage(settings)  # a folder, or an S3-compatible bucket shared by every replica
         http = netguard.make_client()  # no redirects, no proxies from the environment: netguard decides
         policy = OutboundPolicy.from_settings(settings)
         decoded = DecodedInputs()
@@ -114,9 +125,9 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
         def render(job: Job, progress: Progress) -> bytes:
             return json.dumps(job_view(job, progress), separators=(",", ":")).encode()
 
-        # 3. Jobs: the store, the runner, the creation use case.
-        store = SqliteJobStore(settings.jobs_db)
-        secret = load_or_create_secret(settings.webhook_secret, settings.jobs_db.with_suffix(".webhook-secret"))
+        # 3. Jobs: the store and its event bus, the runner, the creation use case.
+        store, events = await open_job_store(settings.jobs_db)
+        secret = webhook_secret(settings)
         jobs = JobManager(
             store,
             JobExecutor(pipelines, storage, decoded),
@@ -125,6 +136,7 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
             poster=post,
             webhook_secret=secret,
             render=render,
+            events=events,
             on_event=metrics.on_job_event,
         )
         create_job = CreateJob(
@@ -151,10 +163,12 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
         try:
             yield
         finally:
-            await jobs.stop()
+            await jobs.stop()  # closes the event bus first: it publishes through the store's pool
             await store.close()
+            await storage.aclose()
             await http.aclose()
             await triton.close()
+            await limiter.aclose()
 
     # Outermost first: request ids on every response (429s and 500s included), metrics count 429s too.
     middleware = [
@@ -165,6 +179,7 @@ def create_app(settings: Settings, *, engine: TritonEngine | None = None) -> Sta
             per_minute=settings.rate_limit_per_minute,
             burst=settings.rate_limit_burst,
             key_fn=api_key_or_address(settings.api_keys),
+            limiter=limiter,
         ),
     ]
     app = Starlette(

@@ -320,6 +320,48 @@ def triton_stats_source(
     return source
 
 
+# replica address -> {"in_flight": n, "calls": n, "failures": n, "healthy": 0 or 1}, read at each scrape.
+TritonReplicaSource = Callable[[], Mapping[str, Mapping[str, float]]]
+
+
+class TritonReplicaCollector:
+    """Per-Triton-replica series from a pool's live counters (`TritonPool.replica_metrics`), read at scrape time,
+    so a replica that leaves the pool (DNS no longer names it) leaves the exposition too."""
+
+    def __init__(self) -> None:
+        self.source: TritonReplicaSource | None = None
+
+    def _families(self) -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("imagen_triton_replica_in_flight", "Triton calls in flight", labels=["replica"]),
+            CounterMetricFamily("imagen_triton_replica_calls", "Triton calls sent to the replica", labels=["replica"]),
+            CounterMetricFamily("imagen_triton_replica_failures", "Triton calls that failed", labels=["replica"]),
+            GaugeMetricFamily(
+                "imagen_triton_replica_healthy", "1 while the replica takes calls, 0 while out", labels=["replica"]
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight, calls, failures, healthy = self._families()
+        try:
+            replicas = dict(self.source()) if self.source is not None else {}
+        except Exception as exc:  # a broken source must not break the scrape
+            log.debug("triton replica metrics unavailable: %r", exc)
+            replicas = {}
+        for replica, values in sorted(replicas.items()):
+            in_flight.add_metric([replica], float(values.get("in_flight", 0)))
+            calls.add_metric([replica], float(values.get("calls", 0)))
+            failures.add_metric([replica], float(values.get("failures", 0)))
+            healthy.add_metric([replica], float(values.get("healthy", 0)))
+        yield in_flight
+        yield calls
+        yield failures
+        yield healthy
+
+
 class Metrics:
     """The registry and instruments of one app; the job system calls the helper methods."""
 
@@ -362,6 +404,12 @@ class Metrics:
             self.webhook_deliveries.labels(outcome=outcome)
         self.triton = TritonBatchCollector(triton_stats)
         self.registry.register(self.triton)
+        self.triton_replicas = TritonReplicaCollector()
+        self.registry.register(self.triton_replicas)
+
+    def watch_triton_replicas(self, source: TritonReplicaSource) -> None:
+        """Export the per-replica series (in flight, calls, failures, healthy) of a Triton pool from now on."""
+        self.triton_replicas.source = source
 
     def record_request(self, route: str, method: str, status: int, duration_s: float) -> None:
         self.http_requests.labels(route=route, method=method, status=str(status)).inc()

@@ -18,6 +18,14 @@ API_KEY_PATTERN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 COMMENT_PREFIX = "#"
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def job_store_location(value: str) -> Path | str:
+    """`IMAGEN_JOBS_DB`: a PostgreSQL URL stays a string (a Path would fold its `//`); anything else is a file."""
+    return value if value.strip().lower().startswith(POSTGRES_SCHEMES) else Path(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -30,21 +38,36 @@ class Settings:
     triton_metrics_port: int = 8002
     triton_python_env: Path = DEFAULT_TRITON_ENV
     triton_timeout_s: float = 120.0
+    # Triton replicas (`triton_url` may list several host:port, comma-separated, or name a DNS name with several
+    # addresses, re-resolved every `triton_resolve_interval_s`): health-checked every `triton_health_interval_s`; a
+    # call tries at most `triton_max_attempts` replicas within `triton_timeout_s`, each try at most
+    # `triton_attempt_timeout_s` (unset: the whole remaining budget, so a deadline is not retried elsewhere).
+    triton_resolve_interval_s: float = 10.0
+    triton_health_interval_s: float = 2.0
+    triton_max_attempts: int = 3
+    triton_attempt_timeout_s: float | None = None
     # Absolute base of the image URLs in responses; defaults to http://host:port.
     public_base_url: str | None = None
     storage_dir: Path = DEFAULT_STORAGE
+    # Image storage: unset -> `storage_dir`; a folder path or file:// URL; or s3://bucket/prefix (S3-compatible,
+    # endpoint/region/credentials from the usual AWS_* settings, `s3_endpoint_url` wins over AWS_ENDPOINT_URL).
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
     api_keys: frozenset[str] = field(default_factory=frozenset)
     allow_anonymous: bool = False
     max_body_bytes: int = 20 * 1024 * 1024
     fetch_timeout_s: float = 10.0
     export_demo: bool = True
     log_level: str = "info"
+    # Gateway processes sharing the port (`python -m gateway --workers N`); more than one needs a shared job store.
+    workers: int = 1
     # Outbound HTTP (image URLs, webhooks): hosts or CIDRs exempt from the private-address block (tests, private
     # deployments). Everything else must resolve to public addresses only.
     outbound_allow: tuple[str, ...] = ()
     # Jobs: the store, the worker pool (jobs denoising at once: their UNet steps share Triton batches) and the
     # admission limit on queued work (503 with Retry-After beyond it).
-    jobs_db: Path = PROJECT_ROOT / "var" / "jobs.sqlite3"
+    # A file path (SQLite, one process) or a `postgresql://` URL (a store shared by several replicas).
+    jobs_db: Path | str = PROJECT_ROOT / "var" / "jobs.sqlite3"
     max_running_jobs: int = 16
     max_queued_jobs: int = 256
     job_retries: int = 2
@@ -54,6 +77,10 @@ class Settings:
     job_lease_s: float = 30.0
     # Store errors (locked, full disk) are retried by workers with exponential backoff capped here.
     store_retry_max_s: float = 5.0
+    # Fallback polls for what the event bus may have missed: idle workers look for work, waiters re-read their
+    # job, the outbox looks for due webhooks, at this interval. Progress goes on the bus at most this often per job.
+    job_poll_interval_s: float = 1.0
+    progress_publish_interval_s: float = 0.25
     retention_s: float = 24 * 3600.0
     # Webhooks: signing secret (per-key secrets derive from it; generated and kept beside the job store when unset).
     webhook_secret: str | None = None
@@ -63,6 +90,8 @@ class Settings:
     # Per-key token bucket on job creation (requests per minute, burst); 0 disables.
     rate_limit_per_minute: float = 120.0
     rate_limit_burst: int = 20
+    # Redis shared by the replicas (redis://host:6379/0): the rate limit then holds in total across them.
+    redis_url: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -85,18 +114,27 @@ class Settings:
             ("triton_metrics_port", int),
             ("triton_python_env", Path),
             ("triton_timeout_s", float),
+            ("triton_resolve_interval_s", float),
+            ("triton_health_interval_s", float),
+            ("triton_max_attempts", int),
+            ("triton_attempt_timeout_s", float),
             ("public_base_url", str),
             ("storage_dir", Path),
+            ("storage_url", str),
+            ("s3_endpoint_url", str),
             ("max_body_bytes", int),
             ("fetch_timeout_s", float),
             ("log_level", str),
-            ("jobs_db", Path),
+            ("workers", int),
+            ("jobs_db", job_store_location),
             ("max_running_jobs", int),
             ("max_queued_jobs", int),
             ("job_retries", int),
             ("max_run_attempts", int),
             ("job_lease_s", float),
             ("store_retry_max_s", float),
+            ("job_poll_interval_s", float),
+            ("progress_publish_interval_s", float),
             ("retention_s", float),
             ("webhook_secret", str),
             ("webhook_max_attempts", int),
@@ -104,6 +142,7 @@ class Settings:
             ("webhook_timeout_s", float),
             ("rate_limit_per_minute", float),
             ("rate_limit_burst", int),
+            ("redis_url", str),
         ):
             raw = get(name.upper())
             if raw is not None:

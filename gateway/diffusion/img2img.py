@@ -16,7 +16,7 @@ from gateway.diffusion import sampling as math
 from gateway.diffusion.manifest import PipelineManifest
 from gateway.diffusion.schedulers import make_scheduler
 from gateway.errors import BackendError
-from gateway.triton.client import TritonEngine
+from gateway.triton.client import Engine
 
 
 class GenerationCanceled(Exception):
@@ -50,7 +50,7 @@ def latent_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[np.ndarr
 class Img2ImgPipeline:
     """One served pipeline: its manifest, its tokenizer, and the Triton engine it calls."""
 
-    def __init__(self, manifest: PipelineManifest, engine: TritonEngine) -> None:
+    def __init__(self, manifest: PipelineManifest, engine: Engine) -> None:
         self.manifest = manifest
         self.engine = engine
         self.tokenizer: Tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))

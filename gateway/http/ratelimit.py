@@ -5,28 +5,89 @@ no decoding and no Triton time. Buckets are keyed by API key, or by client addre
 (and for unknown keys, which are refused with 401 after this check anyway). Memory stays bounded: a bucket
 idle long enough to have refilled is indistinguishable from a new one and is dropped, and a hard cap on the
 number of buckets evicts the least recently used.
+
+Two limiters behind one `Limiter` protocol, chosen by `make_limiter(settings)`:
+
+- `TokenBucketLimiter`: buckets in this process's memory. Right for one gateway; with N replicas behind a
+  load balancer a key could get N times its limit.
+- `RedisTokenBucketLimiter` (when `IMAGEN_REDIS_URL` is set): the same token bucket, kept in Redis, so the
+  limit holds in total across every replica using that Redis. It is GCRA (the generic cell rate algorithm,
+  a token bucket stored as one number per key, its "theoretical arrival time"), run as one Lua script: one
+  Redis round trip per limited request, atomic, timed by the Redis server's clock (replicas' clocks may
+  disagree), one small key per caller that expires once its bucket would be full again. It decides exactly
+  what the in-process bucket decides (burst, refill rate, the wait behind `Retry-After`).
+
+  Why not the `limits` library: its strategies are fixed window, moving window and sliding-window counter,
+  none of them a token bucket. The closest, a moving window of `burst` hits per `burst / rate` seconds, has
+  the same burst and long-run rate but refills all at once: a client that spent its burst waits the whole
+  window (10 s at 120/min, burst 20) where the bucket lets it go on at one request per 0.5 s. Its windows are
+  whole seconds (burst 2 at 7/min would need 17.14 s), it times hits by each replica's own clock, and the
+  wait for `Retry-After` takes a second round trip (`get_window_stats`) on every refusal. So: redis-py and
+  twenty lines of Lua.
+
+  If Redis does not answer (down, timeout, an error reply) the limiter FAILS OPEN TO THE LOCAL BUCKET: the
+  request is decided by this replica's own `TokenBucketLimiter` with the same settings, a warning is logged
+  once per outage, `imagen_rate_limit_redis_errors_total` counts the failures and
+  `imagen_rate_limit_local_decisions_total` the requests decided locally. A rate limit guards capacity, not
+  security (authentication is separate, and the admission limit on queued jobs still answers 503), so a
+  Redis outage should not become an outage of job creation, as failing closed would make it; and falling back
+  to the per-replica bucket rather than to no limit keeps a key within N times its limit meanwhile. After a
+  failure Redis is not asked again for `retry_after_failure_s`, so an outage costs at most one timeout per
+  replica per interval, not one per request. Connections come from a bounded `BlockingConnectionPool` with
+  short timeouts; a command is retried only once, and only when its connection was closed (a pooled
+  connection Redis dropped when it restarted), never after a timeout.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+from prometheus_client import CollectorRegistry, Counter
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import RateLimited
 from gateway.http.auth import check_bearer
 from gateway.http.responses import error_response
+from gateway.settings import Settings
 
 LIMITED_PATH = "/v1/image-to-image"
 LIMITED_METHOD = "POST"
 DEFAULT_MAX_BUCKETS = 100_000
+# Redis: keys are `<prefix><key>`; connections at most this many per replica; every wait (a free pooled
+# connection, connecting, the reply) at most `timeout_s`; after a failure, decide locally this long.
+REDIS_KEY_PREFIX = "imagen:ratelimit:v1:"
+REDIS_MAX_CONNECTIONS = 16
+REDIS_TIMEOUT_S = 0.25
+REDIS_RETRY_AFTER_FAILURE_S = 2.0
 
 KeyFn = Callable[[Scope], str]
+log = logging.getLogger(__name__)
+
+
+class Limiter(Protocol):
+    """What the middleware needs: `take` one token for a key, 0.0 when granted, else the seconds to wait."""
+
+    per_minute: float
+    burst: int
+
+    @property
+    def enabled(self) -> bool: ...
+
+    async def take(self, key: str) -> float: ...
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass
@@ -95,6 +156,13 @@ class TokenBucketLimiter:
             return 0.0
         return (1.0 - bucket.tokens) / self.rate_per_s
 
+    async def take(self, key: str) -> float:
+        """`acquire`, as the `Limiter` protocol spells it."""
+        return self.acquire(key)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the buckets are plain memory."""
+
     def _evict_idle(self, now: float) -> None:
         refill_s = self.refill_s
         while self._buckets:
@@ -102,6 +170,139 @@ class TokenBucketLimiter:
             if now - oldest.updated < refill_s:
                 break
             self._buckets.popitem(last=False)
+
+
+# GCRA: the bucket of KEYS[1] is its theoretical arrival time (TAT, integer microseconds of the Redis clock):
+# the bucket holds `burst - (TAT - now) / interval` tokens. ARGV[1]: microseconds per token; ARGV[2]: burst.
+# Returns 0 (granted, TAT advanced by one interval) or the microseconds until one token is there (refused,
+# nothing written). Integer microseconds stay exact in Lua's doubles (2^53 us is 285 years). The key expires
+# when the bucket would be full again, as a missing key means a full bucket.
+_GCRA_SCRIPT = """
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tat = now
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  tat = math.max(tonumber(stored), now)
+end
+local new_tat = tat + interval
+local wait = new_tat - now - burst * interval
+if wait > 0 then
+  return wait
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+return 0
+"""
+
+
+class RedisTokenBucketLimiter:
+    """The token bucket of `TokenBucketLimiter`, shared by every replica through Redis (see the module docstring).
+
+    One `EVAL` per `take`. When Redis fails, `take` answers from `fallback` (a local bucket of the same
+    settings) for `retry_after_failure_s` (monotonic `clock`), counting and logging the failure.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        per_minute: float,
+        burst: int,
+        *,
+        key_prefix: str = REDIS_KEY_PREFIX,
+        max_connections: int = REDIS_MAX_CONNECTIONS,
+        timeout_s: float = REDIS_TIMEOUT_S,
+        retry_after_failure_s: float = REDIS_RETRY_AFTER_FAILURE_S,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.per_minute = float(per_minute)
+        self.burst = int(burst)
+        self.key_prefix = key_prefix
+        self.retry_after_failure_s = retry_after_failure_s
+        self.clock = clock
+        self.fallback = TokenBucketLimiter(per_minute, burst, clock=clock)
+        self._interval_us = max(1, round(60_000_000 / self.per_minute)) if self.enabled else 0
+        # Connecting is lazy: nothing touches Redis (or an event loop) before the first `take`.
+        self._pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,  # waiting for a free connection
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            # One round trip. The one retry is for a closed connection (a pooled one that Redis dropped when it
+            # restarted), on a fresh connection; a timeout is never retried: it is answered locally.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        self._redis = Redis(connection_pool=self._pool)
+        self._local_until: float | None = None  # set while Redis is considered down
+        registry = registry if registry is not None else CollectorRegistry()
+        self.redis_errors = Counter(
+            "imagen_rate_limit_redis_errors",
+            "Rate-limit decisions Redis failed to make (unreachable, timeout, error reply)",
+            registry=registry,
+        )
+        self.local_decisions = Counter(
+            "imagen_rate_limit_local_decisions",
+            "Rate-limit decisions made by this replica's own bucket because Redis had failed",
+            registry=registry,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_minute > 0 and self.burst > 0
+
+    @property
+    def redis_down(self) -> bool:
+        """True while decisions are made locally after a Redis failure."""
+        return self._local_until is not None and self.clock() < self._local_until
+
+    async def take(self, key: str) -> float:
+        if not self.enabled:
+            return 0.0
+        if self.redis_down:
+            return self._take_locally(key)
+        try:
+            wait_us = await self._redis.eval(_GCRA_SCRIPT, 1, self.key_prefix + key, self._interval_us, self.burst)
+        except (RedisError, OSError) as exc:
+            self.redis_errors.inc()
+            if self._local_until is None:
+                log.warning(
+                    "rate limiter: Redis failed (%s: %s); deciding with this replica's own buckets, "
+                    "so the limit holds per replica until Redis answers again",
+                    type(exc).__name__,
+                    exc,
+                )
+            else:
+                log.debug("rate limiter: Redis still failing (%s: %s)", type(exc).__name__, exc)
+            self._local_until = self.clock() + self.retry_after_failure_s
+            return self._take_locally(key)
+        if self._local_until is not None:
+            log.warning("rate limiter: Redis answers again; the limit holds across replicas again")
+            self._local_until = None
+        return int(wait_us) / 1_000_000
+
+    def _take_locally(self, key: str) -> float:
+        self.local_decisions.inc()
+        return self.fallback.acquire(key)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+        await self._pool.aclose()
+
+
+def make_limiter(settings: Settings, *, registry: CollectorRegistry | None = None) -> Limiter:
+    """The shared Redis bucket when `settings.redis_url` is set (and limiting is enabled), else the local one.
+
+    `registry` receives the Redis limiter's two counters (pass the app's `Metrics.registry`).
+    """
+    per_minute, burst = settings.rate_limit_per_minute, settings.rate_limit_burst
+    if settings.redis_url and per_minute > 0 and burst > 0:
+        return RedisTokenBucketLimiter(settings.redis_url, per_minute, burst, registry=registry)
+    return TokenBucketLimiter(per_minute, burst)
 
 
 def retry_after_s(wait_s: float) -> int:
@@ -140,7 +341,11 @@ def api_key_or_address(api_keys: frozenset[str]) -> KeyFn:
 
 
 class RateLimitMiddleware:
-    """Applies a `TokenBucketLimiter` to `POST /v1/image-to-image` only; every other request passes untouched."""
+    """Applies a `Limiter` to `POST /v1/image-to-image` only; every other request passes untouched.
+
+    Without `limiter`, a local `TokenBucketLimiter(per_minute, burst)`; with one (`make_limiter(settings)`),
+    that one, and `per_minute`/`burst` are ignored. The owner of a passed limiter closes it (`aclose`).
+    """
 
     def __init__(
         self,
@@ -149,11 +354,11 @@ class RateLimitMiddleware:
         burst: int,
         key_fn: KeyFn,
         *,
-        limiter: TokenBucketLimiter | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.app = app
         self.key_fn = key_fn
-        self.limiter = limiter or TokenBucketLimiter(per_minute, burst)
+        self.limiter: Limiter = limiter if limiter is not None else TokenBucketLimiter(per_minute, burst)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -162,7 +367,7 @@ class RateLimitMiddleware:
             and scope.get("path") == LIMITED_PATH
             and self.limiter.enabled
         ):
-            wait_s = self.limiter.acquire(self.key_fn(scope))
+            wait_s = await self.limiter.take(self.key_fn(scope))
             if wait_s > 0:
                 seconds = retry_after_s(wait_s)
                 limiter = self.limiter

@@ -31,12 +31,12 @@ from gateway.http.schema import PARAMETER_LIMITS, parse_image_to_image
 from gateway.http.views import job_view
 from gateway.jobs.create import Caller, CreateJob, request_hash
 from gateway.jobs.model import FAILED, TERMINAL, Job, owner_of
-from gateway.jobs.runner import JobManager
+from gateway.jobs.runner import JobManager, JobUpdate
 from gateway.jobs.webhooks import key_secret
 from gateway.media.storage import Storage
 from gateway.observability import current_request_id, metrics_endpoint
 from gateway.settings import Settings
-from gateway.triton.client import TritonEngine
+from gateway.triton.client import Engine
 
 log = logging.getLogger("gateway")
 
@@ -51,7 +51,7 @@ class Services:
     """What the handlers use, built by the composition root (`app.py`) in the lifespan."""
 
     settings: Settings
-    engine: TritonEngine
+    engine: Engine
     pipelines: Mapping[str, Img2ImgPipeline]
     storage: Storage
     jobs: JobManager
@@ -117,8 +117,8 @@ class Handlers:
     def _owner(self, request: Request) -> str:
         return owner_of(self._auth(request))
 
-    def _view(self, job: Job) -> dict[str, Any]:
-        return job_view(job, self.s.jobs.progress(job))
+    async def _view(self, job: Job) -> dict[str, Any]:
+        return job_view(job, await self.s.jobs.progress(job))
 
     async def image_to_image(self, request: Request) -> Response:
         owner = self._owner(request)
@@ -137,13 +137,13 @@ class Handlers:
     async def _respond(self, request: Request, job: Job, asynchronous: bool) -> Response:
         location = {"Location": f"/v1/image-to-image/{job.id}"}
         if asynchronous and not job.finished:
-            return JSONResponse(self._view(job), status_code=202, headers=location)
+            return JSONResponse(await self._view(job), status_code=202, headers=location)
         if not job.finished:
             job = await self._wait_or_cancel(request, job)
         if job.status == FAILED and job.error is not None:
             body = {"error": {"code": job.error.code, "message": job.error.message, "details": job.error.details}}
             return JSONResponse(body, status_code=code_status(job.error.code), headers=location)
-        return JSONResponse(self._view(job), headers=location)
+        return JSONResponse(await self._view(job), headers=location)
 
     async def _wait_or_cancel(self, request: Request, job: Job) -> Job:
         """Wait for a synchronous job; a client that disconnects cancels it (no more UNet steps are sent)."""
@@ -164,11 +164,11 @@ class Handlers:
 
     async def get_job(self, request: Request) -> Response:
         job = await self.s.jobs.get(request.path_params["job_id"], self._owner(request))
-        return JSONResponse(self._view(job))
+        return JSONResponse(await self._view(job))
 
     async def cancel_job(self, request: Request) -> Response:
         job = await self.s.jobs.cancel(request.path_params["job_id"], self._owner(request))
-        return JSONResponse(self._view(job))
+        return JSONResponse(await self._view(job))
 
     async def job_events(self, request: Request) -> Response:
         """Server-sent events: the job view on every change (progress steps, status), until it finishes."""
@@ -181,17 +181,23 @@ class Handlers:
 
         async def stream() -> AsyncIterator[bytes]:
             try:
-                view = self._view(await jobs.get(job.id, job.owner))
+                current = await jobs.get(job.id, job.owner)
+                view = await self._view(current)
                 while True:
                     yield event(view)
                     if view["status"] in TERMINAL:
                         return
                     try:
                         update = await asyncio.wait_for(queue.get(), timeout=SSE_HEARTBEAT_S)
-                        view = job_view(update.job, update.progress)
                     except TimeoutError:
                         yield b": keep-alive\n\n"
-                        view = self._view(await jobs.get(job.id, job.owner))
+                        update = JobUpdate(None, None)
+                    if update.job is not None:
+                        current = update.job
+                    elif update.progress is None:  # changed elsewhere (another replica): read it again
+                        current = await jobs.get(job.id, job.owner)
+                    progress = update.progress if update.progress is not None else await jobs.progress(current)
+                    view = job_view(current, progress)
             finally:
                 jobs.unsubscribe(job.id, queue)
 

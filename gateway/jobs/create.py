@@ -110,8 +110,8 @@ class CreateJob:
             previous = await self.store.get_idempotent(caller.owner, caller.idempotency_key)
             if previous is not None:
                 return self._replayed(previous, caller)
-        # 2. Admission: refuse fast when the queue is full, before any image work.
-        self.jobs.check_admission()
+        # 2. Admission: refuse fast when the fleet's queue is full, before any image work.
+        await self.jobs.check_admission()
         # 3. The model (404 before any image work) and the webhook target (refused now, not at delivery time).
         manifest = resolve_pipeline(self.pipelines, request.model).manifest
         if request.webhook_url is not None:
@@ -155,7 +155,7 @@ class CreateJob:
             self.decoded.take(job_id)
             return self._replayed(created, caller)
         # 6. Queue it.
-        self.jobs.enqueue_new(created)
+        await self.jobs.enqueue_new(created)
         return created
 
     @staticmethod

@@ -90,7 +90,7 @@ class JobExecutor:
         # 4. Encode and store each image.
         images = []
         for i, sample in enumerate(result.images):
-            name = output_name(job.id, i)
+            name = output_name(job.id, i, job.run_attempts)
             await self.storage.put(name, await asyncio.to_thread(codecs.tensor_to_png, sample), "image/png")
             images.append(
                 OutputImage(name=name, url=self.storage.url_for(name), width=size[0], height=size[1], seed=seeds[i])

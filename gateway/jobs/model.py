@@ -57,8 +57,10 @@ def input_name(job_id: str, extension: str) -> str:
     return f"{job_id}_input.{extension}"
 
 
-def output_name(job_id: str, index: int) -> str:
-    return f"{job_id}_{index}.png"
+def output_name(job_id: str, index: int, run: int = 1) -> str:
+    """Output `index` of the job's `run`-th run: a re-run (its first worker's replica died) writes its own
+    names, so an earlier run that finishes late can drop its result without touching the winner's images."""
+    return f"{job_id}_{index}.png" if run <= 1 else f"{job_id}_{index}_run{run}.png"
 
 
 @dataclass(frozen=True)
@@ -257,8 +259,8 @@ class Job:
         hook = self.webhook
         if not self.finished or hook is None or hook.status != WebhookStatus.PENDING or hook.next_attempt_at > now:
             return None
-        if hook.lease is not None and hook.lease.expires_at > now and hook.lease.owner != worker:
-            return None
+        if hook.lease is not None and hook.lease.expires_at > now:
+            return None  # live, even if ours: a delivery in flight is never handed out twice
         return dataclasses.replace(self, webhook=dataclasses.replace(hook, lease=Lease(worker, lease_until)))
 
     def with_delivery(self, attempt: DeliveryAttempt, max_attempts: int, next_attempt_at: float = 0.0) -> Job | None:

@@ -1,10 +1,14 @@
-"""The job runner: a bounded queue, a pool of workers, cancellation, progress, webhooks, recovery, retention.
+"""The job runner: workers that take jobs from the store, cancellation, progress, webhooks, recovery, retention.
 
-Workers run jobs concurrently (`max_running_jobs`): their UNet steps reach Triton together and are batched.
+The store is the queue, so any number of replicas share the work: a dispatcher claims the oldest queued job
+whenever one of this process's `max_running_jobs` slots is free (their UNet steps reach Triton together and
+are batched). Replicas tell each other what happened through a best-effort event bus (`events.JobEvents`:
+created, progress, cancel, final); missing an event only delays an action until a fallback poll.
+
 Every state change is a compare-and-set in the store (`store.transition`), so a cancel racing a completion or
 a pickup has one winner, and the loser answers with the winner's state. A worker never dies: store errors
 are retried with backoff, any other failure ends its job `failed` with a code from the error table, and the
-loop goes on. Progress lives in memory (no store write per step); the store is written a few times per job.
+loop goes on. Progress lives in memory and on the bus (throttled); the store is written a few times per job.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,6 +39,7 @@ from gateway.errors import (
     status_and_code,
 )
 from gateway.jobs import webhooks
+from gateway.jobs.events import EventKind, JobEvent, JobEvents, LocalEvents
 from gateway.jobs.model import (
     CANCELED,
     COMPLETED,
@@ -61,6 +67,9 @@ STORE_RETRY_FIRST_S = 0.05
 LISTENER_QUEUE_SIZE = 256
 BACKEND_RETRY_MAX_S = 30.0
 RETENTION_MAX_INTERVAL_S = 60.0
+RECLAIM_BATCH = 100  # expired leases taken over per pass
+MAX_DELIVERIES = 16  # webhook POSTs in flight per process
+PROGRESS_CACHE_SIZE = 10_000  # live progress of jobs running on other replicas, as heard on the bus
 
 
 @dataclass(frozen=True)
@@ -72,10 +81,11 @@ class Progress:
 
 @dataclass(frozen=True)
 class JobUpdate:
-    """What an event-stream listener receives: the job and its live progress at that moment."""
+    """What an event-stream listener receives: the job and its live progress; `job` None with a progress: only the
+    step moved (heard on the bus); both None: the job changed elsewhere, read it again."""
 
-    job: Job
-    progress: Progress
+    job: Job | None
+    progress: Progress | None
 
 
 class Executor(Protocol):
@@ -91,8 +101,9 @@ Renderer = Callable[[Job, Progress], bytes]
 @dataclass
 class _Running:
     step: int = 0
-    cancel: bool = False  # asked to stop (a cancel here, or seen on the lease renewal)
+    cancel: bool = False  # asked to stop (a cancel here, on the bus, or seen on the lease renewal)
     lost: bool = False  # the lease went to someone else: stop, and write nothing
+    published_at: float = 0.0  # when progress last went on the bus
 
 
 def _job_error(exc: ApiError) -> JobError:
@@ -101,6 +112,17 @@ def _job_error(exc: ApiError) -> JobError:
 
 
 _INTERNAL = JobError(code="internal_error", message="Internal server error", details=None)
+
+
+def _if_lease_expired(job: Job, *, change: Transition, now: float) -> Job | None:
+    if job.status == PROCESSING and job.lease is not None and job.lease.expires_at >= now:
+        return None  # renewed since it was read: its worker lives
+    return change(job)
+
+
+def final_progress(job: Job) -> Progress:
+    total = job.spec.effective_steps
+    return Progress(total if job.status == COMPLETED else job.steps_done, total, None)
 
 
 class JobManager:
@@ -114,6 +136,7 @@ class JobManager:
         poster: webhooks.Poster,
         webhook_secret: str,
         render: Renderer,
+        events: JobEvents | None = None,
         on_event: EventHook | None = None,
         worker_id: str | None = None,
     ) -> None:
@@ -124,38 +147,51 @@ class JobManager:
         self.poster = poster
         self.webhook_secret = webhook_secret
         self.render = render
+        self.events: JobEvents = events or LocalEvents()
         self.on_event: EventHook = on_event or (lambda event, value: None)
         self.worker_id = worker_id or f"gw-{uuid.uuid4().hex[:12]}"
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._queued: dict[str, None] = {}  # insertion-ordered: queue positions
         self._running: dict[str, _Running] = {}
+        self._slots = asyncio.Semaphore(settings.max_running_jobs)
+        self._work = asyncio.Event()  # set when a job may be waiting (created, released, a slot freed)
+        self._outbox = asyncio.Event()  # set when a webhook may be due
+        self._deliveries = asyncio.Semaphore(MAX_DELIVERIES)
         self._done: dict[str, asyncio.Event] = {}
         self._delivering: set[str] = set()
         self._listeners: dict[str, set[asyncio.Queue[JobUpdate]]] = {}
+        self._remote: OrderedDict[str, tuple[int, int]] = OrderedDict()  # job id -> (step, total) from the bus
+        self._recent_cancels: OrderedDict[str, bool] = OrderedDict()  # cancels heard for jobs not running here
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._queued_estimate = 0  # the store's queue length as of the last count (metrics)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Recover what the last process left, then start the workers.
+        """Listen to the bus, recover what a dead process left, then start the loops.
 
-        SQLite serves one process, so every unfinished job found at start is an orphan of a process that died:
-        a cancel it was asked for is honoured, a synchronous one (its caller is gone) fails `interrupted`, one
-        that already crashed `max_run_attempts` runs fails `run_attempts_exhausted`, the rest run again.
+        With an exclusive store (SQLite: one process, locked at open) every unfinished job found at start is an
+        orphan: a cancel it was asked for is honoured, a synchronous one (its caller is gone) fails
+        `interrupted`, one that already crashed `max_run_attempts` runs fails `run_attempts_exhausted`, the rest
+        run again. With a shared store, a dead replica's jobs are found by their expired leases instead
+        (`_reclaim_loop`), whoever looks first.
         """
-        for job in await self._retrying("recovery", "-", self.store.unfinished):
-            await self._recover(job)
-        for job in await self._retrying("recovery", "-", self.store.undelivered):
-            self._start_delivery(job)
-        for _ in range(self.settings.max_running_jobs):
-            self._spawn(self._worker())
+        await self.events.start(self._on_bus_event)
+        if self.store.exclusive:
+            for job in await self._retrying("recovery", "-", self.store.unfinished):
+                await self._recover(job, caller_gone=True)
+        self._spawn(self._dispatch_loop())
+        self._spawn(self._delivery_loop())
+        self._spawn(self._reclaim_loop())
         self._spawn(self._retention_loop())
 
-    async def _recover(self, job: Job) -> None:
+    async def _recover(self, job: Job, *, caller_gone: bool, expired_before: float | None = None) -> None:
+        """Take over an orphaned job. A synchronous one is failed `interrupted` only when its caller is known
+        gone (its process died with the store's only process); on a shared store its caller may still wait on
+        another replica, so it runs again. With `expired_before`, only while its lease is still expired (its
+        owner may have renewed it since it was read)."""
         change: Transition
         if job.cancel_requested:
             change = functools.partial(Job.ended, status=CANCELED)
-        elif not job.spec.asynchronous:
+        elif caller_gone and not job.spec.asynchronous:
             interrupted = _job_error(
                 Interrupted(
                     "The gateway restarted while this synchronous request ran",
@@ -167,29 +203,33 @@ class JobManager:
             exhausted = _job_error(
                 RunAttemptsExhausted(
                     "The job failed repeatedly",
-                    f"The gateway stopped {job.run_attempts} times while running this job; it is not retried",
+                    f"Its worker stopped {job.run_attempts} times while running this job; it is not retried",
                 )
             )
             change = functools.partial(Job.ended, status=FAILED, error=exhausted)
         else:
             change = Job.requeued
+        if expired_before is not None:
+            change = functools.partial(_if_lease_expired, change=change, now=expired_before)
         stored, applied = await self._retrying("recovery", job.id, lambda: transition(self.store, job, change))
         if not applied:
             return
         if stored.finished:
             log.info("recovery: job %s ends %s", stored.id, stored.status)
-            self._after_final(stored)
+            await self._after_final(stored)
         else:
             log.info("recovery: job %s queued again (run %d so far)", stored.id, stored.run_attempts)
-            self._enqueue(stored.id)
+            await self._publish(JobEvent(stored.id, EventKind.CREATED))
 
     async def stop(self) -> None:
-        """Stop workers; jobs they held stay `processing` in the store and are re-run on the next start."""
+        """Stop the loops; jobs they held stay `processing` in the store and are taken over (at the next start
+        with SQLite, when their lease expires with a shared store)."""
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.events.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
@@ -210,30 +250,60 @@ class JobManager:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.store_retry_max_s)
 
+    # --- the bus -----------------------------------------------------------------------------------------
+
+    async def _publish(self, event: JobEvent) -> None:
+        await self.events.publish(event)
+
+    def _on_bus_event(self, event: JobEvent) -> None:
+        """Events from every replica, this one included."""
+        if event.kind == EventKind.CREATED:
+            self._work.set()
+        elif event.kind == EventKind.PROGRESS:
+            if event.job_id in self._running:
+                return  # ours: local listeners already heard every step
+            self._remote[event.job_id] = (event.step, event.total)
+            self._remote.move_to_end(event.job_id)
+            while len(self._remote) > PROGRESS_CACHE_SIZE:
+                self._remote.popitem(last=False)
+            self._notify_progress(event.job_id, Progress(event.step, event.total, None))
+        elif event.kind == EventKind.CANCEL:
+            running = self._running.get(event.job_id)
+            if running is not None:
+                running.cancel = True  # the worker stops before its next Triton call
+            else:  # perhaps claimed here a moment ago and not registered yet: remembered for a while
+                self._recent_cancels[event.job_id] = True
+                while len(self._recent_cancels) > PROGRESS_CACHE_SIZE:
+                    self._recent_cancels.popitem(last=False)
+        elif event.kind == EventKind.FINAL:
+            self._remote.pop(event.job_id, None)
+            self._release_waiters(event.job_id)
+            self._notify_changed(event.job_id)
+            self._outbox.set()
+
     # --- submission and queries --------------------------------------------------------------------------
 
-    def check_admission(self) -> None:
-        """503 with Retry-After instead of unbounded latency once the queue is full."""
-        if len(self._queued) >= self.settings.max_queued_jobs:
-            retry = max(1, math.ceil(len(self._queued) / max(1, self.settings.max_running_jobs)))
+    async def check_admission(self) -> None:
+        """503 with Retry-After instead of unbounded latency once the fleet's queue is full."""
+        queued = await self.store.count_queued()
+        self._queued_estimate = queued
+        if queued >= self.settings.max_queued_jobs:
+            retry = max(1, math.ceil(queued / max(1, self.settings.max_running_jobs)))
             raise Overloaded(
                 "Too many requests in progress",
-                f"{len(self._queued)} jobs are queued; retry in about {retry} s",
+                f"{queued} jobs are queued; retry in about {retry} s",
                 headers={"Retry-After": str(retry)},
             )
 
-    def enqueue_new(self, job: Job) -> None:
-        """Queue a job the store just created."""
-        self._enqueue(job.id)
+    async def enqueue_new(self, job: Job) -> None:
+        """Tell every replica's dispatcher that the store has a new job."""
         self.on_event("job_created", job.status)
-
-    def _enqueue(self, job_id: str) -> None:
-        self._queued[job_id] = None
-        self._queue.put_nowait(job_id)
+        self._queued_estimate += 1
         self._gauges()
+        await self._publish(JobEvent(job.id, EventKind.CREATED))
 
     def _gauges(self) -> None:
-        self.on_event("queue_depth", (len(self._queued), len(self._running)))
+        self.on_event("queue_depth", (self._queued_estimate, len(self._running)))
 
     async def get(self, job_id: str, owner: str) -> Job:
         job = await self.store.get(job_id)
@@ -241,24 +311,28 @@ class JobManager:
             raise NotFound("Job not found", f"No job '{job_id}' for this API key")
         return job
 
-    def progress(self, job: Job) -> Progress:
+    async def progress(self, job: Job) -> Progress:
         total = job.spec.effective_steps
-        running = self._running.get(job.id)
-        if running is not None and job.status == PROCESSING:
-            return Progress(min(running.step, total), total, None)
+        if job.status == PROCESSING:
+            running = self._running.get(job.id)
+            if running is not None:
+                return Progress(min(running.step, total), total, None)
+            step, _ = self._remote.get(job.id, (job.steps_done, total))
+            return Progress(min(step, total), total, None)
         if job.status == QUEUED:
-            position = list(self._queued).index(job.id) + 1 if job.id in self._queued else None
-            return Progress(0, total, position)
-        return Progress(total if job.status == COMPLETED else job.steps_done, total, None)
+            return Progress(0, total, await self.store.queue_position(job))
+        return final_progress(job)
 
     async def wait(self, job_id: str) -> Job:
-        """The job once final (a synchronous request waits here)."""
+        """The job once final (a synchronous request waits here): woken by the bus, re-read at least every
+        `job_poll_interval_s` in case an event was missed."""
         job = await self._existing(job_id)
         while not job.finished:
             event = self._done.setdefault(job_id, asyncio.Event())
             job = await self._existing(job_id)  # a final state written before the event existed is seen here
             if not job.finished:
-                await event.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), self.settings.job_poll_interval_s)
                 job = await self._existing(job_id)
         self._release_waiters(job_id)
         return job
@@ -276,9 +350,9 @@ class JobManager:
             event.set()
 
     async def cancel(self, job_id: str, owner: str) -> Job:
-        """Cancel: a queued job ends `canceled` now; a running one stops before its next Triton call and the
-        answer is its final state (`completed` when it finished first). Exactly one of cancel and the worker
-        wins, so the answer always equals what the job ends as."""
+        """Cancel: a queued job ends `canceled` now; a running one (on any replica) stops before its next Triton
+        call and the answer is its final state (`completed` when it finished first). Exactly one of cancel and
+        the worker wins, so the answer always equals what the job ends as."""
         job = await self.get(job_id, owner)
         if job.finished:
             raise JobFinished("Job already finished", f"Job '{job_id}' is {job.status}")
@@ -286,12 +360,13 @@ class JobManager:
         if stored.finished:
             if not applied:  # it finished between our read and our write
                 raise JobFinished("Job already finished", f"Job '{job_id}' is {stored.status}")
-            self._queued.pop(job_id, None)
-            self._after_final(stored)
+            await self._after_final(stored)
             return stored
         running = self._running.get(job_id)
         if running is not None:
-            running.cancel = True  # the worker stops before its next Triton call
+            running.cancel = True  # runs here: the worker stops before its next Triton call
+        else:
+            await self._publish(JobEvent(job_id, EventKind.CANCEL))
         return await self.wait(job_id)
 
     def subscribe(self, job_id: str) -> asyncio.Queue[JobUpdate]:
@@ -306,58 +381,84 @@ class JobManager:
             if not listeners:
                 del self._listeners[job_id]
 
-    def _notify(self, job: Job) -> None:
-        listeners = self._listeners.get(job.id)
-        if not listeners:
-            return
-        update = JobUpdate(job, self.progress(job))
-        for queue in listeners:
+    def _put(self, job_id: str, update: JobUpdate) -> None:
+        for queue in self._listeners.get(job_id, ()):
             with contextlib.suppress(asyncio.QueueFull):  # a slow SSE reader misses intermediate steps
                 queue.put_nowait(update)
 
-    # --- running -----------------------------------------------------------------------------------------
+    def _notify(self, job: Job, progress: Progress) -> None:
+        if job.id in self._listeners:
+            self._put(job.id, JobUpdate(job, progress))
 
-    async def _worker(self) -> None:
-        while True:
-            job_id = await self._queue.get()
-            try:
-                await self._process(job_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug must cost one job at most, never the worker
-                log.exception("worker %s: unexpected error on job %s", self.worker_id, job_id)
+    def _notify_progress(self, job_id: str, progress: Progress) -> None:
+        if job_id in self._listeners:
+            self._put(job_id, JobUpdate(None, progress))
+
+    def _notify_changed(self, job_id: str) -> None:
+        """The job changed elsewhere: listeners re-read it (a `JobUpdate` with neither job nor live step)."""
+        if job_id in self._listeners:
+            self._put(job_id, JobUpdate(None, None))
+
+    # --- running -----------------------------------------------------------------------------------------
 
     def _lease_until(self) -> float:
         return time.time() + self.settings.job_lease_s
 
-    async def _process(self, job_id: str) -> None:
-        if job_id not in self._queued:
-            return  # canceled while queued, or already taken
-        del self._queued[job_id]
-        running = self._running[job_id] = _Running()  # before the claim: a cancel that sees it running finds it
-        try:
-            job = await self._retrying(
-                "claim", job_id, lambda: self.store.claim(job_id, self.worker_id, self._lease_until())
-            )
+    async def _dispatch_loop(self) -> None:
+        """Claim the oldest queued job whenever a slot is free; sleep until woken (or the poll interval) when the
+        store has none. One claim query per wake-up per process, whatever the number of slots."""
+        while True:
+            await self._slots.acquire()
+            try:
+                self._work.clear()
+                job = await self._retrying(
+                    "claim", "-", lambda: self.store.claim_next(self.worker_id, self._lease_until(), time.time())
+                )
+            except BaseException:
+                self._slots.release()
+                raise
             if job is None:
-                return  # canceled meanwhile
+                self._slots.release()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work.wait(), self.settings.job_poll_interval_s)
+                continue
+            self._queued_estimate = max(0, self._queued_estimate - 1)
+            # Registered at once: a cancel arriving from now on finds it running here.
+            self._running[job.id] = _Running(cancel=job.cancel_requested or self._recent_cancels.pop(job.id, False))
+            self._spawn(self._process(job))
+            self._work.set()  # there may be more: claim again while slots are free
+
+    async def _process(self, job: Job) -> None:
+        running = self._running[job.id]
+        running.cancel = running.cancel or self._recent_cancels.pop(job.id, False)
+        try:
             with request_context(job.request_id):  # every log line of this run names the creating request
                 await self._run(job, running)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must cost one job at most, never the worker
+            log.exception("worker %s: unexpected error on job %s", self.worker_id, job.id)
         finally:
-            self._running.pop(job_id, None)
+            self._running.pop(job.id, None)
+            self._slots.release()
             self._gauges()
 
     async def _run(self, job: Job, running: _Running) -> None:
         log.info("job %s: running (attempt %d, request %s)", job.id, job.run_attempts, job.request_id)
-        running.cancel = running.cancel or job.cancel_requested  # a cancel may have landed while the claim returned
-        self._notify(job)
+        total = job.spec.effective_steps
+        self._notify(job, Progress(0, total, None))
         self._gauges()
         renewer = asyncio.create_task(self._keep_lease(job.id, running))
 
-        def on_step(done: int, total: int) -> None:
+        def on_step(done: int, _calls: int) -> None:
             # Shown against effective_steps (what diffusers counts); PNDM makes one extra UNet call.
             running.step = done
-            self._notify(job)
+            progress = Progress(min(done, total), total, None)
+            self._notify(job, progress)
+            now = time.monotonic()
+            if done >= total or now - running.published_at >= self.settings.progress_publish_interval_s:
+                running.published_at = now  # other replicas hear at most a few steps per second of each job
+                self._spawn(self._publish(JobEvent(job.id, EventKind.PROGRESS, progress.step, total)))
 
         status: JobStatus = COMPLETED
         images: tuple[OutputImage, ...] = ()
@@ -368,7 +469,7 @@ class JobManager:
             status = CANCELED
         except BackendUnavailable as exc:
             if job.spec.asynchronous and job.run_attempts <= self.settings.job_retries:
-                await self._retry_later(job, running)
+                await self._retry_later(job)
                 return
             status, error = FAILED, _job_error(exc)
         except ApiError as exc:
@@ -396,33 +497,32 @@ class JobManager:
             await asyncio.sleep(self.settings.job_lease_s / 3)
             try:
                 renewed = await self.store.renew(job_id, self.worker_id, self._lease_until())
+                if renewed is None:
+                    current = await self.store.get(job_id)
+                    running.lost = current is None or current.lease is None or current.lease.owner != self.worker_id
+                    if running.lost:
+                        return
+                elif renewed.cancel_requested:
+                    running.cancel = True
             except StoreUnavailable:
                 continue  # the lease is long enough to survive a missed renewal
-            if renewed is None:
-                try:
-                    current = await self.store.get(job_id)
-                except StoreUnavailable:
-                    continue
-                running.lost = current is None or current.lease is None or current.lease.owner != self.worker_id
-                if running.lost:
-                    return
-            elif renewed.cancel_requested:
-                running.cancel = True
 
-    async def _retry_later(self, job: Job, running: _Running) -> None:
+    async def _retry_later(self, job: Job) -> None:
         delay = min(BACKEND_RETRY_MAX_S, 2.0**job.run_attempts)
         log.warning("job %s: backend unavailable, retry %d in %.0f s", job.id, job.run_attempts, delay)
-        stored = await self._retrying("release", job.id, lambda: self.store.release(job.id, self.worker_id))
+        stored = await self._retrying(
+            "release", job.id, lambda: self.store.release(job.id, self.worker_id, time.time() + delay)
+        )
         if stored is None:
             return
-        if stored.finished:  # canceled while it waited
-            self._after_final(stored)
+        if stored.finished:  # canceled while it ran
+            await self._after_final(stored)
         else:
-            self._spawn(self._requeue_later(job.id, delay))
+            self._spawn(self._wake_later(delay))
 
-    async def _requeue_later(self, job_id: str, delay_s: float) -> None:
+    async def _wake_later(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
-        self._enqueue(job_id)
+        self._work.set()
 
     async def _finish(
         self,
@@ -447,70 +547,112 @@ class JobManager:
             log.warning("job %s: finished elsewhere as %s; result dropped", job.id, stored.status)
             await self._delete(images)
             return
-        self._after_final(stored)
+        await self._after_final(stored)
 
     async def _delete(self, images: tuple[OutputImage, ...]) -> None:
         for image in images:
             with contextlib.suppress(Exception):
                 await self.storage.delete(image.name)
 
-    def _after_final(self, job: Job) -> None:
-        """Effects of a final state, run once by whoever wrote it: metrics, listeners, waiters, webhook."""
+    async def _after_final(self, job: Job) -> None:
+        """Effects of a final state, run once by whoever wrote it: metrics, local listeners and waiters, the
+        bus (waiters and listeners on other replicas), the webhook outbox."""
         log.info("job %s: %s", job.id, job.status)
         self.on_event("job_finished", job.status)
-        self._notify(job)
+        self._notify(job, final_progress(job))
         self._release_waiters(job.id)
-        self._start_delivery(job)
+        if job.webhook is not None:
+            self._outbox.set()
+        await self._publish(JobEvent(job.id, EventKind.FINAL))
 
-    # --- webhooks ----------------------------------------------------------------------------------------
+    # --- recovery of a dead replica's jobs ---------------------------------------------------------------
 
-    def _start_delivery(self, job: Job) -> None:
-        """One delivery loop per job at a time: the id is marked when the loop is spawned, so recovery and a
-        final state reached meanwhile cannot start a second one."""
-        if job.webhook is None or job.webhook.status != WebhookStatus.PENDING or job.id in self._delivering:
-            return
-        self._delivering.add(job.id)
-        self._spawn(self._deliver(job))
+    async def _reclaim_loop(self) -> None:
+        """Take over jobs whose lease expired (their replica died), every half lease."""
+        while True:
+            await asyncio.sleep(self.settings.job_lease_s / 2)
+            try:
+                now = time.time()
+                for job in await self.store.expired_leases(now, RECLAIM_BATCH):
+                    if job.id in self._running:
+                        continue  # ours and alive: its renewals failed for a while; the next one restores it
+                    log.warning("job %s: lease of %s expired; taking it over", job.id, job.lease)
+                    await self._recover(job, caller_gone=False, expired_before=now)
+            except StoreUnavailable:
+                continue
+            except Exception:
+                log.exception("reclaiming expired leases failed")
+
+    # --- webhooks: an outbox in the store ----------------------------------------------------------------
+
+    async def _delivery_loop(self) -> None:
+        """Claim due webhook deliveries (one replica at a time per job, by lease) and send them; retries are
+        due again at their backoff time, so they survive restarts and move between replicas."""
+        while True:
+            await self._deliveries.acquire()
+            try:
+                self._outbox.clear()
+                now = time.time()
+                until = now + self.settings.webhook_timeout_s * 2 + self.settings.job_poll_interval_s
+                job = await self.store.claim_delivery(self.worker_id, until, now)
+            except StoreUnavailable:
+                job = None
+            except BaseException:
+                self._deliveries.release()
+                raise
+            if job is None:
+                self._deliveries.release()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._outbox.wait(), self.settings.job_poll_interval_s)
+                continue
+            self._spawn(self._deliver(job))
+            self._outbox.set()  # there may be more due
 
     async def _deliver(self, job: Job) -> None:
-        """Deliver a finished job's webhook, retrying with backoff."""
+        """One delivery attempt, recorded (which releases the outbox lease)."""
+        if job.id in self._delivering:  # the outbox lease makes this rare: an expired lease re-claimed by us
+            self._deliveries.release()
+            return
+        self._delivering.add(job.id)
         try:
-            await self._deliver_attempts(job)
+            await self._attempt_delivery(job)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("job %s: webhook delivery stopped", job.id)
+            log.exception("job %s: webhook delivery failed", job.id)
         finally:
             self._delivering.discard(job.id)
+            self._deliveries.release()
 
-    async def _deliver_attempts(self, job: Job) -> None:
-        body = self.render(job, self.progress(job))
+    async def _attempt_delivery(self, job: Job) -> None:
+        hook = job.webhook
+        if hook is None:
+            return
+        body = self.render(job, final_progress(job))
         secret = webhooks.key_secret(self.webhook_secret, job.owner)
+        try:
+            code = await self.poster(hook.url, body, webhooks.signed_headers(secret, job.id, body))
+            result = DeliveryAttempt(now_iso(), code, None)
+        except Exception as exc:  # any transport failure is one failed attempt
+            result = DeliveryAttempt(now_iso(), None, f"{type(exc).__name__}: {exc}"[:300])
+        attempts = len(hook.attempts) + 1
+        next_at = time.time() + webhooks.backoff_s(attempts, self.settings.webhook_backoff_s)
         max_attempts = self.settings.webhook_max_attempts
-        current = job
-        while current.webhook is not None and current.webhook.status == WebhookStatus.PENDING:
-            attempt = len(current.webhook.attempts)
-            if attempt >= max_attempts:
-                return
-            if attempt > 0:
-                await asyncio.sleep(webhooks.backoff_s(attempt, self.settings.webhook_backoff_s))
-            try:
-                code = await self.poster(current.webhook.url, body, webhooks.signed_headers(secret, job.id, body))
-                result = DeliveryAttempt(now_iso(), code, None)
-            except Exception as exc:  # any transport failure is one failed attempt
-                result = DeliveryAttempt(now_iso(), None, f"{type(exc).__name__}: {exc}"[:300])
-            current, applied = await self._record_delivery(current, result, max_attempts)
-            if not applied:
-                return
-            settled = current.webhook is not None and current.webhook.status == WebhookStatus.FAILED
-            outcome = "delivered" if result.ok else ("failed" if settled else "retry")
-            self.on_event("webhook", outcome)
 
-    async def _record_delivery(self, job: Job, attempt: DeliveryAttempt, max_attempts: int) -> tuple[Job, bool]:
         def change(current: Job) -> Job | None:
-            return current.with_delivery(attempt, max_attempts)
+            return current.with_delivery(result, max_attempts, next_at)
 
-        return await self._retrying("webhook", job.id, lambda: transition(self.store, job, change))
+        current, applied = await self._retrying("webhook", job.id, lambda: transition(self.store, job, change))
+        if not applied:
+            return
+        settled = current.webhook is not None and current.webhook.status == WebhookStatus.FAILED
+        self.on_event("webhook", "delivered" if result.ok else ("failed" if settled else "retry"))
+        if not result.ok and not settled:
+            self._spawn(self._wake_outbox_later(next_at - time.time()))
+
+    async def _wake_outbox_later(self, delay_s: float) -> None:
+        await asyncio.sleep(max(0.0, delay_s))
+        self._outbox.set()
 
     # --- retention ---------------------------------------------------------------------------------------
 
@@ -525,12 +667,15 @@ class JobManager:
         return len(expired)
 
     async def _retention_loop(self) -> None:
+        """One replica at a time purges (a named lock lasting twice the interval)."""
         interval = max(1.0, min(RETENTION_MAX_INTERVAL_S, self.settings.retention_s / 10))
         while True:
             try:
-                removed = await self.purge_expired()
-                if removed:
-                    log.info("retention: removed %d expired jobs and their images", removed)
+                now = time.time()
+                if await self.store.acquire_lock("retention", self.worker_id, now + 2 * interval, now):
+                    removed = await self.purge_expired()
+                    if removed:
+                        log.info("retention: removed %d expired jobs and their images", removed)
             except Exception:
                 log.exception("retention clean-up failed")
             await asyncio.sleep(interval)

@@ -9,8 +9,10 @@ nowhere else. The schema is versioned with `PRAGMA user_version`; each migration
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +42,7 @@ T = TypeVar("T")
 # How long one statement waits for a lock held by another connection before it reports the store unavailable
 # (the runner then retries with backoff, so a longer lock delays jobs but loses none).
 BUSY_TIMEOUT_S = 5.0
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _CREATE_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -61,6 +63,14 @@ _MIGRATE_V2 = """
 ALTER TABLE jobs ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
 ALTER TABLE jobs ADD COLUMN lease_expires_at REAL;
+"""
+# The store became the queue (claim_next, retry delays) and the webhook outbox; named locks for chores.
+_MIGRATE_V3 = """
+ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN webhook_next_at REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN webhook_lease_until REAL;
+CREATE INDEX IF NOT EXISTS jobs_outbox ON jobs (webhook_status, webhook_next_at);
+CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until REAL NOT NULL);
 """
 
 
@@ -94,11 +104,33 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("COMMIT")
 
 
+class StoreInUse(Exception):
+    """Another live process holds this SQLite job store (SQLite serves one gateway process)."""
+
+
+def _lock_exclusively(path: Path) -> int:
+    """Hold an exclusive `flock` on `<db>.lock` for the process's life: a second gateway on the same file would
+    re-run this one's jobs and send their webhooks twice. The kernel drops the lock when the process dies."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreInUse(
+            f"the job store {path} is in use by another gateway process; SQLite serves one process: "
+            "use PostgreSQL (IMAGEN_JOBS_DB=postgresql://...) to run several gateways"
+        ) from None
+    return fd
+
+
 class SqliteJobStore:
     """`JobStore` on one SQLite file (see the module docstring)."""
 
+    exclusive = True  # locked by this process at open: every unfinished job found at start is an orphan
+
     def __init__(self, path: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_exclusively(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstore")
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=busy_timeout_s)
         try:
@@ -107,6 +139,7 @@ class SqliteJobStore:
             self._migrate()
         except sqlite3.Error:
             self._db.close()
+            os.close(self._lock_fd)
             raise
 
     def _migrate(self) -> None:
@@ -117,7 +150,7 @@ class SqliteJobStore:
             if version < 1:
                 for statement in _statements(_CREATE_V1):
                     db.execute(statement)
-            if version < SCHEMA_VERSION:
+            if version < 2:
                 columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
                 if "version" not in columns:
                     for statement in _statements(_MIGRATE_V2):
@@ -127,7 +160,10 @@ class SqliteJobStore:
                     if "params" in data:
                         upgraded = json.dumps(_legacy_to_v2(job_id, data))
                         db.execute("UPDATE jobs SET data = ? WHERE id = ?", (upgraded, job_id))
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version < 3:
+                for statement in _statements(_MIGRATE_V3):
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` on the store's thread; the one boundary where sqlite3 errors become ours."""
@@ -158,14 +194,13 @@ class SqliteJobStore:
                         return existing
                 stored = replace(job, version=1)
                 db.execute(
-                    "INSERT INTO jobs (id, owner, status, created_at, completed_at, idempotency_key, webhook_status,"
-                    " data, version, lease_owner, lease_expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO jobs (id, owner, created_at, idempotency_key, status, completed_at, webhook_status,"
+                    " data, version, lease_owner, lease_expires_at, not_before, webhook_next_at, webhook_lease_until)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         stored.id,
                         stored.owner,
-                        stored.status,
                         stored.created_at,
-                        stored.completed_at,
                         stored.idempotency_key,
                         *self._mutable_columns(stored),
                     ),
@@ -176,12 +211,20 @@ class SqliteJobStore:
 
     @staticmethod
     def _mutable_columns(job: Job) -> tuple[Any, ...]:
+        """status, completed_at, webhook_status, data, version, lease_owner, lease_expires_at, not_before,
+        webhook_next_at, webhook_lease_until: the columns queries filter on, beside the JSON."""
+        hook = job.webhook
         return (
-            job.webhook.status if job.webhook else None,
+            job.status,
+            job.completed_at,
+            hook.status if hook else None,
             job_to_json(job).decode(),
             job.version,
             job.lease.owner if job.lease else None,
             job.lease.expires_at if job.lease else None,
+            job.not_before,
+            hook.next_attempt_at if hook else 0.0,
+            hook.lease.expires_at if hook and hook.lease else None,
         )
 
     async def get(self, job_id: str) -> Job | None:
@@ -201,13 +244,12 @@ class SqliteJobStore:
     def _write(self, db: sqlite3.Connection, job: Job) -> Job:
         """Compare-and-set: write `job` with the next version if the row still has `job.version`."""
         stored = replace(job, version=job.version + 1, updated_at=now_iso())
-        webhook_status, data, version, lease_owner, lease_expires_at = self._mutable_columns(stored)
         cursor = db.execute(
             "UPDATE jobs SET status = ?, completed_at = ?, webhook_status = ?, data = ?, version = ?,"
-            " lease_owner = ?, lease_expires_at = ? WHERE id = ? AND version = ?",
-            (stored.status, stored.completed_at, webhook_status, data, version, lease_owner, lease_expires_at,
-             job.id, job.version),
-        )  # fmt: skip
+            " lease_owner = ?, lease_expires_at = ?, not_before = ?, webhook_next_at = ?, webhook_lease_until = ?"
+            " WHERE id = ? AND version = ?",
+            (*self._mutable_columns(stored), job.id, job.version),
+        )
         if cursor.rowcount != 1:
             raise StaleJob(self._load(db.execute("SELECT data, version FROM jobs WHERE id = ?", (job.id,)).fetchone()))
         return stored
@@ -216,15 +258,7 @@ class SqliteJobStore:
         return await self._call(lambda db: self._write(db, job))
 
     async def _conditional(self, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
-        """Read and compare-and-set in one transaction on the store's thread (no other writer can interleave)."""
-
-        def run(connection: sqlite3.Connection) -> Job | None:
-            with _transaction(connection) as db:
-                job = self._load(db.execute("SELECT data, version FROM jobs WHERE id = ?", (job_id,)).fetchone())
-                proposed = None if job is None else change(job)
-                return None if proposed is None else self._write(db, proposed)
-
-        return await self._call(run)
+        return await self._claim_first("SELECT data, version FROM jobs WHERE id = ?", (job_id,), change)
 
     async def claim(self, job_id: str, worker: str, lease_until: float) -> Job | None:
         return await self._conditional(job_id, lambda job: job.claimed(worker, lease_until))
@@ -232,8 +266,71 @@ class SqliteJobStore:
     async def renew(self, job_id: str, worker: str, lease_until: float) -> Job | None:
         return await self._conditional(job_id, lambda job: job.renewed(worker, lease_until))
 
-    async def release(self, job_id: str, worker: str) -> Job | None:
-        return await self._conditional(job_id, lambda job: job.released(worker))
+    async def release(self, job_id: str, worker: str, not_before: float = 0.0) -> Job | None:
+        return await self._conditional(job_id, lambda job: job.released(worker, not_before))
+
+    async def _claim_first(self, select: str, args: tuple[Any, ...], change: Callable[[Job], Job | None]) -> Job | None:
+        """Read the first row `select` finds and compare-and-set it in one write transaction (one process and
+        one store thread: no other claimant can interleave)."""
+
+        def run(connection: sqlite3.Connection) -> Job | None:
+            with _transaction(connection) as db:
+                job = self._load(db.execute(select, args).fetchone())
+                proposed = None if job is None else change(job)
+                return None if proposed is None else self._write(db, proposed)
+
+        return await self._call(run)
+
+    async def claim_next(self, worker: str, lease_until: float, now: float) -> Job | None:
+        return await self._claim_first(
+            "SELECT data, version FROM jobs WHERE status = ? AND not_before <= ? ORDER BY created_at, rowid LIMIT 1",
+            (QUEUED, now),
+            lambda job: job.claimed(worker, lease_until),
+        )
+
+    async def claim_delivery(self, worker: str, lease_until: float, now: float) -> Job | None:
+        return await self._claim_first(
+            "SELECT data, version FROM jobs WHERE webhook_status = ? AND webhook_next_at <= ?"
+            " AND status IN (?, ?, ?) AND (webhook_lease_until IS NULL OR webhook_lease_until <= ?)"
+            " ORDER BY completed_at LIMIT 1",
+            (WebhookStatus.PENDING, now, COMPLETED, FAILED, CANCELED, now),
+            lambda job: job.delivery_claimed(worker, lease_until, now),
+        )
+
+    async def expired_leases(self, now: float, limit: int) -> list[Job]:
+        return await self._select(
+            "SELECT data, version FROM jobs WHERE status = ? AND lease_expires_at < ?"
+            " ORDER BY created_at, rowid LIMIT ?",
+            (PROCESSING, now, limit),
+        )
+
+    async def count_queued(self) -> int:
+        rows = await self._call(
+            lambda db: db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchall()
+        )
+        return int(rows[0][0])
+
+    async def queue_position(self, job: Job) -> int | None:
+        if job.status != QUEUED:
+            return None
+        rows = await self._call(
+            lambda db: db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = ? AND created_at <= ? AND id != ?",
+                (QUEUED, job.created_at, job.id),
+            ).fetchall()
+        )
+        return int(rows[0][0]) + 1
+
+    async def acquire_lock(self, name: str, holder: str, until: float, now: float) -> bool:
+        def run(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "INSERT INTO locks (name, holder, until) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE"
+                " SET holder = excluded.holder, until = excluded.until WHERE locks.until <= ? OR locks.holder = ?",
+                (name, holder, until, now, holder),
+            )
+            return cursor.rowcount == 1
+
+        return await self._call(run)
 
     async def _select(self, sql: str, args: tuple[Any, ...] = ()) -> list[Job]:
         rows = await self._call(lambda db: db.execute(sql, args).fetchall())
@@ -263,3 +360,4 @@ class SqliteJobStore:
     async def close(self) -> None:
         await self._call(lambda db: db.close())
         self._executor.shutdown(wait=True)
+        os.close(self._lock_fd)  # releases the flock

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -25,6 +25,28 @@ _UNAVAILABLE_STATUSES = frozenset(
         "StatusCode.RESOURCE_EXHAUSTED",
     }
 )
+
+
+class Engine(Protocol):
+    """What the pipelines, `/readyz` and `/metrics` call: one `TritonEngine` or a `TritonPool` of replicas."""
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]: ...
+
+    async def models_ready(self, models: Sequence[str]) -> bool: ...
+
+    async def statistics(self, model: str) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+def triton_status(exc: BaseException) -> str:
+    """The gRPC status (`StatusCode.UNAVAILABLE`...) of the Triton exception behind one of our errors, or ''."""
+    cause = exc if isinstance(exc, InferenceServerException) else exc.__cause__
+    if isinstance(cause, InferenceServerException):
+        return str(cause.status() or "")
+    return ""
 
 
 @contextmanager
@@ -64,8 +86,14 @@ class TritonEngine:
         self._client = grpcclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
+        """One inference; `timeout_s` (a pool's share of the call's budget) overrides the engine's timeout."""
         request_inputs = []
         for name, array in inputs.items():
             tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -73,7 +101,9 @@ class TritonEngine:
             request_inputs.append(tensor)
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
         with translate_triton_errors(model):
-            result = await self._client.infer(model, request_inputs, outputs=requested, client_timeout=self.timeout_s)
+            result = await self._client.infer(
+                model, request_inputs, outputs=requested, client_timeout=timeout_s or self.timeout_s
+            )
         return {name: result.as_numpy(name) for name in outputs}
 
     async def models_ready(self, models: Sequence[str]) -> bool:
@@ -86,6 +116,18 @@ class TritonEngine:
         except InferenceServerException:
             return False
         return True
+
+    async def is_live(self, *, timeout_s: float = 2.0) -> bool:
+        try:
+            return bool(await self._client.is_server_live(client_timeout=timeout_s))
+        except InferenceServerException:
+            return False
+
+    async def model_ready(self, model: str, *, timeout_s: float = 2.0) -> bool:
+        try:
+            return bool(await self._client.is_model_ready(model, client_timeout=timeout_s))
+        except InferenceServerException:
+            return False
 
     async def statistics(self, model: str) -> dict[str, Any]:
         with translate_triton_errors(model):

@@ -22,7 +22,9 @@ import numpy as np
 from gateway.diffusion.img2img import GenerationCanceled
 from gateway.diffusion.manifest import Component, PipelineManifest
 from gateway.errors import StoreUnavailable
+from gateway.jobs.events import EventHandler, EventKind, JobEvent
 from gateway.jobs.model import (
+    PROCESSING,
     QUEUED,
     UNFINISHED,
     InputImage,
@@ -76,6 +78,13 @@ class InMemoryJobStore:
         "update",
         "claim",
         "renew",
+        "release",
+        "claim_next",
+        "expired_leases",
+        "count_queued",
+        "queue_position",
+        "claim_delivery",
+        "acquire_lock",
         "unfinished",
         "undelivered",
         "expired",
@@ -83,9 +92,11 @@ class InMemoryJobStore:
         "close",
     )
 
-    def __init__(self, *, yields: bool = False) -> None:
+    def __init__(self, *, yields: bool = False, exclusive: bool = True) -> None:
         self.yields = yields
+        self.exclusive = exclusive  # True: as SQLite (one process); False: as a shared store (several replicas)
         self._jobs: dict[str, Job] = {}
+        self._locks: dict[str, tuple[str, float]] = {}
         self.calls: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.writes: list[Write] = []
@@ -190,9 +201,54 @@ class InMemoryJobStore:
         await self._enter("renew", job_id, worker)
         return await self._conditional("renew", job_id, lambda job: job.renewed(worker, lease_until))
 
-    async def release(self, job_id: str, worker: str) -> Job | None:
+    async def release(self, job_id: str, worker: str, not_before: float = 0.0) -> Job | None:
         await self._enter("release", job_id, worker)
-        return await self._conditional("release", job_id, lambda job: job.released(worker))
+        return await self._conditional("release", job_id, lambda job: job.released(worker, not_before))
+
+    def _oldest(self, keep: Callable[[Job], bool], key: Callable[[Job], str]) -> Job | None:
+        return min((j for j in self._jobs.values() if keep(j)), key=key, default=None)
+
+    async def claim_next(self, worker: str, lease_until: float, now: float) -> Job | None:
+        await self._enter("claim_next", worker)
+        first = self._oldest(lambda j: j.status == QUEUED and j.not_before <= now, lambda j: j.created_at)
+        return await self._conditional(
+            "claim_next", first.id if first else "", lambda job: job.claimed(worker, lease_until)
+        )
+
+    async def claim_delivery(self, worker: str, lease_until: float, now: float) -> Job | None:
+        await self._enter("claim_delivery", worker)
+        first = self._oldest(
+            lambda j: j.delivery_claimed(worker, lease_until, now) is not None, lambda j: j.completed_at or ""
+        )
+        return await self._conditional(
+            "claim_delivery", first.id if first else "", lambda job: job.delivery_claimed(worker, lease_until, now)
+        )
+
+    async def expired_leases(self, now: float, limit: int) -> list[Job]:
+        found = await self._select(
+            "expired_leases", lambda j: j.status == PROCESSING and j.lease is not None and j.lease.expires_at < now
+        )
+        return found[:limit]
+
+    async def count_queued(self) -> int:
+        return len(await self._select("count_queued", lambda j: j.status == QUEUED))
+
+    async def queue_position(self, job: Job) -> int | None:
+        if job.status != QUEUED:
+            return None
+        ahead = await self._select(
+            "queue_position", lambda j: j.status == QUEUED and j.created_at <= job.created_at and j.id != job.id
+        )
+        return len(ahead) + 1
+
+    async def acquire_lock(self, name: str, holder: str, until: float, now: float) -> bool:
+        await self._enter("acquire_lock", name, holder)
+        current = self._locks.get(name)
+        acquired = current is None or current[1] <= now or current[0] == holder
+        if acquired:
+            self._locks[name] = (holder, until)
+        await self._leave("acquire_lock")
+        return acquired
 
     async def _select(self, method: str, keep: Callable[[Job], bool]) -> list[Job]:
         await self._enter(method)
@@ -406,7 +462,7 @@ class FakeExecutor:
             raise GenerationCanceled()
         images = []
         for i in range(job.spec.num_images):
-            name = output_name(job.id, i)
+            name = output_name(job.id, i, job.run_attempts)
             if self.storage is not None:
                 await self.storage.put(name, b"png", "image/png")
             images.append(OutputImage(name=name, url=f"http://example.test/{name}", width=16, height=16, seed=i))
@@ -532,3 +588,121 @@ class FakeTriton:
         (name,) = outputs
         assert name == next(iter(component.outputs.values()))
         return {name: result.astype(np.float32)}
+
+
+# --- several replicas ---------------------------------------------------------------------------------------
+
+
+class SharedBus:
+    """One event bus shared by several replicas (as PostgreSQL LISTEN/NOTIFY is): `endpoint(name)` gives each
+    replica its own `JobEvents`; a publish on any endpoint reaches every started endpoint's handler, the
+    publisher's included. Switches to prove events are only hints: `drop` (every event is lost, or only the
+    kinds in `drop_kinds`) and `delay_s` (delivered that much later). `published` logs (endpoint, event)."""
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.drop = False
+        self.drop_kinds: set[EventKind] = set()
+        self.endpoints: list[BusEndpoint] = []
+        self.published: list[tuple[str, JobEvent]] = []
+        self.delivered: list[tuple[str, JobEvent]] = []
+
+    def endpoint(self, name: str) -> BusEndpoint:
+        endpoint = BusEndpoint(self, name)
+        self.endpoints.append(endpoint)
+        return endpoint
+
+    def _dropped(self, event: JobEvent) -> bool:
+        return self.drop or event.kind in self.drop_kinds
+
+    def _deliver(self, event: JobEvent) -> None:
+        for endpoint in list(self.endpoints):
+            if endpoint.handler is not None:
+                self.delivered.append((endpoint.name, event))
+                endpoint.handler(event)
+
+    async def publish(self, source: str, event: JobEvent) -> None:
+        self.published.append((source, event))
+        if self._dropped(event):
+            return
+        if self.delay_s > 0:
+            asyncio.get_running_loop().call_later(self.delay_s, self._deliver, event)
+        else:
+            self._deliver(event)
+
+
+class BusEndpoint:
+    """One replica's `JobEvents` on a `SharedBus`."""
+
+    def __init__(self, bus: SharedBus, name: str) -> None:
+        self.bus = bus
+        self.name = name
+        self.handler: EventHandler | None = None
+
+    async def start(self, handler: EventHandler) -> None:
+        self.handler = handler
+
+    async def publish(self, event: JobEvent) -> None:
+        await self.bus.publish(self.name, event)
+
+    async def close(self) -> None:
+        self.handler = None
+
+
+class SteppedExecutor(FakeExecutor):
+    """A `FakeExecutor` that holds its (one) job before step `hold_at` (0-based) until `release` is set: the job
+    stays mid-run with `hold_at` steps reported. `held` is set when the job reaches the hold."""
+
+    def __init__(self, storage: MemoryStorage | None = None, *, steps: int = 4, hold_at: int = 2) -> None:
+        super().__init__(storage, steps=steps)
+        self.hold_at = hold_at
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
+        self.gate = _StepGate(self)  # type: ignore[assignment]
+
+
+class _StepGate:
+    """Quacks like the `asyncio.Event` FakeExecutor awaits before each step; waits only before step `hold_at`."""
+
+    def __init__(self, executor: SteppedExecutor) -> None:
+        self.executor = executor
+
+    async def wait(self) -> None:
+        ex = self.executor
+        if ex.calls and ex.steps_run[ex.calls[-1]] == ex.hold_at:
+            ex.held.set()
+            await ex.release.wait()
+
+
+class SharedReceiver:
+    """A webhook receiver several replicas post to: answers `codes` in turn (then the last one forever), each
+    POST taking `yields` loop turns; records who posted, and the most POSTs in flight at once per job id."""
+
+    def __init__(self, codes: Sequence[int | Exception] = (200,), *, yields: int = 3) -> None:
+        self.codes = list(codes)
+        self.yields = yields
+        self.calls: list[tuple[str, PostCall]] = []
+        self._in_flight: Counter[str] = Counter()
+        self.max_in_flight: Counter[str] = Counter()
+
+    def poster(self, replica: str) -> Callable[[str, bytes, Mapping[str, str]], Any]:
+        async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
+            call = PostCall(url, body, dict(headers))
+            job_id = call.payload["id"]
+            self.calls.append((replica, call))
+            self._in_flight[job_id] += 1
+            self.max_in_flight[job_id] = max(self.max_in_flight[job_id], self._in_flight[job_id])
+            try:
+                for _ in range(self.yields):
+                    await asyncio.sleep(0)
+                answer = self.codes.pop(0) if len(self.codes) > 1 else self.codes[0]
+            finally:
+                self._in_flight[job_id] -= 1
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        return post
+
+    def for_job(self, job_id: str) -> list[tuple[str, PostCall]]:
+        return [(replica, call) for replica, call in self.calls if call.payload["id"] == job_id]

@@ -18,13 +18,14 @@ from gateway.settings import Settings
 from tests.unit.fakes import FakeExecutor, InMemoryJobStore, MemoryStorage, RecordingPoster, make_job, make_spec, render
 
 DEADLINE_S = 2.0
+LOOPS = 4  # the manager's own tasks: dispatch, webhook outbox, lease reclaim, retention
 
 
 @dataclass(frozen=True)
 class Plan:
     steps: int
     yields: tuple[int, ...]  # sleep(0)s inside each executor step
-    pickup_after: int  # sleep(0)s before the job is queued
+    pickup_after: int  # sleep(0)s before the job is announced (the dispatcher may find it first, polling)
     cancel_after: int  # sleep(0)s before the cancel is sent (from the start of the scenario)
     failure: str  # "none" | "backend" (async: released and re-queued once) | "bug"
     asynchronous: bool
@@ -75,6 +76,8 @@ async def scenario(plan: Plan) -> None:
         Settings(
             max_running_jobs=1,
             job_lease_s=60.0,
+            job_poll_interval_s=0.01,
+            progress_publish_interval_s=0.0,
             store_retry_max_s=0.01,
             webhook_backoff_s=0.0,
             retention_s=1e9,
@@ -93,7 +96,7 @@ async def scenario(plan: Plan) -> None:
 
         async def pickup() -> None:
             await _spin(plan.pickup_after)
-            manager.enqueue_new(job)
+            await manager.enqueue_new(job)
 
         async def cancel() -> Job | JobFinished:
             await _spin(plan.cancel_after)
@@ -105,8 +108,12 @@ async def scenario(plan: Plan) -> None:
         _, answer = await asyncio.wait_for(asyncio.gather(pickup(), cancel()), DEADLINE_S)
         final = await asyncio.wait_for(manager.wait(job.id), DEADLINE_S)
 
-        async def quiet() -> None:  # webhook delivered, re-queue timers fired: only workers + retention left
-            while len(manager._tasks) > 2 or manager._running or manager._queued:  # noqa: ASYNC110 (polls state)
+        def busy() -> bool:
+            queued = any(not j.finished for j in store.all())
+            return len(manager._tasks) > LOOPS or bool(manager._running) or queued
+
+        async def quiet() -> None:  # webhook delivered, re-queue timers fired: only the manager's loops left
+            while busy():  # noqa: ASYNC110 (polls state)
                 await asyncio.sleep(0.001)
 
         await asyncio.wait_for(quiet(), DEADLINE_S)

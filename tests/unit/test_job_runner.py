@@ -1,5 +1,6 @@
 """JobManager over the in-memory store and a fake executor: completion, webhooks, store faults at every call
-site, failures, retries, cancellation, and restart recovery (no Triton, no HTTP)."""
+site, failures, retries, cancellation, and restart recovery (no Triton, no HTTP). One replica here; several
+sharing a store are test_job_replicas.py's."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from gateway.errors import (
     InvalidImage,
     JobFinished,
     NotFound,
+    Overloaded,
     StoreUnavailable,
 )
 from gateway.jobs import runner, webhooks
@@ -67,13 +69,15 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 def small_settings(**overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "max_running_jobs": 1,
-        "job_lease_s": 60.0,
+        "job_lease_s": 1.0,
         "store_retry_max_s": 0.01,
         "webhook_backoff_s": 0.0,
         "webhook_max_attempts": 3,
         "retention_s": 1e9,
         "job_retries": 2,
         "max_run_attempts": 3,
+        "job_poll_interval_s": 0.01,
+        "progress_publish_interval_s": 0.0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -89,7 +93,7 @@ class Rig:
 
     async def submit(self, job: Job) -> Job:
         created = await self.store.create(job)
-        self.manager.enqueue_new(created)
+        await self.manager.enqueue_new(created)
         return created
 
     async def final(self, job_id: str) -> Job:
@@ -114,8 +118,8 @@ class Rig:
         return [call.payload for call in self.poster.calls if call.payload["id"] == job_id]
 
     async def idle(self) -> None:
-        """Nothing queued or running in memory, nothing unfinished in the store."""
-        await eventually(lambda: not self.manager._running and not self.manager._queued)
+        """Nothing running in memory, nothing unfinished in the store (the store is the queue)."""
+        await eventually(lambda: not self.manager._running and all(j.finished for j in self.store.all()))
         assert [j.id for j in self.store.all() if not j.finished] == []
 
     async def more_jobs_complete(self, n: int = 3) -> None:
@@ -223,7 +227,7 @@ async def test_job_completes_and_its_webhook_is_delivered_once(make_rig: MakeRig
     assert webhooks.verify(webhooks.key_secret(SECRET, job.owner), call.headers, call.body)
     assert final.webhook is not None and final.webhook.status == WebhookStatus.DELIVERED
     assert len(final.webhook.attempts) == 1 and final.webhook.attempts[0].status_code == 200
-    assert rig.manager.progress(final).step == final.spec.effective_steps
+    assert (await rig.manager.progress(final)).step == final.spec.effective_steps
     await rig.idle()
 
 
@@ -247,7 +251,7 @@ async def test_waiting_leaves_no_per_job_state_behind(make_rig: MakeRig) -> None
     await rig.idle()
     # A finished job must not keep a waiter's Event in the manager (one leaked entry per job otherwise).
     assert rig.manager._done == {}
-    assert rig.manager._delivering == set() and rig.manager._listeners == {}
+    assert rig.manager._delivering == set() and rig.manager._listeners == {} and rig.manager._remote == {}
 
 
 # --- store faults at every call site ------------------------------------------------------------------------
@@ -268,46 +272,98 @@ def _is_webhook_record(method: str, args: tuple[Any, ...]) -> bool:
     return method == "update" and isinstance(job, Job) and job.webhook is not None and bool(job.webhook.attempts)
 
 
-WORKER_SITES: dict[str, Callable[[str, tuple[Any, ...]], bool]] = {
-    "claim": lambda m, a: m == "claim",
-    "finish": _is_finish,
-    "webhook_record": _is_webhook_record,
-    "release": lambda m, a: m == "release",
-    "renew": lambda m, a: m == "renew",
-    "retention": lambda m, a: m == "expired",
+def _queued_exists(store: InMemoryJobStore) -> bool:
+    return any(j.status == QUEUED for j in store.all())
+
+
+def _delivery_due(store: InMemoryJobStore) -> bool:
+    return any(j.finished and j.webhook is not None and j.webhook.status == WebhookStatus.PENDING for j in store.all())
+
+
+Rule = Callable[[str, tuple[Any, ...]], bool]
+# Each site: the rule (given the store, so it can fire only while the call has work to find) and how many of the
+# three injected faults it takes (the retention loop calls its store methods once at start, then every minute).
+WORKER_SITES: dict[str, tuple[Callable[[InMemoryJobStore], Rule], int]] = {
+    "claim_next": (lambda store: lambda m, a: m == "claim_next" and _queued_exists(store), 3),
+    "finish": (lambda store: _is_finish, 3),
+    "claim_delivery": (lambda store: lambda m, a: m == "claim_delivery" and _delivery_due(store), 3),
+    "webhook_record": (lambda store: _is_webhook_record, 3),
+    "release": (lambda store: lambda m, a: m == "release", 3),
+    # Renewals failing for two whole leases: with an exclusive store this live process is the only lease holder, so
+    # nobody may take its job over (it must run once, not be re-queued under its running worker).
+    "renew": (lambda store: lambda m, a: m == "renew", 6),
+    "expired_leases": (lambda store: lambda m, a: m == "expired_leases", 3),
+    "retention_lock": (lambda store: lambda m, a: m == "acquire_lock", 1),
+    "retention": (lambda store: lambda m, a: m == "expired", 1),
 }
 
 
 @pytest.mark.parametrize("site", list(WORKER_SITES))
 async def test_store_faults_at_worker_call_sites(make_rig: MakeRig, site: str) -> None:
-    store = InMemoryJobStore(yields=True)
-    store.fail_when(first(3, WORKER_SITES[site]))  # three in a row: the backoff doubles
+    # expired_leases: a shared store, where a dead replica's job is found by its expired lease (the reclaim loop).
+    store = InMemoryJobStore(yields=True, exclusive=site != "expired_leases")
+    rule, expected = WORKER_SITES[site]
+    store.fail_when(first(max(3, expected), rule(store)))  # three in a row (or more): the backoff doubles
     gate = asyncio.Event()
     executor = FakeExecutor(
         fail_with=[BackendUnavailable("Triton down")] if site == "release" else [],
         gate=gate if site == "renew" else None,
     )
-    rig = make_rig(store=store, executor=executor, job_lease_s=0.03 if site == "renew" else 60.0)
-    await rig.manager.start()
-    await rig.submit(make_job("a", webhook="http://hook.test/a"))
+    lease_s = {"renew": 0.03, "expired_leases": 0.05}.get(site, 1.0)
+    rig = make_rig(store=store, executor=executor, job_lease_s=lease_s)
+    if site == "expired_leases":
+        store.put(
+            make_job("a", webhook="http://hook.test/a", status=PROCESSING, run_attempts=1, lease=Lease("dead", 1.0))
+        )
+        await rig.manager.start()
+    else:
+        await rig.manager.start()
+        await rig.submit(make_job("a", webhook="http://hook.test/a"))
     if site == "renew":
-        await eventually(lambda: store.failures["renew"] >= 3)
+        await eventually(lambda: store.failures["renew"] >= expected)
         gate.set()
     final = await rig.settled("a")
     assert final.status == COMPLETED, final
-    expected = 1 if site == "retention" else 3  # retention runs once at start, then every second
+    assert final.run_attempts == {"release": 2, "expired_leases": 2}.get(site, 1), final
     assert sum(store.failures.values()) == expected, store.failures  # the faults did hit that call site
     assert len(rig.posts_for("a")) == 1 and rig.posts_for("a")[0]["status"] == "completed"
     assert final.webhook is not None and final.webhook.status == WebhookStatus.DELIVERED
+    assert rig.executor.calls.count("a") == final.run_attempts - (site == "expired_leases")
     await rig.idle()
     await rig.more_jobs_complete()
     assert_codes(store.all())
 
 
+async def test_store_fault_in_admission_surfaces_and_the_next_check_counts(make_rig: MakeRig) -> None:
+    """Admission reads the store's queue length: a store that does not answer is the caller's 503 (nothing was
+    created yet, so nothing is lost), and the next request is admitted or refused on a fresh count."""
+    store = InMemoryJobStore()
+    gate = asyncio.Event()
+    rig = make_rig(store=store, executor=FakeExecutor(gate=gate), max_queued_jobs=2)
+    await rig.manager.start()
+    await rig.submit(make_job("a"))
+    await asyncio.wait_for(rig.executor.started.wait(), DEADLINE_S)
+    store.fail_when(first(1, lambda m, a: m == "count_queued"))
+    with pytest.raises(StoreUnavailable):
+        await rig.manager.check_admission()
+    await rig.manager.check_admission()  # running jobs do not count, none queued
+    await rig.submit(make_job("b"))
+    await rig.manager.check_admission()
+    await rig.submit(make_job("c"))
+    with pytest.raises(Overloaded) as refused:
+        await rig.manager.check_admission()
+    assert refused.value.headers["Retry-After"] == "2"
+    gate.set()
+    for job_id in "abc":
+        assert (await rig.final(job_id)).status == COMPLETED
+    await rig.manager.check_admission()
+    await rig.idle()
+
+
 RECOVERY_SITES: dict[str, Callable[[str, tuple[Any, ...]], bool]] = {
     "unfinished": lambda m, a: m == "unfinished",
     "recover_update": lambda m, a: m == "update",  # the first writes are recovery's
-    "undelivered": lambda m, a: m == "undelivered",
+    "claim_delivery": lambda m, a: m == "claim_delivery",  # the outbox resumes the pending webhook
 }
 
 
@@ -448,11 +504,12 @@ async def test_cancel_a_queued_job(make_rig: MakeRig) -> None:
     await rig.submit(make_job("a"))
     await rig.submit(make_job("b", webhook="http://hook.test/b"))
     await asyncio.wait_for(rig.executor.started.wait(), DEADLINE_S)
-    assert rig.manager.progress(rig.store.peek("b")).queue_position == 1  # type: ignore[arg-type]
+    assert (await rig.manager.progress(rig.store.peek("b"))).queue_position == 1  # type: ignore[arg-type]
     canceled = await asyncio.wait_for(rig.manager.cancel("b", "o"), DEADLINE_S)
     assert canceled.status == CANCELED and canceled.images == ()
     assert outcome(canceled) == outcome(rig.store.peek("b"))
-    assert "b" not in rig.manager._queued
+    assert await rig.store.queue_position(rig.store.peek("b")) is None  # type: ignore[arg-type]
+    assert await rig.store.count_queued() == 0
     gate.set()
     assert (await rig.final("a")).status == COMPLETED
     await rig.idle()
@@ -484,7 +541,7 @@ async def test_cancel_landing_while_the_claim_returns_is_not_lost(make_rig: Make
     still stop before its first step. (With a store on a thread, the claim's result reaches the worker some
     loop iterations after its commit, so a cancel can land exactly there.)"""
     store = InMemoryJobStore()
-    pause = store.pause_after("claim")
+    pause = store.pause_after("claim_next")
     rig = make_rig(store=store, executor=FakeExecutor(steps=3))
     await rig.manager.start()
     await rig.submit(make_job("a"))
@@ -541,7 +598,7 @@ async def test_cancel_racing_completion_answers_the_final_state(make_rig: MakeRi
 
 def _orphan(job_id: str, *, status: str = PROCESSING, asynchronous: bool = True, **kw: Any) -> Job:
     job = make_job(job_id, spec=make_spec(asynchronous=asynchronous), webhook=kw.pop("webhook", None))
-    lease = Lease("dead-process", 1.0) if status == PROCESSING else None
+    lease = kw.pop("lease", Lease("dead-process", 1.0) if status == PROCESSING else None)
     return dataclasses.replace(job, status=status, lease=lease, **kw)
 
 
@@ -595,6 +652,26 @@ async def test_recovery_delivers_a_webhook_once(make_rig: MakeRig, poster_yields
     await asyncio.sleep(0.01)
     assert final.status == CANCELED
     assert len(rig.poster.calls) == 1, [c.payload for c in rig.poster.calls]
+
+
+async def test_no_recovery_at_start_with_a_shared_store(make_rig: MakeRig) -> None:
+    """With a shared store, unfinished jobs at start belong to live replicas: a running one with a live lease is
+    left to its worker, a synchronous one is not failed `interrupted` (its caller waits elsewhere); only an expired
+    lease is taken over, and then a synchronous job runs again."""
+    store = InMemoryJobStore(exclusive=False)
+    live = store.put(_orphan("live", asynchronous=False, run_attempts=1, lease=Lease("other", 1e12)))
+    store.put(_orphan("queued_sync", status=QUEUED, asynchronous=False))
+    store.put(_orphan("expired_sync", asynchronous=False, run_attempts=1))
+    rig = make_rig(store=store, job_lease_s=0.05)
+    await asyncio.wait_for(rig.manager.start(), DEADLINE_S)
+    assert store.calls["unfinished"] == 0
+    queued = await rig.final("queued_sync")
+    assert queued.status == COMPLETED and queued.run_attempts == 1
+    expired = await rig.final("expired_sync")
+    assert expired.status == COMPLETED and expired.run_attempts == 2 and expired.error is None
+    await asyncio.sleep(0.1)  # two reclaim passes
+    assert store.peek("live") == live
+    assert sorted(rig.executor.calls) == ["expired_sync", "queued_sync"]
 
 
 async def test_recovery_resumes_pending_webhook_attempts(make_rig: MakeRig) -> None:

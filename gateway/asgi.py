@@ -1,0 +1,27 @@
+"""The ASGI app factory for several gateway processes: `python -m gateway --workers N` (or IMAGEN_WORKERS=N).
+
+uvicorn starts each worker process afresh and imports `gateway.asgi:create_app_from_env` in it (`factory=True`),
+so a worker gets its settings from the environment alone: the launcher writes its command-line overrides into
+the environment (`IMAGEN_*`) before it starts the workers. Usable directly too:
+
+    uvicorn --factory gateway.asgi:create_app_from_env --workers 4 --host 0.0.0.0 --port 8080
+"""
+
+from __future__ import annotations
+
+import os
+
+from starlette.applications import Starlette
+
+from gateway.app import create_app
+from gateway.observability import configure_logging
+from gateway.settings import Settings
+
+APP_FACTORY = "gateway.asgi:create_app_from_env"
+
+
+def create_app_from_env() -> Starlette:
+    """One worker's app: Settings from `IMAGEN_*`, the gateway's log handler installed in this process."""
+    settings = Settings.from_env(os.environ)
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,536 @@
+"""The shared job store: PostgreSQL, for several gateway replicas working from one queue.
+
+`PostgresJobStore` keeps the `JobStore` contract (gateway/jobs/store.py) with psycopg 3's async driver and a
+bounded connection pool. The job itself is stored as JSON (`data`, jsonb) and every field a query filters on
+has its own column, written from the same `Job` in the same statement. Rules:
+
+- Every write is a compare-and-set on `version` (`UPDATE ... WHERE id = %s AND version = %s`); a miss raises
+  `StaleJob` with the stored copy.
+- Lease operations (`claim`, `renew`, `release`, `claim_next`, `claim_delivery`) lock the row
+  (`SELECT ... FOR UPDATE`, with `SKIP LOCKED` where the store picks the row), compute the new job with the
+  pure transition of `Job` in Python, and write it in the same transaction: the SQL never re-implements a
+  state change, and concurrent replicas never get the same job nor wait on each other's locks.
+- Idempotency is a unique index on (owner, idempotency_key): `INSERT ... ON CONFLICT DO NOTHING`, then the
+  winner is read, so concurrent retries on different replicas create one job.
+- psycopg's and the pool's exceptions become `StoreUnavailable` in `_transaction`, and nowhere else.
+- The schema is a list of versioned migrations applied under a transaction-scoped advisory lock, so replicas
+  starting together apply it once (the others wait, then find it done).
+
+`PostgresEvents` is the `JobEvents` bus on `LISTEN/NOTIFY`: one listening connection per process, reconnected
+with backoff; publishing borrows a pooled connection. Events are hints (see gateway/jobs/events.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import psycopg
+from psycopg import AsyncConnection, AsyncCursor, sql
+from psycopg_pool import AsyncConnectionPool
+
+from gateway.errors import StoreUnavailable
+from gateway.jobs.events import EventHandler, JobEvent
+from gateway.jobs.model import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
+    PROCESSING,
+    QUEUED,
+    Job,
+    WebhookStatus,
+    job_from_json,
+    job_to_json,
+    now_iso,
+)
+from gateway.jobs.store import IdempotencyConflict, StaleJob
+
+log = logging.getLogger(__name__)
+
+Row = tuple[Any, ...]
+Cursor = AsyncCursor[Row]
+
+POSTGRES_SCHEMES: Final = ("postgresql://", "postgres://")
+CHANNEL: Final = "imagen_jobs"
+# pg_advisory_xact_lock key of the schema migrations (b"imagen" as an integer): one per database.
+MIGRATION_LOCK: Final = 0x696D6167656E
+# A migration may wait for another replica's migration, and may rewrite rows: it gets its own, longer timeout.
+MIGRATION_TIMEOUT_S: Final = 300.0
+
+_FINAL = (COMPLETED, FAILED, CANCELED)
+
+# Each entry is one schema version (its 1-based index); never edit one that has shipped, append a new one.
+MIGRATIONS: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE jobs (
+        id text PRIMARY KEY,
+        seq bigint GENERATED ALWAYS AS IDENTITY,  -- insertion order: breaks ties of created_at
+        owner text NOT NULL,
+        status text NOT NULL,
+        created_at timestamptz NOT NULL,
+        completed_at timestamptz,
+        idempotency_key text,
+        version bigint NOT NULL,
+        lease_owner text,
+        lease_expires_at double precision,
+        not_before double precision NOT NULL DEFAULT 0,
+        webhook_status text,
+        webhook_next_at double precision,
+        webhook_lease_owner text,
+        webhook_lease_until double precision,
+        data jsonb NOT NULL
+    );
+    -- create: one job per (owner, key); the arbiter of INSERT ... ON CONFLICT.
+    CREATE UNIQUE INDEX jobs_idempotency ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    -- claim_next (oldest due), count_queued, queue_position.
+    CREATE INDEX jobs_queue ON jobs (created_at, seq) INCLUDE (not_before) WHERE status = 'queued';
+    -- expired_leases.
+    CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE status = 'processing';
+    -- unfinished (restart recovery).
+    CREATE INDEX jobs_unfinished ON jobs (created_at, seq) WHERE status IN ('queued', 'processing');
+    -- claim_delivery, undelivered: the webhook outbox.
+    CREATE INDEX jobs_outbox ON jobs (webhook_next_at) WHERE webhook_status = 'pending';
+    -- expired (retention).
+    CREATE INDEX jobs_completed ON jobs (completed_at) WHERE completed_at IS NOT NULL;
+    CREATE TABLE locks (
+        name text PRIMARY KEY,
+        holder text NOT NULL,
+        until double precision NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+_CREATE_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+_INSERT = (
+    "INSERT INTO jobs (id, owner, created_at, idempotency_key, status, completed_at, version, lease_owner,"
+    " lease_expires_at, not_before, webhook_status, webhook_next_at, webhook_lease_owner, webhook_lease_until, data)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+    " ON CONFLICT DO NOTHING RETURNING version"
+)
+_UPDATE = (
+    "UPDATE jobs SET status = %s, completed_at = %s, version = %s, lease_owner = %s, lease_expires_at = %s,"
+    " not_before = %s, webhook_status = %s, webhook_next_at = %s, webhook_lease_owner = %s,"
+    " webhook_lease_until = %s, data = %s::jsonb WHERE id = %s AND version = %s"
+)
+_SELECT = "SELECT data::text, version FROM jobs"
+
+
+def is_postgres_url(value: str) -> bool:
+    return value.startswith(POSTGRES_SCHEMES)
+
+
+def _mutable(job: Job) -> tuple[Any, ...]:
+    """The columns a write changes, in `_UPDATE`'s order (up to `data`)."""
+    hook = job.webhook
+    return (
+        job.status,
+        job.completed_at,
+        job.version,
+        job.lease.owner if job.lease else None,
+        job.lease.expires_at if job.lease else None,
+        job.not_before,
+        hook.status if hook else None,
+        hook.next_attempt_at if hook else None,
+        hook.lease.owner if hook and hook.lease else None,
+        hook.lease.expires_at if hook and hook.lease else None,
+        job_to_json(job).decode(),
+    )
+
+
+def _load(row: Row | None) -> Job | None:
+    return None if row is None else job_from_json(row[0], version=row[1])
+
+
+async def _one(cur: Cursor, query: str, args: tuple[Any, ...] = ()) -> Job | None:
+    await cur.execute(query.encode(), args)
+    return _load(await cur.fetchone())
+
+
+async def migrate(conn: AsyncConnection[Row]) -> list[int]:
+    """Apply the migrations this database lacks, in one transaction under the migration advisory lock; returns
+    the versions applied (empty when another replica did it first: it held the lock, this one waited)."""
+    applied: list[int] = []
+    async with conn.transaction():
+        timeout_ms = int(MIGRATION_TIMEOUT_S * 1000)
+        await conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}".encode())
+        await conn.execute(b"SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        await conn.execute(_CREATE_MIGRATIONS_TABLE.encode())
+        cur = await conn.execute(b"SELECT version FROM schema_migrations")
+        done = {row[0] for row in await cur.fetchall()}
+        if done and max(done) > SCHEMA_VERSION:
+            log.warning("job store schema %d is newer than this gateway's %d", max(done), SCHEMA_VERSION)
+        for version, script in enumerate(MIGRATIONS, start=1):
+            if version in done:
+                continue
+            await conn.execute(script.encode())  # no parameters: several statements in one call are allowed
+            await conn.execute(b"INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+            applied.append(version)
+    if applied:
+        log.info("job store schema migrated to version %d (applied %s)", SCHEMA_VERSION, applied)
+    return applied
+
+
+def _unavailable() -> StoreUnavailable:
+    return StoreUnavailable("The job store is unavailable", "Retry the request later")
+
+
+class PostgresJobStore:
+    """`JobStore` on PostgreSQL (see the module docstring). Build it with `await PostgresJobStore.open(url)`."""
+
+    exclusive = False
+
+    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Row]]) -> None:
+        self._pool = pool
+
+    @property
+    def pool(self) -> AsyncConnectionPool[AsyncConnection[Row]]:
+        return self._pool
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout_s: float = 5.0,
+        statement_timeout_s: float = 5.0,
+        pool_timeout_s: float = 5.0,
+        application_name: str = "imagen-gateway",
+    ) -> PostgresJobStore:
+        """Open the pool (waiting for `min_size` connections) and migrate the schema. Raises StoreUnavailable
+        when the server does not answer within `connect_timeout_s`."""
+        options = (
+            f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+            f" -c idle_in_transaction_session_timeout={int(max(60.0, 4 * statement_timeout_s) * 1000)}"
+        )
+        pool: AsyncConnectionPool[AsyncConnection[Row]] = AsyncConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=pool_timeout_s,
+            open=False,
+            name="imagen-jobs",
+            check=AsyncConnectionPool.check_connection,  # a connection the server dropped is replaced, not used
+            kwargs={
+                "connect_timeout": max(1, round(connect_timeout_s)),
+                "options": options,
+                "application_name": application_name,
+            },
+        )
+        try:
+            await pool.open(wait=True, timeout=connect_timeout_s)
+            async with pool.connection() as conn:
+                await migrate(conn)
+        except psycopg.Error as exc:
+            await pool.close()
+            log.warning("job store unavailable at open: %s", exc)
+            raise _unavailable() from exc
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Cursor]:
+        """One pooled connection, one transaction (committed on exit, rolled back on error): the one boundary
+        where the driver's and the pool's exceptions become StoreUnavailable."""
+        try:
+            async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except psycopg.OperationalError as exc:  # connection lost, server down, timeouts, pool timeout/closed
+            log.warning("job store unavailable: %s", exc)
+            raise _unavailable() from exc
+        except psycopg.Error as exc:  # anything else the driver raises is a bug here: loud, but still ours
+            log.error("job store error: %s", exc, exc_info=True)
+            raise _unavailable() from exc
+
+    # --- create and reads -----------------------------------------------------------------------------------
+
+    async def create(self, job: Job) -> Job:
+        stored = dataclasses.replace(job, version=1)
+        async with self._transaction() as cur:
+            await cur.execute(
+                _INSERT.encode(),
+                (stored.id, stored.owner, stored.created_at, stored.idempotency_key, *_mutable(stored)),
+            )
+            if await cur.fetchone() is not None:
+                return stored
+            # ON CONFLICT DO NOTHING: a concurrent insert of the same key waited for the winner's commit, so
+            # the winner is visible to this (read committed) statement.
+            if job.idempotency_key is not None:
+                winner = await _one(
+                    cur, f"{_SELECT} WHERE owner = %s AND idempotency_key = %s", (job.owner, job.idempotency_key)
+                )
+                if winner is not None:
+                    if winner.request_hash != job.request_hash:
+                        raise IdempotencyConflict(job.idempotency_key)
+                    return winner
+            same_id = await _one(cur, f"{_SELECT} WHERE id = %s", (job.id,))
+        if same_id is not None and (same_id.owner, same_id.created_at, same_id.request_hash) == (
+            job.owner,
+            job.created_at,
+            job.request_hash,
+        ):
+            return same_id  # this very create, retried after its commit's answer was lost
+        log.error("job store: duplicate job id %s", job.id)
+        raise StoreUnavailable("The job store is unavailable", f"duplicate job id {job.id}")
+
+    async def get(self, job_id: str) -> Job | None:
+        async with self._transaction() as cur:
+            return await _one(cur, f"{_SELECT} WHERE id = %s", (job_id,))
+
+    async def get_idempotent(self, owner: str, key: str) -> Job | None:
+        async with self._transaction() as cur:
+            return await _one(cur, f"{_SELECT} WHERE owner = %s AND idempotency_key = %s", (owner, key))
+
+    async def _select(self, query: str, args: tuple[Any, ...] = ()) -> list[Job]:
+        async with self._transaction() as cur:
+            await cur.execute(query.encode(), args)
+            rows = await cur.fetchall()
+        return [job for job in map(_load, rows) if job is not None]
+
+    async def unfinished(self) -> list[Job]:
+        return await self._select(f"{_SELECT} WHERE status IN (%s, %s) ORDER BY created_at, seq", (QUEUED, PROCESSING))
+
+    async def undelivered(self) -> list[Job]:
+        return await self._select(
+            f"{_SELECT} WHERE webhook_status = %s AND status IN (%s, %s, %s) ORDER BY created_at, seq",
+            (WebhookStatus.PENDING, *_FINAL),
+        )
+
+    async def expired(self, before: str) -> list[Job]:
+        return await self._select(
+            f"{_SELECT} WHERE completed_at IS NOT NULL AND completed_at < %s::timestamptz"
+            " AND (webhook_status IS NULL OR webhook_status != %s) ORDER BY completed_at, id",
+            (before, WebhookStatus.PENDING),
+        )
+
+    async def expired_leases(self, now: float, limit: int) -> list[Job]:
+        # A processing job without a lease (none should exist) can be finished by nobody: an orphan too.
+        return await self._select(
+            f"{_SELECT} WHERE status = %s AND (lease_expires_at IS NULL OR lease_expires_at < %s)"
+            " ORDER BY created_at, seq LIMIT %s",
+            (PROCESSING, now, limit),
+        )
+
+    async def count_queued(self) -> int:
+        async with self._transaction() as cur:
+            await cur.execute(b"SELECT count(*) FROM jobs WHERE status = %s", (QUEUED,))
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def queue_position(self, job: Job) -> int | None:
+        """Counted on the stored row: None when the stored job is no longer queued. Ties on `created_at` are
+        broken by insertion order, as `claim_next` takes them."""
+        async with self._transaction() as cur:
+            await cur.execute(
+                b"SELECT 1 + (SELECT count(*) FROM jobs q WHERE q.status = %s"
+                b" AND (q.created_at, q.seq) < (j.created_at, j.seq)) FROM jobs j WHERE j.id = %s AND j.status = %s",
+                (QUEUED, job.id, QUEUED),
+            )
+            row = await cur.fetchone()
+        return None if row is None else int(row[0])
+
+    # --- writes ---------------------------------------------------------------------------------------------
+
+    async def _write(self, cur: Cursor, job: Job) -> Job:
+        """Compare-and-set: write `job` with the next version if the row still has `job.version`."""
+        stored = dataclasses.replace(job, version=job.version + 1, updated_at=now_iso())
+        await cur.execute(_UPDATE.encode(), (*_mutable(stored), job.id, job.version))
+        if cur.rowcount != 1:
+            raise StaleJob(await _one(cur, f"{_SELECT} WHERE id = %s", (job.id,)))
+        return stored
+
+    async def update(self, job: Job) -> Job:
+        async with self._transaction() as cur:
+            return await self._write(cur, job)
+
+    async def _conditional(self, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
+        """Lock the row, apply `change` (a `Job` transition) and write the result in one transaction."""
+        async with self._transaction() as cur:
+            job = await _one(cur, f"{_SELECT} WHERE id = %s FOR UPDATE", (job_id,))
+            proposed = None if job is None else change(job)
+            return None if proposed is None else await self._write(cur, proposed)
+
+    async def _take(self, query: str, args: tuple[Any, ...], change: Callable[[Job], Job | None]) -> Job | None:
+        """Lock the first row `query` (`... FOR UPDATE SKIP LOCKED LIMIT 1`) finds, apply `change`, write."""
+        async with self._transaction() as cur:
+            job = await _one(cur, query, args)
+            proposed = None if job is None else change(job)
+            return None if proposed is None else await self._write(cur, proposed)
+
+    async def claim(self, job_id: str, worker: str, lease_until: float) -> Job | None:
+        return await self._conditional(job_id, lambda job: job.claimed(worker, lease_until))
+
+    async def renew(self, job_id: str, worker: str, lease_until: float) -> Job | None:
+        return await self._conditional(job_id, lambda job: job.renewed(worker, lease_until))
+
+    async def release(self, job_id: str, worker: str, not_before: float = 0.0) -> Job | None:
+        return await self._conditional(job_id, lambda job: job.released(worker, not_before))
+
+    async def claim_next(self, worker: str, lease_until: float, now: float) -> Job | None:
+        return await self._take(
+            f"{_SELECT} WHERE status = %s AND not_before <= %s ORDER BY created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED",
+            (QUEUED, now),
+            lambda job: job.claimed(worker, lease_until),
+        )
+
+    async def claim_delivery(self, worker: str, lease_until: float, now: float) -> Job | None:
+        return await self._take(
+            f"{_SELECT} WHERE webhook_status = %s AND status IN (%s, %s, %s) AND webhook_next_at <= %s"
+            " AND (webhook_lease_until IS NULL OR webhook_lease_until <= %s)"
+            " ORDER BY webhook_next_at, created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED",
+            (WebhookStatus.PENDING, *_FINAL, now, now),
+            lambda job: job.delivery_claimed(worker, lease_until, now),
+        )
+
+    async def acquire_lock(self, name: str, holder: str, until: float, now: float) -> bool:
+        async with self._transaction() as cur:
+            await cur.execute(
+                b"INSERT INTO locks (name, holder, until) VALUES (%s, %s, %s)"
+                b" ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until"
+                b" WHERE locks.holder = EXCLUDED.holder OR locks.until <= %s RETURNING holder",
+                (name, holder, until, now),
+            )
+            return await cur.fetchone() is not None
+
+    async def delete(self, job_id: str) -> None:
+        async with self._transaction() as cur:
+            await cur.execute(b"DELETE FROM jobs WHERE id = %s", (job_id,))
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+class PostgresEvents:
+    """`JobEvents` on PostgreSQL `LISTEN/NOTIFY` (channel `imagen_jobs`).
+
+    `publish` runs `SELECT pg_notify(...)` on a connection borrowed from `pool` (the store's, shared: pass
+    `owns_pool=False`), waiting at most `publish_timeout_s` for one; failures are logged and swallowed.
+    `start` opens ONE dedicated listening connection in a background task, which delivers decoded events to
+    the handler (malformed payloads are ignored), pings the server every `ping_s` of silence (a dead peer is
+    noticed without TCP's help) and reconnects with exponential backoff and jitter when the connection drops.
+    Notifications sent while it is disconnected are lost: events are hints, the store is the truth.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        pool: AsyncConnectionPool[AsyncConnection[Row]],
+        *,
+        owns_pool: bool = False,
+        channel: str = CHANNEL,
+        publish_timeout_s: float = 1.0,
+        connect_timeout_s: float = 5.0,
+        ping_s: float = 30.0,
+        reconnect_min_s: float = 0.1,
+        reconnect_max_s: float = 10.0,
+        application_name: str = "imagen-events",
+    ) -> None:
+        self._url = url
+        self._pool = pool
+        self._owns_pool = owns_pool
+        self._channel = channel
+        self._publish_timeout_s = publish_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._ping_s = ping_s
+        self._reconnect_min_s = reconnect_min_s
+        self._reconnect_max_s = reconnect_max_s
+        self._application_name = application_name
+        self._handler: EventHandler | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+        self.connects = 0  # successful LISTENs so far (observability, tests)
+
+    @property
+    def listening(self) -> bool:
+        return self._listening.is_set()
+
+    async def start(self, handler: EventHandler) -> None:
+        """Start listening; returns once LISTEN is in place (or after `connect_timeout_s`, the task retrying)."""
+        self._handler = handler
+        if self._task is None:
+            self._task = asyncio.create_task(self._listen(), name="imagen-events-listen")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listening.wait(), self._connect_timeout_s)
+        if not self._listening.is_set():
+            log.warning("job events: not listening yet, retrying in the background")
+
+    async def publish(self, event: JobEvent) -> None:
+        try:
+            async with self._pool.connection(timeout=self._publish_timeout_s) as conn:
+                await conn.execute(b"SELECT pg_notify(%s, %s)", (self._channel, event.encode()))
+        except (psycopg.Error, OSError) as exc:
+            log.warning("job events: publish of %s failed: %s", event, exc)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._handler = None
+        if self._owns_pool:
+            await self._pool.close()
+
+    async def _listen(self) -> None:
+        delay = self._reconnect_min_s
+        while True:
+            connects = self.connects
+            try:
+                await self._listen_once()
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                log.warning("job events: listen connection lost (%s); reconnecting", exc)
+            except Exception:  # a bug must not end the listener for good
+                log.exception("job events: listener failed; reconnecting")
+            finally:
+                self._listening.clear()
+            if self.connects > connects:
+                delay = self._reconnect_min_s  # it was listening: retry at once; backoff is for failed connects
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 (jitter, not a secret)
+            delay = min(delay * 2, self._reconnect_max_s)
+
+    async def _listen_once(self) -> None:
+        conn = await AsyncConnection.connect(
+            self._url,
+            autocommit=True,
+            connect_timeout=max(1, round(self._connect_timeout_s)),
+            application_name=self._application_name,
+        )
+        async with conn:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+            self.connects += 1
+            self._listening.set()
+            log.info("job events: listening on %s", self._channel)
+            while True:
+                async for notify in conn.notifies(timeout=self._ping_s):
+                    self._deliver(notify.payload)
+                async with asyncio.timeout(self._connect_timeout_s):
+                    await conn.execute(b"SELECT 1")  # silence: make sure the peer is still there
+
+    def _deliver(self, payload: str) -> None:
+        event = JobEvent.decode(payload)
+        if event is None:
+            log.debug("job events: ignored a malformed payload %r", payload[:80])
+            return
+        handler = self._handler
+        if handler is None:
+            return
+        try:
+            handler(event)
+        except Exception:
+            log.exception("job events: handler failed on %s", event)
