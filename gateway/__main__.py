@@ -17,14 +17,16 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import uvicorn
 
 from gateway.app import create_app
 from gateway.asgi import APP_FACTORY
 from gateway.diffusion.manifest import load_manifests
+from gateway.jobs.sqlite import StoreInUse, check_not_in_use
 from gateway.observability import configure_logging
-from gateway.settings import PROJECT_ROOT, Settings, add_cli_arguments
+from gateway.settings import PROJECT_ROOT, Settings, add_cli_arguments, is_postgres_url
 from gateway.triton.server import TritonNotFound, TritonServer, TritonStartError
 
 log = logging.getLogger("gateway")
@@ -60,8 +62,8 @@ def export_demo(settings: Settings) -> None:
 def shared_job_store(jobs_db: object) -> bool:
     """True for a job store several processes can share (PostgreSQL); a file path is SQLite (one process).
 
-    `str()` of a Path turns `postgresql://` into `postgresql:/`, so only the scheme is compared."""
-    return str(jobs_db).strip().lower().startswith(("postgresql:", "postgres:"))
+    `str()` of a Path turns `postgresql://` into `postgresql:/`, so a Path is checked by its scheme alone."""
+    return is_postgres_url(jobs_db) or str(jobs_db).strip().lower().startswith(("postgresql:", "postgres:"))
 
 
 def _env_value(value: object) -> str:
@@ -169,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         differ = [f for f in Settings.__dataclass_fields__ if getattr(workers_settings, f) != getattr(settings, f)]
         if differ:
             print(f"gateway: error: these settings cannot reach worker processes: {', '.join(differ)}", file=sys.stderr)
+            return 2
+    if not shared_job_store(settings.jobs_db):
+        try:
+            check_not_in_use(Path(settings.jobs_db))
+        except StoreInUse as exc:
+            print(f"gateway: error: {exc}", file=sys.stderr)
             return 2
     configure_logging(settings.log_level)
     if not settings.api_keys and not settings.allow_anonymous:

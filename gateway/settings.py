@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeGuard
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository" / "models"
@@ -21,9 +22,13 @@ COMMENT_PREFIX = "#"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
+def is_postgres_url(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and value.strip().lower().startswith(POSTGRES_SCHEMES)
+
+
 def job_store_location(value: str) -> Path | str:
     """`IMAGEN_JOBS_DB`: a PostgreSQL URL stays a string (a Path would fold its `//`); anything else is a file."""
-    return value if value.strip().lower().startswith(POSTGRES_SCHEMES) else Path(value)
+    return value.strip() if is_postgres_url(value) else Path(value)
 
 
 @dataclass(frozen=True)

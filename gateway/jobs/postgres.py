@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 Row = tuple[Any, ...]
 Cursor = AsyncCursor[Row]
 
-POSTGRES_SCHEMES: Final = ("postgresql://", "postgres://")
 CHANNEL: Final = "imagen_jobs"
 # pg_advisory_xact_lock key of the schema migrations (b"imagen" as an integer): one per database.
 MIGRATION_LOCK: Final = 0x696D6167656E
@@ -126,10 +125,6 @@ _UPDATE = (
     " webhook_lease_until = %s, data = %s::jsonb WHERE id = %s AND version = %s"
 )
 _SELECT = "SELECT data::text, version FROM jobs"
-
-
-def is_postgres_url(value: str) -> bool:
-    return value.startswith(POSTGRES_SCHEMES)
 
 
 def _mutable(job: Job) -> tuple[Any, ...]:

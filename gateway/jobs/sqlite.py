@@ -123,6 +123,13 @@ def _lock_exclusively(path: Path) -> int:
     return fd
 
 
+def check_not_in_use(path: Path) -> None:
+    """Raise StoreInUse now if another process holds the store (the launcher's early, one-line refusal; the
+    lock the store takes when it opens remains the guarantee)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(_lock_exclusively(path))
+
+
 class SqliteJobStore:
     """`JobStore` on one SQLite file (see the module docstring)."""
 

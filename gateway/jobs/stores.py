@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.jobs.events import JobEvents, LocalEvents
-from gateway.jobs.postgres import POSTGRES_SCHEMES, PostgresEvents, PostgresJobStore, is_postgres_url
+from gateway.jobs.postgres import PostgresEvents, PostgresJobStore
 from gateway.jobs.sqlite import SqliteJobStore
 from gateway.jobs.store import JobStore
+from gateway.settings import POSTGRES_SCHEMES, is_postgres_url
 
 
 async def open_job_store(
@@ -22,11 +23,12 @@ async def open_job_store(
     A URL must come as a `str`: `Path` folds `postgresql://host` into `postgresql:/host`, so a `Path` that
     looks like a mangled URL is refused rather than opened as a SQLite file named `postgresql:`.
     """
+    location = str(url_or_path)
     if isinstance(url_or_path, Path):
-        if str(url_or_path).startswith(tuple(scheme.rstrip("/") for scheme in POSTGRES_SCHEMES)):
-            raise ValueError(f"a PostgreSQL URL must be passed as a string, not as the path {url_or_path}")
-        return SqliteJobStore(url_or_path), LocalEvents()
-    if is_postgres_url(url_or_path):
-        store = await PostgresJobStore.open(url_or_path, min_size=pool_min_size, max_size=pool_max_size)
-        return store, PostgresEvents(url_or_path, store.pool)
-    return SqliteJobStore(Path(url_or_path)), LocalEvents()
+        if location.lower().startswith(tuple(scheme.rstrip("/") for scheme in POSTGRES_SCHEMES)):
+            raise ValueError(f"a PostgreSQL URL must be passed as a string, not as the path {location}")
+    elif is_postgres_url(location):
+        url = location.strip()
+        store = await PostgresJobStore.open(url, min_size=pool_min_size, max_size=pool_max_size)
+        return store, PostgresEvents(url, store.pool)
+    return SqliteJobStore(Path(location)), LocalEvents()

@@ -57,9 +57,17 @@ class SubprocessGateway:
 
 
 def start_gateway(
-    triton: TritonServer, repository: Repository, folder: Path, *, port: int | None = None, **env_overrides: str
+    triton: TritonServer,
+    repository: Repository,
+    folder: Path,
+    *,
+    port: int | None = None,
+    triton_url: str | None = None,
+    **env_overrides: str,
 ) -> SubprocessGateway:
-    """Start a gateway configured through IMAGEN_* variables only, and wait until `/healthz` answers."""
+    """Start a gateway configured through IMAGEN_* variables only, and wait until `/healthz` answers.
+
+    `triton_url` (e.g. "a:1,b:2", several replicas) replaces the session Triton's address on the command line."""
     port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
     jobs_db = folder / "jobs.sqlite3"
@@ -72,7 +80,7 @@ def start_gateway(
     )
     env.update(env_overrides)
     log_file = folder / f"gateway-{time.time_ns()}.log"
-    command = [sys.executable, "-m", "gateway", "--triton-url", triton.grpc_url, "--port", str(port)]
+    command = [sys.executable, "-m", "gateway", "--triton-url", triton_url or triton.grpc_url, "--port", str(port)]
     with open(log_file, "wb") as log:
         process = subprocess.Popen(
             [*command, "--model-repository", str(repository.path)],
