@@ -18,12 +18,15 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from gateway.app import create_app
 from gateway.asgi import APP_FACTORY
 from gateway.diffusion.manifest import load_manifests
+from gateway.http.limits import GatewayConfig
 from gateway.jobs.sqlite import StoreInUse, check_not_in_use
 from gateway.observability import configure_logging
 from gateway.settings import PROJECT_ROOT, Settings, add_cli_arguments, is_postgres_url
@@ -87,6 +90,28 @@ def cli_environment(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
+def server_config(settings: Settings, app: Any, **options: Any) -> GatewayConfig:
+    """uvicorn (h11) with the limits it lacks against slow clients (`gateway.http.limits.GuardedH11Protocol`).
+
+    uvicorn, not another server: it is what the gateway is tested on, and its h11 protocol needs only a deadline
+    on request heads (its keep-alive timer stops at the first byte) and a connection cap, both added there.
+    `limit_concurrency` is not used: it answers plain text and counts slow connections against real requests.
+    Body reads are timed by `InboundLimitsMiddleware`; idle keep-alive connections close after 5 s (uvicorn's)."""
+    return GatewayConfig(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=16 * 1024,  # a request head over 16 KiB is refused (400)
+        access_log=False,  # gateway.access logs each request with its request id
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections,
+        **options,
+    )
+
+
 def serve_workers(settings: Settings, child_env: dict[str, str]) -> None:
     """N processes on one port: uvicorn binds the socket here and each worker imports the app factory.
 
@@ -97,27 +122,17 @@ def serve_workers(settings: Settings, child_env: dict[str, str]) -> None:
         f"(requests: {settings.base_url}/v1/image-to-image). Ctrl-C stops.",
         flush=True,
     )
-    uvicorn.run(
-        APP_FACTORY,
-        factory=True,
-        workers=settings.workers,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-        access_log=False,  # gateway.access logs each request with its request id
-    )
+    config = server_config(settings, APP_FACTORY, factory=True, workers=settings.workers)
+    # What `uvicorn.run` does for workers, with our Config (it pickles into each worker with its limits).
+    sock = config.bind_socket()
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()
 
 
 async def serve(settings: Settings) -> None:
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-        access_log=False,  # gateway.access logs each request with its request id
-    )
+    config = server_config(settings, create_app(settings))
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn exposes only a flag

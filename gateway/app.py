@@ -18,7 +18,8 @@ from starlette.responses import Response
 from gateway.diffusion.img2img import Img2ImgPipeline
 from gateway.diffusion.manifest import load_manifests
 from gateway.errors import ApiError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
-from gateway.http.ratelimit import RateLimitMiddleware, api_key_or_address, make_limiter
+from gateway.http.limits import InboundLimitsMiddleware
+from gateway.http.ratelimit import RateLimitMiddleware, api_key_or_address, make_limiter, make_work_limiter
 from gateway.http.responses import error_response
 from gateway.http.routes import Handlers, Services, routes
 from gateway.http.views import job_view
@@ -28,7 +29,7 @@ from gateway.jobs.model import Job
 from gateway.jobs.runner import JobManager, Progress
 from gateway.jobs.stores import open_job_store
 from gateway.jobs.webhooks import load_or_create_secret
-from gateway.media import netguard
+from gateway.media import netguard, work
 from gateway.media.netguard import OutboundPolicy
 from gateway.media.storage import make_storage
 from gateway.observability import (
@@ -92,6 +93,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         )
     )
     limiter = make_limiter(settings, registry=metrics.registry)  # shared through Redis when configured
+    work_limiter = make_work_limiter(settings, registry=metrics.registry)  # UNet samples per key, charged by CreateJob
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -106,6 +108,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         http = netguard.make_client()  # no redirects, no proxies from the environment: netguard decides
         policy = OutboundPolicy.from_settings(settings)
         decoded = DecodedInputs()
+        work.configure(settings)  # image work's own bounded thread pool, and the decode bound per image
 
         async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
             # No redirects: a 307/308 would resend the signature to another origin.
@@ -148,6 +151,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
             http=http,
             policy=policy,
             fetch_timeout_s=settings.fetch_timeout_s,
+            work_limiter=work_limiter,
+            max_active_jobs_per_key=settings.max_active_jobs_per_key,
+            max_running_jobs=settings.max_running_jobs,
         )
         handlers.services = Services(
             settings=settings,
@@ -169,6 +175,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
             await http.aclose()
             await triton.close()
             await limiter.aclose()
+            await work_limiter.aclose()
 
     # Outermost first: request ids on every response (429s and 500s included), metrics count 429s too.
     middleware = [
@@ -180,6 +187,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
             burst=settings.rate_limit_burst,
             key_fn=api_key_or_address(settings.api_keys),
             limiter=limiter,
+        ),
+        Middleware(  # request bodies held at once, and the time one may take (gateway/http/limits.py)
+            InboundLimitsMiddleware,
+            budget_bytes=settings.max_inflight_body_bytes,
+            wait_s=settings.body_budget_wait_s,
+            max_body_bytes=settings.max_body_bytes,
+            body_timeout_s=settings.body_timeout_s,
         ),
     ]
     app = Starlette(

@@ -72,6 +72,10 @@ class UnsupportedMediaType(ApiError):
     """The request body is not `application/json`."""
 
 
+class RequestTimeout(ApiError):
+    """The request body did not arrive within the body read timeout (a slow or stalled client)."""
+
+
 class PayloadTooLarge(ApiError):
     """The whole request body is over the gateway's body cap (distinct from the image size cap)."""
 
@@ -104,6 +108,11 @@ class RateLimited(ApiError):
     """The caller's token bucket for job creation is empty; comes with Retry-After."""
 
 
+class TooManyJobs(ApiError):
+    """The caller's key already has its cap of queued and running jobs (`max_active_jobs_per_key`); comes with
+    Retry-After: one of them must finish first."""
+
+
 class Interrupted(ApiError):
     """A synchronous job whose gateway restarted before it finished: its caller's connection is gone, so it is
     not re-run (asynchronous jobs are); retrying the request is safe."""
@@ -115,6 +124,10 @@ class StoreUnavailable(ApiError):
 
 class RunAttemptsExhausted(ApiError):
     """A job was re-run after crashes more times than allowed: it is failed rather than crash-looping."""
+
+
+class InsufficientStorage(ApiError):
+    """The image storage is below its free-space floor or at its quota (or the disk is full): nothing is written."""
 
 
 ERROR_TABLE: Mapping[type[ApiError], tuple[int, str]] = MappingProxyType(
@@ -130,6 +143,7 @@ ERROR_TABLE: Mapping[type[ApiError], tuple[int, str]] = MappingProxyType(
         MethodNotAllowed: (405, "method_not_allowed"),
         UnsupportedMediaType: (415, "unsupported_media_type"),
         PayloadTooLarge: (413, "payload_too_large"),
+        RequestTimeout: (408, "request_timeout"),
         BackendUnavailable: (503, "backend_unavailable"),
         BackendError: (502, "backend_error"),
         InternalError: (500, "internal_error"),
@@ -137,9 +151,11 @@ ERROR_TABLE: Mapping[type[ApiError], tuple[int, str]] = MappingProxyType(
         IdempotencyKeyReused: (409, "idempotency_conflict"),
         JobFinished: (409, "job_finished"),
         RateLimited: (429, "rate_limited"),
+        TooManyJobs: (429, "too_many_jobs"),
         Interrupted: (503, "interrupted"),
         StoreUnavailable: (503, "store_unavailable"),
         RunAttemptsExhausted: (500, "run_attempts_exhausted"),
+        InsufficientStorage: (507, "insufficient_storage"),
         # A subclass someone forgot to register still maps to something safe.
         ApiError: (500, "internal_error"),
     }

@@ -61,14 +61,32 @@ class Settings:
     api_keys: frozenset[str] = field(default_factory=frozenset)
     allow_anonymous: bool = False
     max_body_bytes: int = 20 * 1024 * 1024
+    # Inbound limits (gateway/http/limits.py): request-body bytes read and parsed at once in a process (a body
+    # waits up to `body_budget_wait_s` for room, then 503 `overloaded`), the time a whole body may take (408),
+    # the time a request head may take (the connection is closed), open connections per process (503, closed).
+    max_inflight_body_bytes: int = 64 * 1024 * 1024
+    body_budget_wait_s: float = 2.0
+    body_timeout_s: float = 60.0
+    header_timeout_s: float = 10.0
+    max_connections: int = 1000
     fetch_timeout_s: float = 10.0
     export_demo: bool = True
     log_level: str = "info"
+    # Image work (base64, decode, resize, PNG encode; gateway/media/work.py): its own thread pool (unset: one per
+    # core) and the request-side work that may wait for a thread beyond those (503 `overloaded` past it; a job's
+    # own work waits); progressive JPEGs with more than `max_jpeg_scans` scans are refused (400 `invalid_image`).
+    image_threads: int | None = None
+    image_queue: int = 16
+    max_jpeg_scans: int = 100
     # Gateway processes sharing the port (`python -m gateway --workers N`); more than one needs a shared job store.
     workers: int = 1
     # Outbound HTTP (image URLs, webhooks): hosts or CIDRs exempt from the private-address block (tests, private
     # deployments). Everything else must resolve to public addresses only.
     outbound_allow: tuple[str, ...] = ()
+    # Outbound DNS (image URL and webhook hosts): its own thread pool (lookups in flight: 4 per thread at most,
+    # beyond that refused at once) and a deadline per lookup, so a silent nameserver ties up nothing else.
+    outbound_dns_threads: int = 4
+    outbound_dns_timeout_s: float = 5.0
     # Jobs: the store, the worker pool (jobs denoising at once: their UNet steps share Triton batches) and the
     # admission limit on queued work (503 with Retry-After beyond it).
     # A file path (SQLite, one process) or a `postgresql://` URL (a store shared by several replicas).
@@ -87,6 +105,14 @@ class Settings:
     job_poll_interval_s: float = 1.0
     progress_publish_interval_s: float = 0.25
     retention_s: float = 24 * 3600.0
+    # Image storage space: a write that would leave under `storage_min_free_bytes` free on the folder's volume, or
+    # take the folder over `storage_quota_bytes` (unset: no quota; a folder only), is refused with 507
+    # `insufficient_storage`. Stored objects of no job, and temp files of interrupted writes, older than
+    # `storage_orphan_grace_s` are removed at start and every `storage_sweep_interval_s`.
+    storage_min_free_bytes: int = 1024**3
+    storage_quota_bytes: int | None = None
+    storage_orphan_grace_s: float = 3600.0
+    storage_sweep_interval_s: float = 3600.0
     # Webhooks: signing secret (per-key secrets derive from it; generated and kept beside the job store when unset).
     webhook_secret: str | None = None
     webhook_max_attempts: int = 5
@@ -95,6 +121,12 @@ class Settings:
     # Per-key token bucket on job creation (requests per minute, burst); 0 disables.
     rate_limit_per_minute: float = 120.0
     rate_limit_burst: int = 20
+    # Fairness between keys: at most this many queued + running jobs per key (429 `too_many_jobs` beyond it), and
+    # a per-key budget of UNet samples (num_images x effective steps x 2 with guidance) per minute with a burst
+    # (429 `rate_limited`); 0 disables either. The burst should cover the costliest request (4 x 150 x 2 = 1200).
+    max_active_jobs_per_key: int = 32
+    work_per_minute: float = 12000.0
+    work_burst: int = 2400
     # Redis shared by the replicas (redis://host:6379/0): the rate limit then holds in total across them.
     redis_url: str | None = None
 
@@ -128,8 +160,18 @@ class Settings:
             ("storage_url", str),
             ("s3_endpoint_url", str),
             ("max_body_bytes", int),
+            ("max_inflight_body_bytes", int),
+            ("body_budget_wait_s", float),
+            ("body_timeout_s", float),
+            ("header_timeout_s", float),
+            ("max_connections", int),
             ("fetch_timeout_s", float),
+            ("outbound_dns_threads", int),
+            ("outbound_dns_timeout_s", float),
             ("log_level", str),
+            ("image_threads", int),
+            ("image_queue", int),
+            ("max_jpeg_scans", int),
             ("workers", int),
             ("jobs_db", job_store_location),
             ("max_running_jobs", int),
@@ -141,12 +183,19 @@ class Settings:
             ("job_poll_interval_s", float),
             ("progress_publish_interval_s", float),
             ("retention_s", float),
+            ("storage_min_free_bytes", int),
+            ("storage_quota_bytes", int),
+            ("storage_orphan_grace_s", float),
+            ("storage_sweep_interval_s", float),
             ("webhook_secret", str),
             ("webhook_max_attempts", int),
             ("webhook_backoff_s", float),
             ("webhook_timeout_s", float),
             ("rate_limit_per_minute", float),
             ("rate_limit_burst", int),
+            ("max_active_jobs_per_key", int),
+            ("work_per_minute", float),
+            ("work_burst", int),
             ("redis_url", str),
         ):
             raw = get(name.upper())

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.diffusion.styles import STYLE_PRESETS
+from gateway.errors import ERROR_TABLE
 from gateway.http import schema as wire
 from gateway.http.schema import JOB_STATUSES, SPEC_RESPONSE_FIELDS, error_codes_by_status
 from gateway.media import codecs
@@ -92,71 +93,181 @@ def _error(description: str, *extra_headers: str) -> dict[str, Any]:
     return _response(description, _json(_ref("Error")), *extra_headers)
 
 
+# What each error code means on the wire, for the responses' descriptions; the status comes from ERROR_TABLE.
+CODE_NOTES: Mapping[str, str] = MappingProxyType(
+    {
+        "url_not_allowed": "the SSRF guard refuses an image or webhook URL",
+        "image_too_large": f"an image over {codecs.MAX_IMAGE_BYTES // 2**20} MB",
+        "payload_too_large": "a body over the body cap",
+        "request_timeout": "the body did not arrive within the body read timeout",
+        "idempotency_conflict": "an Idempotency-Key reused with another body",
+        "job_finished": "the job already finished",
+        "rate_limited": "over the key's rate or work limit",
+        "too_many_jobs": "the key already has its cap of queued and running jobs",
+        "overloaded": "too much work queued, too many request bodies being read, or too many open connections",
+        "backend_unavailable": "Triton unreachable, model not loaded or timed out",
+        "backend_error": "Triton answered with an error",
+        "store_unavailable": "the job store did not answer in time",
+        "interrupted": "a synchronous job whose gateway restarted",
+        "insufficient_storage": "the image storage is below its free-space floor or at its quota",
+        "internal_error": "a bug; the details carry the request id",
+        "run_attempts_exhausted": "a job re-run after crashes too often",
+        "unauthorized": "missing or unknown bearer key",
+    }
+)
+# Codes answered with `Retry-After`.
+RETRY_AFTER_CODES = frozenset({"rate_limited", "too_many_jobs", "overloaded"})
+# Any request, before it reaches an operation: the connection cap (`overloaded`) and a bug (`internal_error`).
+ANY_REQUEST = ("overloaded", "internal_error")
+AUTHENTICATED = ("unauthorized", *ANY_REQUEST)
+
+
+def _status_of(code: str) -> int:
+    for status, known in ERROR_TABLE.values():
+        if known == code:
+            return status
+    raise ValueError(f"error code {code!r} is not in errors.ERROR_TABLE")
+
+
+def error_responses(*codes: str) -> dict[str, Any]:
+    """The error responses of an operation that can answer `codes`: one per status, naming its codes.
+
+    Every status an operation can answer is listed (there is no `default`), so a client, and schemathesis'
+    `status_code_conformance`, can rely on the list; each status's codes come from the one error table."""
+    by_status: dict[int, list[str]] = {}
+    for code in dict.fromkeys(codes):
+        by_status.setdefault(_status_of(code), []).append(code)
+    out: dict[str, Any] = {}
+    for status in sorted(by_status):
+        listed = by_status[status]
+        text = "; ".join(f"`{c}`" + (f" ({CODE_NOTES[c]})" if c in CODE_NOTES else "") for c in listed)
+        headers = [h for c, h in (("unauthorized", "WWW-Authenticate"),) if c in listed]
+        if RETRY_AFTER_CODES & set(listed):
+            headers.append("Retry-After")
+        out[str(status)] = _error(f"In the error shape: {text}", *headers)
+    return out
+
+
 def _operation(
     operation_id: str,
     summary: str,
     responses: dict[str, Any],
     *,
     public: bool = False,
+    optional_auth: bool = False,
     parameters: list[dict[str, Any]] | None = None,
     body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`public`: no key needed; `optional_auth`: no key needed, but some answers need one (a job's stored input)."""
     operation: dict[str, Any] = {"operationId": operation_id, "summary": summary}
     if parameters:
         operation["parameters"] = parameters
     if body is not None:
         operation["requestBody"] = body
-    operation["responses"] = {
-        **responses,
-        "default": _error("Any other error (405 `method_not_allowed`, 500 `internal_error`) in the error shape"),
-    }
+    operation["responses"] = dict(sorted(responses.items()))
     if public:
         operation["security"] = []
+    elif optional_auth:
+        operation["security"] = [{}, {"bearerAuth": []}]
     return operation
 
 
-UNAUTHORIZED = _error("Missing or unknown bearer key (`unauthorized`)", "WWW-Authenticate")
+def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
+    """Responses from several sources; a status given twice keeps the first (the success or the specific one)."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for status, response in part.items():
+            out.setdefault(status, response)
+    return out
+
+
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "Job id"}
+# The job a create answered, for the operations on it (OpenAPI links; schemathesis' stateful phase follows them).
+JOB_LINKS = {
+    name: {"operationId": operation_id, "parameters": {"job_id": "$response.body#/id"}, "description": description}
+    for name, operation_id, description in (
+        ("GetJob", "getJob", "Poll the job"),
+        ("CancelJob", "cancelJob", "Cancel the job"),
+        ("JobEvents", "jobEvents", "Follow the job's events"),
+    )
+}
+# A request the tiny demo pipelines answer in well under a second: a 32x32 PNG, 2 denoising steps.
+EXAMPLE_IMAGE = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAALUlEQVR42u3NsQ0AIAzAsCAx9GxO5wnYHGX3qj"
+    "P17930NQAAAAAAAAAAAPCqC4UeAu65Hn1TAAAAAElFTkSuQmCC"
+)
+REQUEST_EXAMPLES = {
+    "small": {
+        "summary": "A small synchronous request",
+        "value": {"image": EXAMPLE_IMAGE, "prompt": "a watercolor fox", "steps": 4, "strength": 0.5, "seed": 42},
+    }
+}
+# One event of the stream, as parsed (OpenAPI 3.2's reading of `schema` for `text/event-stream`, which
+# schemathesis applies to 3.1 too): `event: job`, and `data:` a JobView in JSON.
+SSE_JOB_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"const": "job"},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref("JobView")},
+    },
+}
+CREATE_ERRORS = (
+    "invalid_request",
+    "invalid_image",
+    "image_dimensions_too_large",
+    "url_not_allowed",
+    *AUTHENTICATED,
+    "model_not_found",
+    "request_timeout",
+    "idempotency_conflict",
+    "image_too_large",
+    "payload_too_large",
+    "unsupported_media_type",
+    "rate_limited",
+    "too_many_jobs",
+    "backend_error",
+    "backend_unavailable",
+    "interrupted",
+    "store_unavailable",
+    "insufficient_storage",
+    "run_attempts_exhausted",
+)
+JOB_ERRORS = (*AUTHENTICATED, "not_found", "store_unavailable")
 
 
 def _paths() -> dict[str, Any]:
     job_json = _json(_ref("JobView"))
-    job_not_found = _error("No such job for this API key (`not_found`); another key's job is not found either")
+    job_not_found = {
+        "404": _error(
+            "In the error shape: `not_found` (no such job for this API key; another key's job is not found either)"
+        )
+    }
     create = _operation(
         "createImageToImage",
         "Transform an image (synchronous, or asynchronous with a webhook)",
-        {
-            "200": _response(
-                "The finished job (synchronous request): `completed`, or `canceled` if the client went away",
-                job_json,
-                "Location",
-            ),
-            "202": _response(
-                "Accepted (a `webhook_url` was given, or `Prefer: respond-async`): the job is `queued` or "
-                "`processing`; poll `Location` or wait for the webhook",
-                job_json,
-                "Location",
-            ),
-            "400": _error(
-                "Invalid body or image (`invalid_request`, `invalid_image`, `image_dimensions_too_large`, "
-                "`url_not_allowed` where the SSRF guard refuses a URL)"
-            ),
-            "401": UNAUTHORIZED,
-            "404": _error("Unknown model (`model_not_found`)"),
-            "409": _error("Idempotency-Key reused with another body (`idempotency_conflict`)"),
-            "413": _error(
-                f"Image over {codecs.MAX_IMAGE_BYTES // 2**20} MB (`image_too_large`) or body over the cap "
-                "(`payload_too_large`)"
-            ),
-            "415": _error("Body is not `application/json` (`unsupported_media_type`)"),
-            "429": _error("Over the per-key rate limit (`rate_limited`)", "Retry-After"),
-            "502": _error("Triton answered with an error (`backend_error`)"),
-            "503": _error(
-                "Triton unreachable, model not loaded or timed out (`backend_unavailable`), or too much work "
-                "queued (`overloaded`, with Retry-After)",
-                "Retry-After",
-            ),
-        },
+        _merge(
+            {
+                "200": {
+                    **_response(
+                        "The finished job (synchronous request): `completed`, or `canceled` if the client went away",
+                        job_json,
+                        "Location",
+                    ),
+                    "links": JOB_LINKS,
+                },
+                "202": {
+                    **_response(
+                        "Accepted (a `webhook_url` was given, or `Prefer: respond-async`): the job is `queued` or "
+                        "`processing`; poll `Location` or wait for the webhook",
+                        job_json,
+                        "Location",
+                    ),
+                    "links": JOB_LINKS,
+                },
+            },
+            error_responses(*CREATE_ERRORS),
+        ),
         parameters=[
             {
                 "name": "Idempotency-Key",
@@ -174,15 +285,22 @@ def _paths() -> dict[str, Any]:
                 "description": "`respond-async` (RFC 7240) answers 202 at once even without a `webhook_url`.",
             },
         ],
-        body={"required": True, "content": _json(_ref("ImageToImageRequest"))},
+        body={
+            "required": True,
+            "content": {"application/json": {"schema": _ref("ImageToImageRequest"), "examples": REQUEST_EXAMPLES}},
+        },
     )
+    image_content = {
+        media: {"schema": {"type": "string", "contentMediaType": media}}
+        for media in ("image/png", "image/jpeg", "image/webp")
+    }
     return {
         "/v1/image-to-image": {"post": create},
         "/v1/image-to-image/{job_id}": {
             "get": _operation(
                 "getJob",
                 "Poll a job (only the API key that created it can read it)",
-                {"200": _response("The job", job_json), "401": UNAUTHORIZED, "404": job_not_found},
+                _merge({"200": _response("The job", job_json)}, job_not_found, error_responses(*JOB_ERRORS)),
                 parameters=[JOB_ID],
             )
         },
@@ -190,12 +308,11 @@ def _paths() -> dict[str, Any]:
             "post": _operation(
                 "cancelJob",
                 "Cancel a queued or running job (it stops between denoising steps and ends `canceled`)",
-                {
-                    "200": _response("The job, now canceled", job_json),
-                    "401": UNAUTHORIZED,
-                    "404": job_not_found,
-                    "409": _error("The job already finished (`job_finished`)"),
-                },
+                _merge(
+                    {"200": _response("The job, now canceled", job_json)},
+                    job_not_found,
+                    error_responses(*JOB_ERRORS, "job_finished"),
+                ),
                 parameters=[JOB_ID],
             )
         },
@@ -203,14 +320,16 @@ def _paths() -> dict[str, Any]:
             "get": _operation(
                 "jobEvents",
                 "Server-sent events: an `event: job` with the job view on each change, until the job finishes",
-                {
-                    "200": _response(
-                        "An event stream; each `data:` line is a JobView",
-                        {"text/event-stream": {"schema": {"type": "string"}}},
-                    ),
-                    "401": UNAUTHORIZED,
-                    "404": job_not_found,
-                },
+                _merge(
+                    {
+                        "200": _response(
+                            "An event stream; each `data:` line is a JobView (`: keep-alive` comments between)",
+                            {"text/event-stream": {"schema": SSE_JOB_EVENT}},
+                        )
+                    },
+                    job_not_found,
+                    error_responses(*JOB_ERRORS),
+                ),
                 parameters=[JOB_ID],
             )
         },
@@ -218,20 +337,30 @@ def _paths() -> dict[str, Any]:
             "get": _operation(
                 "getWebhookSecret",
                 "The HMAC-SHA256 secret this API key's webhooks are signed with",
-                {"200": _response("The secret", _json(_ref("WebhookSecret"))), "401": UNAUTHORIZED},
+                _merge({"200": _response("The secret", _json(_ref("WebhookSecret")))}, error_responses(*AUTHENTICATED)),
             )
         },
         "/v1/images/{name}": {
             "get": _operation(
                 "getImage",
-                "A stored image (an output, or the stored copy of a base64 input)",
-                {
-                    "200": _response(
-                        "The PNG", {"image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}}
-                    ),
-                    "404": _error("No such image (`not_found`)"),
-                },
-                public=True,
+                "A stored image: an output (a capability URL: anyone with it may fetch it until retention deletes "
+                "it), or a job's stored input (`{job_id}_input.*`: only with the API key that created the job)",
+                _merge(
+                    {
+                        "200": _response(
+                            "The image, streamed (`X-Content-Type-Options: nosniff`; cached at most for the "
+                            "retention: public for outputs, private for inputs)",
+                            image_content,
+                            "Cache-Control",
+                            "X-Content-Type-Options",
+                        ),
+                        "404": _error(
+                            "In the error shape: `not_found` (no such image, or an input of another key's job)"
+                        ),
+                    },
+                    error_responses(*AUTHENTICATED, "store_unavailable"),
+                ),
+                optional_auth=True,
                 parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             )
         },
@@ -239,29 +368,40 @@ def _paths() -> dict[str, Any]:
             "get": _operation(
                 "listModels",
                 "Served pipelines and parameter limits",
-                {"200": _response("The models", _json(_ref("ModelList"))), "401": UNAUTHORIZED},
+                _merge({"200": _response("The models", _json(_ref("ModelList")))}, error_responses(*AUTHENTICATED)),
             )
         },
         "/v1/styles": {
             "get": _operation(
                 "listStyles",
                 "Style presets",
-                {"200": _response("The styles", _json(_ref("StyleList"))), "401": UNAUTHORIZED},
+                _merge({"200": _response("The styles", _json(_ref("StyleList")))}, error_responses(*AUTHENTICATED)),
             )
         },
         "/healthz": {
             "get": _operation(
-                "healthz", "The process is alive", {"200": _response("Alive", _json(_ref("Status")))}, public=True
+                "healthz",
+                "The process is alive",
+                _merge({"200": _response("Alive", _json(_ref("Status")))}, error_responses(*ANY_REQUEST)),
+                public=True,
             )
         },
         "/readyz": {
             "get": _operation(
                 "readyz",
                 "Triton and every model of every manifest are ready",
-                {
-                    "200": _response("Ready", _json(_ref("Status"))),
-                    "503": _response('Not ready (`{"status": "not_ready"}`)', _json(_ref("Status"))),
-                },
+                _merge(
+                    {
+                        "200": _response("Ready", _json(_ref("Status"))),
+                        "503": _response(
+                            'Not ready (`{"status": "not_ready"}`), or `overloaded` in the error shape (too many '
+                            "open connections, with Retry-After)",
+                            _json({"anyOf": [_ref("Status"), _ref("Error")]}),
+                            "Retry-After",
+                        ),
+                    },
+                    error_responses(*ANY_REQUEST),
+                ),
                 public=True,
             )
         },
@@ -269,7 +409,18 @@ def _paths() -> dict[str, Any]:
             "get": _operation(
                 "metrics",
                 "Prometheus metrics (text exposition format; OpenMetrics when asked for in Accept)",
-                {"200": _response("The metrics", {"text/plain": {"schema": {"type": "string"}}})},
+                _merge(
+                    {
+                        "200": _response(
+                            "The metrics",
+                            {
+                                "text/plain": {"schema": {"type": "string"}},
+                                "application/openmetrics-text": {"schema": {"type": "string"}},
+                            },
+                        )
+                    },
+                    error_responses(*ANY_REQUEST),
+                ),
                 public=True,
             )
         },
@@ -277,7 +428,10 @@ def _paths() -> dict[str, Any]:
             "get": _operation(
                 "openapi",
                 "This document",
-                {"200": _response("OpenAPI 3.1", {"application/json": {"schema": {"type": "object"}}})},
+                _merge(
+                    {"200": _response("OpenAPI 3.1", {"application/json": {"schema": {"type": "object"}}})},
+                    error_responses(*ANY_REQUEST),
+                ),
                 public=True,
             )
         },
@@ -312,6 +466,8 @@ def _document() -> dict[str, Any]:
                 "RetryAfter": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}},
                 "Location": {"description": "The job's URL, to poll", "schema": {"type": "string"}},
                 "WWWAuthenticate": {"description": "`Bearer` (RFC 6750)", "schema": {"type": "string"}},
+                "CacheControl": {"description": "How long the image may be cached", "schema": {"type": "string"}},
+                "XContentTypeOptions": {"description": "`nosniff`", "schema": {"type": "string", "const": "nosniff"}},
             },
         },
     }

@@ -36,6 +36,14 @@ Two limiters behind one `Limiter` protocol, chosen by `make_limiter(settings)`:
   replica per interval, not one per request. Connections come from a bounded `BlockingConnectionPool` with
   short timeouts; a command is retried only once, and only when its connection was closed (a pooled
   connection Redis dropped when it restarted), never after a timeout.
+
+Costs. `take(key, cost)` takes `cost` tokens at once (1 for the request limit above). The same two limiters
+also hold the per-key WORK budget (`make_work_limiter`: UNet samples per minute, `IMAGEN_WORK_PER_MINUTE` and
+`IMAGEN_WORK_BURST`), which the job-creation use case charges after validation with the request's cost
+(gateway/jobs/create.py, `work_cost`). A take is granted when the bucket holds `min(cost, burst)` tokens and
+then charges the whole `cost`, so the bucket may go below zero: a request costlier than the burst is still
+possible (from a full bucket) and its whole cost is paid back, at the refill rate, before the next grant. The
+wait it answers is the time until `min(cost, burst)` tokens are there, so `Retry-After` grows with the cost.
 """
 
 from __future__ import annotations
@@ -76,8 +84,12 @@ KeyFn = Callable[[Scope], str]
 log = logging.getLogger(__name__)
 
 
+WORK_KEY_PREFIX = "imagen:worklimit:v1:"
+
+
 class Limiter(Protocol):
-    """What the middleware needs: `take` one token for a key, 0.0 when granted, else the seconds to wait."""
+    """What the middleware needs: `take` `cost` tokens for a key, 0.0 when granted, else the seconds to wait
+    (the job-creation use case's `WorkLimiter` is the same shape)."""
 
     per_minute: float
     burst: int
@@ -85,7 +97,7 @@ class Limiter(Protocol):
     @property
     def enabled(self) -> bool: ...
 
-    async def take(self, key: str) -> float: ...
+    async def take(self, key: str, cost: float = 1.0) -> float: ...
 
     async def aclose(self) -> None: ...
 
@@ -135,10 +147,12 @@ class TokenBucketLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def acquire(self, key: str) -> float:
-        """Take one token for `key`: 0.0 when granted, else the seconds until one token is available."""
-        if not self.enabled:
+    def acquire(self, key: str, cost: float = 1.0) -> float:
+        """Take `cost` tokens for `key`: 0.0 when granted (the bucket may go below zero: see the module
+        docstring), else the seconds until `min(cost, burst)` tokens are available (nothing is taken)."""
+        if not self.enabled or cost <= 0:
             return 0.0
+        need = min(float(cost), float(self.burst))
         now = self.clock()
         self._evict_idle(now)
         bucket = self._buckets.pop(key, None)
@@ -151,14 +165,14 @@ class TokenBucketLimiter:
         self._buckets[key] = bucket  # most recently touched last
         while len(self._buckets) > self.max_buckets:
             self._buckets.popitem(last=False)
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+        if bucket.tokens >= need - 1e-9:
+            bucket.tokens -= float(cost)
             return 0.0
-        return (1.0 - bucket.tokens) / self.rate_per_s
+        return (need - bucket.tokens) / self.rate_per_s
 
-    async def take(self, key: str) -> float:
+    async def take(self, key: str, cost: float = 1.0) -> float:
         """`acquire`, as the `Limiter` protocol spells it."""
-        return self.acquire(key)
+        return self.acquire(key, cost)
 
     async def aclose(self) -> None:
         """Nothing to release: the buckets are plain memory."""
@@ -167,19 +181,23 @@ class TokenBucketLimiter:
         refill_s = self.refill_s
         while self._buckets:
             oldest = next(iter(self._buckets.values()))
-            if now - oldest.updated < refill_s:
+            # A bucket in debt (below zero after a costly take) needs longer than `refill_s` to be full again.
+            if now - oldest.updated < refill_s + max(0.0, -oldest.tokens) / self.rate_per_s:
                 break
             self._buckets.popitem(last=False)
 
 
 # GCRA: the bucket of KEYS[1] is its theoretical arrival time (TAT, integer microseconds of the Redis clock):
-# the bucket holds `burst - (TAT - now) / interval` tokens. ARGV[1]: microseconds per token; ARGV[2]: burst.
-# Returns 0 (granted, TAT advanced by one interval) or the microseconds until one token is there (refused,
-# nothing written). Integer microseconds stay exact in Lua's doubles (2^53 us is 285 years). The key expires
+# the bucket holds `burst - (TAT - now) / interval` tokens. ARGV[1]: microseconds per token; ARGV[2]: burst;
+# ARGV[3]: the cost (tokens charged); ARGV[4]: the tokens needed to grant, min(cost, burst). Returns 0 (granted,
+# TAT advanced by `cost` intervals) or the microseconds until `need` tokens are there (refused, nothing written).
+# Integer microseconds stay exact in Lua's doubles (2^53 us is 285 years). The key expires
 # when the bucket would be full again, as a missing key means a full bucket.
 _GCRA_SCRIPT = """
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local need = tonumber(ARGV[4])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local tat = now
@@ -187,11 +205,11 @@ local stored = redis.call('GET', KEYS[1])
 if stored then
   tat = math.max(tonumber(stored), now)
 end
-local new_tat = tat + interval
-local wait = new_tat - now - burst * interval
+local wait = tat + need * interval - now - burst * interval
 if wait > 0 then
   return wait
 end
+local new_tat = tat + cost * interval
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
 return 0
 """
@@ -216,6 +234,7 @@ class RedisTokenBucketLimiter:
         retry_after_failure_s: float = REDIS_RETRY_AFTER_FAILURE_S,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metric_prefix: str = "imagen_rate_limit",
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -241,12 +260,12 @@ class RedisTokenBucketLimiter:
         self._local_until: float | None = None  # set while Redis is considered down
         registry = registry if registry is not None else CollectorRegistry()
         self.redis_errors = Counter(
-            "imagen_rate_limit_redis_errors",
+            f"{metric_prefix}_redis_errors",
             "Rate-limit decisions Redis failed to make (unreachable, timeout, error reply)",
             registry=registry,
         )
         self.local_decisions = Counter(
-            "imagen_rate_limit_local_decisions",
+            f"{metric_prefix}_local_decisions",
             "Rate-limit decisions made by this replica's own bucket because Redis had failed",
             registry=registry,
         )
@@ -260,13 +279,17 @@ class RedisTokenBucketLimiter:
         """True while decisions are made locally after a Redis failure."""
         return self._local_until is not None and self.clock() < self._local_until
 
-    async def take(self, key: str) -> float:
-        if not self.enabled:
+    async def take(self, key: str, cost: float = 1.0) -> float:
+        if not self.enabled or cost <= 0:
             return 0.0
         if self.redis_down:
-            return self._take_locally(key)
+            return self._take_locally(key, cost)
+        # Whole tokens in Redis (costs are counts of UNet samples or of requests): a fraction is rounded up.
+        whole = max(1, math.ceil(cost - 1e-9))
         try:
-            wait_us = await self._redis.eval(_GCRA_SCRIPT, 1, self.key_prefix + key, self._interval_us, self.burst)
+            wait_us = await self._redis.eval(
+                _GCRA_SCRIPT, 1, self.key_prefix + key, self._interval_us, self.burst, whole, min(whole, self.burst)
+            )
         except (RedisError, OSError) as exc:
             self.redis_errors.inc()
             if self._local_until is None:
@@ -279,15 +302,15 @@ class RedisTokenBucketLimiter:
             else:
                 log.debug("rate limiter: Redis still failing (%s: %s)", type(exc).__name__, exc)
             self._local_until = self.clock() + self.retry_after_failure_s
-            return self._take_locally(key)
+            return self._take_locally(key, cost)
         if self._local_until is not None:
             log.warning("rate limiter: Redis answers again; the limit holds across replicas again")
             self._local_until = None
         return int(wait_us) / 1_000_000
 
-    def _take_locally(self, key: str) -> float:
+    def _take_locally(self, key: str, cost: float = 1.0) -> float:
         self.local_decisions.inc()
-        return self.fallback.acquire(key)
+        return self.fallback.acquire(key, cost)
 
     async def aclose(self) -> None:
         await self._redis.aclose()
@@ -302,6 +325,23 @@ def make_limiter(settings: Settings, *, registry: CollectorRegistry | None = Non
     per_minute, burst = settings.rate_limit_per_minute, settings.rate_limit_burst
     if settings.redis_url and per_minute > 0 and burst > 0:
         return RedisTokenBucketLimiter(settings.redis_url, per_minute, burst, registry=registry)
+    return TokenBucketLimiter(per_minute, burst)
+
+
+def make_work_limiter(settings: Settings, *, registry: CollectorRegistry | None = None) -> Limiter:
+    """The per-key work budget (UNet samples per minute, `IMAGEN_WORK_PER_MINUTE`/`IMAGEN_WORK_BURST`; 0
+    disables): the same buckets as `make_limiter`, shared through Redis when `settings.redis_url` is set (own
+    key prefix and metrics, `imagen_work_limit_*`). Injected into `CreateJob`, which charges each job's cost."""
+    per_minute, burst = settings.work_per_minute, settings.work_burst
+    if settings.redis_url and per_minute > 0 and burst > 0:
+        return RedisTokenBucketLimiter(
+            settings.redis_url,
+            per_minute,
+            burst,
+            key_prefix=WORK_KEY_PREFIX,
+            registry=registry,
+            metric_prefix="imagen_work_limit",
+        )
     return TokenBucketLimiter(per_minute, burst)
 
 

@@ -26,6 +26,7 @@ from gateway.errors import (
     code_status,
 )
 from gateway.http.auth import check_bearer
+from gateway.http.limits import release_body_budget
 from gateway.http.openapi import openapi_endpoint
 from gateway.http.schema import PARAMETER_LIMITS, parse_image_to_image
 from gateway.http.views import job_view
@@ -43,7 +44,11 @@ log = logging.getLogger("gateway")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 DISCONNECT_POLL_S = 0.25
 SSE_HEARTBEAT_S = 15.0
-IMAGE_CACHE_CONTROL = "public, max-age=31536000"
+# JSON structure bytes (`{`, `[`, `,`) a body may hold: parsing costs Python objects per value (an empty `{}` is
+# 64 bytes for 2 bytes of body), so past this a body is refused before it is parsed. A valid request has a few
+# dozen values; prompts with commas count too and stay far below.
+MAX_JSON_STRUCTURE = 100_000
+INPUT_IMAGE = re.compile(r"^(?P<job_id>[A-Za-z0-9_-]+)_input\.(png|jpg|webp)$")
 
 
 @dataclass
@@ -74,8 +79,14 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise too_large
         chunks.append(chunk)
+    body = b"".join(chunks)
+    chunks.clear()
+    if body.count(b"{") + body.count(b"[") + body.count(b",") > MAX_JSON_STRUCTURE:
+        raise InvalidRequest(
+            "Request body has too many JSON values", f"At most {MAX_JSON_STRUCTURE} objects, arrays and separators"
+        )
     try:
-        return json.loads(b"".join(chunks).decode("utf-8"))
+        return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise InvalidRequest("Request body is not valid UTF-8", str(exc)) from exc
     except json.JSONDecodeError as exc:
@@ -122,6 +133,13 @@ class Handlers:
 
     async def image_to_image(self, request: Request) -> Response:
         owner = self._owner(request)
+        try:
+            job, asynchronous = await self._create(request, owner)
+        finally:
+            release_body_budget(request)  # the body is a job now (its parse is gone): a synchronous wait holds none
+        return await self._respond(request, job, asynchronous)
+
+    async def _create(self, request: Request, owner: str) -> tuple[Job, bool]:
         raw = await read_json(request, self.settings.max_body_bytes)
         req = parse_image_to_image(raw, styles=STYLE_PRESETS)
         caller = Caller(
@@ -131,8 +149,7 @@ class Handlers:
             asynchronous=wants_async(request, req.webhook_url),
             request_id=current_request_id(),
         )
-        job = await self.s.create_job(req, caller)
-        return await self._respond(request, job, caller.asynchronous)
+        return await self.s.create_job(req, caller), caller.asynchronous
 
     async def _respond(self, request: Request, job: Job, asynchronous: bool) -> Response:
         location = {"Location": f"/v1/image-to-image/{job.id}"}
@@ -209,12 +226,31 @@ class Handlers:
         return JSONResponse({"secret": key_secret(self.s.webhook_secret, self._owner(request))})
 
     async def get_image(self, request: Request) -> Response:
+        """Streamed, never whole in memory. Outputs are capability URLs (unguessable names, any holder may fetch
+        them); an input (`{job_id}_input.*`, the raw upload with its metadata) only by the key that created the
+        job: 404 for any other, as for a missing one. Cached at most for the retention (files are deleted then)."""
         name = request.path_params["name"]
-        found = await self.s.storage.get(name)  # None for unknown names and names outside its alphabet
+        missing = NotFound("Image not found", f"No stored image named '{name}'")
+        is_input = INPUT_IMAGE.fullmatch(name)
+        if is_input is not None:
+            owner = self._owner(request)
+            try:
+                await self.s.jobs.get(is_input.group("job_id"), owner)
+            except NotFound:
+                raise missing from None
+        found = await self.s.storage.open(name)  # None for unknown names and names outside its alphabet
         if found is None:
-            raise NotFound("Image not found", f"No stored image named '{name}'")
-        data, content_type = found
-        return Response(data, media_type=content_type, headers={"Cache-Control": IMAGE_CACHE_CONTROL})
+            raise missing
+        max_age = max(0, int(self.settings.retention_s))
+        headers = {
+            "Cache-Control": f"{'private' if is_input else 'public'}, max-age={max_age}",
+            "X-Content-Type-Options": "nosniff",
+        }
+        if is_input is not None:
+            headers["Vary"] = "Authorization"
+        if found.size is not None:
+            headers["Content-Length"] = str(found.size)
+        return StreamingResponse(found.chunks, media_type=found.content_type, headers=headers)
 
     async def list_models(self, request: Request) -> Response:
         self._auth(request)

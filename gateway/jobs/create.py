@@ -1,10 +1,20 @@
-"""Creating a job: the use case behind `POST /v1/image-to-image`, from a validated request to a queued job."""
+"""Creating a job: the use case behind `POST /v1/image-to-image`, from a validated request to a queued job.
+
+Admission, in order, all before any image work: the fleet's queue (`JobManager.check_admission`, 503
+`overloaded`); the key's cap on queued + running jobs (`max_active_jobs_per_key`, 429 `too_many_jobs`), so one
+key cannot fill the shared queue; and, once the request is known to be valid (model, webhook), the key's work
+budget (`WorkLimiter`, 429 `rate_limited`): a job costs `work_cost` UNet samples, so 4 images x 150 steps with
+guidance weighs 1,200 times a 1-step single image. The cap counts the store's active jobs of the owner plus
+this process's creations in flight for it, so concurrent requests of one key cannot all pass the same count
+(with several replicas each adds its own in-flight ones: the cap may be exceeded by the creations in flight
+on other replicas at that moment).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
+import math
 import secrets
 import uuid
 from collections.abc import Mapping
@@ -14,8 +24,8 @@ from typing import Protocol
 import httpx
 
 from gateway.diffusion.img2img import Img2ImgPipeline
-from gateway.diffusion.sampling import MAX_SEED, img2img_effective_steps
-from gateway.errors import IdempotencyKeyReused
+from gateway.diffusion.sampling import MAX_SEED, do_classifier_free_guidance, img2img_effective_steps
+from gateway.errors import IdempotencyKeyReused, RateLimited, TooManyJobs
 from gateway.jobs.execute import DecodedInputs, resolve_pipeline
 from gateway.jobs.model import QUEUED, InputImage, Job, JobSpec, Size, WebhookState, input_name, now_iso
 from gateway.jobs.runner import JobManager
@@ -24,6 +34,7 @@ from gateway.media import codecs, netguard
 from gateway.media.fetch import fetch_image
 from gateway.media.netguard import OutboundPolicy
 from gateway.media.storage import Storage
+from gateway.media.work import run_image_work
 
 _STORED_FORMATS = {"JPEG": ("jpg", "image/jpeg"), "PNG": ("png", "image/png"), "WEBP": ("webp", "image/webp")}
 
@@ -53,6 +64,30 @@ class ImageToImageParams(Protocol):
     def style(self) -> str | None: ...
     @property
     def webhook_url(self) -> str | None: ...
+
+
+class WorkLimiter(Protocol):
+    """A per-key token bucket charged with a cost (gateway/http/ratelimit.py's limiters have this shape; app.py
+    injects one): `take` answers 0.0 when granted, else the seconds until the cost can be taken."""
+
+    per_minute: float
+    burst: int
+
+    @property
+    def enabled(self) -> bool: ...
+
+    async def take(self, key: str, cost: float = 1.0) -> float: ...
+
+
+def work_cost(num_images: int, steps: int, strength: float, guidance_scale: float) -> int:
+    """UNet samples a job asks for: images x effective steps (`int(steps * strength)`), twice with classifier-free
+    guidance (guidance_scale > 1 doubles the UNet batch)."""
+    per_image = img2img_effective_steps(steps, strength) * (2 if do_classifier_free_guidance(guidance_scale) else 1)
+    return max(0, num_images) * per_image
+
+
+def _retry_after(seconds: float) -> int:
+    return max(1, math.ceil(seconds - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -94,6 +129,9 @@ class CreateJob:
         http: httpx.AsyncClient,
         policy: OutboundPolicy,
         fetch_timeout_s: float,
+        work_limiter: WorkLimiter | None = None,
+        max_active_jobs_per_key: int = 0,
+        max_running_jobs: int = 1,
     ) -> None:
         self.pipelines = pipelines
         self.store = store
@@ -103,6 +141,10 @@ class CreateJob:
         self.http = http
         self.policy = policy
         self.fetch_timeout_s = fetch_timeout_s
+        self.work_limiter = work_limiter
+        self.max_active_jobs_per_key = max_active_jobs_per_key  # 0: no cap
+        self.max_running_jobs = max(1, max_running_jobs)
+        self._in_flight: dict[str, int] = {}  # owner -> creations past the cap check, not yet in the store
 
     async def __call__(self, request: ImageToImageParams, caller: Caller) -> Job:
         # 1. An idempotent retry gets the job it created (a key reused for another body is a conflict).
@@ -112,14 +154,59 @@ class CreateJob:
                 return self._replayed(previous, caller)
         # 2. Admission: refuse fast when the fleet's queue is full, before any image work.
         await self.jobs.check_admission()
+        # 2b. Fairness: the key's cap on queued + running jobs (its creations in flight here count too).
+        owner = caller.owner
+        self._in_flight[owner] = self._in_flight.get(owner, 0) + 1
+        try:
+            await self._check_active(owner)
+            return await self._accept(request, caller)
+        finally:
+            left = self._in_flight[owner] - 1
+            if left:
+                self._in_flight[owner] = left
+            else:
+                del self._in_flight[owner]
+
+    async def _check_active(self, owner: str) -> None:
+        cap = self.max_active_jobs_per_key
+        if cap <= 0:
+            return
+        active = await self.store.count_active(owner) + self._in_flight.get(owner, 1) - 1
+        if active >= cap:
+            # One of the key's jobs must finish first: about one job time (taken as 1 s) per round of workers.
+            retry = _retry_after(active / self.max_running_jobs)
+            raise TooManyJobs(
+                "Too many jobs for this API key",
+                f"At most {cap} queued and running jobs per API key; {active} are; retry in about {retry} s",
+                headers={"Retry-After": str(retry)},
+            )
+
+    async def _charge_work(self, request: ImageToImageParams, owner: str) -> None:
+        limiter = self.work_limiter
+        if limiter is None or not limiter.enabled:
+            return
+        cost = work_cost(request.num_images, request.steps, request.strength, request.guidance_scale)
+        wait_s = await limiter.take(owner, cost)
+        if wait_s > 0:
+            seconds = _retry_after(wait_s)
+            raise RateLimited(
+                "Work budget exceeded",
+                f"This request costs {cost} UNet samples (images x effective steps, x2 with guidance); at most "
+                f"{limiter.per_minute:g} a minute per API key (bursts of {limiter.burst}); retry in {seconds} s",
+                headers={"Retry-After": str(seconds)},
+            )
+
+    async def _accept(self, request: ImageToImageParams, caller: Caller) -> Job:
         # 3. The model (404 before any image work) and the webhook target (refused now, not at delivery time).
         manifest = resolve_pipeline(self.pipelines, request.model).manifest
         if request.webhook_url is not None:
             await netguard.check_url(request.webhook_url, self.policy, timeout_s=self.fetch_timeout_s)
+        # 3b. The key's work budget, charged with this job's cost once the request is known valid.
+        await self._charge_work(request, caller.owner)
         # 4. The image: fetched or decoded from base64, checked, stored as received (a re-run reads it back).
         job_id = new_job_id()
         data, source_url = await self._image_bytes(request.image)
-        image = await asyncio.to_thread(codecs.decode_image, data)
+        image = await run_image_work(codecs.decode_image, data)
         width, height = codecs.fit_to_grid(image.width, image.height, manifest.native_resolution, manifest.grid)
         extension, content_type = _STORED_FORMATS[codecs.sniff_format(data) or "PNG"]
         stored = input_name(job_id, extension)
@@ -183,7 +270,7 @@ class CreateJob:
         )
 
     async def _image_bytes(self, field: str) -> tuple[bytes, str | None]:
-        source = await asyncio.to_thread(codecs.parse_image_field, field)  # ~30 ms of base64 for 10 MB
+        source = await run_image_work(codecs.parse_image_field, field)  # ~30 ms of base64 for 10 MB
         if source.url is not None:
             data = await fetch_image(
                 source.url,

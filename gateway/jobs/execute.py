@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
@@ -15,6 +14,7 @@ from gateway.errors import InternalError, ModelNotFound
 from gateway.jobs.model import Job, OutputImage, output_name
 from gateway.media import codecs
 from gateway.media.storage import Storage
+from gateway.media.work import run_image_work
 
 DECODED_CACHE_SIZE = 32
 
@@ -67,10 +67,10 @@ class JobExecutor:
             found = await self.storage.get(job.input.name)
             if found is None:
                 raise InternalError("Job input is missing", f"Stored input {job.input.name} not found")
-            image = await asyncio.to_thread(codecs.decode_image, found[0])
+            image = await run_image_work(codecs.decode_image, found[0], wait=True)
         # 2. The tensor at the processed size, the styled prompts, one seed per image.
         size = (spec.processed_size.width, spec.processed_size.height)
-        tensor = await asyncio.to_thread(codecs.image_to_tensor, image, size)
+        tensor = await run_image_work(codecs.image_to_tensor, image, size, wait=True)
         prompt, negative = apply_style(spec.prompt, spec.negative_prompt, STYLE_PRESETS.get(spec.style or ""))
         seeds = image_seeds(spec.seed, spec.num_images)
         # 3. Denoise.
@@ -91,7 +91,7 @@ class JobExecutor:
         images = []
         for i, sample in enumerate(result.images):
             name = output_name(job.id, i, job.run_attempts)
-            await self.storage.put(name, await asyncio.to_thread(codecs.tensor_to_png, sample), "image/png")
+            await self.storage.put(name, await run_image_work(codecs.tensor_to_png, sample, wait=True), "image/png")
             images.append(
                 OutputImage(name=name, url=self.storage.url_for(name), width=size[0], height=size[1], seed=seeds[i])
             )

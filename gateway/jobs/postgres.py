@@ -103,6 +103,10 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         until double precision NOT NULL
     );
     """,
+    # 2. Fairness between keys: count_active (the per-key cap) and claim_next's active jobs per owner.
+    """
+    CREATE INDEX jobs_owner_active ON jobs (owner, status) WHERE status IN ('queued', 'processing');
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -125,6 +129,8 @@ _UPDATE = (
     " webhook_lease_until = %s, data = %s::jsonb WHERE id = %s AND version = %s"
 )
 _SELECT = "SELECT data::text, version FROM jobs"
+# claim_next's fairness: the active (queued + processing) jobs of the candidate row's (`q`) owner; fewest first.
+_ACTIVE_OF_OWNER = "(SELECT count(*) FROM jobs r WHERE r.owner = q.owner AND r.status IN (%s, %s))"
 
 
 def _mutable(job: Job) -> tuple[Any, ...]:
@@ -328,6 +334,14 @@ class PostgresJobStore:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def count_active(self, owner: str) -> int:
+        async with self._transaction() as cur:
+            await cur.execute(
+                b"SELECT count(*) FROM jobs WHERE owner = %s AND status IN (%s, %s)", (owner, QUEUED, PROCESSING)
+            )
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def queue_position(self, job: Job) -> int | None:
         """Counted on the stored row: None when the stored job is no longer queued. Ties on `created_at` are
         broken by insertion order, as `claim_next` takes them."""
@@ -379,8 +393,9 @@ class PostgresJobStore:
 
     async def claim_next(self, worker: str, lease_until: float, now: float) -> Job | None:
         return await self._take(
-            f"{_SELECT} WHERE status = %s AND not_before <= %s ORDER BY created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED",
-            (QUEUED, now),
+            f"{_SELECT} q WHERE status = %s AND not_before <= %s ORDER BY {_ACTIVE_OF_OWNER}, created_at, seq"
+            " LIMIT 1 FOR UPDATE SKIP LOCKED",
+            (QUEUED, now, QUEUED, PROCESSING),
             lambda job: job.claimed(worker, lease_until),
         )
 

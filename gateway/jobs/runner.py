@@ -54,6 +54,7 @@ from gateway.jobs.model import (
     WebhookStatus,
     now_iso,
 )
+from gateway.jobs.retention import StorageSweeper
 from gateway.jobs.store import JobStore, StaleJob, Transition, transition
 from gateway.media.storage import Storage
 from gateway.observability import request_context
@@ -162,6 +163,9 @@ class JobManager:
         self._recent_cancels: OrderedDict[str, bool] = OrderedDict()  # cancels heard for jobs not running here
         self._tasks: set[asyncio.Task[Any]] = set()
         self._queued_estimate = 0  # the store's queue length as of the last count (metrics)
+        self._sweeper = StorageSweeper(  # objects no job owns, temp files: at start, then every sweep interval
+            store, storage, grace_s=settings.storage_orphan_grace_s, interval_s=settings.storage_sweep_interval_s
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -672,10 +676,14 @@ class JobManager:
         while True:
             try:
                 now = time.time()
-                if await self.store.acquire_lock("retention", self.worker_id, now + 2 * interval, now):
+                held = await self.store.acquire_lock("retention", self.worker_id, now + 2 * interval, now)
+                # An exclusive store has one process: a lock its previous (dead) process left must not delay
+                # the clean-up at start.
+                if held or self.store.exclusive:
                     removed = await self.purge_expired()
                     if removed:
                         log.info("retention: removed %d expired jobs and their images", removed)
+                    await self._sweeper.run_if_due()
             except Exception:
                 log.exception("retention clean-up failed")
             await asyncio.sleep(interval)

@@ -42,7 +42,7 @@ T = TypeVar("T")
 # How long one statement waits for a lock held by another connection before it reports the store unavailable
 # (the runner then retries with backoff, so a longer lock delays jobs but loses none).
 BUSY_TIMEOUT_S = 5.0
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _CREATE_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -71,6 +71,10 @@ ALTER TABLE jobs ADD COLUMN webhook_next_at REAL NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN webhook_lease_until REAL;
 CREATE INDEX IF NOT EXISTS jobs_outbox ON jobs (webhook_status, webhook_next_at);
 CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until REAL NOT NULL);
+"""
+# Fairness between keys: count_active (the per-key cap) and claim_next's active jobs per owner.
+_MIGRATE_V4 = """
+CREATE INDEX IF NOT EXISTS jobs_owner_status ON jobs (owner, status);
 """
 
 
@@ -142,7 +146,7 @@ class SqliteJobStore:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=busy_timeout_s)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a job is on disk before its 202/200 (WAL fsync per commit)
             self._migrate()
         except sqlite3.Error:
             self._db.close()
@@ -169,6 +173,9 @@ class SqliteJobStore:
                         db.execute("UPDATE jobs SET data = ? WHERE id = ?", (upgraded, job_id))
             if version < 3:
                 for statement in _statements(_MIGRATE_V3):
+                    db.execute(statement)
+            if version < 4:
+                for statement in _statements(_MIGRATE_V4):
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -290,8 +297,9 @@ class SqliteJobStore:
 
     async def claim_next(self, worker: str, lease_until: float, now: float) -> Job | None:
         return await self._claim_first(
-            "SELECT data, version FROM jobs WHERE status = ? AND not_before <= ? ORDER BY created_at, rowid LIMIT 1",
-            (QUEUED, now),
+            "SELECT data, version FROM jobs q WHERE status = ? AND not_before <= ? ORDER BY"
+            " (SELECT COUNT(*) FROM jobs r WHERE r.owner = q.owner AND r.status IN (?, ?)), created_at, rowid LIMIT 1",
+            (QUEUED, now, QUEUED, PROCESSING),
             lambda job: job.claimed(worker, lease_until),
         )
 
@@ -314,6 +322,14 @@ class SqliteJobStore:
     async def count_queued(self) -> int:
         rows = await self._call(
             lambda db: db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchall()
+        )
+        return int(rows[0][0])
+
+    async def count_active(self, owner: str) -> int:
+        rows = await self._call(
+            lambda db: db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN (?, ?)", (owner, QUEUED, PROCESSING)
+            ).fetchall()
         )
         return int(rows[0][0])
 

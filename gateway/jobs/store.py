@@ -68,9 +68,11 @@ class JobStore(Protocol):
         ...
 
     async def claim_next(self, worker: str, lease_until: float, now: float) -> Job | None:
-        """The oldest queued job with `not_before <= now`, moved to processing under `worker`'s lease
-        (`Job.claimed`); None when there is none. Concurrent callers (other replicas) never get the same job
-        and never wait on each other's row locks (PostgreSQL: `FOR UPDATE SKIP LOCKED`)."""
+        """A queued job with `not_before <= now`, moved to processing under `worker`'s lease (`Job.claimed`);
+        None when there is none. Fair between owners: the job of the owner with the fewest active (queued +
+        processing) jobs, oldest first among equals: one owner's jobs go in creation order, and a key with a
+        full queue does not keep a lighter key's job waiting behind all of its jobs. Concurrent callers (other replicas)
+        never get the same job and never wait on each other's row locks (PostgreSQL: `FOR UPDATE SKIP LOCKED`)."""
         ...
 
     async def expired_leases(self, now: float, limit: int) -> list[Job]:
@@ -79,6 +81,10 @@ class JobStore(Protocol):
 
     async def count_queued(self) -> int:
         """Queued jobs in the whole store (admission control counts the fleet's queue, not one process's)."""
+        ...
+
+    async def count_active(self, owner: str) -> int:
+        """Queued and processing jobs of `owner` (the per-key cap of job creation)."""
         ...
 
     async def queue_position(self, job: Job) -> int | None:

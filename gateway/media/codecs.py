@@ -28,6 +28,10 @@ IMAGE_URL_SCHEMES = ("http", "https")
 # check rejects anything above MAX_IMAGE_SIDE x MAX_IMAGE_SIDE anyway, so this guard only has to fit that.
 DECOMPRESSION_BOMB_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
 PNG_COMPRESS_LEVEL = 6  # zlib level; Pillow's default, a fair size/speed trade for 512-1024 px outputs
+# Decode work per image: libjpeg decodes every scan of a progressive JPEG over the whole image, so a small file
+# with thousands of scans costs minutes of CPU (libjpeg-turbo issue 284). Encoders write about 10 scans (Pillow,
+# libjpeg's default progression; mozjpeg's optimised ones a few more); more than this is refused before decoding.
+MAX_JPEG_SCANS = 100
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white, not whatever RGB hid under alpha 0
 _DELETE_WHITESPACE = str.maketrans("", "", " \t\r\n\f\v")  # ASCII whitespace only; anything else is invalid
 # Encoded text longer than this multiple of the largest allowed payload is refused before it is even scanned.
@@ -50,6 +54,7 @@ _PILLOW_DECODE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 INVALID_IMAGE_MESSAGE = "Unable to process the provided image"
+_max_jpeg_scans = MAX_JPEG_SCANS
 CORRUPT_DETAILS = "Image format not supported or file corrupted"
 
 Image.MAX_IMAGE_PIXELS = DECOMPRESSION_BOMB_PIXELS
@@ -157,6 +162,48 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def set_max_jpeg_scans(limit: int) -> None:
+    """The process's bound on scans per JPEG (`IMAGEN_MAX_JPEG_SCANS`), used when `decode_image` is not given one."""
+    global _max_jpeg_scans
+    if limit < 1:
+        raise ValueError("max_jpeg_scans must be at least 1")
+    _max_jpeg_scans = limit
+
+
+_SOS = 0xDA
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RST0-7 carry no length
+
+
+def jpeg_scan_count(data: bytes) -> int:
+    """An upper bound on the scans (SOS markers) libjpeg would decode in `data`; 0 if it has none.
+
+    The segments before the first scan are walked by their lengths exactly as libjpeg reads them (so an EXIF
+    thumbnail's own scans do not count); from the first scan on, every `FF DA` byte pair is counted. libjpeg
+    finds each later marker by scanning for `FF` (skipping fill `FF`s), and inside entropy-coded data an `FF`
+    is always stuffed (`FF 00`) or a marker, so every scan it decodes is one of those pairs: the count can be
+    too high (an `FF DA` inside a segment between scans), never too low. One C-speed pass over the bytes.
+    """
+    pos, end = 2, len(data)  # after SOI
+    while pos < end:
+        pos = data.find(b"\xff", pos)
+        if pos < 0:
+            return 0
+        while pos < end and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= end:
+            return 0
+        marker = data[pos]
+        pos += 1
+        if marker == 0x00 or marker in _STANDALONE_MARKERS:  # stray stuffed byte (libjpeg skips it) or no length
+            continue
+        if marker == _SOS:
+            return data.count(b"\xff\xda", pos - 2)
+        if marker == 0xD9 or pos + 2 > end:  # EOI before any scan, or a truncated length
+            return 0
+        pos += int.from_bytes(data[pos : pos + 2], "big")  # the length counts its own two bytes
+    return 0
+
+
 def _has_alpha(img: Image.Image) -> bool:
     return "A" in img.getbands() or "transparency" in img.info
 
@@ -173,12 +220,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(data: bytes, max_side: int = MAX_IMAGE_SIDE) -> Image.Image:
+def decode_image(data: bytes, max_side: int = MAX_IMAGE_SIDE, max_jpeg_scans: int | None = None) -> Image.Image:
     """Decode untrusted bytes to an upright, fully loaded RGB image.
 
-    Order matters: sniff, read the header, check the sides, and only then decode pixels. The first frame of
-    an animated PNG/WebP is used. `max_side` may be lowered below `MAX_IMAGE_SIDE`, not raised: Pillow's
-    bomb guard (`DECOMPRESSION_BOMB_PIXELS`) is sized for that limit.
+    Order matters: sniff, count a JPEG's scans, read the header, check the sides, and only then decode pixels.
+    The first frame of an animated PNG/WebP is used. `max_side` may be lowered below `MAX_IMAGE_SIDE`, not
+    raised: Pillow's bomb guard (`DECOMPRESSION_BOMB_PIXELS`) is sized for that limit. `max_jpeg_scans`
+    defaults to the process's bound (`set_max_jpeg_scans`, `MAX_JPEG_SCANS` unless configured).
     """
     if max_side > MAX_IMAGE_SIDE:
         raise ValueError(f"max_side {max_side} exceeds MAX_IMAGE_SIDE {MAX_IMAGE_SIDE}")
@@ -189,6 +237,9 @@ def decode_image(data: bytes, max_side: int = MAX_IMAGE_SIDE) -> Image.Image:
         raise InvalidImage(
             INVALID_IMAGE_MESSAGE, f"Image format {fmt} is not supported; use {', '.join(SUPPORTED_FORMATS)}"
         )
+    scan_limit = _max_jpeg_scans if max_jpeg_scans is None else max_jpeg_scans
+    if fmt == "JPEG" and jpeg_scan_count(data) > scan_limit:
+        raise InvalidImage(INVALID_IMAGE_MESSAGE, f"JPEG has more than {scan_limit} scans")
     too_big = ImageDimensionsTooLarge(
         "Image dimensions exceed maximum limit", f"Maximum dimensions are {max_side}x{max_side} pixels"
     )

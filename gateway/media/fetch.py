@@ -2,7 +2,10 @@
 
 The guard resolves each hop once, refuses private/loopback/link-local/... addresses (`UrlNotAllowed`, 400
 `url_not_allowed`) and connects to the address it checked; this module maps everything else to the image
-errors the API documents.
+errors the API documents. The body's decoded size is capped as it is produced (`netguard.read_capped`): a
+compressed bomb answers 413 `image_too_large`, a coding not decoded there (br, `gzip, gzip`) 400 `invalid_image`.
+A URL with credentials (`user:pass@`) is refused as `invalid_image` before any connection: it is never sent as
+Basic auth nor echoed back in the job.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from types import MappingProxyType
 import anyio
 import httpx
 
-from gateway.errors import InvalidImage
+from gateway.errors import InvalidImage, Overloaded
 from gateway.media import netguard
 from gateway.media.codecs import IMAGE_URL_SCHEMES, image_too_large
 from gateway.media.netguard import OutboundPolicy
@@ -22,6 +25,7 @@ MAX_REDIRECTS = netguard.MAX_REDIRECTS
 # Ask for uncompressed bytes so Content-Length is the real size and no gzip bomb is inflated in memory.
 REQUEST_HEADERS: Mapping[str, str] = MappingProxyType({"Accept": "image/*", "Accept-Encoding": "identity"})
 FETCH_FAILED_MESSAGE = "Unable to fetch the provided image URL"
+DNS_BUSY_RETRY_AFTER_S = 5
 DEFAULT_POLICY = OutboundPolicy()
 
 
@@ -38,6 +42,8 @@ def _parse_first(url: str) -> httpx.URL:
         raise _failed("invalid URL") from None
     if parsed.scheme not in IMAGE_URL_SCHEMES or not parsed.host:
         raise _failed("only absolute http(s) URLs are supported")
+    if parsed.userinfo:
+        raise _failed("URLs with credentials (user:password@) are not accepted")
     return parsed
 
 
@@ -79,6 +85,12 @@ async def fetch_image(
             return await _fetch(url, client, max_bytes, timeout_s, policy)
     except netguard.ResponseTooLarge:
         raise image_too_large(max_bytes) from None
+    except netguard.DnsBusy:
+        raise Overloaded(
+            "Too many image URL lookups in progress",
+            "The gateway's DNS lookups are backed up; retry later",
+            headers={"Retry-After": str(DNS_BUSY_RETRY_AFTER_S)},
+        ) from None
     except netguard.OutboundError as exc:
         raise _failed(exc.reason) from None
     except (TimeoutError, httpx.TimeoutException):

@@ -4,7 +4,14 @@ A URL is resolved once, every address it resolves to must be public (or allow-li
 goes to that checked address: the request URL is rewritten to the IP, `Host` carries the original name and, for
 https, the TLS layer is given the name as SNI, so certificate verification still checks the real host. There is
 no second lookup for a DNS-rebinding answer to slip into. Redirects are followed by hand, a few at most, and each
-`Location` goes through the same check. Bodies are streamed and cut at a limit, never read whole first.
+`Location` goes through the same check; a public host may not redirect into the allow-list. Bodies are streamed and
+cut at a limit, never read whole first: the raw bytes are read and decoded here (gzip or deflate, one layer), so
+the limit counts decoded bytes as they are produced and a compressed bomb never inflates past it. URLs carrying
+credentials (`user:pass@`) are refused: they would be sent as Basic auth and echoed back.
+
+Names are resolved in a small thread pool of their own (`ThreadedResolver`) with a deadline and a bound on lookups
+in flight, never in asyncio's default executor: a silent nameserver cannot tie up the threads the rest of the
+gateway needs.
 
 Ranges are listed here explicitly rather than taken from `ipaddress.is_global` alone: that flag changes between
 Python versions and calls multicast, 6to4 and IPv4-compatible IPv6 "global" in 3.11.
@@ -13,9 +20,13 @@ Python versions and calls multicast, 6to4 and IPv4-compatible IPv6 "global" in 3
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import ipaddress
 import re
 import socket
+import threading
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -50,6 +61,14 @@ _BODY_HEADERS = frozenset({"content-type", "content-length", "transfer-encoding"
 # Legacy IPv4 spellings (2130706433, 0x7f.1, 127.1) that getaddrinfo accepts without DNS through inet_aton.
 _LEGACY_IPV4 = re.compile(r"[0-9a-fA-FxX.]+")
 _HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # the ASCII (IDNA) form; anything else is no DNS name
+# DNS: threads of the outbound resolver, how long a lookup may take, and lookups in flight per thread at most
+# (queued ones included; a lookup abandoned at its deadline holds its place until its thread returns).
+DNS_THREADS = 4
+DNS_TIMEOUT_S = 5.0
+DNS_PENDING_PER_THREAD = 4
+# Content codings decoded here (one layer at most); anything else is refused, never passed through undecoded.
+_GZIP_CODINGS = frozenset({"gzip", "x-gzip"})
+_DEFLATE_CODINGS = frozenset({"deflate"})
 
 
 def _nets(*pairs: tuple[str, str]) -> tuple[tuple[IPNetwork, str], ...]:
@@ -172,7 +191,8 @@ class OutboundPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OutboundPolicy:
-        return cls(allow=tuple(settings.outbound_allow))
+        resolver = shared_resolver(settings.outbound_dns_threads, settings.outbound_dns_timeout_s)
+        return cls(allow=tuple(settings.outbound_allow), resolver=resolver)
 
     def host_allowed(self, host: str) -> bool:
         return _normalise_host(host) in self._hosts
@@ -194,11 +214,13 @@ class ResolvedTarget:
     port: int
     ip: str  # the checked address to connect to
     addresses: tuple[str, ...]  # every address the host resolved to, all checked
+    internal: bool = False  # reachable only through the allow-list (some address is not public)
 
     @property
     def connect_url(self) -> httpx.URL:
-        """The URL with its host replaced by the checked address; everything else (port, path, query) kept."""
-        return self.url.copy_with(host=self.ip, port=self.port)
+        """The URL with its host replaced by the checked address; everything else (port, path, query) kept, and
+        never any userinfo (httpx would send it as Basic auth)."""
+        return self.url.copy_with(host=self.ip, port=self.port, userinfo=b"")
 
 
 class OutboundError(Exception):
@@ -219,6 +241,14 @@ class TooManyRedirects(OutboundError):
 
 class BadRedirect(OutboundError):
     """A redirect without a usable `Location`."""
+
+
+class DnsBusy(OutboundError):
+    """Too many lookups in flight already (a slow or silent nameserver): refused at once, retry later."""
+
+
+class BadContentEncoding(OutboundError):
+    """A Content-Encoding not decoded here (br, stacked codings, ...) or a corrupt or truncated compressed body."""
 
 
 class ResponseTooLarge(OutboundError):
@@ -252,6 +282,8 @@ def parse_url(url: str | httpx.URL) -> httpx.URL:
         raise _not_allowed("Only http and https URLs are allowed")
     if not parsed.raw_host:
         raise _not_allowed("The URL has no host")
+    if parsed.userinfo:
+        raise _not_allowed("URLs with credentials (user:password@) are not allowed")
     port = parsed.port
     if port is not None and not 0 < port < 65536:
         raise _not_allowed(f"Port {port} is out of range")
@@ -286,14 +318,70 @@ def _shown_literal(host: str, ip: IPAddress) -> str:
     return host if standard else f"{host} ({ip})"
 
 
-async def system_resolver(host: str, port: int) -> list[str]:
-    """Every address getaddrinfo gives for `host` (TCP), in its order; empty when the name does not resolve."""
-    loop = asyncio.get_running_loop()
+def _getaddrinfo(host: str, port: int) -> list[str]:
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError):
         return []
     return [str(info[4][0]) for info in infos]
+
+
+class ThreadedResolver:
+    """getaddrinfo in a bounded pool of its own, with a deadline per lookup and a cap on lookups in flight.
+
+    A lookup that outlives `timeout_s` raises `HostNotResolved` (its thread finishes on its own: getaddrinfo cannot
+    be interrupted); with `max_pending` lookups in flight (running, queued, or abandoned but still running) the
+    next one raises `DnsBusy` at once instead of queueing behind a silent nameserver.
+    """
+
+    def __init__(
+        self, *, threads: int = DNS_THREADS, timeout_s: float = DNS_TIMEOUT_S, max_pending: int | None = None
+    ) -> None:
+        self.threads = max(1, threads)
+        self.timeout_s = timeout_s
+        self.max_pending = max_pending if max_pending is not None else self.threads * DNS_PENDING_PER_THREAD
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def _release(self, _future: object) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def _submit(self, host: str, port: int) -> concurrent.futures.Future[list[str]]:
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise DnsBusy(f"too many DNS lookups in flight ({self._pending}); retry later")
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="imagen-dns")
+            future = self._executor.submit(_getaddrinfo, host, port)
+            self._pending += 1
+        future.add_done_callback(self._release)
+        return future
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        future = self._submit(host, port)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+        except TimeoutError:
+            raise HostNotResolved(f"no DNS answer for '{host}' within {self.timeout_s:g}s") from None
+
+
+@functools.lru_cache(maxsize=8)
+def shared_resolver(threads: int = DNS_THREADS, timeout_s: float = DNS_TIMEOUT_S) -> ThreadedResolver:
+    """One resolver (one pool) per configuration in the process: apps built with the same settings share it."""
+    return ThreadedResolver(threads=threads, timeout_s=timeout_s)
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """Every address getaddrinfo gives for `host` (TCP), in its order; empty when the name does not resolve.
+
+    Runs in the shared outbound DNS pool (`ThreadedResolver`), never in asyncio's default executor."""
+    return await shared_resolver()(host, port)
 
 
 def _parse_resolved(text: str) -> IPAddress:
@@ -324,18 +412,25 @@ async def resolve_checked(url: str | httpx.URL, policy: OutboundPolicy) -> Resol
         if not answers:
             raise HostNotResolved(f"could not resolve host '{host}'")
         addresses = [_parse_resolved(a) for a in answers]
-    if not policy.host_allowed(host):
-        for ip in addresses:
-            if policy.address_allowed(ip):
-                continue
-            reason = refusal_reason(ip)
-            if reason is None:
-                continue
-            if literal is not None:
-                raise _not_allowed(f"Address {_shown_literal(host, ip)} is {reason}")
-            raise _not_allowed(f"Host '{host}' resolves to {ip}, {reason}")
+    internal = False
+    host_allowed = policy.host_allowed(host)
+    for ip in addresses:
+        reason = refusal_reason(ip)
+        if reason is None:
+            continue
+        internal = True
+        if host_allowed or policy.address_allowed(ip):
+            continue
+        if literal is not None:
+            raise _not_allowed(f"Address {_shown_literal(host, ip)} is {reason}")
+        raise _not_allowed(f"Host '{host}' resolves to {ip}, {reason}")
     return ResolvedTarget(
-        url=parsed, host=host, port=port, ip=str(addresses[0]), addresses=tuple(str(a) for a in addresses)
+        url=parsed,
+        host=host,
+        port=port,
+        ip=str(addresses[0]),
+        addresses=tuple(str(a) for a in addresses),
+        internal=internal,
     )
 
 
@@ -413,13 +508,16 @@ async def open_stream(
 
     `timeout_s` bounds each connect (at most `CONNECT_TIMEOUT_S`), read and write; the caller bounds the whole
     exchange (`anyio.fail_after`), as `send` does. 301/302 turn a POST into a GET and 303 anything but HEAD,
-    dropping the body; 307/308 resend it. Credentials headers are dropped when a redirect leaves the origin.
+    dropping the body; 307/308 resend it. Credentials headers are dropped when a redirect leaves the origin. A
+    redirect from a public host to one reachable only through the allow-list is refused: the allow-list opens
+    internal hosts to URLs that name them, not to whoever on the internet answers with a `Location`.
     Raises `UrlNotAllowed` (first URL or any hop), `OutboundError` subclasses, and httpx's transport errors.
     """
     method = method.upper()
     current = parse_url(url)
     sent_headers = dict(headers or {})
     body = content
+    came_from_internal = True  # the first URL may name an allow-listed host
     for hop in range(max_redirects + 1):
         try:
             target = await resolve_checked(current, policy)
@@ -427,6 +525,12 @@ async def open_stream(
             if hop == 0:
                 raise
             raise _not_allowed(f"Redirect to {display_url(current)} refused: {exc.details}") from None
+        if target.internal and not came_from_internal:
+            raise _not_allowed(
+                f"Redirect to {display_url(current)} refused: a public host may not redirect to an allow-listed "
+                "internal host"
+            )
+        came_from_internal = target.internal
         request = _build_request(client, method, target, sent_headers, body, timeout_s)
         response = await client.send(request, stream=True, follow_redirects=False)
         try:
@@ -459,21 +563,118 @@ def declared_length(response: httpx.Response) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+def content_coding(response: httpx.Response) -> str | None:
+    """The one content coding to undo (`gzip` or `deflate`), None for identity; `BadContentEncoding` otherwise.
+
+    Every `Content-Encoding` header counts (repeated headers stack like a list); `identity` entries are no-ops.
+    More than one real coding (`gzip, gzip`: a bomb's favourite) and any coding not decoded here (br, zstd,
+    compress, unknown) are refused: passing them on undecoded would hand the decoder bytes it cannot read.
+    """
+    codings = [
+        token.strip().lower()
+        for value in response.headers.get_list("content-encoding")
+        for token in value.split(",")
+        if token.strip() and token.strip().lower() != "identity"
+    ]
+    if not codings:
+        return None
+    shown = ", ".join(codings)[:_URL_DISPLAY_CHARS]
+    if len(codings) > 1:
+        raise BadContentEncoding(f"stacked Content-Encoding '{shown}' is not accepted")
+    if codings[0] in _GZIP_CODINGS:
+        return "gzip"
+    if codings[0] in _DEFLATE_CODINGS:
+        return "deflate"
+    raise BadContentEncoding(f"Content-Encoding '{shown}' is not supported (send identity, gzip or deflate)")
+
+
+class BoundedDecoder:
+    """Undo one content coding with the output capped as it is produced: zlib is never asked for more than one
+    byte past what is left of `limit`, so memory stays `limit` plus one input chunk whatever the ratio."""
+
+    def __init__(self, coding: str | None, limit: int) -> None:
+        self.coding = coding
+        self.limit = limit
+        self.out = bytearray()
+        self._zlib: zlib._Decompress | None = None
+        self._head = b""  # deflate: the first bytes, until the zlib header can be told from raw deflate
+        self._ended = False  # a compressed stream (or gzip member) ended; more data starts another member
+
+    def _append(self, data: bytes) -> None:
+        self.out += data
+        if len(self.out) > self.limit:
+            raise ResponseTooLarge(self.limit)
+
+    def _start(self, data: bytes) -> bytes | None:
+        """Create the decompressor for the stream starting with `data`; None while more bytes are needed."""
+        if self.coding == "gzip":
+            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            return data
+        if self._ended:
+            raise BadContentEncoding("data after the end of the deflate stream")
+        data = self._head + data
+        if len(data) < 2:
+            self._head = data
+            return None
+        self._head = b""
+        # RFC 9110 deflate is zlib-wrapped; some servers send raw deflate: read both, as browsers do.
+        wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+        self._zlib = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        return data
+
+    def feed(self, data: bytes) -> None:
+        if self.coding is None:
+            self._append(data)
+            return
+        while data:
+            decoder = self._zlib
+            if decoder is None:
+                started = self._start(data)
+                if started is None or self._zlib is None:
+                    return
+                data, decoder = started, self._zlib
+            try:
+                self._append(decoder.decompress(data, self.limit - len(self.out) + 1))
+            except zlib.error:
+                raise BadContentEncoding(f"corrupt {self.coding} body") from None
+            if decoder.eof:
+                data = decoder.unused_data  # gzip: another member (RFC 1952 allows several)
+                self._zlib, self._ended = None, True
+            else:
+                data = decoder.unconsumed_tail  # non-empty only when the output cap was hit (raised above)
+
+    def finish(self) -> bytes:
+        if self._zlib is not None or self._head:
+            raise BadContentEncoding(f"truncated {self.coding} body")
+        return bytes(self.out)
+
+
+def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as it came, undecoded. A response built from bytes (a test transport's) was read on creation, so
+    its bytes are taken from the stream object, which replays them; a network response streams `aiter_raw`."""
+    if response.is_stream_consumed:
+        return aiter(response.stream)  # type: ignore[arg-type]
+    return response.aiter_raw()
+
+
 async def read_capped(response: httpx.Response, limit: int) -> bytes:
     """The body, refused unread when Content-Length is over `limit` and cut as soon as more than `limit` arrive.
 
-    Ask for `Accept-Encoding: identity`: the limit counts bytes as they arrive (decoded by httpx when the server
-    compresses anyway, so a compressed bomb is still cut at `limit` decoded bytes).
+    The raw stream is read (httpx decodes nothing) and a gzip or deflate coding is undone here by
+    `BoundedDecoder`, so `limit` caps the decoded bytes as they are produced, and the bytes on the wire as well;
+    other codings raise `BadContentEncoding`. Callers still ask for `Accept-Encoding: identity`.
     """
     declared = declared_length(response)
     if declared is not None and declared > limit:
         raise ResponseTooLarge(limit)
-    body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > limit:
+    decoder = BoundedDecoder(content_coding(response), limit)
+    received = 0
+    async for chunk in _raw_chunks(response):
+        received += len(chunk)
+        if received > limit:
             raise ResponseTooLarge(limit)
-    return bytes(body)
+        decoder.feed(chunk)
+    return decoder.finish()
 
 
 @dataclass(frozen=True)

@@ -21,20 +21,33 @@ A deployment that must offload bytes can put a CDN in front of `/v1/images/`.
 S3 calls run on boto3 in a bounded thread pool (as many threads as HTTP connections in botocore's pool),
 with connect/read timeouts and botocore's standard retries; every botocore error becomes `StoreUnavailable`
 (503 `store_unavailable`, the cause chained) here, and a missing object is None.
+
+Space (a folder): a write that would leave less than `min_free_bytes` free on the folder's volume, or take the
+folder over `quota_bytes`, is refused before anything is written, and a full disk met while writing (ENOSPC,
+EDQUOT) is the same error: `InsufficientStorage` (507 `insufficient_storage`). The quota counts bytes this
+process wrote or removed from a scan at start, re-synchronised by every `iter_older_than` scan (so replicas
+sharing one volume see each other's writes at the next sweep); the free-space floor is read from the volume on
+every write. Durability: a file is fsynced, renamed into place, then its folder is fsynced, so once `put`
+returns the object survives a power loss.
+Clean-up: `iter_older_than` lists objects last modified before a time and `remove_temp_older_than` removes
+the temp files of interrupted writes; `gateway.jobs.retention` uses them to remove what no job owns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import anyio.to_thread
@@ -42,7 +55,7 @@ import boto3  # type: ignore[import-untyped]
 from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
-from gateway.errors import StoreUnavailable
+from gateway.errors import InsufficientStorage, StoreUnavailable
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -60,6 +73,8 @@ S3_CONNECT_TIMEOUT_S = 5.0
 S3_READ_TIMEOUT_S = 30.0
 S3_MAX_ATTEMPTS = 3  # botocore "standard" retries (throttling, 5xx, connection errors), first try included
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+S3_LIST_PAGE = 1000  # keys per list_objects_v2 call (S3's maximum)
 _T = TypeVar("_T")
 
 
@@ -82,6 +97,18 @@ class Storage(Protocol):
         """The absolute URL a client fetches the object from."""
         ...
 
+    async def open(self, name: str) -> StoredStream | None:
+        """The object as chunks read as they are sent (never whole in memory), or None when there is none."""
+        ...
+
+    def iter_older_than(self, cutoff: float) -> AsyncIterator[str]:
+        """Names of the stored objects last modified before `cutoff` (a Unix time), for clean-up sweeps."""
+        ...
+
+    async def remove_temp_older_than(self, cutoff: float) -> int:
+        """Remove partial objects of interrupted writes older than `cutoff`; return how many."""
+        ...
+
 
 def content_type_for(name: str) -> str | None:
     """Content type of a valid object name, or None when `name` is not a valid object name."""
@@ -98,18 +125,44 @@ def check_put(name: str, content_type: str) -> None:
         raise ValueError(f"content type {content_type!r} does not match {name!r} ({expected})")
 
 
+STREAM_CHUNK_BYTES = 64 * 1024  # `open` reads stored objects this much at a time
+
+
+@dataclass(frozen=True)
+class StoredStream:
+    """An object being read: its content type, its size when known, and its bytes as they are read."""
+
+    content_type: str
+    size: int | None
+    chunks: AsyncIterator[bytes]
+
+
 def served_url(base_url: str, name: str) -> str:
     """The gateway's own URL for a stored object (`GET /v1/images/{name}`)."""
     return f"{base_url.rstrip('/')}{SERVED_AT}{name}"
 
 
-class LocalStorage:
-    """Files in one folder, written atomically (temp file + fsync + os.replace), I/O off the event loop."""
+def _no_space(details: str) -> InsufficientStorage:
+    return InsufficientStorage("Not enough storage space to store the image", details)
 
-    def __init__(self, root: Path, *, base_url: str) -> None:
+
+class LocalStorage:
+    """Files in one folder, written atomically (temp file + fsync + os.replace + folder fsync), I/O off the event
+    loop; writes refused below a free-space floor or over a quota (see the module docstring)."""
+
+    def __init__(self, root: Path, *, base_url: str, min_free_bytes: int = 0, quota_bytes: int | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.base_url = base_url.rstrip("/")
+        self.min_free_bytes = max(0, min_free_bytes)
+        self.quota_bytes = quota_bytes if quota_bytes is not None and quota_bytes > 0 else None
+        self._usage_lock = threading.Lock()  # writes run on several threads
+        self._usage = self._scan_usage() if self.quota_bytes is not None else 0
+
+    @property
+    def usage_bytes(self) -> int:
+        """Bytes in the folder as this process counts them (see the module docstring)."""
+        return self._usage
 
     def url_for(self, name: str) -> str:
         """Local files are served by the gateway itself (`GET /v1/images/{name}`)."""
@@ -128,6 +181,32 @@ class LocalStorage:
         data = await anyio.to_thread.run_sync(self._read, name)
         return None if data is None else (data, content_type)
 
+    async def open(self, name: str) -> StoredStream | None:
+        """The file in chunks read off the event loop; the file is closed when the stream ends or is dropped."""
+        content_type = content_type_for(name)
+        if content_type is None:
+            return None
+        opened = await anyio.to_thread.run_sync(self._open, name)
+        if opened is None:
+            return None
+        handle, size = opened
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await anyio.to_thread.run_sync(handle.read, STREAM_CHUNK_BYTES):
+                    yield chunk
+            finally:
+                handle.close()
+
+        return StoredStream(content_type, size, chunks())
+
+    def _open(self, name: str) -> tuple[BinaryIO, int] | None:
+        try:
+            handle = (self.root / name).open("rb")
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        return handle, os.fstat(handle.fileno()).st_size
+
     async def delete(self, name: str) -> None:
         if content_type_for(name) is not None:
             await anyio.to_thread.run_sync(self._unlink, name)
@@ -135,22 +214,120 @@ class LocalStorage:
     async def aclose(self) -> None:
         """Nothing to release (same shape as `S3Storage.aclose`)."""
 
+    async def iter_older_than(self, cutoff: float) -> AsyncIterator[str]:
+        """Valid object names modified before `cutoff` (one scan of the folder, which also re-counts the quota's
+        usage); temp files and foreign names are never listed."""
+        for name in await anyio.to_thread.run_sync(self._scan_older_than, cutoff):
+            yield name
+
+    async def remove_temp_older_than(self, cutoff: float) -> int:
+        """Temp files (`.tmp-*`) of writes interrupted by a crash; a live write's is younger than any sane cutoff."""
+        return await anyio.to_thread.run_sync(self._remove_temp, cutoff)
+
+    def _scan_usage(self) -> int:
+        total = 0
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+    def _scan_older_than(self, cutoff: float) -> list[str]:
+        names: list[str] = []
+        total = 0
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:  # removed while we looked
+                    continue
+                total += info.st_size
+                if info.st_mtime < cutoff and content_type_for(entry.name) is not None:
+                    names.append(entry.name)
+        with self._usage_lock:
+            self._usage = total
+        return names
+
+    def _remove_temp(self, cutoff: float) -> int:
+        removed = 0
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if not entry.name.startswith(_TEMP_PREFIX):
+                    continue
+                with contextlib.suppress(OSError):
+                    info = entry.stat(follow_symlinks=False)
+                    if entry.is_file(follow_symlinks=False) and info.st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+                        self._count(-info.st_size)
+        return removed
+
+    def _count(self, delta: int) -> None:
+        with self._usage_lock:
+            self._usage = max(0, self._usage + delta)
+
+    def _reserve(self, size: int, replaced: int) -> int:
+        """Refuse a write of `size` bytes (replacing `replaced`) below the free-space floor or over the quota;
+        else count it and return the bytes counted."""
+        if self.min_free_bytes:
+            volume = os.statvfs(self.root)
+            free = volume.f_bavail * volume.f_frsize
+            if free - size < self.min_free_bytes:
+                raise _no_space(
+                    f"The image storage keeps at least {self.min_free_bytes} bytes free ({free} are); retry later"
+                )
+        growth = size - replaced
+        with self._usage_lock:
+            if self.quota_bytes is not None and growth > 0 and self._usage + growth > self.quota_bytes:
+                raise _no_space(f"The image storage quota of {self.quota_bytes} bytes is used up; retry later")
+            self._usage += growth
+        return growth
+
     def _unlink(self, name: str) -> None:
+        path = self.root / name
         with contextlib.suppress(FileNotFoundError):
-            (self.root / name).unlink()
+            size = path.stat().st_size
+            path.unlink()
+            self._count(-size)
+
+    def _fsync_dir(self) -> None:
+        """Make the rename itself durable (POSIX: a new directory entry survives a crash once the folder is fsynced)."""
+        fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _write(self, name: str, data: bytes) -> None:
-        fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=self.root)
+        target = self.root / name
         try:
+            replaced = target.stat().st_size
+        except OSError:
+            replaced = 0
+        growth = self._reserve(len(data), replaced)
+        temp: str | None = None
+        placed = False
+        try:
+            fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=self.root)
             with os.fdopen(fd, "wb") as handle:
                 os.fchmod(handle.fileno(), FILE_MODE)
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(temp, self.root / name)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+            os.replace(temp, target)
+            placed = True
+            self._fsync_dir()
+        except BaseException as exc:
+            if not placed:
+                self._count(-growth)
+                if temp is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temp)
+            if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
+                raise _no_space("The disk holding the image storage is full; retry later") from exc
             raise
 
     def _read(self, name: str) -> bytes | None:
@@ -250,10 +427,58 @@ class S3Storage:
         data = await self._call("get", self._read, self.key_for(name))
         return None if data is None else (data, content_type)
 
+    async def open(self, name: str) -> StoredStream | None:
+        """The object's body in chunks, each read on the pool; the body is closed when the stream ends."""
+        content_type = content_type_for(name)
+        if content_type is None:
+            return None
+        response = await self._call("get", self._get_object, self.key_for(name))
+        if response is None:
+            return None
+        body = response["Body"]
+        size = response.get("ContentLength")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await self._call("get", body.read, STREAM_CHUNK_BYTES):
+                    yield chunk
+            finally:
+                body.close()
+
+        return StoredStream(content_type, size if isinstance(size, int) else None, chunks())
+
+    def _get_object(self, key: str) -> Any:
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING_CODES:
+                return None
+            raise
+
     async def delete(self, name: str) -> None:
         """Deleting a missing object is not an error (S3 answers 204 either way)."""
         if content_type_for(name) is not None:
             await self._call("delete", self._client.delete_object, Bucket=self.bucket, Key=self.key_for(name))
+
+    async def iter_older_than(self, cutoff: float) -> AsyncIterator[str]:
+        """Valid names under the prefix (not below it) last modified before `cutoff`, a page of keys at a time."""
+        token: str | None = None
+        while True:
+            options: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix, "MaxKeys": S3_LIST_PAGE}
+            if token is not None:
+                options["ContinuationToken"] = token
+            page: dict[str, Any] = await self._call("list", self._client.list_objects_v2, **options)
+            for item in page.get("Contents", ()):
+                name = str(item["Key"])[len(self.prefix) :]
+                if content_type_for(name) is not None and item["LastModified"].timestamp() < cutoff:
+                    yield name
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or token is None:
+                return
+
+    async def remove_temp_older_than(self, cutoff: float) -> int:
+        """A single S3 PUT leaves no partial object behind: nothing to remove."""
+        return 0
 
     async def aclose(self) -> None:
         """Stop the thread pool (running calls finish) and close botocore's connections."""
@@ -294,13 +519,22 @@ def make_storage(settings: Settings) -> LocalStorage | S3Storage:
     """`IMAGEN_STORAGE_URL` unset: `IMAGEN_STORAGE_DIR`; a folder path or `file://` URL: that folder;
     `s3://bucket/prefix`: S3 (endpoint `IMAGEN_S3_ENDPOINT_URL`, else boto3's own settings)."""
     url = settings.storage_url
+
+    def folder(root: Path) -> LocalStorage:
+        return LocalStorage(
+            root,
+            base_url=settings.base_url,
+            min_free_bytes=settings.storage_min_free_bytes,
+            quota_bytes=settings.storage_quota_bytes,
+        )
+
     if url is None:
-        return LocalStorage(settings.storage_dir, base_url=settings.base_url)
+        return folder(settings.storage_dir)
     if "://" not in url:
-        return LocalStorage(Path(url), base_url=settings.base_url)
+        return folder(Path(url))
     parts = urlsplit(url)
     if parts.scheme == "s3":
         return S3Storage.from_url(url, base_url=settings.base_url, endpoint_url=settings.s3_endpoint_url)
     if parts.scheme == "file" and parts.netloc in ("", "localhost") and not parts.query and not parts.fragment:
-        return LocalStorage(Path(parts.path), base_url=settings.base_url)
+        return folder(Path(parts.path))
     raise ValueError(f"unsupported storage URL {url!r}: use a folder path, file:///folder or s3://bucket/prefix")

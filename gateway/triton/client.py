@@ -13,6 +13,7 @@ from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from gateway.errors import BackendError, BackendUnavailable
+from gateway.observability import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,23 @@ def triton_status(exc: BaseException) -> str:
     return ""
 
 
+BACKEND_FAILED_MESSAGE = "The inference backend failed"
+BACKEND_UNAVAILABLE_MESSAGE = "The inference backend is unavailable"
+
+
+def _request_ref() -> str:
+    request_id = current_request_id()
+    return f"request {request_id}" if request_id else "no request id"
+
+
 @contextmanager
 def translate_triton_errors(model: str) -> Iterator[None]:
-    """Map tritonclient's exceptions to our API errors, as httpx maps httpcore's at one boundary."""
+    """Map tritonclient's exceptions to our API errors, as httpx maps httpcore's at one boundary.
+
+    This is where Triton's and onnxruntime's text stops: it goes to the log (with the request id the log line
+    carries), and the client gets a fixed message and the request id to quote, never the backend's words (paths,
+    shapes, library versions, a model's exception text).
+    """
     try:
         yield
     except InferenceServerException as exc:
@@ -59,9 +74,11 @@ def translate_triton_errors(model: str) -> Iterator[None]:
         log.warning("triton call to %s failed: %s %s", model, status, exc.message())
         if status in _UNAVAILABLE_STATUSES:
             raise BackendUnavailable(
-                "The inference backend is unavailable", f"Model '{model}' could not be reached; retry later"
+                BACKEND_UNAVAILABLE_MESSAGE, f"Model '{model}' could not be reached; retry later ({_request_ref()})"
             ) from exc
-        raise BackendError("The inference backend failed", f"Model '{model}': {exc.message()}") from exc
+        raise BackendError(
+            BACKEND_FAILED_MESSAGE, f"Model '{model}' failed ({_request_ref()}; the cause is in the gateway log)"
+        ) from exc
 
 
 # gRPC's default reconnect backoff grows to minutes while Triton is down; keep it short so the gateway serves
@@ -74,6 +91,9 @@ _CHANNEL_ARGS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # Triton is reached directly: http_proxy/https_proxy/grpc_proxy in the environment (meant for outbound
+    # traffic, if anything) must not reroute the inference channel or hand it to a proxy.
+    ("grpc.enable_http_proxy", 0),
 ]
 
 

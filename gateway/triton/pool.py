@@ -26,6 +26,7 @@ The pool is started lazily by its first call, inside the serving event loop (gRP
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import logging
 import socket
@@ -133,9 +134,17 @@ def parse_targets(url: str) -> list[Target]:
     return targets
 
 
+# Triton names are looked up in a thread of their own, not asyncio's default executor (shared with the rest of the
+# gateway): a silent nameserver then holds these two threads (each refresh gives up after RESOLVE_TIMEOUT_S), and
+# nothing else.
+_DNS_EXECUTOR = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="imagen-triton-dns")
+
+
 async def resolve_dns(host: str, port: int) -> list[str]:
     """The name's IPv4 addresses (or, when it has none, IPv6), sorted: `localhost` is one replica, not two."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await asyncio.get_running_loop().run_in_executor(
+        _DNS_EXECUTOR, lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    )
     v4 = sorted({str(info[4][0]) for info in infos if info[0] == socket.AF_INET})
     v6 = sorted({str(info[4][0]) for info in infos if info[0] == socket.AF_INET6})
     return v4 or v6

@@ -116,7 +116,8 @@ def test_spec_example_with_base64_image(gateway: str, auth: dict[str, str]) -> N
     assert {(i["width"], i["height"]) for i in payload["images"]} == {(128, 96)}
     original = payload["original_image"]
     assert (original["width"], original["height"]) == (1024, 768)
-    stored = httpx.get(original["url"])  # a stored copy of the base64 input, byte for byte
+    assert httpx.get(original["url"]).status_code == 401  # inputs are served only to the key that sent them
+    stored = httpx.get(original["url"], headers=auth)  # a stored copy of the base64 input, byte for byte
     assert stored.status_code == 200 and stored.headers["content-type"] == "image/jpeg"
     assert stored.content == source
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from gateway.jobs.model import (
     output_name,
 )
 from gateway.jobs.store import IdempotencyConflict, StaleJob
+from gateway.media.storage import StoredStream
 
 # --- the job store --------------------------------------------------------------------------------------
 
@@ -82,6 +84,7 @@ class InMemoryJobStore:
         "claim_next",
         "expired_leases",
         "count_queued",
+        "count_active",
         "queue_position",
         "claim_delivery",
         "acquire_lock",
@@ -210,7 +213,15 @@ class InMemoryJobStore:
 
     async def claim_next(self, worker: str, lease_until: float, now: float) -> Job | None:
         await self._enter("claim_next", worker)
-        first = self._oldest(lambda j: j.status == QUEUED and j.not_before <= now, lambda j: j.created_at)
+        active: dict[str, int] = {}
+        for j in self._jobs.values():
+            if j.status in UNFINISHED:
+                active[j.owner] = active.get(j.owner, 0) + 1
+        first = min(
+            (j for j in self._jobs.values() if j.status == QUEUED and j.not_before <= now),
+            key=lambda j: (active.get(j.owner, 0), j.created_at),  # fewest active jobs of the owner, then oldest
+            default=None,
+        )
         return await self._conditional(
             "claim_next", first.id if first else "", lambda job: job.claimed(worker, lease_until)
         )
@@ -232,6 +243,9 @@ class InMemoryJobStore:
 
     async def count_queued(self) -> int:
         return len(await self._select("count_queued", lambda j: j.status == QUEUED))
+
+    async def count_active(self, owner: str) -> int:
+        return len(await self._select("count_active", lambda j: j.owner == owner and j.status in UNFINISHED))
 
     async def queue_position(self, job: Job) -> int | None:
         if job.status != QUEUED:
@@ -354,19 +368,38 @@ class MemoryStorage:
         self.base_url = base_url
         self.objects: dict[str, tuple[bytes, str]] = {}
         self.deleted: list[str] = []
+        self.modified: dict[str, float] = {}  # name -> Unix time of its last put
 
     def url_for(self, name: str) -> str:
         return f"{self.base_url}/v1/images/{name}"
 
     async def put(self, name: str, data: bytes, content_type: str) -> None:
         self.objects[name] = (data, content_type)
+        self.modified[name] = time.time()
 
     async def get(self, name: str) -> tuple[bytes, str] | None:
         return self.objects.get(name)
 
+    async def open(self, name: str) -> StoredStream | None:
+        found = self.objects.get(name)
+        if found is None:
+            return None
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield found[0]
+
+        return StoredStream(found[1], len(found[0]), chunks())
+
     async def delete(self, name: str) -> None:
         self.deleted.append(name)
         self.objects.pop(name, None)
+
+    async def iter_older_than(self, cutoff: float) -> AsyncIterator[str]:
+        for name in [n for n, when in self.modified.items() if when < cutoff and n in self.objects]:
+            yield name
+
+    async def remove_temp_older_than(self, cutoff: float) -> int:
+        return 0
 
 
 @dataclass(frozen=True)

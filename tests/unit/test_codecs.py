@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import os
 import struct
+import threading
+import time
 import warnings
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.errors import ImageDimensionsTooLarge, ImageTooLarge, InvalidImage
-from gateway.media import codecs
+from gateway.errors import ImageDimensionsTooLarge, ImageTooLarge, InvalidImage, Overloaded
+from gateway.media import codecs, work
 from gateway.media.codecs import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_SIDE,
@@ -26,6 +31,7 @@ from gateway.media.codecs import (
     sniff_format,
     tensor_to_png,
 )
+from gateway.settings import Settings
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
@@ -433,3 +439,209 @@ def test_png_output_carries_no_colour_profile() -> None:
     png = image_to_png(img)
     assert b"iCCP" in source
     assert b"iCCP" not in png
+
+
+# --- decode work per image: progressive JPEGs with too many scans (libjpeg-turbo issue 284) ------------------
+
+
+def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment of a well-formed JPEG (a scan ends where its entropy data does)."""
+    segments, pos = [], 2
+    while pos < len(data):
+        assert data[pos] == 0xFF, pos
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            segments.append((marker, pos, pos + 2))
+            break
+        end = pos + 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if marker == 0xDA:
+            while True:
+                end = data.index(b"\xff", end)
+                if data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                    end += 2
+                    continue
+                break
+        segments.append((marker, pos, end))
+        pos = end
+    return segments
+
+
+def many_scan_jpeg(scans: int, side: int = MAX_IMAGE_SIDE) -> bytes:
+    """A valid progressive JPEG of `side` x `side` with `scans` scans in all, small on the wire but costly.
+
+    Pillow writes libjpeg's standard progression (10 scans for YCbCr); its last scan (an AC refinement, with
+    its Huffman table) is repeated before EOI. A flat grey image makes each scan a few bytes (end-of-band runs),
+    yet libjpeg still walks every block of the image for each one: ~5 ms a scan at 2048 x 2048 here, so 10,000
+    scans (~400 kB) are close to a minute of CPU. libjpeg only warns about the repeated progression.
+    """
+    base = encode(Image.new("RGB", (side, side), (120, 130, 140)), "JPEG", progressive=True, quality=90)
+    segments = _jpeg_segments(base)
+    own = sum(1 for marker, _, _ in segments if marker == 0xDA)
+    assert scans >= own
+    last_sos = max(i for i, (marker, _, _) in enumerate(segments) if marker == 0xDA)
+    first = last_sos - 1 if segments[last_sos - 1][0] == 0xC4 else last_sos
+    repeat = base[segments[first][1] : segments[last_sos][2]]
+    eoi = segments[-1][1]
+    return base[:eoi] + repeat * (scans - own) + base[eoi:]
+
+
+def test_jpeg_scan_count_of_ordinary_files() -> None:
+    img = noise_image(64, 48)
+    assert codecs.jpeg_scan_count(encode(img, "JPEG")) == 1
+    assert codecs.jpeg_scan_count(encode(img, "JPEG", progressive=True)) == 10
+    assert codecs.jpeg_scan_count(encode(img.convert("L"), "JPEG", progressive=True)) == 6
+    assert codecs.jpeg_scan_count(many_scan_jpeg(250, side=64)) == 250
+    assert codecs.jpeg_scan_count(b"\xff\xd8\xff") == 0
+    assert codecs.jpeg_scan_count(encode(img, "JPEG")[:200]) == 0  # cut in the headers: no scan yet
+
+
+def test_scans_in_header_segments_are_not_counted_but_between_scans_they_are() -> None:
+    """Markers inside a length-prefixed segment before the first scan (an EXIF thumbnail, a comment) are data
+    to libjpeg too; after the first scan every `FF DA` pair counts (an over-count, never an under-count)."""
+    thumbnail = encode(noise_image(16, 16), "JPEG", progressive=True)
+    base = encode(noise_image(64, 48), "JPEG", progressive=True)
+    comment = b"\xff\xfe" + struct.pack(">H", len(thumbnail) + 2) + thumbnail
+    with_comment = base[:2] + comment + base[2:]
+    assert codecs.jpeg_scan_count(with_comment) == 10
+    assert decode_image(with_comment, max_jpeg_scans=10).size == (64, 48)
+    segments = _jpeg_segments(base)
+    second_scan = [start for marker, start, _ in segments if marker == 0xDA][1]
+    between = base[:second_scan] + comment + base[second_scan:]
+    assert codecs.jpeg_scan_count(between) == 20
+
+
+def test_fill_bytes_and_stuffing_before_a_marker_are_skipped_as_libjpeg_does() -> None:
+    base = encode(noise_image(32, 32), "JPEG", progressive=True)
+    segments = _jpeg_segments(base)
+    sof = next(start for marker, start, _ in segments if marker == 0xC2)
+    padded = base[:sof] + b"\xff\xff\xff\x00junk" + base[sof:]  # fill, a stray FF 00, garbage: libjpeg skips them
+    assert codecs.jpeg_scan_count(padded) == 10
+    first_sos = next(start for marker, start, _ in segments if marker == 0xDA)
+    filled = base[:first_sos] + b"\xff\xff" + base[first_sos:]  # FF FF FF DA is still an SOS
+    assert codecs.jpeg_scan_count(filled) == 10
+
+
+def test_scan_limit_is_inclusive() -> None:
+    at_limit, over = many_scan_jpeg(12, side=32), many_scan_jpeg(13, side=32)
+    assert decode_image(at_limit, max_jpeg_scans=12).size == (32, 32)
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(over, max_jpeg_scans=12)
+    assert caught.value.details == "JPEG has more than 12 scans"
+
+
+def test_process_scan_limit_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(codecs, "_max_jpeg_scans", codecs.MAX_JPEG_SCANS)
+    codecs.set_max_jpeg_scans(11)
+    with pytest.raises(InvalidImage):
+        decode_image(many_scan_jpeg(12, side=32))
+    codecs.set_max_jpeg_scans(12)
+    assert decode_image(many_scan_jpeg(12, side=32)).size == (32, 32)
+    with pytest.raises(ValueError, match="at least 1"):
+        codecs.set_max_jpeg_scans(0)
+
+
+def test_many_scan_jpeg_is_refused_fast_and_is_costly_without_the_guard() -> None:
+    """Liveness bound, not a performance claim: the refusal of a 10,000-scan file takes well under a second
+    (it is one pass over ~400 kB). The same kind of file decodes when allowed, so it is a valid image and the
+    refusal is the guard's; its cost without the guard is measured (and printed, `-s`), not asserted."""
+    bomb = many_scan_jpeg(10_000)
+    assert len(bomb) < 512 * 1024
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(bomb)
+    refused_in = time.perf_counter() - started
+    assert caught.value.details == f"JPEG has more than {codecs.MAX_JPEG_SCANS} scans"
+    assert refused_in < 1.0
+    sample = many_scan_jpeg(200)
+    started = time.perf_counter()
+    assert decode_image(sample, max_jpeg_scans=200).size == (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE)
+    per_scan = (time.perf_counter() - started) / 200
+    print(
+        f"\nunguarded decode: {per_scan * 1e3:.1f} ms per scan at {MAX_IMAGE_SIDE}px -> ~{per_scan * 10_000:.0f} s "
+        f"for the {len(bomb) // 1024} kB 10,000-scan file; refused in {refused_in * 1e3:.1f} ms"
+    )
+
+
+# --- the image work pool (gateway/media/work.py) -------------------------------------------------------------
+
+
+async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def test_image_work_runs_on_its_own_threads_not_the_default_executor() -> None:
+    pool = work.ImageWorkPool(threads=2, max_waiting=0)
+    try:
+        names = await asyncio.gather(*(pool.run(lambda: threading.current_thread().name) for _ in range(2)))
+        assert all(name.startswith("image-work") for name in names)
+        assert pool.threads == 2 and pool.in_flight == 0
+        assert work.ImageWorkPool().threads == (os.cpu_count() or 1)
+    finally:
+        pool.shutdown()
+
+
+async def test_request_work_beyond_the_queue_is_overloaded_and_job_work_waits() -> None:
+    pool = work.ImageWorkPool(threads=1, max_waiting=1)
+    gate = threading.Event()
+    try:
+        running = asyncio.ensure_future(pool.run(gate.wait, 10.0))
+        waiting = asyncio.ensure_future(pool.run(lambda: "second"))
+        await _until(lambda: pool.in_flight == 2)
+        with pytest.raises(Overloaded) as caught:
+            await pool.run(lambda: "refused")
+        assert caught.value.headers["Retry-After"] == str(work.RETRY_AFTER_S)
+        job_work = asyncio.ensure_future(pool.run(lambda: "job", wait=True))  # a job's work is never refused
+        await _until(lambda: pool.in_flight == 3)
+        gate.set()
+        assert await asyncio.gather(running, waiting, job_work) == [True, "second", "job"]
+        assert pool.in_flight == 0
+        assert await pool.run(lambda: "room again") == "room again"
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+async def test_a_cancelled_caller_frees_its_slot_only_when_its_work_is_done() -> None:
+    pool = work.ImageWorkPool(threads=1, max_waiting=1)
+    gate = threading.Event()
+    try:
+        running = asyncio.ensure_future(pool.run(gate.wait, 10.0))
+        waiting = asyncio.ensure_future(pool.run(lambda: "never"))
+        await _until(lambda: pool.in_flight == 2)
+        waiting.cancel()  # not started yet: cancelled on the pool too, its slot is free at once
+        await _until(lambda: pool.in_flight == 1)
+        running.cancel()  # already on a thread: it goes on, and keeps its slot until it returns
+        await asyncio.sleep(0.05)
+        assert pool.in_flight == 1
+        gate.set()
+        await _until(lambda: pool.in_flight == 0)
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+def test_pool_arguments_are_checked() -> None:
+    with pytest.raises(ValueError):
+        work.ImageWorkPool(threads=0)
+    with pytest.raises(ValueError):
+        work.ImageWorkPool(threads=1, max_waiting=-1)
+
+
+async def test_configure_sizes_the_process_pool_and_the_scan_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(work, "_pool", None)
+    monkeypatch.setattr(codecs, "_max_jpeg_scans", codecs.MAX_JPEG_SCANS)
+    first = work.configure(Settings(image_threads=3, image_queue=5, max_jpeg_scans=7))
+    assert (first.threads, first.max_waiting, codecs._max_jpeg_scans) == (3, 5, 7)
+    assert work.configure(Settings(image_threads=3, image_queue=5, max_jpeg_scans=7)) is first  # unchanged: kept
+    assert await work.run_image_work(sum, [1, 2]) == 3
+    second = work.configure_pool(None, 2)
+    assert second is not first and second.threads == (os.cpu_count() or 1)
+    assert work.pool() is second
+    second.shutdown()
+    env = Settings.from_env({"IMAGEN_IMAGE_THREADS": "2", "IMAGEN_IMAGE_QUEUE": "4", "IMAGEN_MAX_JPEG_SCANS": "50"})
+    assert (env.image_threads, env.image_queue, env.max_jpeg_scans) == (2, 4, 50)
+    defaults = Settings()
+    assert (defaults.image_threads, defaults.image_queue, defaults.max_jpeg_scans) == (None, 16, 100)

@@ -16,6 +16,7 @@ from gateway.errors import (
     IdempotencyKeyReused,
     ImageDimensionsTooLarge,
     ImageTooLarge,
+    InsufficientStorage,
     InternalError,
     Interrupted,
     InvalidImage,
@@ -27,8 +28,10 @@ from gateway.errors import (
     Overloaded,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     RunAttemptsExhausted,
     StoreUnavailable,
+    TooManyJobs,
     Unauthorized,
     UnsupportedMediaType,
     UrlNotAllowed,
@@ -56,9 +59,12 @@ EXPECTED = [
     (IdempotencyKeyReused, 409, "idempotency_conflict"),
     (JobFinished, 409, "job_finished"),
     (RateLimited, 429, "rate_limited"),
+    (RequestTimeout, 408, "request_timeout"),
+    (TooManyJobs, 429, "too_many_jobs"),
     (Interrupted, 503, "interrupted"),
     (StoreUnavailable, 503, "store_unavailable"),
     (RunAttemptsExhausted, 500, "run_attempts_exhausted"),
+    (InsufficientStorage, 507, "insufficient_storage"),
 ]
 
 

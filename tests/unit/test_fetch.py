@@ -305,3 +305,60 @@ def test_works_under_plain_asyncio_run() -> None:
         return httpx.Response(200, content=b"ok")
 
     assert asyncio.run(fetch(handler)) == b"ok"
+
+
+# --- issue 10: encodings, credentials, DNS backlog -------------------------------------------------------------
+
+
+def _streamed(body: bytes, headers: dict[str, str]) -> Handler:
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 4096):
+            yield body[start : start + 4096]
+
+    async def handler(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=headers, content=chunks())
+
+    return handler
+
+
+@pytest.mark.asyncio
+async def test_compressed_bombs_are_image_too_large_and_unknown_codings_invalid_image() -> None:
+    import gzip
+
+    bomb = gzip.compress(bytes(16 * 1024 * 1024), 9)
+    with pytest.raises(ImageTooLarge):
+        await fetch(_streamed(bomb, {"Content-Encoding": "gzip"}))
+    for encoding in ("gzip, gzip", "br", "gzip, br", "zstd"):
+        details = await details_of(_streamed(gzip.compress(bomb), {"Content-Encoding": encoding}))
+        assert "Content-Encoding" in details, encoding
+    assert await fetch(_streamed(gzip.compress(b"png" * 100), {"Content-Encoding": "gzip"})) == b"png" * 100
+
+
+@pytest.mark.asyncio
+async def test_urls_with_credentials_are_invalid_image_and_never_requested() -> None:
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b"x")
+
+    for url in ("https://user:pass@images.example.test/in.png", "https://user@images.example.test/in.png"):
+        details = await details_of(handler, url)
+        assert "credentials" in details and "pass@" not in details
+    assert seen == []
+
+
+@pytest.mark.asyncio
+async def test_a_dns_backlog_is_overloaded_with_retry_after() -> None:
+    from gateway.errors import Overloaded
+    from gateway.media import netguard
+
+    async def busy(host: str, _port: int) -> list[str]:
+        raise netguard.DnsBusy("too many DNS lookups in flight (16); retry later")
+
+    async def handler(_request: httpx.Request) -> httpx.Response:
+        raise AssertionError("no request without an address")
+
+    with pytest.raises(Overloaded) as info:
+        await fetch(handler, policy=OutboundPolicy(resolver=busy))
+    assert info.value.headers["Retry-After"] == "5"

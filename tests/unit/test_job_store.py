@@ -192,6 +192,29 @@ async def test_versions_strictly_increase(store: JobStore) -> None:
 # --- SQLite only -----------------------------------------------------------------------------------------
 
 
+async def test_count_active_counts_one_owners_queued_and_processing_jobs(store: JobStore) -> None:
+    for job_id in ("a1", "a2", "a3"):
+        await store.create(make_job(job_id, owner="A"))
+    await store.create(make_job("b1", owner="B"))
+    claimed = await store.claim("a1", "w", LEASE)
+    assert claimed is not None and await store.count_active("A") == 3  # one processing, two queued
+    await store.update(claimed.finished_by("w", COMPLETED, images=(), steps_done=1))  # type: ignore[arg-type]
+    assert await store.count_active("A") == 2 and await store.count_active("B") == 1
+    assert await store.count_active("nobody") == 0
+
+
+async def test_claim_next_is_fair_between_owners(store: JobStore) -> None:
+    """The owner with the fewest active jobs goes first, oldest first among equals: a key that filled the queue
+    does not keep a lighter key's later job behind all of its own."""
+    for i in range(4):
+        await store.create(make_job(f"a{i}", owner="A", created_at=f"2030-01-01T00:00:0{i}.000000Z"))
+    await store.create(make_job("b0", owner="B", created_at="2030-01-01T00:00:05.000000Z"))
+    order = []
+    while (job := await store.claim_next("w", LEASE, now=time.time())) is not None:
+        order.append(job.id)
+    assert order == ["b0", "a0", "a1", "a2", "a3"]
+
+
 async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     await store.create(make_job("x"))

@@ -133,10 +133,29 @@ def test_the_cli_reaches_the_workers_app_factory_through_the_environment(
     monkeypatch.setattr(launcher, "load_manifests", lambda path: {"imagen-v2": object()})
     parent: dict[str, Any] = {}
 
-    def fake_run(app: str, **kwargs: Any) -> None:
-        parent.update(kwargs, app=app, env=dict(os.environ))
+    class FakeSocket:
+        def close(self) -> None:
+            parent["socket_closed"] = True
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    class FakeMultiprocess:
+        """uvicorn's supervisor: records the config each worker would get, starts nothing."""
+
+        def __init__(self, config: Any, sockets: list[Any]) -> None:
+            parent.update(
+                app=config.app,
+                factory=config.factory,
+                workers=config.workers,
+                host=config.host,
+                port=config.port,
+                log_level=config.log_level,
+                env=dict(os.environ),
+            )
+
+        def run(self) -> None:
+            parent["ran"] = True
+
+    monkeypatch.setattr(launcher, "Multiprocess", FakeMultiprocess)
+    monkeypatch.setattr(uvicorn.Config, "bind_socket", lambda self: FakeSocket())
     argv = [
         "--workers", "2", "--port", "9123", "--host", "0.0.0.0", "--model-repository", str(repo),
         "--triton-url", "triton-a:8001,triton-b:8001", "--public-base-url", "https://imagen.example",
@@ -146,7 +165,7 @@ def test_the_cli_reaches_the_workers_app_factory_through_the_environment(
 
     assert parent["app"] == "gateway.asgi:create_app_from_env"
     assert parent["factory"] is True
-    assert parent["workers"] == 2
+    assert parent["workers"] == 2 and parent["ran"] and parent["socket_closed"]
     assert (parent["host"], parent["port"], parent["log_level"]) == ("0.0.0.0", 9123, "warning")
     env = parent["env"]
     assert env["IMAGEN_WORKERS"] == "2"

@@ -9,6 +9,7 @@ httpcore connects with) to show that a refused address is never connected to.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -163,7 +164,7 @@ async def test_a_name_resolving_to_each_address(address: str, fragment: str | No
         ("http://0xa9fea9fe/", "(169.254.169.254)"),
         ("http://[fe80::1%25eth0]/", "a link-local address"),
         ("http://[fd00::1]/", "unique-local"),
-        ("http://user:pw@10.0.0.1/", "Address 10.0.0.1 is a private address"),
+        ("http://user:pw@10.0.0.1/", "URLs with credentials (user:password@) are not allowed"),
     ],
 )
 async def test_literal_hosts_are_checked_without_dns(url: str, expected: str) -> None:
@@ -578,3 +579,240 @@ def test_make_client_does_not_follow_redirects_proxy_or_keep_cookies() -> None:
             assert len(client.cookies.jar) == 0
 
     asyncio.run(check())
+
+
+# --- content codings: decoded size capped as it is produced (issue 10, item 1) -------------------------------
+
+
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=9)
+
+
+@functools.cache
+def _double_bomb() -> bytes:
+    return _gzip(_gzip(bytes(BOMB_DECODED)))
+
+
+def _coded(body: bytes, encoding: str | list[str] | None) -> Handler:
+    headers: list[tuple[str, str]] = []
+    for value in [encoding] if isinstance(encoding, str) else encoding or []:
+        headers.append(("Content-Encoding", value))
+
+    async def chunks() -> AsyncIterator[bytes]:  # streamed, so httpx reads (and decodes) nothing on its own
+        for start in range(0, len(body), 4096):
+            yield body[start : start + 4096]
+
+    async def handler(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=headers, content=chunks())
+
+    return handler
+
+
+BOMB_DECODED = 64 * 1024 * 1024  # 64 MiB of zeros: ~64 kB gzipped, ~100 bytes gzipped twice
+
+
+@pytest.mark.asyncio
+async def test_a_gzip_bomb_is_cut_at_the_limit_of_decoded_bytes() -> None:
+    import zlib
+
+    bomb = _gzip(bytes(BOMB_DECODED))
+    assert len(bomb) < 100_000
+    decoded: list[int] = []
+    real = netguard.BoundedDecoder._append
+
+    def spy(self: netguard.BoundedDecoder, data: bytes) -> None:
+        decoded.append(len(data))
+        real(self, data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(netguard.BoundedDecoder, "_append", spy)
+        with pytest.raises(ResponseTooLarge):
+            await exchange(_coded(bomb, "gzip"), "https://public.example/", stream_limit=100_000)
+    # No call to zlib produced more than the limit + 1: the bomb never inflated in memory.
+    assert max(decoded) <= 100_001 and sum(decoded) <= 100_001
+    deflated = zlib.compress(bytes(BOMB_DECODED), 9)
+    with pytest.raises(ResponseTooLarge):
+        await exchange(_coded(deflated, "deflate"), "https://public.example/", stream_limit=100_000)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("encoding", "fragment"),
+    [
+        ("gzip, gzip", "stacked Content-Encoding 'gzip, gzip'"),
+        (["gzip", "gzip"], "stacked Content-Encoding 'gzip, gzip'"),  # repeated headers stack too
+        ("deflate, gzip", "stacked"),
+        ("br", "Content-Encoding 'br' is not supported"),
+        ("zstd", "not supported"),
+        ("compress", "not supported"),
+        ("x-evil", "not supported"),
+    ],
+)
+async def test_codings_not_decoded_here_are_refused(encoding: str | list[str], fragment: str) -> None:
+    body = _double_bomb()
+    with pytest.raises(netguard.BadContentEncoding, match=fragment):
+        await exchange(_coded(body, encoding), "https://public.example/", stream_limit=10_000)
+
+
+@pytest.mark.asyncio
+async def test_codings_decoded_here_give_the_original_bytes() -> None:
+    import zlib
+
+    data = b"an image, honestly " * 50
+    raw = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    raw_deflate = raw.compress(data) + raw.flush()
+    cases: list[tuple[bytes, str | list[str] | None]] = [
+        (data, None),
+        (data, "identity"),
+        (_gzip(data), "gzip"),
+        (_gzip(data), "x-gzip"),
+        (_gzip(data), "identity, gzip"),
+        (_gzip(data), ["identity", "GZIP"]),
+        (_gzip(data[:300]) + _gzip(data[300:]), "gzip"),  # several members
+        (zlib.compress(data), "deflate"),
+        (raw_deflate, "deflate"),  # raw deflate, as some servers send
+        (b"", "gzip"),
+    ]
+    for body, encoding in cases:
+        response = await exchange(_coded(body, encoding), "https://public.example/", stream_limit=len(data))
+        assert response.content == (data if body else b""), encoding
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "encoding", "fragment"),
+    [
+        (b"not gzip at all", "gzip", "corrupt gzip body"),
+        (_gzip(b"x" * 1000)[:-12], "gzip", "truncated gzip body"),
+        (b"\x78", "deflate", "truncated deflate body"),
+        (__import__("zlib").compress(b"x" * 100) + b"more", "deflate", "data after the end"),
+    ],
+)
+async def test_corrupt_or_truncated_compressed_bodies(body: bytes, encoding: str, fragment: str) -> None:
+    with pytest.raises(netguard.BadContentEncoding, match=fragment):
+        await exchange(_coded(body, encoding), "https://public.example/", stream_limit=10_000)
+
+
+@pytest.mark.asyncio
+async def test_the_raw_stream_is_capped_too() -> None:
+    # Incompressible bytes in a valid-looking gzip stream: the wire bytes alone go over the limit.
+    import os as _os
+
+    body = _gzip(_os.urandom(50_000))
+    with pytest.raises(ResponseTooLarge):
+        await exchange(_coded(body, "gzip"), "https://public.example/", stream_limit=20_000)
+
+
+# --- credentials in URLs, redirects into the allow-list (issue 10, item 9) ----------------------------------
+
+
+@pytest.mark.asyncio
+async def test_urls_with_credentials_are_refused_before_any_request() -> None:
+    handler, seen = recorder()
+    for url in ("http://user:pass@public.example/x.png", "https://user@public.example/", "http://:pw@1.1.1.1/"):
+        with pytest.raises(UrlNotAllowed) as info:
+            await exchange(handler, url)
+        assert "credentials" in refused_details(info) and "pass" not in refused_details(info).replace("password", "")
+    assert seen == []
+    handler, seen = recorder(lambda r: httpx.Response(302, headers={"Location": "http://u:secret@public.example/"}))
+    with pytest.raises(UrlNotAllowed) as info:
+        await exchange(handler, "http://public.example/a")
+    assert "secret" not in refused_details(info) and len(seen) == 1
+
+
+def test_the_connect_url_never_carries_userinfo() -> None:
+    target = netguard.ResolvedTarget(
+        url=httpx.URL("http://u:p@public.example/x"), host="public.example", port=80, ip=PUBLIC_V4, addresses=()
+    )
+    assert target.connect_url.userinfo == b"" and str(target.connect_url) == f"http://{PUBLIC_V4}/x"
+
+
+@pytest.mark.asyncio
+async def test_a_public_host_may_not_redirect_into_the_allow_list() -> None:
+    dns = FakeDns({"intranet.example": ["10.0.0.5"], "net.example": ["192.168.1.9"]})
+    policy = OutboundPolicy(allow=("intranet.example", "192.168.1.0/24"), resolver=dns)
+    for location in ("http://intranet.example/secret", "http://192.168.1.9/secret", "http://net.example/"):
+
+        def respond(r: httpx.Request, loc: str = location) -> httpx.Response:
+            if r.headers["host"] == "public.example":
+                return httpx.Response(302, headers={"Location": loc})
+            return httpx.Response(200, content=b"internal")
+
+        handler, seen = recorder(respond)
+        with pytest.raises(UrlNotAllowed) as info:
+            await exchange(handler, "http://public.example/", policy=policy)
+        assert "a public host may not redirect to an allow-listed internal host" in refused_details(info)
+        assert [r.headers["host"] for r in seen] == ["public.example"]
+    # Named directly, the allow-listed host is reachable, and so is its own redirect to another internal host.
+    handler, seen = recorder(
+        lambda r: (
+            httpx.Response(302, headers={"Location": "http://net.example/b"})
+            if r.headers["host"] == "intranet.example"
+            else httpx.Response(200, content=b"internal")
+        )
+    )
+    response = await exchange(handler, "http://intranet.example/a", policy=policy)
+    assert response.content == b"internal" and [r.headers["host"] for r in seen] == ["intranet.example", "net.example"]
+    # An internal host may redirect out to the public internet.
+    handler, seen = recorder(
+        lambda r: (
+            httpx.Response(302, headers={"Location": "http://public.example/b"})
+            if r.headers["host"] == "intranet.example"
+            else httpx.Response(200, content=b"public")
+        )
+    )
+    assert (await exchange(handler, "http://intranet.example/a", policy=policy)).content == b"public"
+
+
+# --- DNS in its own bounded pool (issue 10, item 2) ----------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_dns_runs_in_its_own_pool_with_a_deadline_and_a_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import threading
+
+    release = threading.Event()
+    threads: set[str] = set()
+    real = socket.getaddrinfo
+
+    def silent(host: str, *args: Any, **kwargs: Any) -> Any:
+        threads.add(threading.current_thread().name)
+        if host.endswith(".silent.test"):
+            release.wait(30)
+            raise socket.gaierror("released")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", silent)
+    resolver = netguard.ThreadedResolver(threads=2, timeout_s=0.3, max_pending=3)
+    try:
+        started = time.monotonic()
+        results = await asyncio.gather(*(resolver(f"h{i}.silent.test", 80) for i in range(5)), return_exceptions=True)
+        assert time.monotonic() - started < 3
+        kinds = sorted(type(r).__name__ for r in results)
+        assert kinds == ["DnsBusy", "DnsBusy", "HostNotResolved", "HostNotResolved", "HostNotResolved"], results
+        # Abandoned running lookups hold their place until their thread returns; the queued one was withdrawn.
+        assert resolver.pending == 2
+        # asyncio's default executor is untouched: it still answers at once.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 1.0) == 42
+        assert all(name.startswith("imagen-dns") for name in threads)
+    finally:
+        release.set()
+    for _ in range(250):  # the released threads return within moments (5 s at most)
+        if not resolver.pending:
+            break
+        await asyncio.sleep(0.02)  # a counter updated by threads: nothing to wait on
+    assert resolver.pending == 0
+    assert await resolver("localhost", 80)  # the pool serves again
+
+
+def test_policy_from_settings_uses_the_configured_dns_pool() -> None:
+    policy = OutboundPolicy.from_settings(Settings(outbound_dns_threads=3, outbound_dns_timeout_s=1.5))
+    resolver = policy.resolver
+    assert isinstance(resolver, netguard.ThreadedResolver)
+    assert (resolver.threads, resolver.timeout_s, resolver.max_pending) == (3, 1.5, 12)
+    assert (
+        OutboundPolicy.from_settings(Settings(outbound_dns_threads=3, outbound_dns_timeout_s=1.5)).resolver is resolver
+    )

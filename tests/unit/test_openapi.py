@@ -196,7 +196,7 @@ def test_error_schema_lists_every_code_of_the_error_table(document: dict[str, An
     assert check.is_valid({"error": {"code": "invalid_image", "message": "Unable", "details": None}})
     assert not check.is_valid({"error": {"code": "made_up", "message": "x", "details": None}})
     assert not check.is_valid({"error": {"code": "invalid_image", "message": "x"}})
-    assert error_codes_by_status()[429] == ["rate_limited"]
+    assert set(error_codes_by_status()[429]) == {"rate_limited", "too_many_jobs"}
 
 
 def test_job_view_accepts_the_spec_example_and_every_status(document: dict[str, Any]) -> None:
@@ -253,7 +253,12 @@ def test_routes_security_and_headers(document: dict[str, Any]) -> None:
         "description": "`Authorization: Bearer <API key>`",
     }
     public = {path for path, item in paths.items() for op in item.values() if op.get("security") == []}
-    assert public == {"/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/images/{name}"}
+    assert public == {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+    # Outputs need no key; a job's stored input needs the key that created the job.
+    assert paths["/v1/images/{name}"]["get"]["security"] == [{}, {"bearerAuth": []}]
+    image_ok = paths["/v1/images/{name}"]["get"]["responses"]["200"]
+    assert {"X-Content-Type-Options", "Cache-Control"} <= set(image_ok["headers"])
+    assert set(image_ok["content"]) == {"image/png", "image/jpeg", "image/webp"}
     for path, item in paths.items():
         for method, op in item.items():
             for status, response in op["responses"].items():
@@ -294,3 +299,90 @@ def test_what_the_job_view_model_dumps_the_document_accepts(document: dict[str, 
     dumped = JobView.model_validate(view).model_dump(mode="json")
     check = validator(document, "JobView")
     assert check.is_valid(dumped), list(check.iter_errors(dumped))
+
+
+def _operations(document: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, item in document["paths"].items():
+        for method, op in item.items():
+            if method in HTTP_METHODS:
+                yield path, method, op
+
+
+def test_every_operation_lists_its_statuses_and_each_error_status_names_codes_of_that_status(
+    document: dict[str, Any],
+) -> None:
+    """No `default` response: schemathesis' status_code_conformance (and a client) can rely on the list. Each
+    documented error status names only codes the error table pairs with that status, and every operation lists
+    the answers any request may get (the connection cap's 503 `overloaded`, a bug's 500)."""
+    by_status = {
+        status: {code for s, code in ERROR_TABLE.values() if s == status} for status, _ in ERROR_TABLE.values()
+    }
+    for path, method, op in _operations(document):
+        responses = op["responses"]
+        assert "default" not in responses, (path, method)
+        assert {"500", "503"} <= set(responses), (path, method)
+        assert "Retry-After" in responses["503"]["headers"], (path, method)
+        for status, response in responses.items():
+            if int(status) < 400 or response["content"] != {
+                "application/json": {"schema": {"$ref": REF_TEMPLATE.format(model="Error")}}
+            }:
+                continue
+            named = set(re.findall(r"`([a-z_]+)`", response["description"]))
+            assert named, (path, method, status)
+            assert named <= by_status[int(status)], (path, method, status, named - by_status[int(status)])
+        if op.get("security") != []:
+            assert "401" in responses and "WWW-Authenticate" in responses["401"]["headers"], (path, method)
+
+
+def test_create_documents_every_code_a_creation_can_answer(document: dict[str, Any]) -> None:
+    responses = document["paths"]["/v1/image-to-image"]["post"]["responses"]
+    named = {code for r in responses.values() for code in re.findall(r"`([a-z_]+)`", r["description"])}
+    assert {
+        "invalid_request", "invalid_image", "url_not_allowed", "unauthorized", "model_not_found", "request_timeout",
+        "idempotency_conflict", "image_too_large", "payload_too_large", "unsupported_media_type", "rate_limited",
+        "too_many_jobs", "backend_error", "backend_unavailable", "overloaded", "store_unavailable",
+        "insufficient_storage", "internal_error",
+    } <= named  # fmt: skip
+    assert {"Retry-After"} <= set(responses["429"]["headers"])
+    assert {"200", "202", "400", "401", "404", "408", "409", "413", "415", "429", "500", "502", "503", "507"} <= set(
+        responses
+    )
+
+
+def test_links_name_operations_of_the_document(document: dict[str, Any]) -> None:
+    ids = {op["operationId"]: op for _, _, op in _operations(document)}
+    create = document["paths"]["/v1/image-to-image"]["post"]
+    for status in ("200", "202"):
+        links = create["responses"][status]["links"]
+        assert {link["operationId"] for link in links.values()} == {"getJob", "cancelJob", "jobEvents"}
+        for link in links.values():
+            params = {p["name"] for p in ids[link["operationId"]]["parameters"] if p["in"] == "path"}
+            assert set(link["parameters"]) == params == {"job_id"}
+            assert link["parameters"]["job_id"] == "$response.body#/id"
+
+
+def test_request_examples_are_valid_requests(document: dict[str, Any]) -> None:
+    """The examples schemathesis sends first (and a reader copies) pass the request schema and the validator."""
+    from gateway.http.schema import parse_image_to_image
+    from gateway.media.codecs import decode_image, parse_image_field
+
+    media = document["paths"]["/v1/image-to-image"]["post"]["requestBody"]["content"]["application/json"]
+    check = validator(document, "ImageToImageRequest")
+    assert media["examples"]
+    for example in media["examples"].values():
+        body = example["value"]
+        assert check.is_valid(body), list(check.iter_errors(body))
+        request = parse_image_to_image(body, styles=STYLE_PRESETS)
+        source = parse_image_field(request.image)
+        assert source.data is not None
+        assert decode_image(source.data).size == (32, 32)
+
+
+def test_event_stream_schema_describes_each_event(document: dict[str, Any]) -> None:
+    """`text/event-stream`'s schema is one parsed event (OpenAPI 3.2's reading, which schemathesis applies)."""
+    content = document["paths"]["/v1/image-to-image/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    event_schema = {**content["text/event-stream"]["schema"], "components": document["components"]}
+    check = Draft202012Validator(event_schema)
+    assert check.is_valid({"event": "job", "data": json.dumps(COMPLETED_VIEW)})
+    assert not check.is_valid({"event": "other", "data": "{}"})
+    assert not check.is_valid("event: job")

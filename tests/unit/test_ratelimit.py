@@ -425,3 +425,81 @@ def test_the_middleware_keeps_a_passed_limiter_even_when_it_is_empty() -> None:
     assert len(limiter) == 0  # falsy: `limiter or default` would drop it
     middleware = RateLimitMiddleware(Starlette(), 99, 99, api_key_or_address(frozenset()), limiter=limiter)
     assert middleware.limiter is limiter
+
+
+# --- costs: the per-key work budget (UNet samples) ----------------------------------------------------------
+
+
+def test_work_cost_is_images_times_effective_steps_doubled_with_guidance() -> None:
+    from gateway.jobs.create import work_cost
+
+    assert work_cost(4, 150, 1.0, 7.5) == 1200  # the costliest request the schema allows
+    assert work_cost(1, 30, 0.7, 7.5) == 2 * 21  # int(30 * 0.7) = 21 steps, guidance doubles the batch
+    assert work_cost(2, 30, 0.5, 1.0) == 2 * 15  # guidance_scale 1 runs no unconditional branch
+    assert work_cost(1, 10, 0.1, 0.0) == 1
+
+
+def test_a_costly_take_waits_for_its_cost_and_pays_it_in_full() -> None:
+    clock = Clock()
+    limiter = TokenBucketLimiter(per_minute=60, burst=100, clock=clock)  # one token a second
+    assert limiter.acquire("k", 20) == 0.0  # 80 left
+    assert limiter.acquire("k", 100) == pytest.approx(20.0)  # needs 100: 20 s, nothing taken
+    assert limiter.acquire("k", 2) == 0.0  # a cheap request still passes: 78 left
+    clock.advance(22)
+    assert limiter.acquire("k", 1200) == 0.0  # costlier than the burst: granted from a full bucket...
+    assert limiter.acquire("k", 1) == pytest.approx(1101.0)  # ...and its whole cost is paid back first
+    clock.advance(1101)
+    assert limiter.acquire("k", 1) == 0.0
+
+
+def test_a_bucket_in_debt_is_not_evicted_as_if_full() -> None:
+    clock = Clock()
+    limiter = TokenBucketLimiter(per_minute=60, burst=10, clock=clock)
+    assert limiter.acquire("k", 100) == 0.0  # -90
+    clock.advance(20)  # past refill_s (10 s), still 70 in debt
+    assert limiter.acquire("other") == 0.0  # runs eviction
+    assert limiter.acquire("k") == pytest.approx(71.0)
+
+
+async def test_create_job_answers_429_with_a_retry_after_from_the_cost() -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from gateway.jobs.create import Caller, CreateJob
+    from tests.unit.fakes import InMemoryJobStore
+
+    class Jobs:
+        async def check_admission(self) -> None:
+            return None
+
+    clock = Clock()
+    limiter = TokenBucketLimiter(per_minute=60, burst=100, clock=clock)
+    create = CreateJob(
+        pipelines=cast(Any, {"m": SimpleNamespace(manifest=None)}),
+        store=InMemoryJobStore(),
+        jobs=cast(Any, Jobs()),
+        storage=cast(Any, None),
+        decoded=cast(Any, None),
+        http=cast(Any, None),
+        policy=cast(Any, None),
+        fetch_timeout_s=1.0,
+        work_limiter=limiter,
+    )
+    costly = SimpleNamespace(model="m", webhook_url=None, num_images=4, steps=150, strength=1.0, guidance_scale=7.5)
+    limiter.acquire("owner-a", 75)  # 25 left: the costly request needs a full bucket (its cost exceeds the burst)
+    with pytest.raises(RateLimited) as refused:
+        await create(cast(Any, costly), Caller(owner="owner-a", request_hash="h"))
+    assert status_and_code(refused.value) == (429, "rate_limited")
+    assert refused.value.headers["Retry-After"] == "75"  # 75 tokens short at one a second
+    assert "1200 UNet samples" in (refused.value.details or "")
+    assert limiter.acquire("owner-b", 100) == 0.0  # another key's budget is its own
+
+
+async def test_the_shared_bucket_charges_costs_like_the_local_one(redis_server: RedisServer, prefix: str) -> None:
+    async with _replicas(redis_server.url, 2, per_minute=60, burst=100, key_prefix=prefix) as (first, second):
+        assert await first.take("k", 20) == 0.0
+        wait = await second.take("k", 100)
+        assert 19.0 < wait <= 20.0
+        assert await second.take("k", 2) == 0.0
+        assert await first.take("j", 1200) == 0.0  # from a full bucket, then in debt
+        assert 1100.0 < await second.take("j", 1) <= 1101.0

@@ -1,0 +1,84 @@
+"""The storage sweep: stored objects no job owns, and temp files of interrupted writes, are removed.
+
+Objects become orphans when the job insert fails after the input was stored and the clean-up delete fails
+too, when the process dies between storing an input and inserting its job, when a run fails after writing
+some of its outputs, or when retention's own delete of a purged job's files fails. The sweep runs at start
+and every `storage_sweep_interval_s` (from the retention loop, so one replica at a time, under its lock), and
+only looks at objects older than `storage_orphan_grace_s`: a creation in progress (input stored, job not yet
+inserted) or a run writing its outputs is far younger than that.
+
+An object is removed when its name is one of ours (`<job id>_input.<ext>`, `<job id>_<i>.png`,
+`<job id>_<i>_run<r>.png`) and its job does not exist, or its job is finished and does not list it among its
+stored objects (a failed run's partial outputs). Names of any other shape are left alone. Cost: one listing of
+the storage and one store read per job with old objects, per sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+from gateway.jobs.model import Job
+from gateway.jobs.store import JobStore
+from gateway.media.storage import Storage
+
+log = logging.getLogger(__name__)
+
+_OWNED_NAME = re.compile(r"^(?P<job>.+?)_(?:input\.(?:png|jpg|webp)|\d+(?:_run\d+)?\.png)$")
+
+
+def job_id_of(name: str) -> str | None:
+    """The id of the job a stored object belongs to, or None for a name the jobs never write."""
+    match = _OWNED_NAME.fullmatch(name)
+    return match.group("job") if match else None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    orphans: int
+    temp_files: int
+
+
+async def sweep_storage(store: JobStore, storage: Storage, *, older_than: float) -> SweepResult:
+    """Remove what no job owns among objects last modified before `older_than` (a Unix time)."""
+    temp_files = await storage.remove_temp_older_than(older_than)
+    jobs: dict[str, Job | None] = {}
+    orphans = 0
+    async for name in storage.iter_older_than(older_than):
+        job_id = job_id_of(name)
+        if job_id is None:
+            continue
+        if job_id not in jobs:
+            jobs[job_id] = await store.get(job_id)
+        job = jobs[job_id]
+        if job is None or (job.finished and name not in job.stored_names):
+            await storage.delete(name)
+            orphans += 1
+    return SweepResult(orphans, temp_files)
+
+
+class StorageSweeper:
+    """Runs `sweep_storage` when due: at the first call (start), then every `interval_s`."""
+
+    def __init__(self, store: JobStore, storage: Storage, *, grace_s: float, interval_s: float) -> None:
+        self.store = store
+        self.storage = storage
+        self.grace_s = max(0.0, grace_s)
+        self.interval_s = max(1.0, interval_s)
+        self._next_at = 0.0  # monotonic: due at once
+
+    async def run_if_due(self) -> SweepResult | None:
+        now = time.monotonic()
+        if now < self._next_at:
+            return None
+        result = await sweep_storage(self.store, self.storage, older_than=time.time() - self.grace_s)
+        self._next_at = now + self.interval_s  # a failed sweep is tried again at the next retention pass
+        if result.orphans or result.temp_files:
+            log.info(
+                "storage sweep: removed %d objects no job owns and %d temp files of interrupted writes",
+                result.orphans,
+                result.temp_files,
+            )
+        return result
