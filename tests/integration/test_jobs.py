@@ -371,4 +371,5 @@ def test_results_expire_with_their_images(make_gateway: GatewayFactory, auth: di
         while httpx.get(f"{url}/v1/image-to-image/{job['id']}", headers=auth).status_code != 404:
             assert time.monotonic() < deadline, "job not cleaned up"
             time.sleep(0.2)
-        assert httpx.get(image_url).status_code == 404 and httpx.get(input_url).status_code == 404
+        assert httpx.get(image_url).status_code == 404
+        assert httpx.get(input_url, headers=auth).status_code == 404  # inputs are only ever served to their key

@@ -48,7 +48,8 @@ def start(
 
 
 def fetch(url: str) -> httpx.Response:
-    response = httpx.get(url, timeout=30)
+    """An image as the job's key fetches it (inputs are served only to the key that created the job)."""
+    response = httpx.get(url, headers=AUTH, timeout=30)
     assert response.status_code == 200, (url, response.status_code, response.text[:500])
     return response
 
@@ -95,11 +96,14 @@ def test_two_replicas_share_images_through_the_bucket(
             assert served.content == bucket.read(f"{PREFIX}/{name}")[0]
             assert served.content.startswith(b"\x89PNG\r\n\x1a\n")
 
-        # A second replica (its own job store) on the same bucket serves what the first wrote.
+        # A second replica (its own job store) on the same bucket serves the outputs the first wrote. The input is
+        # served only to its job's key, which takes the job: a replica of another job store does not know it
+        # (with a shared store it does: tests/integration/test_scale_out.py).
         second = start(triton, repository, tmp_path / "gw2", bucket)
         try:
-            for name in [stored_input, *outputs]:
+            for name in outputs:
                 assert fetch(f"{second.url}/v1/images/{name}").content == bucket.read(f"{PREFIX}/{name}")[0]
+            assert httpx.get(f"{second.url}/v1/images/{stored_input}", headers=AUTH, timeout=30).status_code == 404
             missing = httpx.get(f"{second.url}/v1/images/{job_id}_9.png", timeout=30)
             assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
         finally:
