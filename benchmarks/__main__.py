@@ -1,4 +1,7 @@
-"""`python -m benchmarks [--quick] [--models tiny,medium]`: run every system, write JSON + markdown + plots."""
+"""`python -m benchmarks [--quick] [--models tiny,medium]`: run every system, write JSON + markdown + plots.
+
+`python -m benchmarks load --url URL [...]`: the same load generator against any running service (`benchmarks.load`).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,16 @@ from benchmarks.config import BENCH_ROOT, RESULTS_DIR, WORK_DIR, full_config, qu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["load"]:  # a subcommand; everything else is the harness, as before
+        from benchmarks import load
+
+        return load.main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__.splitlines()[0],
+        epilog="python -m benchmarks load --help: benchmark a running deployment (closed-loop sweep + Poisson).",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer levels/requests/repeats (< 10 min on 2 cores)")
     parser.add_argument("--models", default="tiny,medium", help="comma-separated sizes (tiny, medium)")
     parser.add_argument("--threads", type=int, help="intra-op threads for every system (default: CPU count)")

@@ -11,6 +11,11 @@
       probe sends one request per command and reads Triton's statistics in between);
   {"op": "quit"}.
 The answer: {"latencies_s": [...], "errors": E, "error_samples": [...], "wall_s": W, "completed": N}.
+A command may carry "headers" (e.g. an Authorization header), sent with every request.
+
+`benchmarks.load` (`python -m benchmarks load --url ...`) calls `closed_loop` and `open_loop` in-process with the
+same arguments plus `on_done`, a callback told about every finished request (for its progress bar and status
+counts), and `timeout_s`.
 """
 
 from __future__ import annotations
@@ -20,12 +25,17 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 _bodies: dict[str, bytes] = {}
+
+# on_done(ok, latency_s or None, HTTP status or None when no response came)
+OnDone = Callable[[bool, float | None, int | None], None]
+DEFAULT_TIMEOUT_S = 900.0
 
 
 def _body(path: str) -> bytes:
@@ -34,9 +44,19 @@ def _body(path: str) -> bytes:
     return _bodies[path]
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: bytes, start: float, out: dict[str, Any]) -> None:
+async def _one(
+    client: httpx.AsyncClient,
+    url: str,
+    body: bytes,
+    start: float,
+    out: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    on_done: OnDone | None = None,
+) -> None:
+    status: int | None = None
     try:
-        response = await client.post(url, content=body, headers={"content-type": "application/json"})
+        response = await client.post(url, content=body, headers={"content-type": "application/json", **(headers or {})})
+        status = response.status_code
         ok = response.status_code == 200 and len(response.json().get("images", [])) >= 1
         if not ok:
             out["errors"] += 1
@@ -46,22 +66,36 @@ async def _one(client: httpx.AsyncClient, url: str, body: bytes, start: float, o
         out["errors"] += 1
         if len(out["error_samples"]) < 3:
             out["error_samples"].append(f"{type(exc).__name__}: {exc}")
+        if on_done is not None:
+            on_done(False, None, status)
         return
+    latency = time.perf_counter() - start
     if ok:
-        out["latencies_s"].append(time.perf_counter() - start)
+        out["latencies_s"].append(latency)
+    if on_done is not None:
+        on_done(ok, latency if ok else None, status)
 
 
-async def closed_loop(url: str, body: bytes, concurrency: int, requests: int) -> dict[str, Any]:
+async def closed_loop(
+    url: str,
+    body: bytes,
+    concurrency: int,
+    requests: int,
+    *,
+    headers: dict[str, str] | None = None,
+    on_done: OnDone | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"latencies_s": [], "errors": 0, "error_samples": []}
     remaining = requests
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(900.0)) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s)) as client:
 
         async def worker() -> None:
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                await _one(client, url, body, time.perf_counter(), out)
+                await _one(client, url, body, time.perf_counter(), out, headers, on_done)
 
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -70,11 +104,21 @@ async def closed_loop(url: str, body: bytes, concurrency: int, requests: int) ->
     return out
 
 
-async def open_loop(url: str, body: bytes, rate: float, requests: int, seed: int) -> dict[str, Any]:
+async def open_loop(
+    url: str,
+    body: bytes,
+    rate: float,
+    requests: int,
+    seed: int,
+    *,
+    headers: dict[str, str] | None = None,
+    on_done: OnDone | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"latencies_s": [], "errors": 0, "error_samples": []}
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(900.0)) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s)) as client:
         began = time.perf_counter()
         arrival, tasks = began, []
         for _ in range(requests):
@@ -82,7 +126,7 @@ async def open_loop(url: str, body: bytes, rate: float, requests: int, seed: int
             delay = arrival - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(client, url, body, arrival, out)))
+            tasks.append(asyncio.create_task(_one(client, url, body, arrival, out, headers, on_done)))
         await asyncio.gather(*tasks)
         out["wall_s"] = time.perf_counter() - began
     out["completed"] = len(out["latencies_s"])
@@ -92,14 +136,14 @@ async def open_loop(url: str, body: bytes, rate: float, requests: int, seed: int
 _persistent: dict[str, httpx.AsyncClient] = {}
 
 
-async def sequential(url: str, body: bytes, requests: int) -> dict[str, Any]:
+async def sequential(url: str, body: bytes, requests: int, headers: dict[str, str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"latencies_s": [], "errors": 0, "error_samples": []}
     if url not in _persistent:
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         _persistent[url] = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(900.0))
     began = time.perf_counter()
     for _ in range(requests):
-        await _one(_persistent[url], url, body, time.perf_counter(), out)
+        await _one(_persistent[url], url, body, time.perf_counter(), out, headers)
     out["wall_s"] = time.perf_counter() - began
     out["completed"] = len(out["latencies_s"])
     return out
@@ -107,13 +151,21 @@ async def sequential(url: str, body: bytes, requests: int) -> dict[str, Any]:
 
 async def handle(command: dict[str, Any]) -> dict[str, Any]:
     body = _body(command["body_file"])
+    headers = command.get("headers")
     if command["op"] == "sequential":
-        return await sequential(command["url"], body, int(command["requests"]))
+        return await sequential(command["url"], body, int(command["requests"]), headers)
     if command["op"] == "closed":
-        return await closed_loop(command["url"], body, int(command["concurrency"]), int(command["requests"]))
+        return await closed_loop(
+            command["url"], body, int(command["concurrency"]), int(command["requests"]), headers=headers
+        )
     if command["op"] == "open":
         return await open_loop(
-            command["url"], body, float(command["rate"]), int(command["requests"]), int(command.get("seed", 0))
+            command["url"],
+            body,
+            float(command["rate"]),
+            int(command["requests"]),
+            int(command.get("seed", 0)),
+            headers=headers,
         )
     raise ValueError(f"unknown op {command['op']!r}")
 

@@ -244,3 +244,226 @@ def write(results: dict[str, Any], out_dir: Path, *, readme: Path | None = None)
             linked = table.replace("](", "](results/")
             readme.write_text(f"{head}{README_START}\n{linked}\n{README_END}{tail}")
     return {"json": json_path, "markdown": md_path, **{k: out_dir / v for k, v in plots.items()}}
+
+
+# --- `python -m benchmarks load`: one deployment under a closed-loop sweep and open-loop Poisson rates -----------
+
+LOAD_METRICS = ("images_per_s", "requests_per_s", "p50_s", "p95_s", "p99_s", "errors", "slo_met_share")
+
+
+def _by_number(items: dict[str, Any]) -> list[tuple[str, Any]]:
+    return sorted(items.items(), key=lambda kv: float(kv[0]))
+
+
+def build_load(results: dict[str, Any]) -> dict[str, Any]:
+    """Each closed level and open rate: every metric as median/min/max over the repeats; the best level."""
+    summary: dict[str, Any] = {}
+    for loop in ("closed", "open"):
+        summary[loop] = {}
+        for key, runs in results["runs"][loop].items():
+            row = {m: spread([r.get(m) for r in runs]) for m in LOAD_METRICS}
+            summary[loop][key] = {k: v for k, v in row.items() if v is not None}
+    closed = [(k, row["images_per_s"]["median"]) for k, row in summary["closed"].items() if "images_per_s" in row]
+    if closed:
+        level, ips = max(closed, key=lambda kv: kv[1])
+        summary["best"] = {"concurrency": int(level), "images_per_s": ips}
+    every = [r for loop in ("closed", "open") for runs in results["runs"][loop].values() for r in runs]
+    sent = sum(r["requests"] for r in every)
+    summary["requests"] = sent
+    summary["errors"] = sum(r["errors"] for r in every)
+    slo_ms = results["config"].get("slo_ms")
+    if slo_ms is not None:
+        met = sum(r["slo_met"] for r in every)
+        summary["slo"] = {"ms": slo_ms, "met": met, "requests": sent, "met_share": met / sent if sent else None}
+    results["summary"] = summary
+    return results
+
+
+def _ms_span(cell: dict[str, float] | None) -> str:
+    """Like `_ms`, without a range when there is one run."""
+    if cell and cell["min"] == cell["max"]:
+        return f"{cell['median'] * 1e3:.0f}"
+    return _ms(cell)
+
+
+def _pct(cell: dict[str, float] | None) -> str:
+    if not cell:
+        return "-"
+    if cell["min"] == cell["max"]:
+        return f"{cell['median'] * 100:.0f}%"
+    return f"{cell['median'] * 100:.0f}% ({cell['min'] * 100:.0f}-{cell['max'] * 100:.0f}%)"
+
+
+def load_markdown(results: dict[str, Any], plots: dict[str, str] | None = None) -> str:
+    t, c, req, cl = results["target"], results["config"], results["request"], results["client"]
+    summary = results["summary"]
+    slo_ms = c.get("slo_ms")
+    img = req["image"]
+    lines = [
+        f"Taken {results['started_at']} against `{t['endpoint']}`, model `{t['model'] or '(server default)'}`, from "
+        f"`{cl['hostname']}` ({cl['cpus']} CPUs). {c['repeats']} repeat(s) (median, min-max), {c['requests']} "
+        f"requests per run after {c['warmup']} warm-up request(s). Run took {results['duration_s'] / 60:.1f} min.",
+        "",
+        f"Request: {img['width']}x{img['height']} {img['format']} input ({img['bytes'] / 1024:.0f} KiB, "
+        f"{img['source']}), steps {req['steps']} x strength {req['strength']}, guidance {req['guidance_scale']}, "
+        f"seed {req['seed']}; body {req['body_bytes'] / 1024:.0f} KiB.",
+        "",
+    ]
+    slo_head = f" | ≤ {slo_ms:g} ms" if slo_ms is not None else ""
+    slo_rule = "|---:" if slo_ms is not None else ""
+    for loop, title, key_name in (("closed", "Closed loop", "conc."), ("open", "Open loop (Poisson)", "offered req/s")):
+        rows = _by_number(summary[loop])
+        if not rows:
+            continue
+        lines += [
+            f"{title}:",
+            "",
+            f"| {key_name} | images/s | p50 ms | p95 ms | p99 ms | errors{slo_head} |",
+            f"|---:|---:|---:|---:|---:|---:{slo_rule}|",
+        ]
+        for key, row in rows:
+            slo_cell = f" | {_pct(row.get('slo_met_share'))}" if slo_ms is not None else ""
+            lines.append(
+                f"| {key} | {_num(row.get('images_per_s'))} | {_ms_span(row.get('p50_s'))} "
+                f"| {_ms_span(row.get('p95_s'))} | {_ms_span(row.get('p99_s'))} "
+                f"| {_num(row.get('errors'), '{:.0f}')}{slo_cell} |"
+            )
+        lines.append("")
+    best = summary.get("best")
+    tail = []
+    if best:
+        tail.append(
+            f"Best closed-loop throughput {best['images_per_s']:.2f} images/s at concurrency {best['concurrency']}."
+        )
+    tail.append(f"{summary['errors']} of {summary['requests']} measured requests failed.")
+    if "slo" in summary and summary["slo"]["met_share"] is not None:
+        s = summary["slo"]
+        tail.append(f"{s['met_share'] * 100:.1f}% of them ({s['met']}/{s['requests']}) finished within {s['ms']:g} ms.")
+    lines += [" ".join(tail), ""]
+    samples = sorted({e for loop in ("closed", "open") for runs in results["runs"][loop].values()
+                      for r in runs for e in r["error_samples"]})  # fmt: skip
+    if samples:
+        lines += ["Error samples:", "", *[f"- `{e[:160]}`" for e in samples[:5]], ""]
+    for title, path in (plots or {}).items():
+        lines += [f"![{title}]({path})", ""]
+    return "\n".join(lines)
+
+
+def plot_load(results: dict[str, Any], out_prefix: Path) -> dict[str, str]:
+    """throughput vs concurrency, the latency CDF of every run, latency vs offered load (open loop only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    summary, runs = results["summary"], results["runs"]
+    slo_ms = results["config"].get("slo_ms")
+    title = results["target"]["endpoint"]
+    files: dict[str, str] = {}
+
+    def save(fig: Any, suffix: str, name: str) -> None:
+        fig.tight_layout()
+        path = out_prefix.with_name(out_prefix.name + suffix)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files[name] = path.name
+
+    every_ms = [
+        1e3 * x for loop in ("closed", "open") for rl in runs[loop].values() for r in rl for x in r["latencies_s"]
+    ]
+    slo_note = ""
+
+    def slo_line(draw: Any) -> None:
+        """The SLO as a line where it fits the latencies drawn (a target far above them would flatten them)."""
+        nonlocal slo_note
+        if slo_ms is None:
+            return
+        if not every_ms or slo_ms <= 1.5 * max(every_ms):
+            draw(slo_ms, color="red", linestyle=":", label=f"SLO {slo_ms:g} ms")
+        else:
+            slo_note = f" (SLO {slo_ms:g} ms: off the scale)"
+
+    closed = [(k, row) for k, row in _by_number(summary["closed"]) if "images_per_s" in row]
+    if closed:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        x = [int(k) for k, _ in closed]
+        ips = [row["images_per_s"] for _, row in closed]
+        y = [c["median"] for c in ips]
+        yerr = [[c["median"] - c["min"] for c in ips], [c["max"] - c["median"] for c in ips]]
+        ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label="images/s (median, min-max)")
+        if slo_ms is not None:
+            for xi, yi, (_, row) in zip(x, y, closed, strict=True):
+                share = row.get("slo_met_share")
+                if share:
+                    ax.annotate(f"{share['median'] * 100:.0f}% ≤ SLO", (xi, yi), textcoords="offset points",
+                                xytext=(4, 6), fontsize=7)  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.set_xlabel("concurrency (closed loop)")
+        ax.set_ylabel("images/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"throughput vs concurrency\n{title}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "-throughput.png", "Throughput vs concurrency")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = False
+    for loop, label, style in (("closed", "c={}", "-"), ("open", "Poisson {} req/s", "--")):
+        for key, run_list in _by_number(runs[loop]):
+            lat = np.sort(np.concatenate([np.asarray(r["latencies_s"], dtype=float) for r in run_list])) * 1e3
+            if lat.size:
+                ax.step(lat, np.arange(1, lat.size + 1) / lat.size, style, where="post", label=label.format(key))
+                drawn = True
+    slo_line(ax.axvline)
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("fraction of successful requests")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"latency CDF{slo_note}\n{title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    if drawn or slo_ms is not None:
+        ax.legend(fontsize=7)
+    save(fig, "-latency-cdf.png", "Latency CDF")
+
+    open_rows = [(k, row) for k, row in _by_number(summary["open"]) if "p50_s" in row]
+    if open_rows:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        x_rate = [float(k) for k, _ in open_rows]
+        for metric, marker in (("p50_s", "o"), ("p95_s", "s"), ("p99_s", "^")):
+            ax.plot(x_rate, [row[metric]["median"] * 1e3 for _, row in open_rows], marker=marker,
+                    label=metric[:3])  # fmt: skip
+        slo_line(ax.axhline)
+        ax.set_xlabel("offered load (requests/s, Poisson)")
+        ax.set_ylabel("latency (ms, from scheduled arrival)")
+        ax.set_title(f"latency vs offered load{slo_note}\n{title}", fontsize=9)
+        ax.grid(alpha=0.3)
+        twin = ax.twinx()
+        twin.plot(x_rate, [row["images_per_s"]["median"] for _, row in open_rows], "k:", marker=".",
+                  label="achieved images/s")  # fmt: skip
+        twin.set_ylabel("achieved images/s")
+        handles = ax.get_legend_handles_labels()
+        twin_handles = twin.get_legend_handles_labels()
+        ax.legend(handles[0] + twin_handles[0], handles[1] + twin_handles[1], fontsize=7)
+        save(fig, "-latency-vs-load.png", "Latency vs offered load")
+    return files
+
+
+def load_stem(results: dict[str, Any]) -> str:
+    host = re.sub(r"^[a-z]+://", "", results["target"]["url"])
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", host).strip("-").lower()[:60] or "target"
+    clock = re.sub(r"[^0-9]", "", results["started_at"][11:19])  # HHMMSS
+    return f"{results['started_at'][:10]}-{clock}-load-{slug}"
+
+
+def write_load(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """JSON, markdown and plots of one `load` run, named `<date>-<time>-load-<host>`; returns kind -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    build_load(results)
+    prefix = out_dir / load_stem(results)
+    plots = plot_load(results, prefix)
+    json_path = prefix.with_suffix(".json")
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    md_path = prefix.with_suffix(".md")
+    md_path.write_text(f"# Load benchmark {prefix.name}\n\n{load_markdown(results, plots)}\n")
+    return {"json": json_path, "markdown": md_path, **{k: out_dir / v for k, v in plots.items()}}

@@ -15,7 +15,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.diffusion.img2img import Img2ImgPipeline
+from gateway.diffusion.img2img import Img2ImgPipeline, TextEmbeddingCache
 from gateway.diffusion.manifest import load_manifests
 from gateway.errors import ApiError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.http.limits import InboundLimitsMiddleware
@@ -102,7 +102,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         manifests = load_manifests(settings.model_repository)
         if not manifests:
             log.warning("no pipeline manifests in %s", settings.model_repository)
-        pipelines = {name: Img2ImgPipeline(m, triton) for name, m in manifests.items()}
+        text_cache = TextEmbeddingCache(settings.text_cache_size, on_lookup=metrics.record_text_cache)
+        pipelines = {name: Img2ImgPipeline(m, triton, text_cache=text_cache) for name, m in manifests.items()}
         # 2. Media: storage and the guarded outbound HTTP client (image URLs, webhooks).
         storage = make_storage(settings)  # a folder, or an S3-compatible bucket shared by every replica
         http = netguard.make_client()  # no redirects, no proxies from the environment: netguard decides

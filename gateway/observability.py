@@ -398,6 +398,16 @@ class Metrics:
             ["operation"],
             registry=self.registry,
         )
+        self.text_cache_hits = Counter(
+            "imagen_text_embedding_cache_hits",
+            "Prompts whose text embeddings came from the cache (no text-encoder call)",
+            registry=self.registry,
+        )
+        self.text_cache_misses = Counter(
+            "imagen_text_embedding_cache_misses",
+            "Prompts sent to the text encoder (not in the cache, or the cache is off)",
+            registry=self.registry,
+        )
         for status in JOB_STATUSES:  # export zeros from the start, so rate() sees the first increment
             self.jobs.labels(status=status)
         for outcome in WEBHOOK_OUTCOMES:
@@ -426,6 +436,10 @@ class Metrics:
         if outcome not in WEBHOOK_OUTCOMES:
             raise ValueError(f"unknown webhook outcome {outcome!r}")
         self.webhook_deliveries.labels(outcome=outcome).inc()
+
+    def record_text_cache(self, hit: bool) -> None:
+        """Count one text-embedding cache lookup (`TextEmbeddingCache(on_lookup=...)`)."""
+        (self.text_cache_hits if hit else self.text_cache_misses).inc()
 
     def set_queue_depth(self, queued: int, running: int) -> None:
         self.jobs_queued.set(queued)

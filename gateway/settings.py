@@ -78,6 +78,8 @@ class Settings:
     image_threads: int | None = None
     image_queue: int = 16
     max_jpeg_scans: int = 100
+    # Text-encoder outputs kept per process, by (model, prompt, negative prompt, guidance on/off), LRU; 0: off.
+    text_cache_size: int = 256
     # Gateway processes sharing the port (`python -m gateway --workers N`); more than one needs a shared job store.
     workers: int = 1
     # Outbound HTTP (image URLs, webhooks): hosts or CIDRs exempt from the private-address block (tests, private
@@ -172,6 +174,7 @@ class Settings:
             ("image_threads", int),
             ("image_queue", int),
             ("max_jpeg_scans", int),
+            ("text_cache_size", int),
             ("workers", int),
             ("jobs_db", job_store_location),
             ("max_running_jobs", int),

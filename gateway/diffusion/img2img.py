@@ -6,7 +6,8 @@ requests even when they are at different points of their schedules.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,12 +48,81 @@ def latent_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[np.ndarr
     return np.concatenate([d[0] for d in draws]), np.concatenate([d[1] for d in draws])
 
 
-class Img2ImgPipeline:
-    """One served pipeline: its manifest, its tokenizer, and the Triton engine it calls."""
+# (pipeline, prompt, negative prompt or None without guidance, guidance on/off): what the text encoder is given.
+TextKey = tuple[str, str, str | None, bool]
+DEFAULT_TEXT_CACHE_SIZE = 256
 
-    def __init__(self, manifest: PipelineManifest, engine: Engine) -> None:
+
+class TextEmbeddingCache:
+    """An LRU of text-encoder outputs, shared by the pipelines of a process (`IMAGEN_TEXT_CACHE_SIZE` entries).
+
+    Production traffic repeats prompts and styles; a hit skips the text encoder's Triton call. An entry is the
+    whole call's output (`[negative, prompt]` with guidance, `[prompt]` without), stored read-only and used
+    as-is, so a hit gives exactly the embeddings of the miss that filled it. `max_entries` 0 disables it (every
+    lookup is a miss and nothing is kept). `on_lookup(hit)` is told about every lookup (metrics).
+    An SD-1.5-sized entry with guidance is 2 x 77 x 768 float32 = 462 KiB, so 256 entries hold about 115 MiB.
+    Concurrent misses of one key each call the encoder; the first to finish fills the entry.
+    """
+
+    def __init__(
+        self, max_entries: int = DEFAULT_TEXT_CACHE_SIZE, *, on_lookup: Callable[[bool], None] | None = None
+    ) -> None:
+        if max_entries < 0:
+            raise ValueError("text cache size must be 0 (off) or more")
+        self.max_entries = max_entries
+        self.on_lookup = on_lookup
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[TextKey, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: TextKey) -> np.ndarray | None:
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        else:
+            self.misses += 1
+        if self.on_lookup is not None:
+            self.on_lookup(found is not None)
+        return found
+
+    def put(self, key: TextKey, embeds: np.ndarray) -> np.ndarray:
+        """Keep `embeds` for `key` (made read-only), evicting the least recently used beyond the bound; a key
+        already held (a concurrent miss finished first) keeps its entry, which is returned."""
+        embeds.setflags(write=False)
+        if self.max_entries == 0:
+            return embeds
+        held = self._entries.get(key)
+        if held is not None:
+            self._entries.move_to_end(key)
+            return held
+        self._entries[key] = embeds
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return embeds
+
+    async def lookup(self, key: TextKey, encode: Callable[[], Awaitable[np.ndarray]]) -> np.ndarray:
+        """The cached embeddings of `key`, else `encode()`'s, kept for next time."""
+        found = self.get(key)
+        if found is not None:
+            return found
+        return self.put(key, await encode())
+
+
+class Img2ImgPipeline:
+    """One served pipeline: its manifest, its tokenizer, the Triton engine it calls, and the text cache it uses
+    (None: none, every prompt goes to the text encoder)."""
+
+    def __init__(
+        self, manifest: PipelineManifest, engine: Engine, *, text_cache: TextEmbeddingCache | None = None
+    ) -> None:
         self.manifest = manifest
         self.engine = engine
+        self.text_cache = text_cache
         self.tokenizer: Tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))
         # diffusers' img2img pipeline rewrites some scheduler settings at construction; serve what it runs.
         self.scheduler_config = math.img2img_scheduler_config(dict(manifest.scheduler))
@@ -67,6 +137,18 @@ class Img2ImgPipeline:
         feeds = {component.inputs[role]: array for role, array in inputs.items()}
         (output_name,) = component.outputs.values()
         return (await self.engine.infer(component.model, feeds, [output_name]))[output_name]
+
+    async def encode_prompt(self, prompt: str, negative_prompt: str, cfg: bool) -> np.ndarray:
+        """Text-encoder output for `[negative_prompt, prompt]` (guidance) or `[prompt]`, from the cache if held."""
+
+        async def encode() -> np.ndarray:
+            texts = [negative_prompt, prompt] if cfg else [prompt]
+            return await self._run("text_encoder", {"input_ids": self.tokenize(texts)})
+
+        if self.text_cache is None:
+            return await encode()
+        key: TextKey = (self.manifest.name, prompt, negative_prompt if cfg else None, cfg)
+        return await self.text_cache.lookup(key, encode)
 
     async def __call__(
         self,
@@ -91,10 +173,10 @@ class Img2ImgPipeline:
         cfg = math.do_classifier_free_guidance(gen.guidance_scale)
 
         check_stop()
-        # 1. Encode the prompt (and the negative prompt, in the same call, when guidance needs it).
-        texts = [gen.negative_prompt, gen.prompt] if cfg else [gen.prompt]
-        embeds = await self._run("text_encoder", {"input_ids": self.tokenize(texts)})
-        embeds = np.repeat(embeds, num_images, axis=0)  # [uncond x N, cond x N], diffusers' order
+        # 1. Encode the prompt (and the negative prompt, in the same call, when guidance needs it): a cache hit
+        # skips the tokenizer and the text encoder.
+        embeds = np.repeat(await self.encode_prompt(gen.prompt, gen.negative_prompt, cfg), num_images, axis=0)
+        # [uncond x N, cond x N], diffusers' order
 
         # 2. Timesteps: strength skips the start of the schedule, exactly as diffusers' get_timesteps.
         scheduler = make_scheduler(self.scheduler_config)

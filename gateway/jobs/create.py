@@ -105,9 +105,25 @@ def new_job_id() -> str:
     return f"img_transform_{uuid.uuid4().hex[:24]}"
 
 
+_REQUEST_HASH_DOMAIN = b"imagen-request-v2\0"  # no JSON text starts so: never equal to a whole-body hash input
+
+
 def request_hash(body: object) -> str:
     """A stable hash of a decoded request body (key order and spacing do not matter), to tell an idempotent
-    retry from a key reused for another request."""
+    retry from a key reused for another request.
+
+    The `image` string (up to ~27 MB of base64 text) is not re-serialized as JSON: its UTF-8 bytes are hashed
+    in one pass and that digest stands for it, next to the canonical JSON of every other field. A body without
+    a string `image` (never one that passed validation) is hashed whole, as before.
+    """
+    if isinstance(body, Mapping) and isinstance(body.get("image"), str):
+        image: str = body["image"]
+        rest = {key: value for key, value in body.items() if key != "image"}
+        digest = hashlib.sha256(_REQUEST_HASH_DOMAIN)
+        # surrogatepass: JSON may carry lone surrogates ("\\ud800"); the encoding stays one-to-one.
+        digest.update(hashlib.sha256(image.encode("utf-8", "surrogatepass")).digest())
+        digest.update(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode())
+        return digest.hexdigest()
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
