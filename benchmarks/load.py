@@ -15,7 +15,6 @@ import io
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks import pinning
 from benchmarks.config import RESULTS_DIR, Workload
 
 ENDPOINT_PATH = "/v1/image-to-image"
@@ -299,24 +299,6 @@ def _line(label: str, run: dict[str, Any]) -> str:
     return f"{label}: {run['images_per_s']:.2f} images/s, p50 {p50} ms, p99 {p99} ms, errors {run['errors']}{slo}"
 
 
-def client_info() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "hostname": platform.node(),
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     base, endpoint = endpoints(args.url)
     data, image = read_image(args.image)
@@ -338,7 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(began)),
         "duration_s": time.time() - began,
         "target": {"url": base, "endpoint": endpoint, **target, "authenticated": bool(args.key)},
-        "client": client_info(),
+        "client": pinning.host_facts(),
         "config": {
             "concurrency": args.concurrency,
             "rates": args.rates,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
+from pathlib import Path
 from typing import Any
 
 
@@ -52,4 +54,23 @@ def record(threads: int) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "applied_to": ["triton models (config intra_op_threads)", "ort peer", "limit sessions", "torch peer"],
+    }
+
+
+def host_facts() -> dict[str, Any]:
+    """Where a run ran, recorded with its results: host, CPU model and count, Python, platform."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "hostname": platform.node(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
     }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -251,23 +250,7 @@ def run(config: BenchConfig, *, work_dir: Path = WORK_DIR, progress: bool = True
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import onnxruntime
     import torch
 
-    return {
-        "hostname": platform.node(),
-        "cpu": cpu,
-        "cpus": __import__("os").cpu_count(),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
+    return {**pinning.host_facts(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}

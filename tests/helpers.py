@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import uvicorn
@@ -42,6 +45,26 @@ def make_image(width: int, height: int, *, seed: int = 0, fmt: str = "PNG") -> b
     buf = io.BytesIO()
     Image.fromarray(rgb.astype(np.uint8)).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def start_http_server(handler: type[http.server.BaseHTTPRequestHandler], host: str) -> http.server.ThreadingHTTPServer:
+    """A threaded stdlib HTTP server on `host` and a free port, serving from a daemon thread (webhook receivers,
+    hostile image hosts); the caller shuts it down."""
+    server = http.server.ThreadingHTTPServer((host, 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@contextmanager
+def serving_http(handler: type[http.server.BaseHTTPRequestHandler], host: str) -> Iterator[str]:
+    """`start_http_server` for a block: yields the server's base URL, then shuts it down and closes it."""
+    server = start_http_server(handler, host)
+    try:
+        yield f"http://{host}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def data_uri(data: bytes, mime: str = "image/png") -> str:

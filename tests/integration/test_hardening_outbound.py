@@ -40,7 +40,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.media import netguard
 from gateway.triton.client import BACKEND_FAILED_MESSAGE, translate_triton_errors
-from tests.helpers import data_uri, make_image
+from tests.helpers import data_uri, make_image, start_http_server
 from tests.integration.gateways import start_gateway, subprocess_gateway
 
 if TYPE_CHECKING:
@@ -121,9 +121,7 @@ def _serve(host: str, routes: dict[str, tuple[int, dict[str, str], bytes]], reco
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer((host, 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start_http_server(Handler, host)
     record.url = f"http://{host}:{server.server_address[1]}"
     return server
 

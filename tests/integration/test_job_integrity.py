@@ -29,7 +29,7 @@ from gateway.app import create_app
 from gateway.errors import ERROR_TABLE
 from gateway.settings import PROJECT_ROOT, Settings
 from gateway.triton.server import TritonServer
-from tests.helpers import data_uri, make_image
+from tests.helpers import data_uri, make_image, serving_http
 from tests.integration import gateways
 from tests.integration.conftest import Repository
 from tests.integration.gateways import SubprocessGateway
@@ -90,13 +90,9 @@ def receiver() -> Iterator[Receiver]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Handler)
-    state.url = f"http://127.0.0.2:{server.server_address[1]}/hook"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
+    with serving_http(Handler, "127.0.0.2") as base:
+        state.url = f"{base}/hook"
+        yield state
 
 
 # --- the OpenAPI error-code enum ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 
 from gateway.jobs.webhooks import verify
 from gateway.triton.server import TritonServer
-from tests.helpers import data_uri, free_port, make_image
+from tests.helpers import data_uri, free_port, make_image, serving_http
 from tests.integration.conftest import TRITON_ENV, GatewayFactory, Repository
 from tests.integration.gateways import SubprocessGateway, start_gateway
 
@@ -69,12 +69,9 @@ def receiver() -> Iterator[Receiver]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Handler)
-    state.url = f"http://127.0.0.2:{server.server_address[1]}/hook"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
+    with serving_http(Handler, "127.0.0.2") as base:
+        state.url = f"{base}/hook"
+        yield state
 
 
 def body(**overrides: Any) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from gateway.triton.server import TritonServer
 from tests.fixtures_postgres import PgCluster, create_database, drop_database, pg_server  # noqa: F401 (fixture)
 from tests.fixtures_redis import RedisServer, running_redis
 from tests.fixtures_s3 import S3Endpoint, s3_server  # noqa: F401 (fixture)
-from tests.helpers import data_uri, free_port, make_image
+from tests.helpers import data_uri, free_port, make_image, start_http_server
 from tests.integration.conftest import TRITON_ENV, Repository
 from tests.integration.gateways import SubprocessGateway, start_gateway
 
@@ -120,9 +120,8 @@ def serve_receiver() -> tuple[Receiver, http.server.ThreadingHTTPServer]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+    server = start_http_server(Handler, "127.0.0.2")
     state.url = f"http://127.0.0.2:{server.server_address[1]}/hook"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     return state, server
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.helpers import ThreadedUvicorn, data_uri, free_port, make_image
+from tests.helpers import ThreadedUvicorn, data_uri, free_port, make_image, serving_http
 
 if TYPE_CHECKING:
     from gateway.triton.server import TritonServer
@@ -129,13 +129,9 @@ def image_host(traps: Traps) -> Iterator[ImageHost]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer((ALLOWED_HOST, 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    host.url = f"http://{ALLOWED_HOST}:{server.server_address[1]}"
-    yield host
-    server.shutdown()
-    server.server_close()
+    with serving_http(Handler, ALLOWED_HOST) as base:
+        host.url = base
+        yield host
 
 
 @dataclass
