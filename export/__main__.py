@@ -13,17 +13,28 @@ from pathlib import Path
 from export.errors import ExportError
 from export.pipeline import DEFAULT_REPOSITORY, ExportRequest, run_export
 from export.repository import BACKENDS, ServingOptions
-from export.tiny import SCHEDULERS, SIZES
+from export.tiny import ARCHS, SCHEDULERS, SIZES
+
+# The scheduler a `--tiny --turbo` pipeline gets unless --scheduler names one: SD-/SDXL-Turbo's own.
+TURBO_SCHEDULER = "euler_ancestral"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-dir", type=Path, help="local diffusers Stable Diffusion 1.x/2.x folder")
+    source.add_argument(
+        "--model-dir", type=Path, help="local diffusers Stable Diffusion 1.x/2.x or SDXL folder (from model_index.json)"
+    )
     source.add_argument("--tiny", action="store_true", help="build a random-weight pipeline and export it")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="random pipeline size (--tiny)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (--tiny)")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="pndm", help="scheduler (--tiny)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="scheduler (--tiny; pndm)")
+    parser.add_argument("--arch", choices=ARCHS, default="sd", help="random pipeline layout (--tiny)")
+    parser.add_argument(
+        "--turbo",
+        action="store_true",
+        help="a distilled model (SD-/SDXL-Turbo style): turbo defaults; --tiny: trailing euler_ancestral",
+    )
     parser.add_argument("--name", default="imagen-v2", help="API model name served (default: imagen-v2)")
     parser.add_argument("--output", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
     parser.add_argument("--backend", choices=BACKENDS, default="python", help="Triton backend to configure")
@@ -36,8 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check")
     args = parser.parse_args(argv)
-    if args.model_dir is not None and (args.size != "tiny" or args.seed != 0 or args.scheduler != "pndm"):
-        parser.error("--size, --seed and --scheduler only apply to --tiny")
+    if args.model_dir is not None and (
+        args.size != "tiny" or args.seed != 0 or args.scheduler is not None or args.arch != "sd"
+    ):
+        parser.error("--size, --seed, --scheduler and --arch only apply to --tiny")
+    if args.scheduler is None:
+        args.scheduler = TURBO_SCHEDULER if args.turbo else "pndm"
     for flag in ("max_batch_size", "instances"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -53,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         tiny_size=args.size if args.tiny else None,
         tiny_seed=args.seed,
         tiny_scheduler=args.scheduler,
+        tiny_arch=args.arch,
+        turbo=args.turbo,
         name=args.name,
         repository=args.output,
         options=ServingOptions(
@@ -71,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export: error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"exported {manifest['name']!r} ({manifest['backend']} backend, {manifest['dtype']}, "
+        f"exported {manifest['name']!r} ({manifest['family']}{' turbo' if manifest['turbo'] else ''}, "
+        f"{manifest['backend']} backend, {manifest['dtype']}, "
         f"{manifest['native_resolution']}px native) into {args.output}"
     )
     return 0

@@ -1,4 +1,4 @@
-"""ONNX export of the four pipeline components through optimum's exporter.
+"""ONNX export of the pipeline components (four for SD 1.x/2.x, five for SDXL) through optimum's exporter.
 
 optimum does the job for the text encoder and the VAE halves. For the UNet we keep optimum but swap its ONNX
 config: optimum declares `timestep` as a rank-0 scalar, so every sample of a batch must share one denoising step.
@@ -16,7 +16,21 @@ from typing import Any
 from export.errors import ExportError
 
 COMPONENTS: tuple[str, ...] = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
+# SDXL adds its second text encoder; a refiner has only that one (no `text_encoder`).
+SDXL_COMPONENTS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "vae_encoder", "unet", "vae_decoder")
+VAE_COMPONENTS: tuple[str, ...] = ("vae_encoder", "vae_decoder")
 ONNX_OPSET = 17
+
+
+def is_sdxl(pipeline: Any) -> bool:
+    return getattr(pipeline, "text_encoder_2", None) is not None
+
+
+def pipeline_components(pipeline: Any) -> tuple[str, ...]:
+    """The ONNX components this pipeline exports to, in the manifest's order."""
+    if not is_sdxl(pipeline):
+        return COMPONENTS
+    return tuple(c for c in SDXL_COMPONENTS if c != "text_encoder" or pipeline.text_encoder is not None)
 
 
 def _per_sample_unet_config(unet_config: Any, float_dtype: str) -> Any:
@@ -52,10 +66,16 @@ def _per_sample_unet_config(unet_config: Any, float_dtype: str) -> Any:
 
 
 def load_pipeline(model_dir: Path) -> Any:
-    """Load a local diffusers img2img pipeline (no hub access, no safety checker)."""
+    """Load a local diffusers img2img pipeline (no hub access, no safety checker), SDXL when the folder is one."""
     import diffusers
 
+    from export.layout import detect_family
+
     try:
+        if detect_family(model_dir) == "sdxl":
+            return diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                model_dir, add_watermarker=False, local_files_only=True
+            )
         return diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
             model_dir,
             safety_checker=None,
@@ -68,8 +88,13 @@ def load_pipeline(model_dir: Path) -> Any:
 
 
 def export_onnx(pipeline: Any, out_dir: Path) -> dict[str, Path]:
-    """Export the four components (fp32) into `out_dir/<component>/model.onnx`; returns their paths."""
+    """Export the components (fp32) into `out_dir/<component>/model.onnx`; returns their paths."""
     from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.exporters.utils import _get_submodels_for_export_diffusion
+
+    # optimum adds SDXL's facts (aesthetic score, projection width) to the UNet config while it collects the
+    # submodels; our UNet config must see them too, so collect first.
+    _get_submodels_for_export_diffusion(pipeline)
 
     onnx_export_from_model(
         pipeline,
@@ -80,11 +105,19 @@ def export_onnx(pipeline: Any, out_dir: Path) -> dict[str, Path]:
         # We validate ourselves (export.validate), against the same torch modules, with stated tolerances.
         do_validation=False,
     )
-    paths = {name: out_dir / name / "model.onnx" for name in COMPONENTS}
+    paths = {name: out_dir / name / "model.onnx" for name in pipeline_components(pipeline)}
     missing = [name for name, path in paths.items() if not path.is_file()]
     if missing:
         raise ExportError(f"the ONNX export produced no model for: {', '.join(missing)}")
     return paths
+
+
+def fp16_components(pipeline: Any, components: tuple[str, ...]) -> tuple[str, ...]:
+    """The components converted by `--fp16`: all but the VAE when its config says `force_upcast` (SDXL's VAE
+    overflows in fp16; diffusers then runs it in fp32, and so do we: its two halves stay fp32)."""
+    if pipeline.vae.config.get("force_upcast", False):
+        return tuple(c for c in components if c not in VAE_COMPONENTS)
+    return components
 
 
 def convert_fp16(paths: Mapping[str, Path]) -> None:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from export.errors import ExportError
 from export.layout import check_layout
-from export.onnx_export import convert_fp16, export_onnx, load_pipeline
+from export.onnx_export import convert_fp16, export_onnx, fp16_components, load_pipeline, pipeline_components
 from export.repository import ServingOptions, install_pipeline, stage_pipeline, staging_area, validate_name
 from export.validate import FP32_ATOL, FP32_RTOL, check_components
 
@@ -30,6 +30,8 @@ class ExportRequest:
     tiny_size: str | None = None
     tiny_seed: int = 0
     tiny_scheduler: str = "pndm"
+    tiny_arch: str = "sd"
+    turbo: bool = False  # a distilled model: turbo defaults in /v1/models (steps 2, no guidance)
     options: ServingOptions = field(default_factory=ServingOptions)
     fp16: bool = False
     validate: bool = True
@@ -67,8 +69,10 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                     size=request.tiny_size or "tiny",
                     seed=request.tiny_seed,
                     scheduler=request.tiny_scheduler,
+                    arch=request.tiny_arch,
                 )
-                s["source"] = f"random {request.tiny_size} (seed {request.tiny_seed}, {request.tiny_scheduler})"
+                what = f"{request.tiny_size} {request.tiny_arch}"
+                s["source"] = f"random {what} (seed {request.tiny_seed}, {request.tiny_scheduler})"
 
             stages.append((f"build {request.tiny_size} pipeline", build))
         else:
@@ -90,7 +94,9 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                     )
 
         def fp16(s: dict[str, Any]) -> None:
-            convert_fp16(s["onnx"])
+            converted = fp16_components(s["pipeline"], tuple(s["onnx"]))
+            convert_fp16({c: s["onnx"][c] for c in converted})
+            s["vae_dtype"] = "float16" if "vae_decoder" in converted else "float32"
 
         def write(s: dict[str, Any]) -> None:
             s["manifest"] = stage_pipeline(
@@ -101,10 +107,12 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                 request.options,
                 dtype="float16" if request.fp16 else "float32",
                 source=s["source"],
+                turbo=request.turbo,
+                vae_dtype=s.get("vae_dtype"),
             )
 
         def install(s: dict[str, Any]) -> None:
-            install_pipeline(staging, repository, name)
+            install_pipeline(staging, repository, name, pipeline_components(s["pipeline"]))
 
         stages += [("load diffusers pipeline", load), ("export ONNX", onnx)]
         if request.validate:

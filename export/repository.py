@@ -1,4 +1,5 @@
-"""Write one pipeline into a Triton model repository: four component models plus the pipeline manifest.
+"""Write one pipeline into a Triton model repository: its component models (four for SD, five for SDXL) plus
+the pipeline manifest.
 
 Everything is written into a staging folder beside the repository first, then moved in with renames, manifest
 last: a Triton polling the repository never sees a half-written model, and the gateway (which reads only the
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
-from export.onnx_export import COMPONENTS, copy_component
+from export.onnx_export import COMPONENTS, copy_component, is_sdxl, pipeline_components
 
-MANIFEST_VERSION = 1
+# 2 added SDXL (`family`, `text_encoders`, `sdxl`) and distilled defaults (`turbo`); a version-1 manifest is an SD
+# one and still loads.
+MANIFEST_VERSION = 2
 MANIFEST_SUFFIX = ".pipeline.json"
 BACKENDS = ("python", "onnxruntime")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -42,6 +45,29 @@ _SERVED_OUTPUTS = {
     "unet": ("out_sample",),
     "vae_decoder": ("sample",),
 }
+
+# diffusers' defaults for the img2img request (steps, guidance, strength), and for distilled ("turbo") models:
+# SDXL-Turbo's model card runs img2img with 2 steps at strength 0.5 (one denoising step) and no guidance.
+DEFAULTS = {"steps": 30, "guidance_scale": 7.5, "strength": 0.7}
+TURBO_DEFAULTS = {"steps": 2, "guidance_scale": 0.0, "strength": 0.5}
+# SDXL img2img's `aesthetic_score` / `negative_aesthetic_score` defaults (used when the refiner's config asks).
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
+
+
+def penultimate_hidden_state(text_encoder: Any) -> str:
+    """optimum's name for `hidden_states[-2]` (hidden_states.0 is the embeddings), what SDXL conditions on."""
+    return f"hidden_states.{int(text_encoder.config.num_hidden_layers) - 1}"
+
+
+def served_outputs(pipeline: Any, component: str) -> dict[str, str]:
+    """role -> ONNX output name of what the gateway reads from `component`."""
+    if is_sdxl(pipeline) and component in ("text_encoder", "text_encoder_2"):
+        roles = {"hidden_states": penultimate_hidden_state(getattr(pipeline, component))}
+        if component == "text_encoder_2":
+            roles["text_embeds"] = "text_embeds"  # the pooled, projected output: SDXL's `add_text_embeds`
+        return roles
+    return {name: name for name in _SERVED_OUTPUTS[component]}
 
 
 @dataclass(frozen=True)
@@ -141,6 +167,8 @@ def build_manifest(
     dtype: str,
     tokenizer_file: str,
     source: str,
+    turbo: bool = False,
+    vae_dtype: str | None = None,
 ) -> dict[str, Any]:
     """The pipeline manifest: everything the gateway needs, read from the model's own configs."""
     vae_cfg, unet_cfg = pipeline.vae.config, pipeline.unet.config
@@ -149,15 +177,17 @@ def build_manifest(
     # The traced UNet has fixed up-sampling sizes, so latents must divide by every UNet down-sampling.
     grid = vae_scale_factor * 2**unet_downsamples
     components = {}
-    for component in COMPONENTS:
+    for component in pipeline_components(pipeline):
         inputs, outputs = specs[component]
+        by_name = {s.name: s for s in outputs}
         components[component] = {
             "model": model_name(name, component),
             "inputs": {s.name: s.as_json() for s in inputs},
-            "outputs": {s.name: s.as_json() for s in outputs},
+            "outputs": {role: by_name[out].as_json() for role, out in served_outputs(pipeline, component).items()},
         }
     scheduler = {"_class_name": type(pipeline.scheduler).__name__, **dict(pipeline.scheduler.config)}
-    return {
+    first_text = "text_encoder" if getattr(pipeline, "text_encoder", None) is not None else "text_encoder_2"
+    manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
         "name": name,
         "source": source,
@@ -172,21 +202,46 @@ def build_manifest(
         "shift_factor": None if vae_cfg.get("shift_factor") is None else float(vae_cfg.shift_factor),
         "max_batch_size": options.max_batch_size,
         "text": {
-            "max_length": int(pipeline.tokenizer.model_max_length),
-            "hidden_size": int(pipeline.text_encoder.config.hidden_size),
+            "max_length": int(getattr(pipeline, first_text.replace("text_encoder", "tokenizer")).model_max_length),
+            "hidden_size": int(getattr(pipeline, first_text).config.hidden_size),
             "tokenizer": tokenizer_file,
         },
         "components": components,
         "scheduler": json.loads(json.dumps(scheduler, default=list)),
-        "defaults": {"steps": 30, "guidance_scale": 7.5, "strength": 0.7},
+        "defaults": dict(TURBO_DEFAULTS if turbo else DEFAULTS),
+        "family": "sdxl" if is_sdxl(pipeline) else "sd",
+        "turbo": turbo,
+        "vae_dtype": vae_dtype or dtype,
     }
+    if is_sdxl(pipeline):
+        manifest["text_encoders"] = [
+            {
+                "component": c,
+                "tokenizer": tokenizer_path(name, c),
+                "hidden_size": int(getattr(pipeline, c).config.hidden_size),
+            }
+            for c in ("text_encoder", "text_encoder_2")
+            if c in components
+        ]
+        manifest["sdxl"] = {
+            "force_zeros_for_empty_prompt": bool(pipeline.config.force_zeros_for_empty_prompt),
+            "requires_aesthetics_score": bool(pipeline.config.requires_aesthetics_score),
+            "aesthetic_score": AESTHETIC_SCORE,
+            "negative_aesthetic_score": NEGATIVE_AESTHETIC_SCORE,
+        }
+    return manifest
 
 
-def write_tokenizer(pipeline: Any, out_file: Path) -> None:
+def tokenizer_path(name: str, text_component: str) -> str:
+    """Where a text encoder's tokenizer JSON lives, relative to the repository (beside its model)."""
+    return f"{model_name(name, text_component)}/tokenizer.json"
+
+
+def write_tokenizer(pipeline: Any, out_file: Path, attribute: str = "tokenizer") -> None:
     """Save a `tokenizers` JSON with SD's padding/truncation baked in, so the gateway needs no transformers."""
     from transformers import CLIPTokenizerFast
 
-    slow = pipeline.tokenizer
+    slow = getattr(pipeline, attribute)
     with _tmpdir(out_file.parent) as tmp:
         slow.save_pretrained(tmp)
         fast = CLIPTokenizerFast.from_pretrained(tmp)
@@ -217,28 +272,42 @@ def stage_pipeline(
     *,
     dtype: str,
     source: str,
+    turbo: bool = False,
+    vae_dtype: str | None = None,
 ) -> dict[str, Any]:
-    """Write the four model folders and the manifest into `staging`; returns the manifest."""
-    text_length = int(pipeline.tokenizer.model_max_length)
+    """Write the model folders and the manifest into `staging`; returns the manifest."""
+    text_length = int((pipeline.tokenizer or pipeline.tokenizer_2).model_max_length)
     specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {}
-    for component in COMPONENTS:
+    for component in pipeline_components(pipeline):
         model_dir = staging / model_name(name, component)
         onnx_file = copy_component(onnx_paths[component], model_dir / "1")
         inputs, outputs = tensor_specs(onnx_file, text_length)
-        outputs = [s for s in outputs if s.name in _SERVED_OUTPUTS[component]]
+        served = set(served_outputs(pipeline, component).values())
+        outputs = [s for s in outputs if s.name in served]
         specs[component] = (inputs, outputs)
         config = render_config(model_name(name, component), inputs, outputs, options, onnx_file.name)
         (model_dir / "config.pbtxt").write_text(config)
         if options.backend == "python":
             shutil.copy2(PYTHON_MODEL_SOURCE, model_dir / "1" / "model.py")
-    tokenizer_rel = f"{model_name(name, 'text_encoder')}/tokenizer.json"
-    write_tokenizer(pipeline, staging / tokenizer_rel)
-    manifest = build_manifest(name, pipeline, specs, options, dtype=dtype, tokenizer_file=tokenizer_rel, source=source)
+    texts = [c for c in pipeline_components(pipeline) if c.startswith("text_encoder")]
+    for text in texts:
+        write_tokenizer(pipeline, staging / tokenizer_path(name, text), text.replace("text_encoder", "tokenizer"))
+    manifest = build_manifest(
+        name,
+        pipeline,
+        specs,
+        options,
+        dtype=dtype,
+        tokenizer_file=tokenizer_path(name, texts[0]),
+        source=source,
+        turbo=turbo,
+        vae_dtype=vae_dtype,
+    )
     (staging / f"{name}{MANIFEST_SUFFIX}").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def install_pipeline(staging: Path, repository: Path, name: str) -> None:
+def install_pipeline(staging: Path, repository: Path, name: str, components: tuple[str, ...] = COMPONENTS) -> None:
     """Move a staged pipeline into the repository: each model folder by rename, then the manifest.
 
     A model being replaced is renamed aside first and deleted after, so it is never seen half-written; if a
@@ -249,7 +318,7 @@ def install_pipeline(staging: Path, repository: Path, name: str) -> None:
     try:
         repository.mkdir(parents=True, exist_ok=True)
         trash.mkdir(exist_ok=True)
-        for component in COMPONENTS:
+        for component in components:
             model = model_name(name, component)
             target = repository / model
             if target.exists():
@@ -287,3 +356,32 @@ def staging_area(repository: Path, name: str) -> Iterator[Path]:
 
 def list_manifests(repository: Path) -> list[Path]:
     return sorted(repository.glob(f"*{MANIFEST_SUFFIX}"))
+
+
+def write_variant(
+    repository: Path, base: str, name: str, *, scheduler: Mapping[str, Any], turbo: bool
+) -> dict[str, Any]:
+    """Serve `base`'s installed models under a second name with another scheduler and defaults (no new models).
+
+    What a distilled configuration changes at serving time is only the schedule and the defaults, so a second
+    manifest over the same Triton models is enough when the weights are shared (the tests' tiny turbo model).
+    """
+    validate_name(name)
+    base_path = repository / f"{base}{MANIFEST_SUFFIX}"
+    try:
+        manifest: dict[str, Any] = json.loads(base_path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read the pipeline {base!r} in {repository}: {exc}") from exc
+    manifest.update(
+        name=name,
+        source=f"variant of {base}",
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        scheduler=dict(scheduler),
+        turbo=turbo,
+        defaults=dict(TURBO_DEFAULTS if turbo else DEFAULTS),
+    )
+    target = repository / f"{name}{MANIFEST_SUFFIX}"
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, target)
+    return manifest

@@ -1,8 +1,11 @@
-"""Random-weight Stable Diffusion pipelines built from the real diffusers/transformers classes.
+"""Random-weight Stable Diffusion (1.x/2.x layout) and SDXL pipelines built from the real diffusers/transformers
+classes.
 
 `tiny` is the model of the demo and of every test (a UNet step takes milliseconds); `medium` has SD-like depth
 and widths for honest benchmarks (about 29M UNet parameters, 0.2-0.5 s per step at 64x64 latents on 2 cores).
 Both are saved as an ordinary diffusers folder, which is then exported through the same code path as a real model.
+`arch="sdxl"` builds SDXL's layout at the same sizes: two CLIP text encoders (the second with a projection, whose
+pooled output conditions the UNet), a `text_time` UNet, and tokenizer_2 padding with "!" as SDXL's does.
 """
 
 from __future__ import annotations
@@ -85,6 +88,16 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
         "steps_offset": 1,
         "timestep_spacing": "leading",
     },
+    # SD-Turbo / SDXL-Turbo ship this one: ancestral Euler on trailing timesteps, for 1-4 steps without guidance.
+    "euler_ancestral": {
+        "_class_name": "EulerAncestralDiscreteScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "steps_offset": 1,
+        "timestep_spacing": "trailing",
+    },
     "ddim": {
         "_class_name": "DDIMScheduler",
         "beta_start": 0.00085,
@@ -98,14 +111,52 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_random_pipeline(out_dir: Path, *, size: str = "tiny", seed: int = 0, scheduler: str = "pndm") -> Path:
-    """Build a random-weight StableDiffusionImg2ImgPipeline, deterministic from `seed`, and save it to `out_dir`."""
+ARCHS = ("sd", "sdxl")
+# The UNet's `add_time_ids` embedding width (SDXL: 256); each of the six ids gets this many sinusoidal features.
+SDXL_TIME_EMBED_DIM = 8
+SDXL_TIME_IDS = 6  # original size (2) + crop offset (2) + target size (2)
+
+
+def _text_config(spec: TinySpec, **extra: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_hidden * 4,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        vocab_size=49408,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        **extra,
+    )
+
+
+def build_random_pipeline(
+    out_dir: Path, *, size: str = "tiny", seed: int = 0, scheduler: str = "pndm", arch: str = "sd"
+) -> Path:
+    """Build a random-weight img2img pipeline (`arch` "sd" or "sdxl"), deterministic from `seed`; save it."""
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     spec = SIZES[size]
+    sdxl = arch == "sdxl"
     torch.manual_seed(seed)
+    # SDXL's cross-attention sees both encoders' hidden states side by side; its added embedding takes the six
+    # time ids and the second encoder's pooled (projected) output.
+    sdxl_unet = (
+        {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+            "projection_class_embeddings_input_dim": SDXL_TIME_EMBED_DIM * SDXL_TIME_IDS + spec.text_hidden,
+            "use_linear_projection": True,
+        }
+        if sdxl
+        else {}
+    )
     unet = diffusers.UNet2DConditionModel(
         sample_size=spec.sample_size,
         in_channels=4,
@@ -114,9 +165,10 @@ def build_random_pipeline(out_dir: Path, *, size: str = "tiny", seed: int = 0, s
         block_out_channels=spec.unet_channels,
         down_block_types=spec.unet_down,
         up_block_types=spec.unet_up,
-        cross_attention_dim=spec.text_hidden,
+        cross_attention_dim=spec.text_hidden * (2 if sdxl else 1),
         attention_head_dim=spec.attention_head_dim,
         norm_num_groups=spec.unet_groups,
+        **sdxl_unet,
     )
     vae = diffusers.AutoencoderKL(
         in_channels=3,
@@ -129,40 +181,42 @@ def build_random_pipeline(out_dir: Path, *, size: str = "tiny", seed: int = 0, s
         norm_num_groups=spec.vae_groups,
         sample_size=spec.sample_size * 2 ** (len(spec.vae_channels) - 1),
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=spec.text_hidden,
-            intermediate_size=spec.text_hidden * 4,
-            num_hidden_layers=spec.text_layers,
-            num_attention_heads=spec.text_heads,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            vocab_size=49408,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    text_encoder = CLIPTextModel(_text_config(spec))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(spec, projection_dim=spec.text_hidden)) if sdxl else None
     with tempfile.TemporaryDirectory() as vocab_dir:
         vocab, merges = write_clip_vocab(Path(vocab_dir))
-        tokenizer = CLIPTokenizer(
-            vocab_file=str(vocab),
-            merges_file=str(merges),
-            model_max_length=CLIP_MAX_LENGTH,
-            pad_token="<|endoftext|>",  # noqa: S106 - CLIP's padding token, not a password
-        )
+
+        def tokenizer(pad: str) -> Any:
+            return CLIPTokenizer(
+                vocab_file=str(vocab), merges_file=str(merges), model_max_length=CLIP_MAX_LENGTH, pad_token=pad
+            )
+
         sched_config = dict(SCHEDULERS[scheduler])
         sched_cls = getattr(diffusers, sched_config.pop("_class_name"))
-        pipe = diffusers.StableDiffusionImg2ImgPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=sched_cls(**sched_config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
         # For mypy, diffusers' TYPE_CHECKING re-exports resolve to its placeholder "dummy" classes (no methods);
         # at run time this is the real pipeline class, a DiffusionPipeline with save_pretrained.
-        pipe.save_pretrained(out_dir)  # type: ignore[attr-defined]
+        pipe: Any
+        if sdxl:
+            pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer("<|endoftext|>"),
+                tokenizer_2=tokenizer("!"),  # SDXL's second tokenizer pads with "!" (id 0)
+                unet=unet,
+                scheduler=sched_cls(**sched_config),
+                add_watermarker=False,
+            )
+        else:
+            pipe = diffusers.StableDiffusionImg2ImgPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer("<|endoftext|>"),  # CLIP's padding token
+                unet=unet,
+                scheduler=sched_cls(**sched_config),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        pipe.save_pretrained(out_dir)
     return out_dir

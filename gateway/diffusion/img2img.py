@@ -1,7 +1,10 @@
-"""The img2img recipe, step by step as diffusers' `StableDiffusionImg2ImgPipeline.__call__`, over Triton.
+"""The img2img recipe, step by step as diffusers' `StableDiffusionImg2ImgPipeline.__call__` (and, for an SDXL
+manifest, `StableDiffusionXLImg2ImgPipeline.__call__`), over Triton.
 
-Every UNet call carries one timestep per sample, so Triton's dynamic batcher can merge the steps of concurrent
-requests even when they are at different points of their schedules.
+The two share every step but the first: SD conditions the UNet on one text encoder's last hidden state; SDXL on
+two encoders' penultimate hidden states side by side, plus the second's pooled output and the size "time ids"
+(`Conditioning`). Every UNet call carries one timestep per sample, so Triton's dynamic batcher can merge the
+steps of concurrent requests even when they are at different points of their schedules.
 """
 
 from __future__ import annotations
@@ -9,12 +12,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from gateway.diffusion import sampling as math
-from gateway.diffusion.manifest import PipelineManifest
+from gateway.diffusion.manifest import Component, PipelineManifest, SdxlConditioning
 from gateway.diffusion.schedulers import make_scheduler
 from gateway.errors import BackendError
 from gateway.triton.client import Engine
@@ -51,6 +55,9 @@ def latent_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[np.ndarr
 # (pipeline, prompt, negative prompt or None without guidance, guidance on/off): what the text encoder is given.
 TextKey = tuple[str, str, str | None, bool]
 DEFAULT_TEXT_CACHE_SIZE = 256
+# An entry: SD's hidden states, or SDXL's (hidden states, pooled embeddings).
+Embeds = np.ndarray | tuple[np.ndarray, ...]
+E = TypeVar("E", np.ndarray, tuple[np.ndarray, ...])
 
 
 class TextEmbeddingCache:
@@ -73,12 +80,12 @@ class TextEmbeddingCache:
         self.on_lookup = on_lookup
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[TextKey, np.ndarray] = OrderedDict()
+        self._entries: OrderedDict[TextKey, Embeds] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: TextKey) -> np.ndarray | None:
+    def get(self, key: TextKey) -> Embeds | None:
         found = self._entries.get(key)
         if found is not None:
             self._entries.move_to_end(key)
@@ -89,28 +96,36 @@ class TextEmbeddingCache:
             self.on_lookup(found is not None)
         return found
 
-    def put(self, key: TextKey, embeds: np.ndarray) -> np.ndarray:
+    def put(self, key: TextKey, embeds: E) -> E:
         """Keep `embeds` for `key` (made read-only), evicting the least recently used beyond the bound; a key
         already held (a concurrent miss finished first) keeps its entry, which is returned."""
-        embeds.setflags(write=False)
+        for array in embeds if isinstance(embeds, tuple) else (embeds,):
+            array.setflags(write=False)
         if self.max_entries == 0:
             return embeds
         held = self._entries.get(key)
         if held is not None:
             self._entries.move_to_end(key)
-            return held
+            return cast(E, held)  # one key is always filled by the same pipeline's encoder: same kind
         self._entries[key] = embeds
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return embeds
 
-    async def lookup(self, key: TextKey, encode: Callable[[], Awaitable[np.ndarray]]) -> np.ndarray:
+    async def lookup(self, key: TextKey, encode: Callable[[], Awaitable[E]]) -> E:
         """The cached embeddings of `key`, else `encode()`'s, kept for next time."""
         found = self.get(key)
         if found is not None:
-            return found
+            return cast(E, found)
         return self.put(key, await encode())
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The UNet's inputs besides sample and timestep, for the whole (guidance-doubled) batch, by role."""
+
+    inputs: dict[str, np.ndarray]
 
 
 class Img2ImgPipeline:
@@ -124,19 +139,27 @@ class Img2ImgPipeline:
         self.engine = engine
         self.text_cache = text_cache
         self.tokenizer: Tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))
+        # One tokenizer per text encoder (SDXL's second pads with "!", not with the end token).
+        self.tokenizers = [Tokenizer.from_file(str(t.tokenizer_path)) for t in manifest.texts]
         # diffusers' img2img pipeline rewrites some scheduler settings at construction; serve what it runs.
-        self.scheduler_config = math.img2img_scheduler_config(dict(manifest.scheduler))
+        self.scheduler_config = math.img2img_scheduler_config(dict(manifest.scheduler), manifest.family)
         make_scheduler(self.scheduler_config)  # fail at start-up, not per request, on an unsupported one
 
-    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+    def tokenize(self, texts: Sequence[str], tokenizer: Tokenizer | None = None) -> np.ndarray:
         """CLIP ids padded/truncated to the text window, as diffusers' tokenizer call does."""
-        return np.array([e.ids for e in self.tokenizer.encode_batch(list(texts))], dtype=np.int64)
+        encoded = (tokenizer or self.tokenizer).encode_batch(list(texts))
+        return np.array([e.ids for e in encoded], dtype=np.int64)
+
+    async def _run_component(self, component: Component, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One Triton call; inputs and outputs by manifest role."""
+        feeds = {component.inputs[role]: array for role, array in inputs.items()}
+        names = list(component.outputs.values())
+        out = await self.engine.infer(component.model, feeds, names)
+        return {role: out[name] for role, name in component.outputs.items()}
 
     async def _run(self, component_name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        component = getattr(self.manifest, component_name)
-        feeds = {component.inputs[role]: array for role, array in inputs.items()}
-        (output_name,) = component.outputs.values()
-        return (await self.engine.infer(component.model, feeds, [output_name]))[output_name]
+        (output,) = (await self._run_component(getattr(self.manifest, component_name), inputs)).values()
+        return output
 
     async def encode_prompt(self, prompt: str, negative_prompt: str, cfg: bool) -> np.ndarray:
         """Text-encoder output for `[negative_prompt, prompt]` (guidance) or `[prompt]`, from the cache if held."""
@@ -149,6 +172,57 @@ class Img2ImgPipeline:
             return await encode()
         key: TextKey = (self.manifest.name, prompt, negative_prompt if cfg else None, cfg)
         return await self.text_cache.lookup(key, encode)
+
+    async def encode_prompt_sdxl(
+        self, prompt: str, negative_prompt: str, cfg: bool, sdxl: SdxlConditioning
+    ) -> tuple[np.ndarray, ...]:
+        """SDXL's `encode_prompt`: (hidden states [B, 77, sum of widths], pooled [B, width]) for `[negative,
+        prompt]` (guidance) or `[prompt]`, from the cache if held. Each encoder's penultimate hidden state,
+        concatenated on the feature axis; pooled from the last encoder. Without a negative prompt and with
+        `force_zeros_for_empty_prompt` the negative half is zeros, and only the prompt is encoded."""
+        zeros = cfg and math.sdxl_negative_is_zeros(negative_prompt, sdxl.force_zeros_for_empty_prompt)
+
+        async def encode() -> tuple[np.ndarray, ...]:
+            texts = [prompt] if zeros or not cfg else [negative_prompt, prompt]
+            outs = [
+                await self._run_component(text.component, {"input_ids": self.tokenize(texts, tokenizer)})
+                for text, tokenizer in zip(self.manifest.texts, self.tokenizers, strict=True)
+            ]
+            embeds = np.concatenate([out["hidden_states"] for out in outs], axis=-1)
+            pooled = outs[-1]["text_embeds"]
+            if zeros:
+                return np.concatenate([np.zeros_like(embeds), embeds]), np.concatenate([np.zeros_like(pooled), pooled])
+            return embeds, pooled
+
+        if self.text_cache is None:
+            return await encode()
+        key: TextKey = (self.manifest.name, prompt, negative_prompt if cfg else None, cfg)
+        return await self.text_cache.lookup(key, encode)
+
+    async def conditioning(self, gen: Generation, cfg: bool, height: int, width: int) -> Conditioning:
+        """Step 1 of the recipe: everything the UNet is conditioned on, repeated for the request's images in
+        diffusers' order ([uncond x N, cond x N] with guidance)."""
+        n = len(gen.seeds)
+        sdxl = self.manifest.sdxl
+        if sdxl is None:
+            embeds = await self.encode_prompt(gen.prompt, gen.negative_prompt, cfg)
+            return Conditioning({"encoder_hidden_states": np.repeat(embeds, n, axis=0)})
+        hidden, pooled = await self.encode_prompt_sdxl(gen.prompt, gen.negative_prompt, cfg, sdxl)
+        time_ids, negative_ids = math.sdxl_add_time_ids(
+            height,
+            width,
+            requires_aesthetics_score=sdxl.requires_aesthetics_score,
+            aesthetic_score=sdxl.aesthetic_score,
+            negative_aesthetic_score=sdxl.negative_aesthetic_score,
+        )
+        ids = np.concatenate([negative_ids, time_ids]) if cfg else time_ids
+        return Conditioning(
+            {
+                "encoder_hidden_states": np.repeat(hidden, n, axis=0),
+                "text_embeds": np.repeat(pooled, n, axis=0),
+                "time_ids": np.repeat(ids, n, axis=0),
+            }
+        )
 
     async def __call__(
         self,
@@ -174,9 +248,8 @@ class Img2ImgPipeline:
 
         check_stop()
         # 1. Encode the prompt (and the negative prompt, in the same call, when guidance needs it): a cache hit
-        # skips the tokenizer and the text encoder.
-        embeds = np.repeat(await self.encode_prompt(gen.prompt, gen.negative_prompt, cfg), num_images, axis=0)
-        # [uncond x N, cond x N], diffusers' order
+        # skips the tokenizer and the text encoder(s). SDXL adds the pooled text and the size time ids.
+        cond = await self.conditioning(gen, cfg, height=gen.image.shape[2], width=gen.image.shape[3])
 
         # 2. Timesteps: strength skips the start of the schedule, exactly as diffusers' get_timesteps.
         scheduler = make_scheduler(self.scheduler_config)
@@ -203,7 +276,7 @@ class Img2ImgPipeline:
                 {
                     "sample": model_in.astype(np.float32),
                     "timestep": np.full((model_in.shape[0], 1), t, dtype=np.float32),
-                    "encoder_hidden_states": embeds,
+                    **cond.inputs,
                 },
             )
             if cfg:

@@ -12,7 +12,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".pipeline.json"
-SUPPORTED_MANIFEST_VERSION = 1
+# 1: Stable Diffusion 1.x/2.x. 2 adds `family` ("sd" or "sdxl"), `turbo`, `vae_dtype`, and for SDXL
+# `text_encoders` and `sdxl`; a version-1 manifest reads as an SD one.
+SUPPORTED_MANIFEST_VERSIONS = (1, 2)
+SUPPORTED_MANIFEST_VERSION = max(SUPPORTED_MANIFEST_VERSIONS)
+FAMILIES = ("sd", "sdxl")
 
 
 class ManifestError(ValueError):
@@ -24,6 +28,24 @@ class Component:
     model: str
     inputs: Mapping[str, str]  # role -> tensor name (roles are the optimum names)
     outputs: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder and its tokenizer (SD has one; SDXL two, or only the second for a refiner)."""
+
+    component: Component
+    tokenizer_path: Path
+
+
+@dataclass(frozen=True)
+class SdxlConditioning:
+    """What SDXL's UNet is conditioned on besides the text, as the pipeline's config sets it."""
+
+    force_zeros_for_empty_prompt: bool = True
+    requires_aesthetics_score: bool = False  # the refiner: time ids end with an aesthetic score, not a size
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
 
 @dataclass(frozen=True)
@@ -46,10 +68,21 @@ class PipelineManifest:
     defaults: Mapping[str, Any]
     dtype: str
     backend: str
+    family: str = "sd"
+    turbo: bool = False  # distilled: few steps without guidance (the defaults say which)
+    text_encoders: tuple[TextEncoder, ...] = ()  # empty: the one `text_encoder` with `tokenizer_path`
+    sdxl: SdxlConditioning | None = None  # set exactly when family is "sdxl"
+    vae_dtype: str = "float32"
+
+    @property
+    def texts(self) -> tuple[TextEncoder, ...]:
+        """The text encoders, in the order their hidden states are concatenated."""
+        return self.text_encoders or (TextEncoder(self.text_encoder, self.tokenizer_path),)
 
     @property
     def models(self) -> tuple[str, ...]:
-        return tuple(c.model for c in (self.text_encoder, self.vae_encoder, self.unet, self.vae_decoder))
+        parts = [t.component for t in self.texts] + [self.vae_encoder, self.unet, self.vae_decoder]
+        return tuple(dict.fromkeys(c.model for c in parts))
 
     def describe(self) -> dict[str, Any]:
         """The public view for `GET /v1/models`."""
@@ -61,6 +94,8 @@ class PipelineManifest:
             "scheduler": self.scheduler.get("_class_name"),
             "dtype": self.dtype,
             "defaults": dict(self.defaults),
+            "family": self.family,
+            "turbo": self.turbo,
         }
 
 
@@ -75,9 +110,28 @@ def _component(raw: Mapping[str, Any]) -> Component:
 def load_manifest(path: Path) -> PipelineManifest:
     try:
         raw = json.loads(path.read_text("utf-8"))
-        if raw.get("manifest_version") != SUPPORTED_MANIFEST_VERSION:
+        if raw.get("manifest_version") not in SUPPORTED_MANIFEST_VERSIONS:
             raise ManifestError(f"{path}: manifest_version {raw.get('manifest_version')!r} is not supported")
         comps = raw["components"]
+        family = str(raw.get("family", "sd"))
+        if family not in FAMILIES:
+            raise ManifestError(f"{path}: family {family!r} is not supported (supported: {', '.join(FAMILIES)})")
+        texts = tuple(
+            TextEncoder(_component(comps[t["component"]]), path.parent / t["tokenizer"])
+            for t in raw.get("text_encoders", ())
+        )
+        sdxl = None
+        if family == "sdxl":
+            conditioning = raw["sdxl"]
+            sdxl = SdxlConditioning(
+                force_zeros_for_empty_prompt=bool(conditioning["force_zeros_for_empty_prompt"]),
+                requires_aesthetics_score=bool(conditioning["requires_aesthetics_score"]),
+                aesthetic_score=float(conditioning["aesthetic_score"]),
+                negative_aesthetic_score=float(conditioning["negative_aesthetic_score"]),
+            )
+            if not texts:
+                raise ManifestError(f"{path}: an sdxl manifest lists its text_encoders")
+        first_text = comps["text_encoder"] if "text_encoder" in comps else comps["text_encoder_2"]
         return PipelineManifest(
             name=str(raw["name"]),
             path=path,
@@ -89,7 +143,7 @@ def load_manifest(path: Path) -> PipelineManifest:
             shift_factor=None if raw.get("shift_factor") is None else float(raw["shift_factor"]),
             max_length=int(raw["text"]["max_length"]),
             tokenizer_path=path.parent / raw["text"]["tokenizer"],
-            text_encoder=_component(comps["text_encoder"]),
+            text_encoder=_component(first_text),
             vae_encoder=_component(comps["vae_encoder"]),
             unet=_component(comps["unet"]),
             vae_decoder=_component(comps["vae_decoder"]),
@@ -97,6 +151,11 @@ def load_manifest(path: Path) -> PipelineManifest:
             defaults=dict(raw.get("defaults", {})),
             dtype=str(raw.get("dtype", "float32")),
             backend=str(raw.get("backend", "python")),
+            family=family,
+            turbo=bool(raw.get("turbo", False)),
+            text_encoders=texts,
+            sdxl=sdxl,
+            vae_dtype=str(raw.get("vae_dtype", raw.get("dtype", "float32"))),
         )
     except (OSError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, ManifestError):

@@ -1,6 +1,6 @@
-"""Pure numpy pieces of diffusers' StableDiffusionImg2ImgPipeline (0.39.0), so the gateway can drive the
-denoising loop around Triton calls without torch. No I/O here; every function mirrors one step of the
-diffusers pipeline and says which.
+"""Pure numpy pieces of diffusers' StableDiffusionImg2ImgPipeline and StableDiffusionXLImg2ImgPipeline (0.39.0),
+so the gateway can drive the denoising loop around Triton calls without torch. No I/O here; every function
+mirrors one step of the diffusers pipeline and says which.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ __all__ = [
     "noise_generator",
     "prepare_initial_latents",
     "sample_latents",
+    "sdxl_add_time_ids",
+    "sdxl_negative_is_zeros",
 ]
 
 _F32 = np.float32
@@ -146,8 +148,9 @@ def denormalize_latents_for_decode(
     return out
 
 
-def img2img_scheduler_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The scheduler config as `StableDiffusionImg2ImgPipeline.__init__` leaves it.
+def img2img_scheduler_config(config: Mapping[str, Any], family: str = "sd") -> dict[str, Any]:
+    """The scheduler config as `StableDiffusionImg2ImgPipeline.__init__` leaves it (SDXL's pipeline rewrites
+    nothing: family "sdxl" gets the config verbatim).
 
     diffusers rewrites outdated configs when the pipeline is built: `steps_offset` becomes 1 and a true
     `clip_sample` becomes False (both judged on the config with the class defaults filled in, so a DDIM
@@ -155,6 +158,8 @@ def img2img_scheduler_config(config: Mapping[str, Any]) -> dict[str, Any]:
     the schedule diffusers would actually run.
     """
     out = dict(config)
+    if family == "sdxl":
+        return out
     name = out.get("_class_name")
     filled: dict[str, Any] = dict(out)
     if isinstance(name, str) and name in SUPPORTED_SCHEDULERS:
@@ -164,3 +169,31 @@ def img2img_scheduler_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if filled.get("clip_sample", False) is True:
         out["clip_sample"] = False
     return out
+
+
+def sdxl_add_time_ids(
+    height: int,
+    width: int,
+    *,
+    requires_aesthetics_score: bool,
+    aesthetic_score: float,
+    negative_aesthetic_score: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """SDXL img2img's `_get_add_time_ids` with its defaults: (time ids, negative time ids), each [1, n] float32.
+
+    The original and target sizes are the processed image's (height, width), the crop offset (0, 0). A refiner
+    (`requires_aesthetics_score`) ends with the aesthetic score instead of the target size: 5 ids, not 6.
+    """
+    size, crop = (float(height), float(width)), (0.0, 0.0)
+    if requires_aesthetics_score:
+        ids, negative = [*size, *crop, aesthetic_score], [*size, *crop, negative_aesthetic_score]
+    else:
+        ids = negative = [*size, *crop, *size]
+    return np.array([ids], dtype=_F32), np.array([negative], dtype=_F32)
+
+
+def sdxl_negative_is_zeros(negative_prompt: str, force_zeros_for_empty_prompt: bool) -> bool:
+    """SDXL's unconditional branch is all zeros (not the encoded "") when there is no negative prompt and the
+    pipeline's config says `force_zeros_for_empty_prompt`. The API has no null/"" distinction after styling: an
+    empty negative prompt is no negative prompt (diffusers' `negative_prompt=None`)."""
+    return force_zeros_for_empty_prompt and negative_prompt == ""

@@ -345,6 +345,8 @@ class ModelInfo(WireModel):
     scheduler: str | None
     dtype: str
     defaults: dict[str, Any]
+    family: Literal["sd", "sdxl"] = Field(description="Stable Diffusion 1.x/2.x layout, or SDXL.")
+    turbo: bool = Field(description="A distilled model: its `defaults` are few steps without guidance.")
 
 
 class ModelList(WireModel):

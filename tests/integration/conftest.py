@@ -1,7 +1,9 @@
 """Session fixtures: two tiny pipelines exported by our own export code, the real Triton server, the real gateway.
 
 `imagen-v2` is exported from a saved diffusers folder (`--model-dir`, kept for the diffusers reference tests);
-`imagen-v3` goes through the CLI's `--tiny` path. Both are what the demo serves.
+`imagen-v3` goes through the CLI's `--tiny` path. Both are what the demo serves. `imagen-xl` is a tiny SDXL
+(from a saved folder, for the SDXL reference tests); `imagen-xl-turbo` serves the same Triton models with the
+turbo scheduler and defaults (a second manifest, no second copy of the models).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 import pytest
 
 from export.pipeline import ExportRequest, run_export
-from export.tiny import build_random_pipeline
+from export.repository import write_variant
+from export.tiny import SCHEDULERS, build_random_pipeline
 from gateway.app import create_app
 from gateway.diffusion.manifest import PipelineManifest, load_manifests
 from gateway.settings import PROJECT_ROOT, Settings
@@ -60,7 +63,15 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Repository:
         cwd=PROJECT_ROOT,
         capture_output=True,
     )
-    return Repository(path=repo, diffusers_dirs={"imagen-v2": v2_source}, manifests=load_manifests(repo))
+    xl_source = build_random_pipeline(root / "diffusers-imagen-xl", size="tiny", seed=2, scheduler="euler", arch="sdxl")
+    # The session's SDXL is checked against torch by test_export; skipping the export's own check saves time.
+    run_export(ExportRequest(model_dir=xl_source, repository=repo, name="imagen-xl", validate=False), progress=False)
+    write_variant(repo, "imagen-xl", "imagen-xl-turbo", scheduler=SCHEDULERS["euler_ancestral"], turbo=True)
+    return Repository(
+        path=repo,
+        diffusers_dirs={"imagen-v2": v2_source, "imagen-xl": xl_source, "imagen-xl-turbo": xl_source},
+        manifests=load_manifests(repo),
+    )
 
 
 @pytest.fixture(scope="session")

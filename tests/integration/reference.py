@@ -1,8 +1,9 @@
 """The diffusers reference run, fed the gateway's own seeded noise.
 
-diffusers' img2img draws two tensors with `randn_tensor`, in order: the VAE sample noise, then the noise added
-at the first timestep. We patch `randn_tensor` in the two modules that call it so it returns, in that order,
-the arrays `gateway.pipeline.draw_noise(seed, shape)` gives; the served pipeline draws exactly those for a seed.
+diffusers' img2img (SD and SDXL alike) draws two tensors with `randn_tensor`, in order: the VAE sample noise,
+then the noise added at the first timestep. We patch `randn_tensor` in the two modules that call it so it
+returns, in that order, the arrays `gateway.pipeline.draw_noise(seed, shape)` gives; the served pipeline draws
+exactly those for a seed.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from gateway.diffusion.sampling import draw_noise
 
 
 @contextmanager
-def seeded_like_gateway(seeds: list[int], latent_shape: tuple[int, ...]) -> Iterator[None]:
+def seeded_like_gateway(seeds: list[int], latent_shape: tuple[int, ...], *, sdxl: bool = False) -> Iterator[None]:
     import diffusers.models.autoencoders.vae as vae_module
-    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as sd_module
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as sdxl_module
     import torch
+
+    img2img_module: Any = sdxl_module if sdxl else sd_module
 
     draws = [draw_noise(seed, latent_shape) for seed in seeds]
     vae_noise = np.concatenate([d[0] for d in draws])
@@ -68,6 +72,44 @@ def diffusers_img2img(
     pipe.set_progress_bar_config(disable=True)
     shape = (1, latent_channels, image.height // vae_scale_factor, image.width // vae_scale_factor)
     with seeded_like_gateway([seed], shape), torch.no_grad():
+        out = pipe(
+            prompt=prompt,
+            image=image,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            output_type="np",
+        ).images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+def diffusers_sdxl_img2img(
+    model_dir: Path,
+    image: Image.Image,
+    *,
+    prompt: str,
+    negative_prompt: str | None,
+    strength: float,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    scheduler: dict[str, Any] | None = None,
+    latent_channels: int = 4,
+    vae_scale_factor: int = 8,
+) -> np.ndarray:
+    """uint8 HWC pixels of diffusers' StableDiffusionXLImg2ImgPipeline on `image` (already at the served size);
+    `scheduler` (a config with `_class_name`) swaps the folder's scheduler through `from_config`."""
+    import diffusers
+    import torch
+
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(model_dir, add_watermarker=False)
+    if scheduler is not None:
+        config = dict(scheduler)
+        pipe.scheduler = getattr(diffusers, config.pop("_class_name")).from_config(config)
+    pipe.set_progress_bar_config(disable=True)
+    shape = (1, latent_channels, image.height // vae_scale_factor, image.width // vae_scale_factor)
+    with seeded_like_gateway([seed], shape, sdxl=True), torch.no_grad():
         out = pipe(
             prompt=prompt,
             image=image,
