@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 
-from export.onnx_export import COMPONENTS
+from export.layout import detect_family, missing_parts
+from export.onnx_export import COMPONENTS, SDXL_COMPONENTS, fp16_components
 from export.onnx_export import load_pipeline as load_diffusers
 from export.validate import FP32_ATOL, check_components
 from gateway.settings import PROJECT_ROOT
@@ -79,6 +81,65 @@ def test_manifest_describes_the_models(repository: Repository) -> None:
     )
 
 
+def test_sdxl_components_match_torch_and_the_manifest_describes_them(repository: Repository) -> None:
+    """SDXL: five components; the text encoders serve the penultimate hidden state (and the second its pooled
+    projection), the UNet takes `text_embeds` and the six `time_ids`. Same 1e-4 tolerance as SD."""
+    pipeline = load_diffusers(repository.diffusers_dirs["imagen-xl"])
+    assert type(pipeline).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    paths = {c: _onnx_path(repository, "imagen-xl", c) for c in SDXL_COMPONENTS}
+    checks = check_components(pipeline, paths, batch=2, seed=3)
+    assert [c.component for c in checks] == list(SDXL_COMPONENTS)
+    for check in checks:
+        assert check.max_abs_error <= FP32_ATOL, check
+
+    raw = json.loads((repository.path / "imagen-xl.pipeline.json").read_text())
+    assert (raw["manifest_version"], raw["family"], raw["turbo"]) == (2, "sdxl", False)
+    assert raw["sdxl"]["force_zeros_for_empty_prompt"] is True and raw["sdxl"]["requires_aesthetics_score"] is False
+    comps = raw["components"]
+    assert list(comps) == list(SDXL_COMPONENTS)
+    assert comps["text_encoder"]["outputs"]["hidden_states"]["name"] == "hidden_states.1"  # 2 layers: [-2]
+    assert set(comps["text_encoder_2"]["outputs"]) == {"hidden_states", "text_embeds"}
+    assert comps["unet"]["inputs"]["time_ids"]["shape"] == [-1, 6]
+    assert comps["unet"]["inputs"]["encoder_hidden_states"]["shape"] == [-1, 77, 64]  # 32 + 32, side by side
+    assert [t["component"] for t in raw["text_encoders"]] == ["text_encoder", "text_encoder_2"]
+    # tokenizer_2 pads with "!" (id 0), tokenizer with the end token, as SDXL's own do.
+    tokenizers = [json.loads((repository.path / t["tokenizer"]).read_text()) for t in raw["text_encoders"]]
+    pads = [t["padding"]["pad_id"] for t in tokenizers]
+    assert pads == [49407, 0]
+
+    turbo = json.loads((repository.path / "imagen-xl-turbo.pipeline.json").read_text())
+    assert turbo["components"] == comps  # the variant serves the same Triton models
+    assert turbo["turbo"] is True and turbo["scheduler"]["timestep_spacing"] == "trailing"
+    assert turbo["defaults"] == {"steps": 2, "guidance_scale": 0.0, "strength": 0.5}
+
+
+def test_sdxl_folder_layout_is_detected_and_checked(tmp_path: Path, repository: Repository) -> None:
+    source = repository.diffusers_dirs["imagen-xl"]
+    assert detect_family(source) == "sdxl" and detect_family(repository.diffusers_dirs["imagen-v2"]) == "sd"
+    assert missing_parts(source) == []
+    broken = tmp_path / "xl"
+    shutil.copytree(source, broken, ignore=shutil.ignore_patterns("tokenizer_2", "*.safetensors"))
+    missing = missing_parts(broken)
+    assert "tokenizer_2/ (vocab.json + merges.txt, or tokenizer.json)" in missing
+    assert "text_encoder_2/ weights (*.safetensors or *.bin)" in missing
+    # A refiner lists no first text encoder: only the second is required.
+    refiner = tmp_path / "refiner"
+    shutil.copytree(source, refiner, ignore=shutil.ignore_patterns("text_encoder", "tokenizer"))
+    index = json.loads((refiner / "model_index.json").read_text())
+    (refiner / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None]}))
+    assert missing_parts(refiner) == []
+
+
+def test_fp16_keeps_a_force_upcast_vae_in_fp32(repository: Repository) -> None:
+    """diffusers runs an fp16 SDXL pipeline's VAE in fp32 when its config says `force_upcast` (it overflows in
+    fp16); `--fp16` leaves the two VAE halves fp32 for such a VAE and converts them otherwise."""
+    pipeline = load_diffusers(repository.diffusers_dirs["imagen-xl"])
+    assert pipeline.vae.config.force_upcast
+    assert fp16_components(pipeline, SDXL_COMPONENTS) == ("text_encoder", "text_encoder_2", "unet")
+    pipeline.vae.register_to_config(force_upcast=False)  # a fixed fp16 VAE (madebyollin's sdxl-vae-fp16-fix)
+    assert fp16_components(pipeline, SDXL_COMPONENTS) == SDXL_COMPONENTS
+
+
 def _shape(spec_shape: list[int], batch: int, spatial: int) -> list[int]:
     return [batch] + [spatial if d == -1 else d for d in spec_shape[1:]]
 
@@ -86,7 +147,7 @@ def _shape(spec_shape: list[int], batch: int, spatial: int) -> list[int]:
 def test_every_model_is_ready_and_answers_with_the_right_shapes(repository: Repository, triton: TritonServer) -> None:
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     try:
-        for manifest_name in ("imagen-v2", "imagen-v3"):
+        for manifest_name in ("imagen-v2", "imagen-v3", "imagen-xl"):
             raw = json.loads((repository.path / f"{manifest_name}.pipeline.json").read_text())
             for component, spec in raw["components"].items():
                 assert client.is_model_ready(spec["model"]), spec["model"]

@@ -208,7 +208,7 @@ def test_eight_concurrent_requests_are_batched_and_seeded_results_hold(
 def test_models_and_styles_endpoints(gateway: str, auth: dict[str, str]) -> None:
     models = httpx.get(f"{gateway}/v1/models", headers=auth).json()
     by_id = {m["id"]: m for m in models["data"]}
-    assert set(by_id) == {"imagen-v2", "imagen-v3"}
+    assert set(by_id) == {"imagen-v2", "imagen-v3", "imagen-xl", "imagen-xl-turbo"}
     assert by_id["imagen-v2"]["native_resolution"] == 128 and by_id["imagen-v2"]["resolution_multiple"] == 16
     assert by_id["imagen-v3"]["scheduler"] == "EulerDiscreteScheduler"
     assert models["limits"]["steps"]["maximum"] == 150
