@@ -9,6 +9,7 @@ steps of concurrent requests even when they are at different points of their sch
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -184,10 +185,12 @@ class Img2ImgPipeline:
 
         async def encode() -> tuple[np.ndarray, ...]:
             texts = [prompt] if zeros or not cfg else [negative_prompt, prompt]
-            outs = [
-                await self._run_component(text.component, {"input_ids": self.tokenize(texts, tokenizer)})
-                for text, tokenizer in zip(self.manifest.texts, self.tokenizers, strict=True)
-            ]
+            outs = await asyncio.gather(  # the two encoders are independent: one round trip, not two
+                *(
+                    self._run_component(text.component, {"input_ids": self.tokenize(texts, tokenizer)})
+                    for text, tokenizer in zip(self.manifest.texts, self.tokenizers, strict=True)
+                )
+            )
             embeds = np.concatenate([out["hidden_states"] for out in outs], axis=-1)
             pooled = outs[-1]["text_embeds"]
             if zeros:
