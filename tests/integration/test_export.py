@@ -19,6 +19,7 @@ import tritonclient.grpc.aio as grpcaio
 from export.layout import detect_family, missing_parts
 from export.onnx_export import COMPONENTS, SDXL_COMPONENTS, fp16_components
 from export.onnx_export import load_pipeline as load_diffusers
+from export.pipeline import ExportRequest, run_export
 from export.validate import FP32_ATOL, check_components
 from gateway.settings import PROJECT_ROOT
 from gateway.triton.server import TritonServer
@@ -138,6 +139,28 @@ def test_fp16_keeps_a_force_upcast_vae_in_fp32(repository: Repository) -> None:
     assert fp16_components(pipeline, SDXL_COMPONENTS) == ("text_encoder", "text_encoder_2", "unet")
     pipeline.vae.register_to_config(force_upcast=False)  # a fixed fp16 VAE (madebyollin's sdxl-vae-fp16-fix)
     assert fp16_components(pipeline, SDXL_COMPONENTS) == SDXL_COMPONENTS
+
+
+def test_fp16_sdxl_export_converts_all_but_the_vae(tmp_path: Path, repository: Repository) -> None:
+    """The real `--fp16` path on the tiny SDXL: UNet and text encoders carry fp16 weights, the VAE halves none."""
+    import onnx
+
+    repo = tmp_path / "fp16"
+    manifest = run_export(
+        ExportRequest(
+            model_dir=repository.diffusers_dirs["imagen-xl"], repository=repo, name="xl16", fp16=True, validate=False
+        ),
+        progress=False,
+    )
+    assert (manifest["dtype"], manifest["vae_dtype"]) == ("float16", "float32")
+
+    def weight_types(component: str) -> set[int]:
+        model = onnx.load(str(repo / f"xl16_{component}" / "1" / "model.onnx"))
+        return {init.data_type for init in model.graph.initializer}
+
+    fp16 = onnx.TensorProto.FLOAT16
+    assert fp16 in weight_types("unet") and fp16 in weight_types("text_encoder_2")
+    assert fp16 not in weight_types("vae_encoder") and fp16 not in weight_types("vae_decoder")
 
 
 def _shape(spec_shape: list[int], batch: int, spatial: int) -> list[int]:
