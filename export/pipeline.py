@@ -99,7 +99,7 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                 s["pipeline"],
                 s["onnx"],
                 request.options,
-                dtype="float16" if request.fp16 else "float32",
+                dtype="float16" if request.fp16 or request.options.backend == "tensorrt" else "float32",
                 source=s["source"],
             )
 
@@ -109,7 +109,8 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
         stages += [("load diffusers pipeline", load), ("export ONNX", onnx)]
         if request.validate:
             stages.append(("check ONNX against torch", validate))
-        if request.fp16:
+        # TensorRT plans are fp16: export.tensorrt converts (and prunes) each model's ONNX in the write stage.
+        if request.fp16 and request.options.backend != "tensorrt":
             stages.append(("convert to fp16", fp16))
         stages += [("write Triton models", write), ("install into repository", install)]
         bar = tqdm(stages, desc=f"export {name}", unit="stage", disable=not progress, leave=True)
