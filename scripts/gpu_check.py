@@ -27,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "check": "gpu-check",
         "version": 1,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 - Python 3.10 too
         "tiny": args.tiny,
         "environment": environment(args.device),
     }
