@@ -13,7 +13,8 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import Scope
 
 from gateway.diffusion.img2img import Img2ImgPipeline
 from gateway.diffusion.styles import STYLE_PRESETS
@@ -311,6 +312,19 @@ class Handlers:
         return JSONResponse({"status": "ready" if ready else "not_ready"}, status_code=200 if ready else 503)
 
 
+class OwnPathRoute(Route):
+    """A route that owns its path for every method: `GET /v1/images/edits` is its 405 (with `Allow: POST`),
+    not an image named `edits` for the `GET /v1/images/{name}` pattern listed after it."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        return (Match.FULL if match == Match.PARTIAL else match), child_scope
+
+
+# Static paths that a wider pattern of another method would also match.
+OWN_PATHS = frozenset({openai_compat.EDITS_PATH})
+
+
 def routes(handlers: Handlers) -> list[BaseRoute]:
     h = handlers
     table: list[tuple[str, Callable[[Request], Any], str]] = [
@@ -319,8 +333,8 @@ def routes(handlers: Handlers) -> list[BaseRoute]:
         ("/v1/image-to-image/{job_id}/cancel", h.cancel_job, "POST"),
         ("/v1/image-to-image/{job_id}/events", h.job_events, "GET"),
         ("/v1/webhook-secret", h.webhook_secret, "GET"),
+        (openai_compat.EDITS_PATH, h.openai_image_edits, "POST"),  # before `{name}`, which would match it too
         ("/v1/images/{name}", h.get_image, "GET"),
-        (openai_compat.EDITS_PATH, h.openai_image_edits, "POST"),
         ("/v1/models", h.list_models, "GET"),
         ("/v1/styles", h.list_styles, "GET"),
         ("/healthz", h.healthz, "GET"),
@@ -328,4 +342,7 @@ def routes(handlers: Handlers) -> list[BaseRoute]:
         ("/metrics", metrics_endpoint, "GET"),
         ("/openapi.json", openapi_endpoint, "GET"),
     ]
-    return [Route(path, endpoint, methods=[method]) for path, endpoint, method in table]
+    return [
+        (OwnPathRoute if path in OWN_PATHS else Route)(path, endpoint, methods=[method])
+        for path, endpoint, method in table
+    ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Mapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.app import create_app
 from gateway.diffusion.img2img import Img2ImgPipeline
 from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import (
@@ -40,6 +42,7 @@ from gateway.http.openai_compat import (
 from gateway.http.ratelimit import RateLimitMiddleware
 from gateway.http.schema import MAX_NUM_IMAGES, parse_image_to_image
 from gateway.media.codecs import decode_image, fit_to_grid
+from gateway.settings import Settings
 from tests.helpers import make_image
 
 MAX_BODY = 256 * 1024
@@ -230,3 +233,13 @@ async def test_size_follows_the_upright_image(size: str, status: int) -> None:
     assert response.status_code == status, response.text
     upright = decode_image(jpeg)
     assert fit_to_grid(upright.width, upright.height, 128, 16) == (64, 128)
+
+
+async def test_the_edits_path_is_its_own_route_for_every_method(tmp_path: Path) -> None:
+    """`GET /v1/images/edits` is the edits route's 405 (`Allow: POST`), not an image named `edits`."""
+    app = create_app(Settings(model_repository=tmp_path, storage_dir=tmp_path, jobs_db=tmp_path / "jobs.sqlite3"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        for method in ("GET", "DELETE"):
+            response = await http.request(method, "/v1/images/edits")
+            assert response.status_code == 405 and response.headers["allow"] == "POST", method
+        assert (await http.post("/v1/images/a.png")).headers["allow"] == "GET, HEAD"
