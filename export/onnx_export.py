@@ -120,14 +120,6 @@ def fp16_components(pipeline: Any, components: tuple[str, ...]) -> tuple[str, ..
     return components
 
 
-def _resize_scale_constants(model: Any) -> list[str]:
-    """The Constant nodes feeding a Resize's `scales` (input 2): they must stay fp32. The converter keeps Resize's
-    scale *initializers* fp32 but turns Constant nodes fp16, and onnxruntime then rejects the UNet's upsamplers
-    ("Type 'tensor(float16)' of input parameter ... of operator (Resize) is invalid")."""
-    scales = {node.input[2] for node in model.graph.node if node.op_type == "Resize" and len(node.input) > 2}
-    return [node.name for node in model.graph.node if node.op_type == "Constant" and set(node.output) & scales]
-
-
 def convert_fp16(paths: Mapping[str, Path]) -> None:
     """Convert weights and compute to fp16 in place, keeping fp32 inputs/outputs so callers do not change.
 
@@ -138,9 +130,7 @@ def convert_fp16(paths: Mapping[str, Path]) -> None:
 
     for path in paths.values():
         model = onnx.load(str(path), load_external_data=True)
-        converted = convert_float_to_float16(
-            model, keep_io_types=True, disable_shape_infer=True, node_block_list=_resize_scale_constants(model)
-        )
+        converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
         external = path.with_name(path.name + "_data")
         if external.exists():
             external.unlink()

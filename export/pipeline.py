@@ -15,8 +15,15 @@ from tqdm import tqdm
 
 from export.errors import ExportError
 from export.layout import check_layout
-from export.onnx_export import convert_fp16, export_onnx, fp16_components, load_pipeline, pipeline_components
-from export.repository import ServingOptions, install_pipeline, stage_pipeline, staging_area, validate_name
+from export.onnx_export import export_onnx, fp16_components, load_pipeline, pipeline_components
+from export.repository import (
+    ServingOptions,
+    install_pipeline,
+    served_outputs,
+    stage_pipeline,
+    staging_area,
+    validate_name,
+)
 from export.validate import FP32_ATOL, FP32_RTOL, check_components
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository" / "models"
@@ -94,8 +101,14 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                     )
 
         def fp16(s: dict[str, Any]) -> None:
+            # onnxconverter-common, after pruning to the served outputs (export.tensorrt.convert_fp16): onnxruntime's
+            # own converter (onnx_export.convert_fp16) turned the UNet's Resize scales into fp16, an ONNX model that
+            # onnxruntime refuses to load. A `force_upcast` VAE stays fp32, as diffusers runs it (fp16_components).
+            from export.tensorrt import convert_fp16
+
             converted = fp16_components(s["pipeline"], tuple(s["onnx"]))
-            convert_fp16({c: s["onnx"][c] for c in converted})
+            for component in converted:
+                convert_fp16(s["onnx"][component], set(served_outputs(s["pipeline"], component).values()))
             s["vae_dtype"] = "float16" if "vae_decoder" in converted else "float32"
 
         def write(s: dict[str, Any]) -> None:
@@ -105,7 +118,7 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                 s["pipeline"],
                 s["onnx"],
                 request.options,
-                dtype="float16" if request.fp16 else "float32",
+                dtype="float16" if request.fp16 or request.options.backend == "tensorrt" else "float32",
                 source=s["source"],
                 turbo=request.turbo,
                 vae_dtype=s.get("vae_dtype"),
@@ -117,7 +130,8 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
         stages += [("load diffusers pipeline", load), ("export ONNX", onnx)]
         if request.validate:
             stages.append(("check ONNX against torch", validate))
-        if request.fp16:
+        # TensorRT plans are fp16: export.tensorrt converts (and prunes) each model's ONNX in the write stage.
+        if request.fp16 and request.options.backend != "tensorrt":
             stages.append(("convert to fp16", fp16))
         stages += [("write Triton models", write), ("install into repository", install)]
         bar = tqdm(stages, desc=f"export {name}", unit="stage", disable=not progress, leave=True)
