@@ -1,4 +1,4 @@
-"""Session fixtures: two tiny pipelines exported by our own export code, the real Triton server, the real gateway.
+"""Session fixtures: tiny pipelines exported by our own export code, the real Triton server, the real gateway.
 
 `imagen-v2` is exported from a saved diffusers folder (`--model-dir`, kept for the diffusers reference tests);
 `imagen-v3` goes through the CLI's `--tiny` path. Both are what the demo serves. `imagen-xl` is a tiny SDXL
