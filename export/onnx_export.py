@@ -113,9 +113,10 @@ def export_onnx(pipeline: Any, out_dir: Path) -> dict[str, Path]:
 
 
 def fp16_components(pipeline: Any, components: tuple[str, ...]) -> tuple[str, ...]:
-    """The components converted by `--fp16`: all but the VAE when its config says `force_upcast` (SDXL's VAE
-    overflows in fp16; diffusers then runs it in fp32, and so do we: its two halves stay fp32)."""
-    if pipeline.vae.config.get("force_upcast", False):
+    """The components converted by `--fp16`: for SDXL, all but the VAE when its config says `force_upcast`
+    (SDXL's VAE overflows in fp16; diffusers' SDXL pipelines then run it in fp32, and so do we: its two halves
+    stay fp32). SD's pipelines ignore `force_upcast` (AutoencoderKL's default is True), so SD converts all."""
+    if is_sdxl(pipeline) and pipeline.vae.config.get("force_upcast", False):
         return tuple(c for c in components if c not in VAE_COMPONENTS)
     return components
 

@@ -152,6 +152,24 @@ def prune_outputs(model: Any, keep: set[str]) -> None:
         graph.initializer.remove(init)
 
 
+def separate_consumed_outputs(model: Any) -> None:
+    """Give each graph output that nodes also read (SDXL's `hidden_states.N` of a text encoder that also serves
+    `text_embeds`) an Identity of its own: the converter keeps outputs fp32, and the later layers reading the
+    same tensor would get fp32 beside their fp16 weights (onnxruntime refuses "bound to different types")."""
+    from onnx import helper
+
+    graph = model.graph
+    read = {i for n in graph.node for i in n.input}
+    for output in graph.output:
+        if output.name not in read:
+            continue
+        inner = f"{output.name}.inner"
+        for node in graph.node:
+            node.output[:] = [inner if o == output.name else o for o in node.output]
+            node.input[:] = [inner if i == output.name else i for i in node.input]
+        graph.node.append(helper.make_node("Identity", [inner], [output.name], name=f"{output.name}.identity"))
+
+
 def convert_fp16(path: Path, keep: set[str]) -> None:
     """Prune `path` to the served outputs, then convert it to fp16 in place with onnxconverter-common,
     inputs and outputs kept fp32.
@@ -165,6 +183,7 @@ def convert_fp16(path: Path, keep: set[str]) -> None:
 
     model = _load(path)
     prune_outputs(model, keep)
+    separate_consumed_outputs(model)
     _save(model, path)
     inferred = path.with_name(path.stem + ".inferred.onnx")
     try:

@@ -133,12 +133,15 @@ def test_sdxl_folder_layout_is_detected_and_checked(tmp_path: Path, repository: 
 
 def test_fp16_keeps_a_force_upcast_vae_in_fp32(repository: Repository) -> None:
     """diffusers runs an fp16 SDXL pipeline's VAE in fp32 when its config says `force_upcast` (it overflows in
-    fp16); `--fp16` leaves the two VAE halves fp32 for such a VAE and converts them otherwise."""
+    fp16); `--fp16` leaves the two VAE halves fp32 for such a VAE and converts them otherwise (and always for SD,
+    whose pipelines ignore the flag)."""
     pipeline = load_diffusers(repository.diffusers_dirs["imagen-xl"])
     assert pipeline.vae.config.force_upcast
     assert fp16_components(pipeline, SDXL_COMPONENTS) == ("text_encoder", "text_encoder_2", "unet")
     pipeline.vae.register_to_config(force_upcast=False)  # a fixed fp16 VAE (madebyollin's sdxl-vae-fp16-fix)
     assert fp16_components(pipeline, SDXL_COMPONENTS) == SDXL_COMPONENTS
+    sd = load_diffusers(repository.diffusers_dirs["imagen-v2"])  # SD's pipelines never upcast: all converted
+    assert sd.vae.config.force_upcast and fp16_components(sd, COMPONENTS) == COMPONENTS
 
 
 def test_fp16_sdxl_export_converts_all_but_the_vae(tmp_path: Path, repository: Repository) -> None:
