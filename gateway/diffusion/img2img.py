@@ -7,8 +7,9 @@ requests even when they are at different points of their schedules.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -35,6 +36,7 @@ class Generation:
     steps: int
     guidance_scale: float
     seeds: Sequence[int]  # one per output image
+    scheduler_config: Mapping[str, Any] | None = None  # the request's scheduler; None: the model's own
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ class Img2ImgPipeline:
         # [uncond x N, cond x N], diffusers' order
 
         # 2. Timesteps: strength skips the start of the schedule, exactly as diffusers' get_timesteps.
-        scheduler = make_scheduler(self.scheduler_config)
+        scheduler = make_scheduler(self.scheduler_config if gen.scheduler_config is None else gen.scheduler_config)
         scheduler.set_timesteps(gen.steps)
         timesteps, _ = math.get_img2img_timesteps(scheduler, gen.steps, gen.strength)
 

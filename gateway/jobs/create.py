@@ -26,7 +26,7 @@ import httpx
 from gateway.diffusion.img2img import Img2ImgPipeline
 from gateway.diffusion.sampling import MAX_SEED, do_classifier_free_guidance, img2img_effective_steps
 from gateway.errors import IdempotencyKeyReused, RateLimited, TooManyJobs
-from gateway.jobs.execute import DecodedInputs, resolve_pipeline
+from gateway.jobs.execute import DecodedInputs, resolve_pipeline, resolve_scheduler
 from gateway.jobs.model import QUEUED, InputImage, Job, JobSpec, Size, WebhookState, input_name, now_iso
 from gateway.jobs.runner import JobManager
 from gateway.jobs.store import IdempotencyConflict, JobStore
@@ -64,6 +64,12 @@ class ImageToImageParams(Protocol):
     def style(self) -> str | None: ...
     @property
     def webhook_url(self) -> str | None: ...
+    @property
+    def scheduler(self) -> str | None: ...
+    @property
+    def output_format(self) -> str: ...
+    @property
+    def output_quality(self) -> int | None: ...
 
 
 class WorkLimiter(Protocol):
@@ -213,8 +219,11 @@ class CreateJob:
             )
 
     async def _accept(self, request: ImageToImageParams, caller: Caller) -> Job:
-        # 3. The model (404 before any image work) and the webhook target (refused now, not at delivery time).
-        manifest = resolve_pipeline(self.pipelines, request.model).manifest
+        # 3. The model (404 before any image work), the scheduler it can run (400), and the webhook target
+        # (refused now, not at delivery time).
+        pipeline = resolve_pipeline(self.pipelines, request.model)
+        manifest = pipeline.manifest
+        scheduler = resolve_scheduler(pipeline, request.scheduler)
         if request.webhook_url is not None:
             await netguard.check_url(request.webhook_url, self.policy, timeout_s=self.fetch_timeout_s)
         # 3b. The key's work budget, charged with this job's cost once the request is known valid.
@@ -234,7 +243,7 @@ class CreateJob:
             id=job_id,
             owner=caller.owner,
             status=QUEUED,
-            spec=self._spec(request, caller, Size(width, height)),
+            spec=self._spec(request, caller, Size(width, height), scheduler),
             input=InputImage(
                 url=source_url or self.storage.url_for(stored), name=stored, width=image.width, height=image.height
             ),
@@ -268,7 +277,7 @@ class CreateJob:
         return job
 
     @staticmethod
-    def _spec(request: ImageToImageParams, caller: Caller, size: Size) -> JobSpec:
+    def _spec(request: ImageToImageParams, caller: Caller, size: Size, scheduler: str | None) -> JobSpec:
         return JobSpec(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -283,6 +292,9 @@ class CreateJob:
             asynchronous=caller.asynchronous,
             processed_size=size,
             effective_steps=img2img_effective_steps(request.steps, request.strength),
+            scheduler=scheduler,
+            output_format=request.output_format,
+            output_quality=codecs.output_quality(request.output_format, request.output_quality),
         )
 
     async def _image_bytes(self, field: str) -> tuple[bytes, str | None]:
