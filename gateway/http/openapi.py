@@ -200,7 +200,20 @@ REQUEST_EXAMPLES = {
     "small": {
         "summary": "A small synchronous request",
         "value": {"image": EXAMPLE_IMAGE, "prompt": "a watercolor fox", "steps": 4, "strength": 0.5, "seed": 42},
-    }
+    },
+    "jpeg_ancestral": {
+        "summary": "Another scheduler, JPEG output",
+        "value": {
+            "image": EXAMPLE_IMAGE,
+            "prompt": "a watercolor fox",
+            "steps": 4,
+            "strength": 0.5,
+            "seed": 42,
+            "scheduler": "euler_ancestral",
+            "output_format": "jpeg",
+            "output_quality": 85,
+        },
+    },
 }
 # One event of the stream, as parsed (OpenAPI 3.2's reading of `schema` for `text/event-stream`, which
 # schemathesis applies to 3.1 too): `event: job`, and `data:` a JobView in JSON.

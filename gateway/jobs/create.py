@@ -25,7 +25,7 @@ import httpx
 
 from gateway.diffusion.img2img import Img2ImgPipeline
 from gateway.diffusion.sampling import MAX_SEED, do_classifier_free_guidance, img2img_effective_steps
-from gateway.errors import IdempotencyKeyReused, RateLimited, TooManyJobs
+from gateway.errors import IdempotencyKeyReused, InvalidRequest, RateLimited, TooManyJobs
 from gateway.jobs.execute import DecodedInputs, resolve_pipeline, resolve_scheduler
 from gateway.jobs.model import QUEUED, InputImage, Job, JobSpec, Size, WebhookState, input_name, now_iso
 from gateway.jobs.runner import JobManager
@@ -133,6 +133,19 @@ def request_hash(body: object) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _output_quality(output_format: str, quality: int | None) -> int | None:
+    """The quality the outputs are encoded at (the format's default filled in). The wire schema already refuses
+    bad values; this keeps any other caller of the use case (another wire format) to a 400 as well."""
+    if output_format not in codecs.OUTPUT_FORMATS:
+        raise InvalidRequest(
+            "Invalid field 'output_format'", f"'output_format' must be one of: {', '.join(codecs.OUTPUT_FORMATS)}"
+        )
+    try:
+        return codecs.output_quality(output_format, quality)
+    except ValueError as exc:
+        raise InvalidRequest("Invalid field 'output_quality'", str(exc)) from None
+
+
 def _key_reused() -> IdempotencyKeyReused:
     return IdempotencyKeyReused("Idempotency-Key already used", "This key was used with a different request body")
 
@@ -224,6 +237,7 @@ class CreateJob:
         pipeline = resolve_pipeline(self.pipelines, request.model)
         manifest = pipeline.manifest
         scheduler = resolve_scheduler(pipeline, request.scheduler)
+        quality = _output_quality(request.output_format, request.output_quality)
         if request.webhook_url is not None:
             await netguard.check_url(request.webhook_url, self.policy, timeout_s=self.fetch_timeout_s)
         # 3b. The key's work budget, charged with this job's cost once the request is known valid.
@@ -243,7 +257,7 @@ class CreateJob:
             id=job_id,
             owner=caller.owner,
             status=QUEUED,
-            spec=self._spec(request, caller, Size(width, height), scheduler),
+            spec=self._spec(request, caller, Size(width, height), scheduler, quality),
             input=InputImage(
                 url=source_url or self.storage.url_for(stored), name=stored, width=image.width, height=image.height
             ),
@@ -277,7 +291,9 @@ class CreateJob:
         return job
 
     @staticmethod
-    def _spec(request: ImageToImageParams, caller: Caller, size: Size, scheduler: str | None) -> JobSpec:
+    def _spec(
+        request: ImageToImageParams, caller: Caller, size: Size, scheduler: str | None, quality: int | None
+    ) -> JobSpec:
         return JobSpec(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -294,7 +310,7 @@ class CreateJob:
             effective_steps=img2img_effective_steps(request.steps, request.strength),
             scheduler=scheduler,
             output_format=request.output_format,
-            output_quality=codecs.output_quality(request.output_format, request.output_quality),
+            output_quality=quality,
         )
 
     async def _image_bytes(self, field: str) -> tuple[bytes, str | None]:

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from gateway.errors import InvalidRequest
+from gateway.jobs.create import _output_quality
 from gateway.jobs.model import OutputImage, job_from_json, job_to_json, output_name
 from gateway.media import codecs
 from gateway.media.storage import CONTENT_TYPES, content_type_for
@@ -142,3 +144,16 @@ def test_jobs_stored_before_the_fields_read_back_as_png() -> None:
     old = job_from_json(json.dumps(raw), version=1)
     assert old.spec.scheduler is None and old.spec.output_format == "png" and old.spec.output_quality is None
     assert old.images[0].content_type == "image/png" and old.images[0].sha256 is None
+
+
+def test_the_use_case_refuses_bad_formats_with_400_for_any_caller() -> None:
+    """A caller of `CreateJob` other than the native wire schema (another route's model) still gets a 400."""
+    assert _output_quality("jpeg", None) == 90 and _output_quality("png", None) is None
+    for fmt, quality, field in (
+        ("gif", None, "output_format"),
+        ("png", 80, "output_quality"),
+        ("webp", 0, "output_quality"),
+    ):
+        with pytest.raises(InvalidRequest) as info:
+            _output_quality(fmt, quality)
+        assert info.value.message == f"Invalid field '{field}'"

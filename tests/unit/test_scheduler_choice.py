@@ -26,6 +26,7 @@ from gateway.diffusion.schedulers import (
     swap_scheduler_config,
 )
 from gateway.errors import InvalidRequest
+from gateway.jobs.create import request_hash
 from gateway.jobs.execute import resolve_scheduler, scheduler_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -131,3 +132,20 @@ def test_resolve_scheduler() -> None:
     assert scheduler_config(pndm, "ddim") == scheduler_choices(pndm.scheduler_config)["ddim"]
     with pytest.raises(InvalidRequest):
         scheduler_config(euler, "pndm")
+
+
+def test_scheduler_and_output_fields_identify_the_request() -> None:
+    """An Idempotency-Key reused with another scheduler or format is another request (409), not a replay."""
+    body = {"image": "data:image/png;base64,AAAA", "prompt": "a cat", "seed": 1}
+    hashes = {
+        request_hash(variant)
+        for variant in (
+            body,
+            {**body, "scheduler": "euler"},
+            {**body, "scheduler": "ddim"},
+            {**body, "output_format": "jpeg"},
+            {**body, "output_format": "jpeg", "output_quality": 80},
+        )
+    }
+    assert len(hashes) == 5
+    assert request_hash({**body, "scheduler": "ddim"}) == request_hash({"scheduler": "ddim", **body})
