@@ -486,7 +486,15 @@ async def test_create_job_answers_429_with_a_retry_after_from_the_cost() -> None
         work_limiter=limiter,
     )
     costly = SimpleNamespace(
-        model="m", webhook_url=None, num_images=4, steps=150, strength=1.0, guidance_scale=7.5, scheduler=None
+        model="m",
+        webhook_url=None,
+        num_images=4,
+        steps=150,
+        strength=1.0,
+        guidance_scale=7.5,
+        scheduler=None,
+        output_format="png",
+        output_quality=None,
     )
     limiter.acquire("owner-a", 75)  # 25 left: the costly request needs a full bucket (its cost exceeds the burst)
     with pytest.raises(RateLimited) as refused:
