@@ -28,6 +28,7 @@ from gateway.errors import (
 from gateway.http.auth import check_bearer
 from gateway.http.limits import release_body_budget
 from gateway.http.openapi import openapi_endpoint
+from gateway.http.playground import Playground
 from gateway.http.schema import PARAMETER_LIMITS, parse_image_to_image
 from gateway.http.views import job_view
 from gateway.jobs.create import Caller, CreateJob, request_hash
@@ -286,6 +287,7 @@ class Handlers:
 
 def routes(handlers: Handlers) -> list[BaseRoute]:
     h = handlers
+    playground = Playground()
     table: list[tuple[str, Callable[[Request], Any], str]] = [
         ("/v1/image-to-image", h.image_to_image, "POST"),
         ("/v1/image-to-image/{job_id}", h.get_job, "GET"),
@@ -299,5 +301,8 @@ def routes(handlers: Handlers) -> list[BaseRoute]:
         ("/readyz", h.readyz, "GET"),
         ("/metrics", metrics_endpoint, "GET"),
         ("/openapi.json", openapi_endpoint, "GET"),
+        ("/", playground.index, "GET"),
+        ("/playground", playground.index, "GET"),
+        ("/playground/{asset}", playground.asset, "GET"),
     ]
     return [Route(path, endpoint, methods=[method]) for path, endpoint, method in table]
