@@ -12,8 +12,12 @@ test time. Without it the test is skipped on a workstation and fails in CI (`CI=
 from __future__ import annotations
 
 import base64
+import io
+import json
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,6 +102,11 @@ def input_png(tmp_path: Path) -> Path:
 
 def wait(driver: WebDriver, what: str, condition: Any) -> Any:
     return WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(lambda d: condition(d), message=what)
+
+
+def pixels(url: str) -> np.ndarray:
+    with Image.open(io.BytesIO(httpx.get(url, timeout=10).content)) as image:
+        return np.asarray(image.convert("RGB")).astype(np.int16)
 
 
 def set_value(element: WebElement, value: str) -> None:
@@ -239,6 +248,18 @@ def test_playground_runs_a_job_in_a_real_browser(
     curl = driver.find_element(By.ID, "curl").get_attribute("value")
     assert curl.startswith(f"curl -sS -X POST '{gateway}/v1/image-to-image'"), curl[:200]
     assert '"prompt": "a watercolor fox"' in curl and "base64 < 'input.png'" in curl and API_KEY not in curl
+    # ...and it works: run in the file's folder, it reproduces the reused seed's image alone (within the parity
+    # tolerance of 2 levels: another batch size may sum in another order).
+    bash = shutil.which("bash")
+    assert bash is not None and shutil.which("curl") is not None, "the curl command needs bash and curl"
+    shell = subprocess.run(
+        [bash, "-c", curl], cwd=input_png.parent, env={**os.environ, "IMAGEN_API_KEY": API_KEY},
+        capture_output=True, text=True, timeout=WAIT_S, check=True,
+    )  # fmt: skip
+    alone = json.loads(shell.stdout)
+    assert alone["status"] == "completed" and [o["seed"] for o in alone["images"]] == [SEED + 1], alone
+    diff = np.abs(pixels(alone["images"][0]["url"]) - pixels(job["images"][1]["url"]))
+    assert diff.max() <= 2, f"max {diff.max()} levels"
 
     # Cancel: a long job, canceled once its first step shows; the stream ends with the job canceled.
     set_value(driver.find_element(By.ID, "field-steps"), str(LONG_STEPS))
