@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -40,6 +40,7 @@ class Generation:
     steps: int
     guidance_scale: float
     seeds: Sequence[int]  # one per output image
+    scheduler_config: Mapping[str, Any] | None = None  # the request's scheduler; None: the model's own
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,7 @@ class Img2ImgPipeline:
         cond = await self.conditioning(gen, cfg, height=gen.image.shape[2], width=gen.image.shape[3])
 
         # 2. Timesteps: strength skips the start of the schedule, exactly as diffusers' get_timesteps.
-        scheduler = make_scheduler(self.scheduler_config)
+        scheduler = make_scheduler(self.scheduler_config if gen.scheduler_config is None else gen.scheduler_config)
         scheduler.set_timesteps(gen.steps)
         timesteps, _ = math.get_img2img_timesteps(scheduler, gen.steps, gen.strength)
 

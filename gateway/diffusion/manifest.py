@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.diffusion.sampling import img2img_scheduler_config
+from gateway.diffusion.schedulers import scheduler_choices, scheduler_name
+
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".pipeline.json"
@@ -92,6 +95,8 @@ class PipelineManifest:
             "native_resolution": self.native_resolution,
             "resolution_multiple": self.grid,
             "scheduler": self.scheduler.get("_class_name"),
+            "default_scheduler": scheduler_name(str(self.scheduler.get("_class_name"))),
+            "schedulers": list(scheduler_choices(img2img_scheduler_config(self.scheduler, self.family))),
             "dtype": self.dtype,
             "defaults": dict(self.defaults),
             "family": self.family,

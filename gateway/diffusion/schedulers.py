@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 __all__ = [
+    "SCHEDULER_NAMES",
     "SUPPORTED_SCHEDULERS",
     "DDIMScheduler",
     "DPMSolverMultistepScheduler",
@@ -31,6 +32,10 @@ __all__ = [
     "UnsupportedScheduler",
     "default_config",
     "make_scheduler",
+    "scheduler_choices",
+    "scheduler_class",
+    "scheduler_name",
+    "swap_scheduler_config",
 ]
 
 Generators = np.random.Generator | Sequence[np.random.Generator] | None
@@ -1102,3 +1107,59 @@ def make_scheduler(config: Mapping[str, Any]) -> Scheduler:
     if cls is None:
         raise UnsupportedScheduler(f"scheduler {name!r} is not supported; supported: {', '.join(SUPPORTED_SCHEDULERS)}")
     return cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+
+
+# --------------------------------------------------------------------------------------------------
+# A scheduler per request: the API's names, and diffusers' `from_config` swap
+# --------------------------------------------------------------------------------------------------
+
+SCHEDULER_NAMES: Mapping[str, str] = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+}
+"""The request's `scheduler` names (AUTOMATIC1111/ComfyUI style) and the diffusers class each one is."""
+
+
+def scheduler_class(name: str) -> str | None:
+    """The diffusers class a request's `scheduler` names (a short name or the class name itself), else None."""
+    if name in SCHEDULER_NAMES:
+        return SCHEDULER_NAMES[name]
+    return name if name in _REGISTRY else None
+
+
+def scheduler_name(class_name: str) -> str | None:
+    """The short API name of a diffusers scheduler class (None for a class this port lacks)."""
+    return next((short for short, cls in SCHEDULER_NAMES.items() if cls == class_name), None)
+
+
+def swap_scheduler_config(config: Mapping[str, Any], class_name: str) -> dict[str, Any]:
+    """`<class_name>.from_config(config)`'s config, as diffusers' `SchedulerMixin.from_config` builds it.
+
+    Keys the config only holds because its class used their defaults (`_use_default_values`) are dropped, so
+    the target's own defaults apply; keys the target does not know are dropped; every other key is kept
+    (beta schedule, `timestep_spacing`, `steps_offset`, `prediction_type`, ...). The model's own class keeps
+    its config as it is, so naming a model's own scheduler runs exactly what omitting it runs.
+    """
+    if config.get("_class_name") == class_name:
+        return dict(config)
+    known = default_config(class_name)
+    defaulted = config.get("_use_default_values") or ()
+    kept = {k: v for k, v in config.items() if k in known and k not in defaulted}
+    return {"_class_name": class_name, **kept}
+
+
+def scheduler_choices(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Short name -> the config it runs on a model whose scheduler config is `config`, for every name whose
+    swapped config this port can build (e.g. `pndm` needs `skip_prk_steps`, which only PNDM configs set)."""
+    choices = {}
+    for short, class_name in SCHEDULER_NAMES.items():
+        swapped = swap_scheduler_config(config, class_name)
+        try:
+            make_scheduler(swapped)
+        except UnsupportedScheduler:
+            continue
+        choices[short] = swapped
+    return choices

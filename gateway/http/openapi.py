@@ -204,7 +204,20 @@ REQUEST_EXAMPLES = {
     "small": {
         "summary": "A small synchronous request",
         "value": {"image": EXAMPLE_IMAGE, "prompt": "a watercolor fox", "steps": 4, "strength": 0.5, "seed": 42},
-    }
+    },
+    "jpeg_ancestral": {
+        "summary": "Another scheduler, JPEG output",
+        "value": {
+            "image": EXAMPLE_IMAGE,
+            "prompt": "a watercolor fox",
+            "steps": 4,
+            "strength": 0.5,
+            "seed": 42,
+            "scheduler": "euler_ancestral",
+            "output_format": "jpeg",
+            "output_quality": 85,
+        },
+    },
 }
 # One event of the stream, as parsed (OpenAPI 3.2's reading of `schema` for `text/event-stream`, which
 # schemathesis applies to 3.1 too): `event: job`, and `data:` a JobView in JSON.
@@ -216,6 +229,7 @@ SSE_JOB_EVENT = {
         "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref("JobView")},
     },
 }
+PLAYGROUND_HTML = {"text/html": {"schema": {"type": "string"}}}
 CREATE_ERRORS = (
     "invalid_request",
     "invalid_image",
@@ -482,6 +496,42 @@ def _paths() -> dict[str, Any]:
                 public=True,
             )
         },
+        **{
+            path: {
+                "get": _operation(
+                    operation_id,
+                    "The playground: a page that calls this API from the browser (the key stays in the browser)",
+                    _merge(
+                        {"200": _response("The page", PLAYGROUND_HTML, "Content-Security-Policy")},
+                        error_responses(*ANY_REQUEST),
+                    ),
+                    public=True,
+                )
+            }
+            for path, operation_id in (("/", "home"), ("/playground", "playground"))
+        },
+        "/playground/{asset}": {
+            "get": _operation(
+                "playgroundAsset",
+                "A file of the playground page (its script and style sheet)",
+                _merge(
+                    {
+                        "200": _response(
+                            "The file",
+                            {
+                                "text/javascript": {"schema": {"type": "string"}},
+                                "text/css": {"schema": {"type": "string"}},
+                            },
+                            "Content-Security-Policy",
+                        ),
+                        "404": _error("In the error shape: `not_found` (no such file)"),
+                    },
+                    error_responses(*ANY_REQUEST),
+                ),
+                public=True,
+                parameters=[{"name": "asset", "in": "path", "required": True, "schema": {"type": "string"}}],
+            )
+        },
     }
 
 
@@ -515,6 +565,10 @@ def _document() -> dict[str, Any]:
                 "WWWAuthenticate": {"description": "`Bearer` (RFC 6750)", "schema": {"type": "string"}},
                 "CacheControl": {"description": "How long the image may be cached", "schema": {"type": "string"}},
                 "XContentTypeOptions": {"description": "`nosniff`", "schema": {"type": "string", "const": "nosniff"}},
+                "ContentSecurityPolicy": {
+                    "description": "The playground's policy: scripts, styles and requests from this origin only",
+                    "schema": {"type": "string"},
+                },
             },
         },
     }

@@ -29,6 +29,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
 from gateway.diffusion.sampling import MAX_SEED, MIN_SEED, img2img_effective_steps
+from gateway.diffusion.schedulers import SCHEDULER_NAMES
 from gateway.diffusion.styles import STYLE_PRESETS, StylePreset
 from gateway.errors import ERROR_TABLE, InvalidRequest
 from gateway.media import codecs
@@ -53,6 +54,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_NEGATIVE_PROMPT_CHARS = 2000
 MAX_MODEL_CHARS = 128
 MAX_WEBHOOK_URL_CHARS = 2048
+MAX_SCHEDULER_CHARS = 64
 WEBHOOK_SCHEMES = ("http", "https")
 
 # Documentation-only patterns: the validators below enforce the rules exactly (Python's notion of whitespace,
@@ -64,6 +66,11 @@ WEBHOOK_URL_PATTERN = "^[Hh][Tt][Tt][Pp][Ss]?://"
 STYLES_CONTEXT = "styles"
 # The error type of the cross-field rule int(steps * strength) >= 1 (a model-level error: no field in its loc).
 EFFECTIVE_STEPS_ERROR = "effective_steps"
+# The error type of the cross-field rule "no output_quality with png" (model-level too).
+OUTPUT_QUALITY_ERROR = "output_quality_with_png"
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+OutputContentType = Literal["image/png", "image/jpeg", "image/webp"]
 
 ERROR_CODES: tuple[str, ...] = tuple(sorted({code for _, code in ERROR_TABLE.values()}))
 
@@ -197,6 +204,28 @@ is applied) are dropped, as in diffusers.
         json_schema_extra={"format": "uri", "pattern": WEBHOOK_URL_PATTERN},
     )
 
+    scheduler: Annotated[str, Field(min_length=1, max_length=MAX_SCHEDULER_CHARS)] | None = Field(
+        default=None,
+        description=(
+            f"The sampler: {', '.join(SCHEDULER_NAMES)}, or the diffusers class name "
+            f"({', '.join(SCHEDULER_NAMES.values())}). Configured from the model's own scheduler config as "
+            "diffusers' `from_config` does; which ones a model takes, and its default (used when absent or "
+            "null), are in `GET /v1/models` (`schedulers`, `default_scheduler`). Others -> 400 listing them."
+        ),
+    )
+    output_format: OutputFormat = Field(
+        default=codecs.DEFAULT_OUTPUT_FORMAT,
+        description="Encoding of the output images (as Stability's `output_format`); no metadata is written.",
+    )
+    output_quality: Annotated[int, Field(ge=codecs.MIN_OUTPUT_QUALITY, le=codecs.MAX_OUTPUT_QUALITY)] | None = Field(
+        default=None,
+        description=(
+            "JPEG/WebP quality (as Replicate's and fal's `output_quality`); default "
+            + ", ".join(f"{fmt} {q}" for fmt, q in codecs.DEFAULT_OUTPUT_QUALITY.items())
+            + ". PNG is lossless: a quality with png -> 400."
+        ),
+    )
+
     @field_validator("style")
     @classmethod
     def _style_is_served(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -211,6 +240,13 @@ is applied) are dropped, as in diffusers.
         # diffusers runs int(steps * strength) denoising steps; zero would return the input unchanged (or fail).
         if img2img_effective_steps(self.steps, self.strength) < 1:
             raise PydanticCustomError(EFFECTIVE_STEPS_ERROR, "steps x strength runs no denoising step")
+        return self
+
+    @model_validator(mode="after")
+    def _quality_fits_format(self) -> Self:
+        # A quality PNG would ignore is refused rather than silently dropped.
+        if self.output_format == "png" and self.output_quality is not None:
+            raise PydanticCustomError(OUTPUT_QUALITY_ERROR, "output_quality with png")
         return self
 
 
@@ -238,6 +274,10 @@ class OutputImage(ImageRef):
 
     seed: Seed = Field(
         description="The seed this image used (seed + i); always sent by this gateway, absent from the spec"
+    )
+    content_type: OutputContentType = Field(description="The media type `url` serves (the request's output_format).")
+    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = Field(
+        description="Hex SHA-256 of the bytes `url` serves (null only for images stored before this field existed)."
     )
 
 
@@ -331,6 +371,9 @@ is null; a `failed` job carries the error object."""
     original_image: ImageRef = Field(description="The input: its URL (or a stored copy) and size.")
     processed_size: Size = Field(description="The size the model works at (= each output's size).")
     effective_steps: Positive = Field(description="Denoising steps diffusers runs.")
+    scheduler: str | None = Field(description="The scheduler run (short name); null: the model's default.")
+    output_format: OutputFormat
+    output_quality: int | None = Field(description="The quality the images were encoded at; null for png.")
     images: list[OutputImage] = Field(max_length=MAX_NUM_IMAGES)
     progress: Progress | None
     error: ErrorObject | None
@@ -343,6 +386,8 @@ class ModelInfo(WireModel):
     native_resolution: int
     resolution_multiple: int
     scheduler: str | None
+    default_scheduler: str | None = Field(description="The `scheduler` a request without one runs.")
+    schedulers: list[str] = Field(description="The `scheduler` names this model takes.")
     dtype: str
     defaults: dict[str, Any]
     family: Literal["sd", "sdxl"] = Field(description="Stable Diffusion 1.x/2.x layout, or SDXL.")
@@ -391,16 +436,19 @@ def _limits(name: str, prop: Mapping[str, Any]) -> Mapping[str, Any]:
     types = prop["type"] if isinstance(prop["type"], list) else [prop["type"]]
     kind = next(t for t in types if t != "null")
     nullable = "null" in types
+    if "enum" in prop:
+        return MappingProxyType({"type": kind, "enum": list(prop["enum"]), "default": prop.get("default")})
     if kind in ("integer", "number"):
-        return MappingProxyType(
-            {
-                "type": kind,
-                "minimum": prop["minimum"],
-                "maximum": prop["maximum"],
-                "default": prop.get("default"),
-                "nullable": nullable,
-            }
-        )
+        numeric: dict[str, Any] = {
+            "type": kind,
+            "minimum": prop["minimum"],
+            "maximum": prop["maximum"],
+            "default": prop.get("default"),
+            "nullable": nullable,
+        }
+        if name == "output_quality":
+            numeric["default_by_format"] = dict(codecs.DEFAULT_OUTPUT_QUALITY)
+        return MappingProxyType(numeric)
     limits: dict[str, Any] = {"type": kind, "max_length": prop["maxLength"]}
     if prop.get("default") is not None:
         limits["default"] = prop["default"]
@@ -416,7 +464,7 @@ PARAMETER_LIMITS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
         name: _limits(name, prop)
         for name, prop in _REQUEST_PROPERTIES.items()
-        if "maximum" in prop or "maxLength" in prop
+        if "maximum" in prop or "maxLength" in prop or name == "output_format"
     }
 )
 
@@ -425,6 +473,8 @@ def _rule(field: str) -> str:
     """The `details` of an invalid field: the rule it breaks, in words, from the limits the model enforces."""
     limits = PARAMETER_LIMITS[field]
     or_null = " or null" if limits.get("nullable") else ""
+    if "enum" in limits:
+        return f"'{field}' must be one of: {', '.join(limits['enum'])}"
     if limits["type"] == "string":
         non_empty = "non-empty " if "minLength" in _REQUEST_PROPERTIES[field] else ""
         return f"'{field}' must be a {non_empty}string of at most {limits['max_length']} characters{or_null}"
@@ -473,7 +523,9 @@ def _translate(error: ValidationError, styles: Mapping[str, StylePreset]) -> Inv
         if field == "style":
             return _invalid("style", f"'style' must be one of: {', '.join(sorted(styles))}")
         return _invalid(field, _RULES[field])
-    # Model-level rules run only once every field is valid, and steps x strength is the only one.
+    # Model-level rules run only once every field is valid: no quality with png, and steps x strength.
+    if any(p["type"] == OUTPUT_QUALITY_ERROR for p in problems):
+        return _invalid("output_quality", "'output_quality' applies to jpeg and webp only: omit it with png")
     return _invalid("steps", "'steps' x 'strength' must be at least 1: raise 'steps' or 'strength'")
 
 

@@ -30,7 +30,20 @@ def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
         original_image=schema.ImageRef(url=job.input.url, width=job.input.width, height=job.input.height),
         processed_size=schema.Size(width=spec.processed_size.width, height=spec.processed_size.height),
         effective_steps=spec.effective_steps,
-        images=[schema.OutputImage(url=i.url, width=i.width, height=i.height, seed=i.seed) for i in job.images],
+        scheduler=spec.scheduler,
+        output_format=spec.output_format,  # type: ignore[arg-type]  # an OutputFormat value; the model checks it
+        output_quality=spec.output_quality,
+        images=[
+            schema.OutputImage(
+                url=i.url,
+                width=i.width,
+                height=i.height,
+                seed=i.seed,
+                content_type=i.content_type,  # type: ignore[arg-type]  # a storage content type; checked
+                sha256=i.sha256,
+            )
+            for i in job.images
+        ],
         progress=None
         if progress is None
         else schema.Progress(

@@ -25,8 +25,8 @@ import httpx
 
 from gateway.diffusion.img2img import Img2ImgPipeline
 from gateway.diffusion.sampling import MAX_SEED, do_classifier_free_guidance, img2img_effective_steps
-from gateway.errors import IdempotencyKeyReused, RateLimited, TooManyJobs
-from gateway.jobs.execute import DecodedInputs, resolve_pipeline
+from gateway.errors import IdempotencyKeyReused, InvalidRequest, RateLimited, TooManyJobs
+from gateway.jobs.execute import DecodedInputs, resolve_pipeline, resolve_scheduler
 from gateway.jobs.model import QUEUED, InputImage, Job, JobSpec, Size, WebhookState, input_name, now_iso
 from gateway.jobs.runner import JobManager
 from gateway.jobs.store import IdempotencyConflict, JobStore
@@ -64,6 +64,12 @@ class ImageToImageParams(Protocol):
     def style(self) -> str | None: ...
     @property
     def webhook_url(self) -> str | None: ...
+    @property
+    def scheduler(self) -> str | None: ...
+    @property
+    def output_format(self) -> str: ...
+    @property
+    def output_quality(self) -> int | None: ...
 
 
 class WorkLimiter(Protocol):
@@ -125,6 +131,19 @@ def request_hash(body: object) -> str:
         digest.update(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode())
         return digest.hexdigest()
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _output_quality(output_format: str, quality: int | None) -> int | None:
+    """The quality the outputs are encoded at (the format's default filled in). The wire schema already refuses
+    bad values; this keeps any other caller of the use case (another wire format) to a 400 as well."""
+    if output_format not in codecs.OUTPUT_FORMATS:
+        raise InvalidRequest(
+            "Invalid field 'output_format'", f"'output_format' must be one of: {', '.join(codecs.OUTPUT_FORMATS)}"
+        )
+    try:
+        return codecs.output_quality(output_format, quality)
+    except ValueError as exc:
+        raise InvalidRequest("Invalid field 'output_quality'", str(exc)) from None
 
 
 def _key_reused() -> IdempotencyKeyReused:
@@ -213,8 +232,12 @@ class CreateJob:
             )
 
     async def _accept(self, request: ImageToImageParams, caller: Caller) -> Job:
-        # 3. The model (404 before any image work) and the webhook target (refused now, not at delivery time).
-        manifest = resolve_pipeline(self.pipelines, request.model).manifest
+        # 3. The model (404 before any image work), the scheduler it can run (400), and the webhook target
+        # (refused now, not at delivery time).
+        pipeline = resolve_pipeline(self.pipelines, request.model)
+        manifest = pipeline.manifest
+        scheduler = resolve_scheduler(pipeline, request.scheduler)
+        quality = _output_quality(request.output_format, request.output_quality)
         if request.webhook_url is not None:
             await netguard.check_url(request.webhook_url, self.policy, timeout_s=self.fetch_timeout_s)
         # 3b. The key's work budget, charged with this job's cost once the request is known valid.
@@ -234,7 +257,7 @@ class CreateJob:
             id=job_id,
             owner=caller.owner,
             status=QUEUED,
-            spec=self._spec(request, caller, Size(width, height)),
+            spec=self._spec(request, caller, Size(width, height), scheduler, quality),
             input=InputImage(
                 url=source_url or self.storage.url_for(stored), name=stored, width=image.width, height=image.height
             ),
@@ -268,7 +291,9 @@ class CreateJob:
         return job
 
     @staticmethod
-    def _spec(request: ImageToImageParams, caller: Caller, size: Size) -> JobSpec:
+    def _spec(
+        request: ImageToImageParams, caller: Caller, size: Size, scheduler: str | None, quality: int | None
+    ) -> JobSpec:
         return JobSpec(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -283,6 +308,9 @@ class CreateJob:
             asynchronous=caller.asynchronous,
             processed_size=size,
             effective_steps=img2img_effective_steps(request.steps, request.strength),
+            scheduler=scheduler,
+            output_format=request.output_format,
+            output_quality=quality,
         )
 
     async def _image_bytes(self, field: str) -> tuple[bytes, str | None]:

@@ -1,19 +1,22 @@
-"""Running one job: read its stored input, run the img2img recipe over Triton, store its output PNGs."""
+"""Running one job: read its stored input, run the img2img recipe over Triton, store its encoded outputs."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from PIL import Image
 
 from gateway.diffusion.img2img import Generation, Img2ImgPipeline
 from gateway.diffusion.sampling import image_seeds
+from gateway.diffusion.schedulers import scheduler_choices, scheduler_class, scheduler_name
 from gateway.diffusion.styles import STYLE_PRESETS, apply_style
-from gateway.errors import InternalError, ModelNotFound
+from gateway.errors import InternalError, InvalidRequest, ModelNotFound
 from gateway.jobs.model import Job, OutputImage, output_name
 from gateway.media import codecs
-from gateway.media.storage import Storage
+from gateway.media.storage import CONTENT_TYPES, Storage
 from gateway.media.work import run_image_work
 
 DECODED_CACHE_SIZE = 32
@@ -25,6 +28,36 @@ def resolve_pipeline(pipelines: Mapping[str, Img2ImgPipeline], model: str) -> Im
         available = ", ".join(sorted(pipelines)) or "none"
         raise ModelNotFound(f"Model '{model}' not found", f"Available models: {available}")
     return pipeline
+
+
+def resolve_scheduler(pipeline: Img2ImgPipeline, requested: str | None) -> str | None:
+    """The short name of the scheduler a request runs on `pipeline` (its own when `requested` is None).
+
+    `requested` is a short name or a diffusers class name; one this model cannot run is a 400 listing those
+    it can (the same list `GET /v1/models` shows).
+    """
+    if requested is None:
+        return scheduler_name(str(pipeline.scheduler_config.get("_class_name")))
+    choices = scheduler_choices(pipeline.scheduler_config)
+    class_name = scheduler_class(requested)
+    name = None if class_name is None else scheduler_name(class_name)
+    if name is None or name not in choices:
+        raise InvalidRequest(
+            "Invalid field 'scheduler'",
+            f"'scheduler' must be one of: {', '.join(choices)} (or their diffusers class names) "
+            f"for model '{pipeline.manifest.name}'",
+        )
+    return name
+
+
+def scheduler_config(pipeline: Img2ImgPipeline, name: str | None) -> Mapping[str, Any] | None:
+    """The config the named scheduler runs with on `pipeline` (None: the model's own, as exported)."""
+    if name is None:
+        return None
+    config = scheduler_choices(pipeline.scheduler_config).get(name)
+    if config is None:  # the model was re-exported with another scheduler after the job was accepted
+        raise InvalidRequest("Invalid field 'scheduler'", f"Model '{pipeline.manifest.name}' cannot run '{name}'")
+    return config
 
 
 class DecodedInputs:
@@ -44,7 +77,7 @@ class DecodedInputs:
 
 
 class JobExecutor:
-    """Everything between a claimed job and its stored PNGs; knows nothing of HTTP or of the job store."""
+    """Everything between a claimed job and its stored images; knows nothing of HTTP or of the job store."""
 
     def __init__(
         self,
@@ -83,16 +116,30 @@ class JobExecutor:
                 steps=spec.steps,
                 guidance_scale=spec.guidance_scale,
                 seeds=seeds,
+                scheduler_config=scheduler_config(pipeline, spec.scheduler),
             ),
             on_step=on_step,
             should_stop=should_stop,
         )
-        # 4. Encode and store each image.
+        # 4. Encode (the request's format, no metadata) and store each image, with the digest of its bytes.
         images = []
+        extension = codecs.OUTPUT_EXTENSIONS[spec.output_format]
         for i, sample in enumerate(result.images):
-            name = output_name(job.id, i, job.run_attempts)
-            await self.storage.put(name, await run_image_work(codecs.tensor_to_png, sample, wait=True), "image/png")
+            name = output_name(job.id, i, job.run_attempts, extension)
+            content_type = CONTENT_TYPES[extension]
+            data = await run_image_work(
+                codecs.encode_output, sample, spec.output_format, spec.output_quality, wait=True
+            )
+            await self.storage.put(name, data, content_type)
             images.append(
-                OutputImage(name=name, url=self.storage.url_for(name), width=size[0], height=size[1], seed=seeds[i])
+                OutputImage(
+                    name=name,
+                    url=self.storage.url_for(name),
+                    width=size[0],
+                    height=size[1],
+                    seed=seeds[i],
+                    content_type=content_type,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                )
             )
         return tuple(images)

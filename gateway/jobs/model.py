@@ -57,10 +57,11 @@ def input_name(job_id: str, extension: str) -> str:
     return f"{job_id}_input.{extension}"
 
 
-def output_name(job_id: str, index: int, run: int = 1) -> str:
+def output_name(job_id: str, index: int, run: int = 1, extension: str = "png") -> str:
     """Output `index` of the job's `run`-th run: a re-run (its first worker's replica died) writes its own
-    names, so an earlier run that finishes late can drop its result without touching the winner's images."""
-    return f"{job_id}_{index}.png" if run <= 1 else f"{job_id}_{index}_run{run}.png"
+    names, so an earlier run that finishes late can drop its result without touching the winner's images.
+    The extension is the output format's (it carries the stored object's content type)."""
+    return f"{job_id}_{index}.{extension}" if run <= 1 else f"{job_id}_{index}_run{run}.{extension}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,10 @@ class JobSpec:
     asynchronous: bool
     processed_size: Size
     effective_steps: int
+    # Added with issue 12; rows written before it read back with these defaults (what those jobs ran).
+    scheduler: str | None = None  # the short name (`schedulers.SCHEDULER_NAMES`); None: the model's own
+    output_format: str = "png"
+    output_quality: int | None = None  # as encoded (the format's default filled in); None for PNG
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class OutputImage:
     width: int
     height: int
     seed: int
+    content_type: str = "image/png"  # rows written before issue 12 hold PNGs
+    sha256: str | None = None  # hex digest of the stored bytes; None in rows written before issue 12
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,10 @@ import io
 import re
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -37,6 +40,17 @@ PNG_COMPRESS_TYPE = zlib.Z_RLE
 # with thousands of scans costs minutes of CPU (libjpeg-turbo issue 284). Encoders write about 10 scans (Pillow,
 # libjpeg's default progression; mozjpeg's optimised ones a few more); more than this is refused before decoding.
 MAX_JPEG_SCANS = 100
+# Output encodings (the request's `output_format` / `output_quality`). Quality is libjpeg's / libwebp's 1-100
+# scale; the default 90 is visually lossless for photographs. A 512 px output encodes in about 3 ms as JPEG,
+# 25 ms as PNG and 28 ms as WebP (method 4) on the 2-core CI machine.
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+DEFAULT_OUTPUT_FORMAT: Final = "png"
+MIN_OUTPUT_QUALITY = 1
+MAX_OUTPUT_QUALITY = 100
+DEFAULT_OUTPUT_QUALITY: Mapping[str, int] = MappingProxyType({"jpeg": 90, "webp": 90})
+OUTPUT_EXTENSIONS: Mapping[str, str] = MappingProxyType({"png": "png", "jpeg": "jpg", "webp": "webp"})
+JPEG_SUBSAMPLING = 2  # Pillow's code for 4:2:0
+WEBP_METHOD = 4  # libwebp's speed/size trade-off 0 (fast) - 6 (small); 4 is its default
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white, not whatever RGB hid under alpha 0
 _DELETE_WHITESPACE = str.maketrans("", "", " \t\r\n\f\v")  # ASCII whitespace only; anything else is invalid
 # Encoded text longer than this multiple of the largest allowed payload is refused before it is even scanned.
@@ -315,8 +329,8 @@ def _encode_png(img: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def tensor_to_png(sample: np.ndarray) -> bytes:
-    """Encode one VAE-decoder output `[3, H, W]` (roughly [-1, 1]) as PNG, as diffusers' postprocess does.
+def tensor_to_image(sample: np.ndarray) -> Image.Image:
+    """One VAE-decoder output `[3, H, W]` (roughly [-1, 1]) as 8-bit RGB pixels, as diffusers' postprocess does.
 
     Non-finite values are refused (ValueError): the recipe checks the decoder's output before it gets here.
     """
@@ -326,7 +340,45 @@ def tensor_to_png(sample: np.ndarray) -> bytes:
         raise ValueError("sample contains NaN or infinity")
     unit = np.clip(sample.astype(np.float32) / 2.0 + 0.5, 0.0, 1.0)
     pixels = (unit.transpose(1, 2, 0) * 255).round().astype(np.uint8)
-    return _encode_png(Image.fromarray(pixels))
+    return Image.fromarray(pixels)
+
+
+def tensor_to_png(sample: np.ndarray) -> bytes:
+    """Encode one VAE-decoder output `[3, H, W]` (roughly [-1, 1]) as PNG (see `tensor_to_image`)."""
+    return _encode_png(tensor_to_image(sample))
+
+
+def output_quality(output_format: str, quality: int | None) -> int | None:
+    """The quality an output is encoded at: the request's, else the format's default; None for PNG (lossless)."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}")
+    if output_format == "png":
+        if quality is not None:
+            raise ValueError("PNG is lossless: it takes no quality")
+        return None
+    chosen = DEFAULT_OUTPUT_QUALITY[output_format] if quality is None else quality
+    if not MIN_OUTPUT_QUALITY <= chosen <= MAX_OUTPUT_QUALITY:
+        raise ValueError(f"quality must be {MIN_OUTPUT_QUALITY}-{MAX_OUTPUT_QUALITY}, got {chosen}")
+    return chosen
+
+
+def encode_output(sample: np.ndarray, output_format: str, quality: int | None = None) -> bytes:
+    """Encode one VAE-decoder output in the request's format, with no metadata (no EXIF, XMP, ICC profile or
+    text chunk: nothing about the job, the host or the encoder leaks into a served file).
+
+    JPEG is baseline, 4:2:0 chroma subsampling (what libjpeg and the hosted APIs use by default), JFIF header
+    only; WebP is lossy VP8 in a plain RIFF container (no VP8X extension chunk, so no room for metadata).
+    """
+    level = output_quality(output_format, quality)
+    img = tensor_to_image(sample)
+    if output_format == "png":
+        return _encode_png(img)
+    buffer = io.BytesIO()
+    if output_format == "jpeg":
+        img.save(buffer, format="JPEG", quality=level, subsampling=JPEG_SUBSAMPLING, optimize=False, icc_profile=None)
+    else:
+        img.save(buffer, format="WEBP", quality=level, method=WEBP_METHOD, lossless=False, icc_profile=None)
+    return buffer.getvalue()
 
 
 def image_to_png(img: Image.Image) -> bytes:

@@ -33,7 +33,7 @@ from gateway.jobs.model import (
 )
 from gateway.jobs.sqlite import SCHEMA_VERSION, SqliteJobStore
 from gateway.jobs.store import IdempotencyConflict, JobStore, StaleJob, transition
-from tests.unit.fakes import InMemoryJobStore, make_job
+from tests.unit.fakes import InMemoryJobStore, make_job, make_spec
 
 LEASE = 10_000.0
 
@@ -50,6 +50,24 @@ def _image(job_id: str) -> OutputImage:
 
 
 # --- the contract ------------------------------------------------------------------------------------------
+
+
+async def test_scheduler_and_output_format_round_trip(store: JobStore) -> None:
+    """Issue 12's fields of the spec and of each image survive the store (SQLite and PostgreSQL alike)."""
+    spec = make_spec(scheduler="euler_ancestral", output_format="webp", output_quality=37)
+    created = await store.create(make_job("fmt", spec=spec))
+    claimed = await store.claim("fmt", "w", LEASE)
+    assert claimed is not None and claimed.spec == spec == created.spec
+    image = OutputImage(
+        name="fmt_0.webp", url="http://x/fmt_0.webp", width=16, height=16, seed=1, content_type="image/webp",
+        sha256="ab" * 32,
+    )  # fmt: skip
+    done = claimed.finished_by("w", COMPLETED, images=(image,))
+    assert done is not None
+    await store.update(done)
+    got = await store.get("fmt")
+    assert got is not None and got.spec.scheduler == "euler_ancestral" and got.spec.output_format == "webp"
+    assert got.spec.output_quality == 37 and got.images == (image,)
 
 
 async def test_round_trip_and_queries(store: JobStore) -> None:

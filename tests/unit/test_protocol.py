@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from pydantic import ValidationError
@@ -13,6 +13,7 @@ from gateway.diffusion.styles import STYLE_PRESETS, StylePreset, apply_style
 from gateway.errors import ERROR_TABLE, InvalidRequest, error_body
 from gateway.http import schema as protocol
 from gateway.http.schema import ErrorBody, ErrorObject, ImageToImageRequest, JobView, parse_image_to_image
+from gateway.media import codecs
 from tests.helpers import SPEC_EXAMPLE
 
 BASE: dict[str, Any] = {"image": "https://example.com/in.png", "prompt": "a cat"}
@@ -165,6 +166,19 @@ INVALID: list[tuple[str, Any]] = [
     ("webhook_url", "https://example.com:port/"),
     ("webhook_url", "https://" + "h" * 2040 + ".com"),
     ("webhook_url", 5),
+    ("scheduler", ""),
+    ("scheduler", 3),
+    ("scheduler", "s" * (protocol.MAX_SCHEDULER_CHARS + 1)),
+    ("output_format", "jpg"),
+    ("output_format", "PNG"),
+    ("output_format", "gif"),
+    ("output_format", None),
+    ("output_format", 1),
+    ("output_quality", 0),
+    ("output_quality", 101),
+    ("output_quality", 90.0),
+    ("output_quality", True),
+    ("output_quality", "90"),
 ]
 
 
@@ -273,7 +287,8 @@ def test_model_defaults_are_the_constants() -> None:
     assert request.num_images == protocol.DEFAULT_NUM_IMAGES
     assert tuple(ImageToImageRequest.model_fields) == protocol.FIELDS
     assert protocol.FIELDS == ("image", "prompt", "model", "strength", "steps", "guidance_scale",
-                               "negative_prompt", "seed", "num_images", "style", "webhook_url")  # fmt: skip
+                               "negative_prompt", "seed", "num_images", "style", "webhook_url",
+                               "scheduler", "output_format", "output_quality")  # fmt: skip
     assert protocol.REQUIRED_FIELDS == ("image", "prompt")
 
 
@@ -290,6 +305,9 @@ RULES: dict[str, str] = {
     "num_images": "'num_images' must be an integer between 1 and 4",
     "style": "'style' must be one of: " + ", ".join(sorted(STYLE_PRESETS)),
     "webhook_url": "'webhook_url' must be null or an absolute http(s) URL with a host, at most 2048 characters",
+    "scheduler": "'scheduler' must be a non-empty string of at most 64 characters or null",
+    "output_format": "'output_format' must be one of: png, jpeg, webp",
+    "output_quality": "'output_quality' must be an integer between 1 and 100 or null",
 }
 
 
@@ -411,6 +429,32 @@ def test_steps_times_strength_of_one_is_enough() -> None:
     assert parse(steps=10, strength=0.1).steps == 10
 
 
+@pytest.mark.parametrize("quality", [1, 90, 100])
+def test_a_quality_with_png_is_refused(quality: int) -> None:
+    for sent in ({"output_quality": quality}, {"output_format": "png", "output_quality": quality}):
+        with pytest.raises(InvalidRequest) as info:
+            parse(**sent)
+        assert (info.value.message, info.value.details) == (
+            "Invalid field 'output_quality'",
+            "'output_quality' applies to jpeg and webp only: omit it with png",
+        )
+
+
+@pytest.mark.parametrize(("fmt", "quality"), [("jpeg", None), ("jpeg", 1), ("webp", 100), ("png", None)])
+def test_output_format_and_quality_accepted(fmt: str, quality: int | None) -> None:
+    request = parse(output_format=fmt, **({} if quality is None else {"output_quality": quality}))
+    assert (request.output_format, request.output_quality) == (fmt, quality)
+
+
+def test_output_format_default_and_limits() -> None:
+    assert parse().output_format == "png" and parse().output_quality is None and parse().scheduler is None
+    limits = protocol.PARAMETER_LIMITS
+    assert limits["output_format"] == {"type": "string", "enum": ["png", "jpeg", "webp"], "default": "png"}
+    assert limits["output_quality"]["minimum"] == 1 and limits["output_quality"]["maximum"] == 100
+    assert limits["output_quality"]["default_by_format"] == {"jpeg": 90, "webp": 90}
+    assert get_args(protocol.OutputFormat) == codecs.OUTPUT_FORMATS == tuple(codecs.OUTPUT_EXTENSIONS)
+
+
 # --- response models --------------------------------------------------------------------------------------
 # Views built by hand in the exact shape `ImageService.view(job, progress)` returns.
 
@@ -432,9 +476,26 @@ COMPLETED_VIEW: dict[str, Any] = {
     "original_image": {"url": "https://example.com/in.png", "width": 640, "height": 480},
     "processed_size": {"width": 512, "height": 384},
     "effective_steps": 21,
+    "scheduler": "euler",
+    "output_format": "webp",
+    "output_quality": 90,
     "images": [
-        {"url": "http://t/v1/images/job_1_0.png", "width": 512, "height": 384, "seed": 42},
-        {"url": "http://t/v1/images/job_1_1.png", "width": 512, "height": 384, "seed": 43},
+        {
+            "url": "http://t/v1/images/job_1_0.webp",
+            "width": 512,
+            "height": 384,
+            "seed": 42,
+            "content_type": "image/webp",
+            "sha256": "0" * 64,
+        },
+        {  # an image stored before the digest existed
+            "url": "http://t/v1/images/job_1_1.webp",
+            "width": 512,
+            "height": 384,
+            "seed": 43,
+            "content_type": "image/webp",
+            "sha256": None,
+        },
     ],
     "progress": {"step": 21, "total_steps": 21, "queue_position": None},
     "error": None,
@@ -484,6 +545,9 @@ def test_job_view_round_trips_the_service_view(view: dict[str, Any]) -> None:
         {**COMPLETED_VIEW, "status": "done"},
         {**COMPLETED_VIEW, "steps": 30.0},
         {**COMPLETED_VIEW, "images": [{"url": "u", "width": 1, "height": 1}]},
+        {**COMPLETED_VIEW, "images": [{**COMPLETED_VIEW["images"][0], "content_type": "image/gif"}]},
+        {**COMPLETED_VIEW, "images": [{**COMPLETED_VIEW["images"][0], "sha256": "ABC"}]},
+        {**COMPLETED_VIEW, "output_format": "gif"},
         {**FAILED_VIEW, "error": {"code": "made_up", "message": "x", "details": None}},
         {**FAILED_VIEW, "webhook": {**FAILED_VIEW["webhook"], "attempts": [{"at": "t", "status": 500, "error": None}]}},
     ],

@@ -475,7 +475,7 @@ async def test_create_job_answers_429_with_a_retry_after_from_the_cost() -> None
     clock = Clock()
     limiter = TokenBucketLimiter(per_minute=60, burst=100, clock=clock)
     create = CreateJob(
-        pipelines=cast(Any, {"m": SimpleNamespace(manifest=None)}),
+        pipelines=cast(Any, {"m": SimpleNamespace(manifest=None, scheduler_config={"_class_name": "PNDMScheduler"})}),
         store=InMemoryJobStore(),
         jobs=cast(Any, Jobs()),
         storage=cast(Any, None),
@@ -485,7 +485,17 @@ async def test_create_job_answers_429_with_a_retry_after_from_the_cost() -> None
         fetch_timeout_s=1.0,
         work_limiter=limiter,
     )
-    costly = SimpleNamespace(model="m", webhook_url=None, num_images=4, steps=150, strength=1.0, guidance_scale=7.5)
+    costly = SimpleNamespace(
+        model="m",
+        webhook_url=None,
+        num_images=4,
+        steps=150,
+        strength=1.0,
+        guidance_scale=7.5,
+        scheduler=None,
+        output_format="png",
+        output_quality=None,
+    )
     limiter.acquire("owner-a", 75)  # 25 left: the costly request needs a full bucket (its cost exceeds the burst)
     with pytest.raises(RateLimited) as refused:
         await create(cast(Any, costly), Caller(owner="owner-a", request_hash="h"))
