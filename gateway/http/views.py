@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.http import schema
-from gateway.jobs.model import Job
+from gateway.jobs.model import Job, WebhookEvent
 from gateway.jobs.runner import Progress
+from gateway.jobs.webhooks import SigningSecrets
 
 
 def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
@@ -44,9 +46,20 @@ def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
         else schema.WebhookState(
             url=job.webhook.url,
             status=str(job.webhook.status),  # type: ignore[arg-type]
-            attempts=[
-                schema.WebhookAttempt(at=a.at, status_code=a.status_code, error=a.error) for a in job.webhook.attempts
+            attempts=[  # the final event's (a `start` event's attempts are in the store only)
+                schema.WebhookAttempt(at=a.at, status_code=a.status_code, error=a.error)
+                for a in job.webhook.attempts
+                if a.event == WebhookEvent.COMPLETED
             ],
         ),
     )
     return view.model_dump(mode="json")
+
+
+def secret_view(secrets: SigningSecrets, now: float) -> dict[str, Any]:
+    """`GET /v1/webhook-secret`'s body: the current secret, and until when the previous one still signs."""
+    overlap = secrets.previous is not None and now < secrets.previous_until
+    until = datetime.fromtimestamp(secrets.previous_until, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return schema.WebhookSecret(secret=secrets.current, previous_expires_at=until if overlap else None).model_dump(
+        mode="json"
+    )

@@ -273,7 +273,8 @@ def test_model_defaults_are_the_constants() -> None:
     assert request.num_images == protocol.DEFAULT_NUM_IMAGES
     assert tuple(ImageToImageRequest.model_fields) == protocol.FIELDS
     assert protocol.FIELDS == ("image", "prompt", "model", "strength", "steps", "guidance_scale",
-                               "negative_prompt", "seed", "num_images", "style", "webhook_url")  # fmt: skip
+                               "negative_prompt", "seed", "num_images", "style", "webhook_url",
+                               "webhook_events")  # fmt: skip
     assert protocol.REQUIRED_FIELDS == ("image", "prompt")
 
 
