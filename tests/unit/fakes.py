@@ -25,10 +25,10 @@ from gateway.diffusion.manifest import Component, PipelineManifest
 from gateway.errors import StoreUnavailable
 from gateway.jobs.events import EventHandler, EventKind, JobEvent
 from gateway.jobs.model import (
+    DEFAULT_WEBHOOK_EVENTS,
     PROCESSING,
     QUEUED,
     UNFINISHED,
-    DEFAULT_WEBHOOK_EVENTS,
     InputImage,
     Job,
     JobSpec,

@@ -9,7 +9,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from gateway.diffusion.styles import STYLE_PRESETS
-from gateway.errors import InvalidRequest, NothingToRedeliver, NotFound
+from gateway.errors import InvalidRequest, NotFound, NothingToRedeliver
 from gateway.http.schema import parse_image_to_image
 from gateway.jobs import webhooks
 from gateway.jobs.model import COMPLETED, WebhookEvent, WebhookStatus
