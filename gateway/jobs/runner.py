@@ -672,6 +672,7 @@ class JobManager:
         if not applied:
             return
         if current.webhook is None or current.webhook.event != event:  # superseded: the next event may be due
+            self.on_event("webhook", "delivered" if result.ok else "failed")
             self._outbox.set()
             return
         settled = current.webhook.status == WebhookStatus.FAILED
