@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.http import schema
-from gateway.jobs.model import Job, WebhookEvent
+from gateway.jobs.model import Job
 from gateway.jobs.runner import Progress
 from gateway.jobs.webhooks import SigningSecrets
 
@@ -46,10 +46,10 @@ def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
         else schema.WebhookState(
             url=job.webhook.url,
             status=str(job.webhook.status),  # type: ignore[arg-type]
-            attempts=[  # the final event's (a `start` event's attempts are in the store only)
+            attempts=[  # those of the event `status` is about (`start` while it runs, then `completed`)
                 schema.WebhookAttempt(at=a.at, status_code=a.status_code, error=a.error)
                 for a in job.webhook.attempts
-                if a.event == WebhookEvent.COMPLETED
+                if a.event == job.webhook.event
             ],
         ),
     )
