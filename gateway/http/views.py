@@ -59,7 +59,9 @@ def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
 def secret_view(secrets: SigningSecrets, now: float) -> dict[str, Any]:
     """`GET /v1/webhook-secret`'s body: the current secret, and until when the previous one still signs."""
     overlap = secrets.previous is not None and now < secrets.previous_until
-    until = datetime.fromtimestamp(secrets.previous_until, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    until = (
+        datetime.fromtimestamp(secrets.previous_until, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
     return schema.WebhookSecret(secret=secrets.current, previous_expires_at=until if overlap else None).model_dump(
         mode="json"
     )
