@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +34,10 @@ from gateway.http.limits import release_body_budget
 from gateway.http.openapi import openapi_endpoint
 from gateway.http.playground import Playground
 from gateway.http.schema import PARAMETER_LIMITS, parse_image_to_image
-from gateway.http.views import job_view
+from gateway.http.views import job_view, secret_view
 from gateway.jobs.create import Caller, CreateJob, request_hash
 from gateway.jobs.model import FAILED, TERMINAL, Job, owner_of
 from gateway.jobs.runner import JobManager, JobUpdate
-from gateway.jobs.webhooks import key_secret
 from gateway.media.storage import Storage
 from gateway.observability import current_request_id, metrics_endpoint
 from gateway.settings import Settings
@@ -65,7 +65,6 @@ class Services:
     storage: Storage
     jobs: JobManager
     create_job: CreateJob
-    webhook_secret: str
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -252,7 +251,16 @@ class Handlers:
         )
 
     async def webhook_secret(self, request: Request) -> Response:
-        return JSONResponse({"secret": key_secret(self.s.webhook_secret, self._owner(request))})
+        secrets = await self.s.jobs.secrets.current(self._owner(request))
+        return JSONResponse(secret_view(secrets, time.time()))
+
+    async def rotate_webhook_secret(self, request: Request) -> Response:
+        secrets = await self.s.jobs.secrets.rotate(self._owner(request))
+        return JSONResponse(secret_view(secrets, time.time()))
+
+    async def redeliver_webhook(self, request: Request) -> Response:
+        job = await self.s.jobs.redeliver(request.path_params["job_id"], self._owner(request))
+        return JSONResponse(await self._view(job), status_code=202)
 
     async def get_image(self, request: Request) -> Response:
         """Streamed, never whole in memory. Outputs are capability URLs (unguessable names, any holder may fetch
@@ -334,7 +342,9 @@ def routes(handlers: Handlers) -> list[BaseRoute]:
         ("/v1/image-to-image/{job_id}", h.get_job, "GET"),
         ("/v1/image-to-image/{job_id}/cancel", h.cancel_job, "POST"),
         ("/v1/image-to-image/{job_id}/events", h.job_events, "GET"),
+        ("/v1/image-to-image/{job_id}/webhook/redeliver", h.redeliver_webhook, "POST"),
         ("/v1/webhook-secret", h.webhook_secret, "GET"),
+        ("/v1/webhook-secret/rotate", h.rotate_webhook_secret, "POST"),
         (openai_compat.EDITS_PATH, h.openai_image_edits, "POST"),  # before `{name}`, which would match it too
         ("/v1/images/{name}", h.get_image, "GET"),
         ("/v1/models", h.list_models, "GET"),
