@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import load
 
         return load.main(argv[1:])
+    if argv[:1] == ["ab"]:  # one gateway setting against another (benchmarks/ab.py)
+        from benchmarks import ab
+
+        return ab.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=__doc__.splitlines()[0],
