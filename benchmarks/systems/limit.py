@@ -5,9 +5,10 @@ The limit does exactly that work again, in this process, with the service stoppe
 sessions options (intra-op threads = the service's thread budget, inter-op 1) and two schedules:
 
 - *concurrent*: as many Python threads as the service had requests in flight (the run's concurrency level) take
-  the run's executions, shuffled, from one shared list until it is empty; onnxruntime releases the GIL, so up to
-  C executions of any components run at once (the service runs at most one per model: Triton has one instance
-  of each), and nothing waits for HTTP, gRPC, serialization, a batcher or Python between calls;
+  the run's executions, shuffled, from one shared list until it is empty, each the next one whose model is not
+  already running (Triton has one instance of each model, so the service too runs at most one execution per
+  model at a time); onnxruntime releases the GIL, so the four models' executions overlap as in the service, and
+  nothing waits for HTTP, gRPC, serialization, a batcher or Python between calls;
 - *serial*: each (component, batch size) is timed alone (median of a few calls after one warm-up) and
   T = sum over components and batch sizes of executions(b) * t(b).
 
@@ -19,6 +20,7 @@ where it does (`service/limit` > 1, flagged in the report) means the limit misse
 from __future__ import annotations
 
 import random
+import re
 import statistics
 import threading
 import time
@@ -77,7 +79,7 @@ class Limit:
         self.shapes = work_shapes(files.manifest(), input_side)
         self.sessions = {
             c: ort.InferenceSession(
-                str(files.onnx(c)), ort_session_options(threads), providers=["CPUExecutionProvider"]
+                str(files.onnx(c)), self.session_options(c, threads), providers=["CPUExecutionProvider"]
             )
             for c in COMPONENTS
         }
@@ -86,6 +88,15 @@ class Limit:
         self.timings: dict[tuple[str, int], dict[str, float]] = {}
         self._rng = np.random.default_rng(0)
         self._feeds: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+
+    def session_options(self, component: str, threads: int) -> Any:
+        """Triton's session for this model (its model.py): intra-op threads, and idle pool threads that sleep
+        instead of spinning (`allow_spinning` in its config.pbtxt), as several sessions share the cores."""
+        options = ort_session_options(threads)
+        config = (self.files.repository / f"{self.files.name}_{component}" / "config.pbtxt").read_text()
+        found = re.search(r'key: "allow_spinning" value: \{ string_value: "(\d)" \}', config)
+        options.add_session_config_entry("session.intra_op.allow_spinning", found.group(1) if found else "0")
+        return options
 
     def feeds(self, component: str, batch: int) -> dict[str, np.ndarray]:
         key = (component, batch)
@@ -107,27 +118,47 @@ class Limit:
             self.timings[key] = {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples)}
         return self.timings[key]
 
-    def run_concurrently(self, batches: dict[str, dict[int, int]], threads: int) -> float:
-        """Wall seconds for `threads` threads to run every execution of `batches` (shuffled, one shared list)."""
+    def run_concurrently(self, batches: dict[str, dict[int, int]], threads: int, *, instances: int = 1) -> float:
+        """Wall seconds for `threads` threads to run every execution of `batches` (shuffled, one shared list),
+        at most `instances` executions of one component at a time (Triton's instances per model: the service's
+        own bound, which also bounds memory: one medium UNet batch of 4 holds ~4 GB of attention scores)."""
         calls = [(c, b) for c, histogram in batches.items() for b, n in histogram.items() for _ in range(n)]
         random.Random(0).shuffle(calls)
         for component, batch in set(calls):
             self.time_batch(component, batch)  # warm: every shape has run once before the clock starts
-        lock = threading.Lock()
+        ready = threading.Condition()
+        busy: dict[str, int] = {}
         failures: list[BaseException] = []
+
+        def next_call() -> tuple[str, int] | None:
+            """The last queued call whose component has a free instance (None: nothing left); under `ready`."""
+            while calls and not failures:
+                for i in range(len(calls) - 1, -1, -1):
+                    if busy.get(calls[i][0], 0) < instances:
+                        component, batch = calls.pop(i)
+                        busy[component] = busy.get(component, 0) + 1
+                        return component, batch
+                ready.wait()
+            return None
 
         def worker() -> None:
             while True:
-                with lock:
-                    if not calls or failures:
-                        return
-                    component, batch = calls.pop()
+                with ready:
+                    call = next_call()
+                if call is None:
+                    return
+                component, batch = call
                 try:
                     self.sessions[component].run(self.outputs[component], self.feeds(component, batch))
                 except BaseException as exc:  # re-raised in the caller
-                    with lock:
+                    with ready:
                         failures.append(exc)
+                        ready.notify_all()
                     return
+                finally:
+                    with ready:
+                        busy[component] -= 1
+                        ready.notify_all()
 
         pool = [threading.Thread(target=worker, name=f"limit-{i}") for i in range(max(threads, 1))]
         began = time.perf_counter()

@@ -18,44 +18,56 @@ CALL_S = 0.02
 
 
 class SleepySession:
-    """Stands in for an onnxruntime session: each run takes CALL_S of wall time and releases the GIL (sleeps),
-    and records how many runs overlapped."""
+    """Stands in for an onnxruntime session: each run takes CALL_S of wall time and releases the GIL (sleeps);
+    records how many runs of this session, and of all sessions sharing `overall`, overlapped."""
 
-    def __init__(self) -> None:
+    def __init__(self, overall: SleepySession | None = None) -> None:
         self.lock = threading.Lock()
+        self.overall = overall
         self.running = 0
         self.most = 0
         self.calls = 0
 
-    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def enter(self, delta: int) -> None:
         with self.lock:
-            self.running += 1
-            self.calls += 1
+            self.running += delta
             self.most = max(self.most, self.running)
+            self.calls += delta > 0
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        for tracker in (self, self.overall):
+            if tracker is not None:
+                tracker.enter(1)
         time.sleep(CALL_S)
-        with self.lock:
-            self.running -= 1
+        for tracker in (self, self.overall):
+            if tracker is not None:
+                tracker.enter(-1)
         return [np.zeros(1)]
 
 
-def fake_limit() -> tuple[Limit, SleepySession]:
+COMPONENTS = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
+
+
+def fake_limit() -> tuple[Limit, dict[str, SleepySession], SleepySession]:
     limit = Limit.__new__(Limit)  # the seam: no ONNX files, sessions replaced
-    session = SleepySession()
+    overall = SleepySession()
+    sessions = {c: SleepySession(overall) for c in COMPONENTS}
     limit.calls = 1
-    limit.sessions = {c: session for c in ("text_encoder", "unet")}  # type: ignore[misc]
-    limit.outputs = {"text_encoder": ["y"], "unet": ["y"]}
+    limit.sessions = sessions  # type: ignore[assignment]
+    limit.outputs = {c: ["y"] for c in COMPONENTS}
     limit.timings = {}
-    limit._feeds = {(c, b): {"x": np.zeros(b)} for c in ("text_encoder", "unet") for b in (1, 2, 4)}
-    return limit, session
+    limit._feeds = {(c, b): {"x": np.zeros(b)} for c in COMPONENTS for b in (1, 2, 4)}
+    return limit, sessions, overall
 
 
-def test_the_limit_runs_as_many_executions_at_once_as_the_service_had_requests_in_flight() -> None:
-    limit, session = fake_limit()
-    batches = {"text_encoder": {2: 4}, "unet": {4: 12}}
-    result = limit.replay(batches, images=8, in_flight=4)
-    assert session.most == 4
-    # every execution ran: 2 warm-ups + 2 timed (serial timings), then the 16 of the run
-    assert session.calls == 2 * 2 + 16
+def test_the_limit_overlaps_the_models_with_as_many_threads_as_requests_were_in_flight() -> None:
+    limit, sessions, overall = fake_limit()
+    batches = {"text_encoder": {2: 4}, "vae_encoder": {1: 4}, "unet": {4: 4}, "vae_decoder": {2: 4}}
+    result = limit.replay(batches, images=8, in_flight=8)
+    assert overall.most == 4  # the four models at once
+    assert all(s.most == 1 for s in sessions.values())  # one execution per model at a time, as Triton's instance
+    # every execution ran: per shape a warm-up and one timed call (serial timings), then the run's 16
+    assert overall.calls == 4 * 2 + 16
     assert result["serial_s"] == pytest.approx(16 * CALL_S, rel=0.5)
     assert result["concurrent_s"] < result["serial_s"] / 2
     assert result["schedule"] == "concurrent"
@@ -63,16 +75,22 @@ def test_the_limit_runs_as_many_executions_at_once_as_the_service_had_requests_i
     assert result["images_per_s"] == pytest.approx(8 / result["concurrent_s"])
 
 
+def test_fewer_threads_overlap_fewer_models() -> None:
+    limit, _, overall = fake_limit()
+    limit.replay({c: {1: 3} for c in COMPONENTS}, images=3, in_flight=2)
+    assert overall.most == 2
+
+
 def test_at_one_request_in_flight_the_limit_is_the_serial_schedule() -> None:
-    limit, session = fake_limit()
+    limit, _, overall = fake_limit()
     result = limit.replay({"unet": {1: 5}}, images=5, in_flight=1)
     assert result["concurrent_s"] is None and result["schedule"] == "serial"
-    assert session.most == 1
+    assert overall.most == 1
     assert result["images_per_s"] == pytest.approx(5 / result["serial_s"])
 
 
 def test_a_failing_session_fails_the_replay() -> None:
-    limit, _ = fake_limit()
+    limit, _, _ = fake_limit()
 
     class Broken(SleepySession):
         def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
