@@ -67,6 +67,7 @@ class BenchConfig:
     transport_calls: int = 50  # identity calls / sequential gateway requests for the transport cost
     port_base: int = PORT_BASE
     mode: str = "full"
+    peers: bool = True  # False (`--no-peers`): this service and its limit only
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)

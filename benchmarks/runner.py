@@ -86,7 +86,7 @@ def count_steps(config: BenchConfig) -> int:
         repeats = plan.repeats or config.repeats
         n += len(plan.concurrency) * repeats + 1 + 2  # closed runs, poisson, transport
         n += 1  # limit
-        n += 2 * (1 + len(plan.peer_concurrency) * repeats)  # peers
+        n += 2 * (1 + len(plan.peer_concurrency) * repeats) if config.peers else 0  # peers
     return n + 1  # matmul peak
 
 
@@ -210,7 +210,8 @@ def run_model(
     progress.step(f"{plan.size}: limit replayed", f"{len(batches_per_run)} runs")
 
     # --- the peers: one request at a time ------------------------------------------------------------------
-    for kind, system, model_dir in (("torch", "naive", files.diffusers_dir), ("ort", "ort_peer", files.ort_dir)):
+    peers = (("torch", "naive", files.diffusers_dir), ("ort", "ort_peer", files.ort_dir)) if config.peers else ()
+    for kind, system, model_dir in peers:
         port = config.port_base + 10 + (0 if kind == "torch" else 1)
         with ServerProcess(
             [

@@ -173,21 +173,22 @@ class Limit:
 
     def replay(self, batches: dict[str, dict[int, int]], images: int, *, in_flight: int = 1) -> dict[str, Any]:
         """`batches`: component -> {batch size: executions}, from Triton's statistics of one service run that had
-        `in_flight` requests in flight. At 1 the concurrent schedule is the serial one (not run again)."""
+        `in_flight` requests in flight. The replay runs even at 1 (one thread, one call after another): the
+        per-batch timings are taken once and reused, and on a shared machine the load they saw has changed."""
         per_component = {}
         serial = 0.0
         for component, histogram in batches.items():
             seconds = sum(n * self.time_batch(component, b)["median_s"] for b, n in histogram.items())
             per_component[component] = seconds
             serial += seconds
-        concurrent = self.run_concurrently(batches, in_flight) if in_flight > 1 else None
-        best = min(serial, concurrent) if concurrent is not None else serial
+        concurrent = self.run_concurrently(batches, max(in_flight, 1))
+        best = min(serial, concurrent)
         return {
             "compute_s": best,
             "serial_s": serial,
             "concurrent_s": concurrent,
             "threads": in_flight,
-            "schedule": "concurrent" if concurrent is not None and concurrent < serial else "serial",
+            "schedule": "concurrent" if concurrent < serial else "serial",
             "per_component_s": per_component,
             "images": images,
             "images_per_s": images / best if best > 0 and images > 0 else None,

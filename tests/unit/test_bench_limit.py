@@ -81,12 +81,14 @@ def test_fewer_threads_overlap_fewer_models() -> None:
     assert overall.most == 2
 
 
-def test_at_one_request_in_flight_the_limit_is_the_serial_schedule() -> None:
+def test_at_one_request_in_flight_the_replay_runs_one_call_after_another() -> None:
     limit, _, overall = fake_limit()
-    result = limit.replay({"unet": {1: 5}}, images=5, in_flight=1)
-    assert result["concurrent_s"] is None and result["schedule"] == "serial"
+    result = limit.replay({"unet": {1: 5}, "vae_decoder": {1: 5}}, images=5, in_flight=1)
     assert overall.most == 1
-    assert result["images_per_s"] == pytest.approx(5 / result["serial_s"])
+    assert overall.calls == 2 * 2 + 10
+    assert result["concurrent_s"] == pytest.approx(10 * CALL_S, rel=0.5)
+    assert result["compute_s"] == min(result["serial_s"], result["concurrent_s"])
+    assert result["images_per_s"] == pytest.approx(5 / result["compute_s"])
 
 
 def test_a_failing_session_fails_the_replay() -> None:
