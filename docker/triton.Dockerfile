@@ -3,9 +3,13 @@
 #
 #   docker build -f docker/triton.Dockerfile -t imagen-triton .        (from the repository root)
 #
-# The export writes one of two kinds of models (`python -m export --backend ...`):
+# The export writes one of three kinds of models (`python -m export --backend ...`):
+#   --backend tensorrt     tensorrt_plan models (Triton's built-in TensorRT backend, TensorRT 10.5 in 24.10);
+#                          the plans are built on the serving GPU by docker/trt-build.Dockerfile before Triton
+#                          starts (compose `--profile tensorrt`, docker/k8s/overlays/gpu-tensorrt).
 #   --backend onnxruntime  config.pbtxt for Triton's built-in onnxruntime backend (ONNX Runtime 1.19.2 in 24.10).
-#                          Needs nothing beyond the base image.
+#                          Needs nothing beyond the base image. On GPU instances its TensorRT execution provider
+#                          builds the engines at load, into /data/trt-cache (writable: see compose.yaml).
 #   --backend python       model.py (model_repository/python_backend/model.py) run by Triton's Python backend,
 #                          which imports onnxruntime and numpy from the container's own Python: Python 3.10 here
 #                          (Ubuntu 22.04), not the 3.11 of .venv-triton. That Python needs onnxruntime(-gpu) and
@@ -34,6 +38,9 @@ RUN grep -v '^onnxruntime' /tmp/requirements/triton-runtime.txt > /tmp/requireme
 # The model repository mount point. /data is owned by uid 10001 (the export and gateway images' user) so that a
 # fresh named volume gets that owner even when this image is the first to mount it.
 RUN mkdir -p /data/models && chown -R 10001:10001 /data
+# The TensorRT cache folder (docker/trt-build.Dockerfile creates it the same way): onnxruntime's TensorRT engine
+# cache is written there by Triton itself, the plans' timing cache by the trt-build one-shot (group 10001).
+RUN mkdir -p /data/trt-cache && chown 1000:10001 /data/trt-cache && chmod 2775 /data/trt-cache
 
 # Run as the image's unprivileged triton-server user (uid 1000); it only reads the repository.
 USER 1000:1000

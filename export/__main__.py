@@ -35,6 +35,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--instances", type=int, default=1, help="model instances per component")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check")
+    parser.add_argument(
+        "--trt-cache-dir",
+        default=ServingOptions.trt_cache_dir,
+        help="TensorRT timing/engine caches as Triton's container sees them (tensorrt, onnxruntime backends)",
+    )
+    parser.add_argument(
+        "--no-ort-tensorrt", action="store_true", help="onnxruntime backend: no TensorRT execution accelerator"
+    )
     args = parser.parse_args(argv)
     if args.model_dir is not None and (args.size != "tiny" or args.seed != 0 or args.scheduler != "pndm"):
         parser.error("--size, --seed and --scheduler only apply to --tiny")
@@ -43,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_queue_delay_us < 0 or args.intra_op_threads < 0:
         parser.error("--max-queue-delay-us and --intra-op-threads must be >= 0")
+    if not args.trt_cache_dir.startswith("/"):
+        parser.error("--trt-cache-dir must be an absolute path (as Triton's container sees it)")
     return args
 
 
@@ -61,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             max_queue_delay_us=args.max_queue_delay_us,
             instances=args.instances,
             intra_op_threads=args.intra_op_threads,
+            trt_cache_dir=args.trt_cache_dir,
+            ort_tensorrt=not args.no_ort_tensorrt,
         ),
         fp16=args.fp16,
         validate=not args.no_validate,

@@ -15,8 +15,15 @@ from tqdm import tqdm
 
 from export.errors import ExportError
 from export.layout import check_layout
-from export.onnx_export import convert_fp16, export_onnx, load_pipeline
-from export.repository import ServingOptions, install_pipeline, stage_pipeline, staging_area, validate_name
+from export.onnx_export import export_onnx, load_pipeline
+from export.repository import (
+    _SERVED_OUTPUTS,
+    ServingOptions,
+    install_pipeline,
+    stage_pipeline,
+    staging_area,
+    validate_name,
+)
 from export.validate import FP32_ATOL, FP32_RTOL, check_components
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository" / "models"
@@ -90,7 +97,13 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                     )
 
         def fp16(s: dict[str, Any]) -> None:
-            convert_fp16(s["onnx"])
+            # onnxconverter-common, after pruning to the served outputs (export.tensorrt.convert_fp16): onnxruntime's
+            # own converter (onnx_export.convert_fp16) turned the UNet's Resize scales into fp16, an ONNX model that
+            # onnxruntime refuses to load.
+            from export.tensorrt import convert_fp16
+
+            for component, path in s["onnx"].items():
+                convert_fp16(path, set(_SERVED_OUTPUTS[component]))
 
         def write(s: dict[str, Any]) -> None:
             s["manifest"] = stage_pipeline(
@@ -99,7 +112,7 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                 s["pipeline"],
                 s["onnx"],
                 request.options,
-                dtype="float16" if request.fp16 else "float32",
+                dtype="float16" if request.fp16 or request.options.backend == "tensorrt" else "float32",
                 source=s["source"],
             )
 
@@ -109,7 +122,8 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
         stages += [("load diffusers pipeline", load), ("export ONNX", onnx)]
         if request.validate:
             stages.append(("check ONNX against torch", validate))
-        if request.fp16:
+        # TensorRT plans are fp16: export.tensorrt converts (and prunes) each model's ONNX in the write stage.
+        if request.fp16 and request.options.backend != "tensorrt":
             stages.append(("convert to fp16", fp16))
         stages += [("write Triton models", write), ("install into repository", install)]
         bar = tqdm(stages, desc=f"export {name}", unit="stage", disable=not progress, leave=True)

@@ -24,7 +24,7 @@ from export.onnx_export import COMPONENTS, copy_component
 
 MANIFEST_VERSION = 1
 MANIFEST_SUFFIX = ".pipeline.json"
-BACKENDS = ("python", "onnxruntime")
+BACKENDS = ("python", "onnxruntime", "tensorrt")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PYTHON_MODEL_SOURCE = Path(__file__).resolve().parent.parent / "model_repository" / "python_backend" / "model.py"
 
@@ -53,6 +53,11 @@ class ServingOptions:
     max_queue_delay_us: int = 500
     instances: int = 1
     intra_op_threads: int = 0
+    # TensorRT caches (plans' timing cache, onnxruntime's TensorRT engines), as Triton's container sees them:
+    # on the models volume, beside the repository /data/models (docker/compose.yaml, docker/k8s).
+    trt_cache_dir: str = "/data/trt-cache"
+    # `onnxruntime` backend: add the TensorRT execution accelerator (used on GPU instances only).
+    ort_tensorrt: bool = True
 
 
 @dataclass(frozen=True)
@@ -106,10 +111,12 @@ def _pbtxt_tensor(spec: TensorSpec) -> str:
 def render_config(
     name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], options: ServingOptions, onnx_file: str
 ) -> str:
-    """config.pbtxt for one component, for the python or the native onnxruntime backend."""
+    """config.pbtxt for one component, for the python, the native onnxruntime or the tensorrt_plan backend."""
     lines = [f'name: "{name}"']
     if options.backend == "python":
         lines.append('backend: "python"')
+    elif options.backend == "tensorrt":  # the plan is built where Triton runs: export.trt_build
+        lines += ['platform: "tensorrt_plan"', 'default_model_filename: "model.plan"']
     else:
         lines += ['backend: "onnxruntime"', f'default_model_filename: "{onnx_file}"']
     lines.append(f"max_batch_size: {options.max_batch_size}")
@@ -121,11 +128,14 @@ def render_config(
     lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}")
     # KIND_AUTO: GPU instances when Triton sees a GPU (the native backend then attaches CUDA, and the python
     # runner picks onnxruntime-gpu's CUDA provider), CPU instances otherwise.
-    lines.append(f"instance_group [ {{ count: {options.instances} kind: KIND_AUTO }} ]")
+    kind = "KIND_GPU" if options.backend == "tensorrt" else "KIND_AUTO"  # a plan runs on a GPU only
+    lines.append(f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]")
     params = (
         {"onnx_file": onnx_file, "intra_op_threads": str(options.intra_op_threads), "allow_spinning": "0"}
         if options.backend == "python"
         else {"intra_op_thread_count": str(options.intra_op_threads)}
+        if options.backend == "onnxruntime"
+        else {}
     )
     for key, value in params.items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
@@ -235,6 +245,10 @@ def stage_pipeline(
     write_tokenizer(pipeline, staging / tokenizer_rel)
     manifest = build_manifest(name, pipeline, specs, options, dtype=dtype, tokenizer_file=tokenizer_rel, source=source)
     (staging / f"{name}{MANIFEST_SUFFIX}").write_text(json.dumps(manifest, indent=2) + "\n")
+    if options.backend in ("tensorrt", "onnxruntime"):
+        from export.tensorrt import write_tensorrt_parts
+
+        write_tensorrt_parts(staging, manifest, options)
     return manifest
 
 

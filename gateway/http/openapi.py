@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import ERROR_TABLE
+from gateway.http import openai_compat
 from gateway.http import schema as wire
 from gateway.http.schema import JOB_STATUSES, SPEC_RESPONSE_FIELDS, error_codes_by_status
 from gateway.media import codecs
@@ -54,6 +55,9 @@ COMPONENTS: Mapping[str, tuple[type[BaseModel], JsonSchemaMode]] = MappingProxyT
         "StyleList": (wire.StyleList, "serialization"),
         "Status": (wire.Status, "serialization"),
         "WebhookSecret": (wire.WebhookSecret, "serialization"),
+        "ImageEditRequest": (openai_compat.ImageEditForm, "validation"),
+        "ImagesResponse": (openai_compat.ImagesResponse, "serialization"),
+        "OpenAIError": (openai_compat.OpenAIErrorBody, "serialization"),
     }
 )
 
@@ -234,6 +238,24 @@ CREATE_ERRORS = (
     "run_attempts_exhausted",
 )
 JOB_ERRORS = (*AUTHENTICATED, "not_found", "store_unavailable")
+EDIT_ERRORS = (*CREATE_ERRORS, "job_finished")  # job_finished: the job was canceled (its Location is answered)
+# Statuses answered before the edits handler runs (the request rate limit, the connection cap, a bug) keep the
+# native error shape; every other error of that route is in OpenAI's.
+NATIVE_SHAPE_STATUSES = frozenset({"429", "500", "503"})
+
+
+def openai_error_responses(*codes: str) -> dict[str, Any]:
+    """`error_responses` for the OpenAI-compatible route: OpenAI's error shape (and the native one where a
+    middleware may answer first), the same statuses and codes."""
+    out = error_responses(*codes)
+    for status, response in out.items():
+        openai_shape = _ref("OpenAIError")
+        schema = {"anyOf": [openai_shape, _ref("Error")]} if status in NATIVE_SHAPE_STATUSES else openai_shape
+        response["content"] = _json(schema)
+        response["description"] = response["description"].replace(
+            "In the error shape", "In OpenAI's error shape (`error.code` is the native code)", 1
+        )
+    return out
 
 
 def _paths() -> dict[str, Any]:
@@ -294,8 +316,33 @@ def _paths() -> dict[str, Any]:
         media: {"schema": {"type": "string", "contentMediaType": media}}
         for media in ("image/png", "image/jpeg", "image/webp")
     }
+    edits = _operation(
+        "createImageEdit",
+        "OpenAI-compatible image edit (OpenAI's multipart form and response; synchronous): the same jobs as "
+        "`POST /v1/image-to-image`",
+        _merge(
+            {
+                "200": _response(
+                    "OpenAI's `ImagesResponse`: `data[]` with `url` or `b64_json`; `Location` is the job",
+                    _json(_ref("ImagesResponse")),
+                    "Location",
+                )
+            },
+            openai_error_responses(*EDIT_ERRORS),
+        ),
+        body={
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": _ref("ImageEditRequest"),
+                    "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp"}},
+                }
+            },
+        },
+    )
     return {
         "/v1/image-to-image": {"post": create},
+        openai_compat.EDITS_PATH: {"post": edits},
         "/v1/image-to-image/{job_id}": {
             "get": _operation(
                 "getJob",

@@ -71,6 +71,7 @@ from gateway.http.responses import error_response
 from gateway.settings import Settings
 
 LIMITED_PATH = "/v1/image-to-image"
+LIMITED_PATHS = frozenset({LIMITED_PATH, "/v1/images/edits"})  # the native creation and OpenAI's image edits
 LIMITED_METHOD = "POST"
 DEFAULT_MAX_BUCKETS = 100_000
 # Redis: keys are `<prefix><key>`; connections at most this many per replica; every wait (a free pooled
@@ -381,7 +382,8 @@ def api_key_or_address(api_keys: frozenset[str]) -> KeyFn:
 
 
 class RateLimitMiddleware:
-    """Applies a `Limiter` to `POST /v1/image-to-image` only; every other request passes untouched.
+    """Applies a `Limiter` to `POST /v1/image-to-image` (and OpenAI's `POST /v1/images/edits`, the same job
+    creation) only; every other request passes untouched.
 
     Without `limiter`, a local `TokenBucketLimiter(per_minute, burst)`; with one (`make_limiter(settings)`),
     that one, and `per_minute`/`burst` are ignored. The owner of a passed limiter closes it (`aclose`).
@@ -404,7 +406,7 @@ class RateLimitMiddleware:
         if (
             scope["type"] == "http"
             and scope.get("method") == LIMITED_METHOD
-            and scope.get("path") == LIMITED_PATH
+            and scope.get("path") in LIMITED_PATHS
             and self.limiter.enabled
         ):
             wait_s = await self.limiter.take(self.key_fn(scope))

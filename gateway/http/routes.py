@@ -14,11 +14,13 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import Scope
 
 from gateway.diffusion.img2img import Img2ImgPipeline
 from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import (
+    ApiError,
     InvalidRequest,
     JobFinished,
     NotFound,
@@ -26,6 +28,7 @@ from gateway.errors import (
     UnsupportedMediaType,
     code_status,
 )
+from gateway.http import openai_compat
 from gateway.http.auth import check_bearer
 from gateway.http.limits import release_body_budget
 from gateway.http.openapi import openapi_endpoint
@@ -184,6 +187,31 @@ class Handlers:
             if not waiter.done():
                 waiter.cancel()
 
+    async def openai_image_edits(self, request: Request) -> Response:
+        """OpenAI's image edits (gateway/http/openai_compat.py) around the native synchronous route's use case;
+        every error this handler answers is in OpenAI's shape."""
+        try:
+            owner = self._owner(request)
+            try:
+                job, response_format = await self._create_edit(request, owner)
+            finally:
+                release_body_budget(request)  # as the native route: the wait holds neither body nor image
+            if not job.finished:
+                job = await self._wait_or_cancel(request, job)
+            return await openai_compat.render_edit(job, response_format, self.s.storage)
+        except ApiError as exc:
+            return openai_compat.openai_error_response(exc)
+
+    async def _create_edit(self, request: Request, owner: str) -> tuple[Job, openai_compat.ResponseFormat]:
+        edit = await openai_compat.read_edit(request, self.settings.max_body_bytes, self.s.pipelines, STYLE_PRESETS)
+        caller = Caller(
+            owner=owner,
+            request_hash=request_hash(edit.body),
+            idempotency_key=idempotency_key(request),
+            request_id=current_request_id(),
+        )
+        return await self.s.create_job(edit.request, caller), edit.form.response_format
+
     async def get_job(self, request: Request) -> Response:
         job = await self.s.jobs.get(request.path_params["job_id"], self._owner(request))
         return JSONResponse(await self._view(job))
@@ -289,6 +317,19 @@ class Handlers:
         return JSONResponse({"status": "ready" if ready else "not_ready"}, status_code=200 if ready else 503)
 
 
+class OwnPathRoute(Route):
+    """A route that owns its path for every method: `GET /v1/images/edits` is its 405 (with `Allow: POST`),
+    not an image named `edits` for the `GET /v1/images/{name}` pattern listed after it."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        return (Match.FULL if match == Match.PARTIAL else match), child_scope
+
+
+# Static paths that a wider pattern of another method would also match.
+OWN_PATHS = frozenset({openai_compat.EDITS_PATH})
+
+
 def routes(handlers: Handlers) -> list[BaseRoute]:
     h = handlers
     table: list[tuple[str, Callable[[Request], Any], str]] = [
@@ -297,6 +338,7 @@ def routes(handlers: Handlers) -> list[BaseRoute]:
         ("/v1/image-to-image/{job_id}/cancel", h.cancel_job, "POST"),
         ("/v1/image-to-image/{job_id}/events", h.job_events, "GET"),
         ("/v1/webhook-secret", h.webhook_secret, "GET"),
+        (openai_compat.EDITS_PATH, h.openai_image_edits, "POST"),  # before `{name}`, which would match it too
         ("/v1/images/{name}", h.get_image, "GET"),
         ("/v1/models", h.list_models, "GET"),
         ("/v1/styles", h.list_styles, "GET"),
@@ -305,4 +347,7 @@ def routes(handlers: Handlers) -> list[BaseRoute]:
         ("/metrics", metrics_endpoint, "GET"),
         ("/openapi.json", openapi_endpoint, "GET"),
     ]
-    return [Route(path, endpoint, methods=[method]) for path, endpoint, method in table]
+    return [
+        (OwnPathRoute if path in OWN_PATHS else Route)(path, endpoint, methods=[method])
+        for path, endpoint, method in table
+    ]

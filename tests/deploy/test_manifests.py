@@ -32,7 +32,7 @@ K8S = DOCKER / "k8s"
 COMPOSE = DOCKER / "compose.yaml"
 # The cluster version the manifests target (kubectl 1.32's).
 KUBERNETES_VERSION = "1.32"
-TARGETS = ["base", "overlays/cpu", "overlays/gpu"]
+TARGETS = ["base", "overlays/cpu", "overlays/gpu", "overlays/gpu-tensorrt"]
 NAMESPACE = "imagen"
 GATEWAY, TRITON = "imagen-gateway", "imagen-triton"
 WORKLOADS = {"Deployment", "Job", "StatefulSet", "DaemonSet"}
@@ -335,6 +335,39 @@ def test_gpu_overlay_puts_triton_on_a_gpu_and_the_rest_does_not() -> None:
     assert "nvidia.com/gpu" not in json.dumps(one(render("overlays/gpu"), "Deployment", GATEWAY))
 
 
+def test_tensorrt_overlay_builds_the_plans_on_the_pod_gpu_before_triton() -> None:
+    """The init container runs the build script (shipped in its image) on the pod's GPU as the exporter's user,
+    with the claim's root writable; Triton keeps /data read-only and gets only the export's TensorRT cache
+    folder writable, through its group."""
+    from export.repository import ServingOptions
+
+    objects = render("overlays/gpu-tensorrt")
+    triton = one(objects, "Deployment", TRITON)
+    spec = pod_spec(triton)
+    (init,) = spec["initContainers"]
+    assert init["image"].startswith("imagen-trt-build:")
+    script, *args = init["command"]
+    assert script == "/app/scripts/build-trt-plans.sh" and args == ["--repository", "/data/models"]
+    dockerfile = (DOCKER / "trt-build.Dockerfile").read_text()
+    assert "COPY scripts/build-trt-plans.sh scripts/" in dockerfile and "WORKDIR /app" in dockerfile
+    assert (PROJECT_ROOT / "scripts" / "build-trt-plans.sh").is_file()
+    assert str(init["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert init["securityContext"]["runAsUser"] == 10001, "the owner of the model folders"
+    init_mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
+    assert not init_mounts["/data"].get("readOnly", False)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    claim = volumes[init_mounts["/data"]["name"]]["persistentVolumeClaim"]
+    assert claim == {"claimName": "imagen-models", "readOnly": False}
+    mounts = {m["mountPath"]: m for m in container(triton, "triton")["volumeMounts"]}
+    assert mounts["/data"]["readOnly"] is True
+    cache = mounts[ServingOptions.trt_cache_dir]
+    assert not cache.get("readOnly", False)
+    assert (cache["name"], cache["subPath"]) == (mounts["/data"]["name"], "trt-cache"), "on the models volume"
+    assert 10001 in spec["securityContext"]["supplementalGroups"]
+    # Still the GPU overlay underneath.
+    assert container(triton, "triton")["image"].endswith("-gpu")
+
+
 def test_cpu_overlay_exports_the_demo_only_into_an_empty_repository(tmp_path: Path) -> None:
     job = one(render("overlays/cpu"), "Job", "imagen-export-demo")
     ctr = container(job, "export")
@@ -509,6 +542,31 @@ def test_compose_export_once_skips_a_repository_with_a_pipeline(tmp_path: Path) 
     svc = compose()["services"]["export-once"]
     assert ("models", "/data", False) in named_volumes(svc)
     _check_export_once_script(svc["entrypoint"], svc["command"], tmp_path)
+
+
+def test_compose_tensorrt_profile_builds_the_plans_before_triton() -> None:
+    """`--profile tensorrt`: the trt-build one-shot (GPU, the models volume writable, the build script as its
+    entrypoint) must complete before triton starts; without the profile triton does not wait for it."""
+    from export.repository import ServingOptions
+
+    spec = compose()
+    build, triton = spec["services"]["trt-build"], spec["services"]["triton"]
+    assert build["profiles"] == ["tensorrt"] and "trt-build" not in services(None)
+    assert triton["depends_on"]["trt-build"] == {"condition": "service_completed_successfully", "required": False}
+    assert build["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert ("models", "/data", False) in named_volumes(build)
+    dockerfile = (DOCKER / "trt-build.Dockerfile").read_text()
+    assert 'ENTRYPOINT ["/app/scripts/build-trt-plans.sh", "--repository", "/data/models"]' in dockerfile
+    assert build["build"]["dockerfile"] == "docker/trt-build.Dockerfile"
+    # The caches: one writable volume at the export's cache folder, in both; triton may write through its group.
+    cache = ServingOptions.trt_cache_dir
+    (volume,) = [v for v, target, ro in named_volumes(triton) if target == cache and not ro]
+    assert (volume, cache, False) in named_volumes(build)
+    assert "10001" in triton["group_add"]
+    assert "chown 1000:10001 /data/trt-cache && chmod 2775 /data/trt-cache" in dockerfile
+    assert (
+        "chown 1000:10001 /data/trt-cache && chmod 2775 /data/trt-cache" in (DOCKER / "triton.Dockerfile").read_text()
+    )
 
 
 def _check_export_once_script(command: list[str], args: list[str], tmp_path: Path) -> None:

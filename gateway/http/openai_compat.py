@@ -1,0 +1,447 @@
+"""OpenAI-compatible `POST /v1/images/edits`: OpenAI's multipart form in, OpenAI's response and error shapes out.
+
+Only a translation: the form becomes the native `ImageToImageRequest` (validated by `schema.parse_image_to_image`,
+the one validator) and goes through the same `CreateJob` as `POST /v1/image-to-image`, so jobs, keys, the body
+budget, rate and work limits and metrics are the native route's. Native errors are rewritten into OpenAI's shape
+in one place (`openai_error_response`): OpenAI's names (`n` for `num_images`) and a `param` naming the field.
+
+Parsing is bounded: at most `MAX_FORM_FILES` file parts and `MAX_FORM_FIELDS` text parts, each text part at most
+`MAX_FIELD_BYTES`, the whole body at most `max_body_bytes` (413), and the file is held in memory (as a JSON
+body is, and counted by the same body budget), never spooled to disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, cast
+
+from PIL import ExifTags, Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.config import JsonDict
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from gateway.diffusion.img2img import Img2ImgPipeline
+from gateway.diffusion.styles import StylePreset
+from gateway.errors import (
+    ApiError,
+    ImageDimensionsTooLarge,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    JobFinished,
+    ModelNotFound,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    code_status,
+    status_and_code,
+)
+from gateway.http.schema import (
+    DEFAULT_MODEL,
+    MAX_NEGATIVE_PROMPT_CHARS,
+    MAX_PROMPT_CHARS,
+    ImageToImageRequest,
+    parse_image_to_image,
+)
+from gateway.jobs.model import COMPLETED, FAILED, Job
+from gateway.media import codecs
+from gateway.media.storage import Storage
+from gateway.media.work import run_image_work
+
+EDITS_PATH = "/v1/images/edits"
+MULTIPART = "multipart/form-data"
+# Parts a form may have: the image plus OpenAI's other file fields (refused by name, with a clear message, rather
+# than by Starlette's "too many files"); text fields: OpenAI's ~20, ours, and slack for ignored ones.
+MAX_FORM_FILES = 4
+MAX_FORM_FIELDS = 64
+# A text part: the longest field is a prompt, counted in characters (4 UTF-8 bytes at most each).
+MAX_FIELD_BYTES = 4 * max(MAX_PROMPT_CHARS, MAX_NEGATIVE_PROMPT_CHARS) + 1024
+IMAGE_FIELDS = ("image", "image[]")  # the SDK sends `image[]` for a list of images
+SIZE = re.compile(r"(?P<width>[1-9][0-9]{0,4})x(?P<height>[1-9][0-9]{0,4})")
+AUTO = "auto"
+TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+
+# OpenAI fields this service does not implement: any value is a 400 naming the field and why.
+UNSUPPORTED: Mapping[str, str] = {
+    "mask": "masks (inpainting) are not supported: the whole image is transformed",
+    "markup": "markup images are not supported",
+    "input_fidelity": "input fidelity is not adjustable: use 'strength' (lower keeps more of the input)",
+    "output_compression": "use 'output_quality' for the encoder's quality",
+    "partial_images": "partial images are not streamed",
+    "svg": "SVG output is not supported",
+    "complexity": "not supported",
+    "frame_count": "animated output is not supported",
+    "frame_duration_ms": "animated output is not supported",
+}
+# OpenAI fields accepted only with the value that asks for what this service does anyway.
+ONLY_VALUE: Mapping[str, str] = {"quality": AUTO, "background": AUTO, "stream": "false"}
+# Accepted and ignored: end-user identifiers for OpenAI's abuse monitoring.
+IGNORED = ("user", "safety_identifier")
+# Native field -> OpenAI's name for it, for parameters and messages.
+OPENAI_NAMES: Mapping[str, str] = {"num_images": "n"}
+# Errors about one field whatever their message.
+ERROR_PARAMS: Mapping[type[ApiError], str] = {
+    InvalidImage: "image",
+    ImageTooLarge: "image",
+    ImageDimensionsTooLarge: "image",
+    ModelNotFound: "model",
+}
+ResponseFormat = Literal["url", "b64_json"]
+_FIELD_IN_MESSAGE = re.compile(r"field(?:\(s\))? '(?P<field>[a-z_\[\]]+)'")
+
+
+class OpenAIFieldError(InvalidRequest):
+    """A 400 of the OpenAI form itself (before the native request exists), naming the form field."""
+
+    def __init__(self, message: str, details: str | None, *, param: str) -> None:
+        super().__init__(message, details)
+        self.param = param
+
+
+def _form_schema(schema: JsonDict) -> None:
+    """A form field is sent or omitted, never null: the document drops the `null` the optional types add."""
+    for prop in cast(JsonDict, schema["properties"]).values():
+        prop = cast(JsonDict, prop)
+        types = prop.get("type")
+        if isinstance(types, list) and "null" in types:
+            prop["type"] = next(t for t in types if t != "null")
+        if prop.get("default", ...) is None:
+            del prop["default"]
+
+
+class ImageEditForm(BaseModel):
+    """OpenAI's `POST /v1/images/edits` form as this service reads it, plus the native extras (`strength`, \
+`steps`, `guidance_scale`, `negative_prompt`, `seed`, `style`, `output_format`, `output_quality`). Text fields \
+are parsed as numbers where the native request has numbers; ranges are the native request's (`GET /v1/models`).
+
+One image per request (`image`, or a one-element `image[]`); `n` is the native `num_images`; `size` is \
+`auto` or the size the model answers for this image (its native resolution on the longer side, aspect ratio \
+kept); `quality` and `background` only `auto`; `user` is ignored. Unsupported OpenAI fields (`mask`, \
+`input_fidelity`, `output_compression`, ...) and unknown ones are a 400 naming the field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, json_schema_extra=_form_schema)
+
+    image: bytes = Field(description="The image file (JPEG, PNG or WebP).")
+    prompt: str = Field(description="The native `prompt`.")
+    model: str | None = Field(default=None, description=f"A served pipeline; default `{DEFAULT_MODEL}`.")
+    n: int | None = Field(default=None, description="Number of images (the native `num_images`).")
+    size: str | None = Field(
+        default=None,
+        description="`auto`, or `WIDTHxHEIGHT` equal to the size the model answers for this image.",
+        json_schema_extra={"pattern": r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"},
+    )
+    response_format: ResponseFormat = Field(
+        default="url", description="`url`: stored image URLs; `b64_json`: the image bytes in base64."
+    )
+    output_format: str | None = Field(default=None, description="The native `output_format`.")
+    output_quality: int | None = Field(default=None, description="The native `output_quality`.")
+    quality: Literal["auto"] | None = None
+    background: Literal["auto"] | None = None
+    stream: Literal["false"] | None = None
+    user: str | None = Field(default=None, description="Ignored.")
+    safety_identifier: str | None = Field(default=None, description="Ignored.")
+    strength: float | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    style: str | None = None
+
+
+# Form fields copied into the native request under the same name (`n` is renamed, the rest are ours only).
+PASSED_THROUGH = (
+    "prompt", "model", "strength", "steps", "guidance_scale", "negative_prompt", "seed", "style", "output_format",
+    "output_quality",
+)  # fmt: skip
+FORM_FIELDS = tuple(ImageEditForm.model_fields)
+
+
+class ImageData(BaseModel):
+    """One image of OpenAI's `ImagesResponse.data`: `url` or `b64_json`, as asked (no `revised_prompt`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str | None = Field(default=None, json_schema_extra={"format": "uri"})
+    b64_json: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """OpenAI's response shape; `size` and `output_format` as OpenAI's newer models report them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    created: int = Field(description="The job's creation time, Unix seconds.")
+    data: list[ImageData]
+    size: str | None = Field(default=None, description="`WIDTHxHEIGHT` of the images.")
+    output_format: str | None = Field(default=None, description="`png`, `jpeg` or `webp`.")
+
+
+class OpenAIErrorObject(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    message: str = Field(description="Our message, then our details (what to fix).")
+    type: Literal["invalid_request_error", "server_error"]
+    param: str | None = Field(description="The form field at fault, when one is.")
+    code: str = Field(description="The native error code (`invalid_request`, `model_not_found`, ...).")
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error shape, on this route; `error.code` is the native code of the same failure."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    error: OpenAIErrorObject
+
+
+# --- errors: the one place native errors become OpenAI's -------------------------------------------------
+
+
+def _openai_text(text: str) -> str:
+    for native, openai in OPENAI_NAMES.items():
+        text = text.replace(f"'{native}'", f"'{openai}'")
+    return text
+
+
+def _param(exc: ApiError) -> str | None:
+    if isinstance(exc, OpenAIFieldError):
+        return exc.param
+    for cls in type(exc).__mro__:
+        if cls in ERROR_PARAMS:
+            return ERROR_PARAMS[cls]
+    found = _FIELD_IN_MESSAGE.search(exc.message)
+    if found is None:
+        return None
+    field = found.group("field")
+    return "image" if field == "image" else OPENAI_NAMES.get(field, field)
+
+
+def openai_error(
+    status: int,
+    code: str,
+    message: str,
+    details: str | None,
+    *,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """OpenAI's error shape: our message and details in `message`, OpenAI's field names, our code in `code`."""
+    text = _openai_text(f"{message}: {details}" if details else message)
+    error = OpenAIErrorObject(
+        message=text, type="server_error" if status >= 500 else "invalid_request_error", param=param, code=code
+    )
+    body = OpenAIErrorBody(error=error).model_dump(mode="json")
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def openai_error_response(exc: ApiError) -> JSONResponse:
+    """Any of our errors on this route, in OpenAI's shape, with the status and headers of the error table."""
+    status, code = status_and_code(exc)
+    return openai_error(status, code, exc.message, exc.details, param=_param(exc), headers=exc.headers)
+
+
+# --- the form ------------------------------------------------------------------------------------------
+
+
+async def _capped(request: Request, max_bytes: int) -> AsyncGenerator[bytes]:
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        yield chunk
+
+
+def _too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge("Request body too large", f"Maximum request body is {max_bytes // 2**20} MB")
+
+
+async def _parse_multipart(request: Request, max_bytes: int) -> list[tuple[str, str | UploadFile]]:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != MULTIPART:
+        raise UnsupportedMediaType("Request body must be multipart/form-data", "Send OpenAI's image edit form")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    parser = MultiPartParser(
+        request.headers,
+        _capped(request, max_bytes),
+        max_files=MAX_FORM_FILES,
+        max_fields=MAX_FORM_FIELDS,
+        max_part_size=MAX_FIELD_BYTES,
+    )
+    parser.spool_max_size = max_bytes  # in memory, as a JSON body: bounded by the cap and the body budget
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidRequest("Malformed multipart form", exc.message) from None
+    except ValueError as exc:  # python-multipart refuses some boundaries outright
+        raise InvalidRequest("Malformed multipart form", str(exc)) from None
+    return list(form.multi_items())
+
+
+async def _form_values(items: list[tuple[str, str | UploadFile]]) -> dict[str, Any]:
+    """Form parts -> the model's input: one image's bytes, one value per text field; closes every upload."""
+    values: dict[str, Any] = {}
+    images: list[UploadFile] = []
+    try:
+        for name, value in items:
+            if name in IMAGE_FIELDS:
+                if not isinstance(value, UploadFile):
+                    raise OpenAIFieldError(
+                        "Invalid field 'image'", "'image' must be a file part (JPEG, PNG or WebP)", param="image"
+                    )
+                images.append(value)
+                continue
+            if name in UNSUPPORTED:
+                raise OpenAIFieldError(f"Unsupported field '{name}'", UNSUPPORTED[name], param=name)
+            if name not in FORM_FIELDS:
+                raise OpenAIFieldError(
+                    f"Unknown field '{name}'", f"Allowed fields: {', '.join(FORM_FIELDS)}", param=name
+                )
+            if isinstance(value, UploadFile):
+                raise OpenAIFieldError(f"Invalid field '{name}'", f"'{name}' must be a text value", param=name)
+            if name in values:
+                raise OpenAIFieldError(f"Invalid field '{name}'", f"'{name}' is given more than once", param=name)
+            values[name] = value
+        if len(images) > 1:
+            raise OpenAIFieldError("Too many images", f"One image per request; {len(images)} were sent", param="image")
+        if images:
+            values["image"] = await images[0].read()
+        return values
+    finally:
+        for _, value in items:
+            if isinstance(value, UploadFile):
+                await value.close()
+
+
+def _form_error(error: ValidationError) -> OpenAIFieldError:
+    problem = error.errors(include_url=False, include_input=False)[0]
+    field = str(problem["loc"][0]) if problem["loc"] else "form"
+    if problem["type"] == "missing":
+        return OpenAIFieldError(f"Missing required field '{field}'", f"'{field}' is required", param=field)
+    if field in ONLY_VALUE:
+        rule = f"'{field}' must be '{ONLY_VALUE[field]}' (or omitted): other values are not supported"
+    else:
+        rule = f"'{field}': {problem['msg']}"
+    return OpenAIFieldError(f"Invalid field '{field}'", rule, param=field)
+
+
+async def read_edit_form(request: Request, max_bytes: int) -> ImageEditForm:
+    """The request's form, bounded and typed; every problem is a 4xx naming the field."""
+    values = await _form_values(await _parse_multipart(request, max_bytes))
+    try:
+        return ImageEditForm.model_validate(values)
+    except ValidationError as error:
+        raise _form_error(error) from None
+
+
+# --- the native request ---------------------------------------------------------------------------------
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """Upright width and height (EXIF orientation applied, as `codecs.decode_image` does) from the header alone;
+    None when unreadable (CreateJob decodes the image and reports it)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=codecs.SUPPORTED_FORMATS) as img:
+            width, height = img.size
+            transposed = img.getexif().get(ExifTags.Base.Orientation) in TRANSPOSING_ORIENTATIONS
+    except Exception:  # any decoder complaint: the native path answers it properly
+        return None
+    return (height, width) if transposed else (width, height)
+
+
+async def check_size(form: ImageEditForm, pipelines: Mapping[str, Img2ImgPipeline]) -> None:
+    """`size` must be `auto` or what the model answers: it is not a knob here (the native API has none)."""
+    if form.size is None or form.size == AUTO:
+        return
+    wanted = SIZE.fullmatch(form.size)
+    if wanted is None:
+        raise OpenAIFieldError("Invalid field 'size'", "'size' must be 'auto' or WIDTHxHEIGHT", param="size")
+    pipeline = pipelines.get(form.model or DEFAULT_MODEL)
+    dims = None if pipeline is None else await run_image_work(_header_size, form.image)
+    if pipeline is None or dims is None:
+        return  # an unknown model or an unreadable image: CreateJob answers with the native error
+    manifest = pipeline.manifest
+    width, height = codecs.fit_to_grid(*dims, manifest.native_resolution, manifest.grid)
+    if (int(wanted.group("width")), int(wanted.group("height"))) != (width, height):
+        raise OpenAIFieldError(
+            f"Unsupported size '{form.size}'",
+            f"'{manifest.name}' answers {width}x{height} for this {dims[0]}x{dims[1]} image (its native "
+            f"{manifest.native_resolution} px on the longer side, aspect ratio kept): send size={width}x{height} "
+            "or 'auto', or omit it",
+            param="size",
+        )
+
+
+async def native_body(form: ImageEditForm) -> dict[str, Any]:
+    """The native JSON body of this form (the image as base64): what the native route would have read."""
+    body: dict[str, Any] = {"image": (await run_image_work(base64.b64encode, form.image)).decode("ascii")}
+    for name in PASSED_THROUGH:
+        value = getattr(form, name)
+        if value is not None:
+            body[name] = value
+    if form.n is not None:
+        body["num_images"] = form.n
+    return body
+
+
+@dataclass(frozen=True)
+class ImageEdit:
+    """A read edit request: the form (for the answer), its native body (for the request hash) and request."""
+
+    form: ImageEditForm
+    body: dict[str, Any]
+    request: ImageToImageRequest
+
+
+async def read_edit(
+    request: Request, max_bytes: int, pipelines: Mapping[str, Img2ImgPipeline], styles: Mapping[str, StylePreset]
+) -> ImageEdit:
+    """The form, checked, as the native request the native route's validator makes of its body."""
+    form = await read_edit_form(request, max_bytes)
+    await check_size(form, pipelines)
+    body = await native_body(form)
+    return ImageEdit(form, body, parse_image_to_image(body, styles=styles))
+
+
+# --- the response ---------------------------------------------------------------------------------------
+
+
+async def _read_all(storage: Storage, name: str) -> bytes:
+    found = await storage.open(name)
+    if found is None:
+        raise NotFound("Image not found", f"No stored image named '{name}'")
+    return b"".join([chunk async for chunk in found.chunks])
+
+
+async def render_edit(job: Job, response_format: ResponseFormat, storage: Storage) -> JSONResponse:
+    """A finished job in OpenAI's shape: its images as URLs or base64, or its error in OpenAI's error shape."""
+    headers = {"Location": f"/v1/image-to-image/{job.id}"}
+    if job.status == FAILED and job.error is not None:
+        status = code_status(job.error.code)
+        return openai_error(status, job.error.code, job.error.message, job.error.details, headers=headers)
+    if job.status != COMPLETED:
+        return openai_error_response(JobFinished(f"Job {job.status}", f"Job {job.id} ended {job.status}"))
+    data = [
+        ImageData(b64_json=base64.b64encode(await _read_all(storage, image.name)).decode("ascii"))
+        if response_format == "b64_json"
+        else ImageData(url=image.url)
+        for image in job.images
+    ]
+    size = job.spec.processed_size
+    extension = job.images[0].name.rsplit(".", 1)[-1] if job.images else "png"
+    body = ImagesResponse(
+        created=int(datetime.fromisoformat(job.created_at).timestamp()),
+        data=data,
+        size=f"{size.width}x{size.height}",
+        output_format="jpeg" if extension == "jpg" else extension,
+    )
+    return JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
