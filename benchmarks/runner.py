@@ -165,6 +165,7 @@ def run_model(
                 batches = {comp: delta[f"{files.name}_{comp}"].batches for comp in COMPONENTS}
                 batches_per_run.append((str(c), batches, run["completed"]))
                 limit_runs.setdefault(str(c), []).append(limit.replay(batches, run["completed"], in_flight=c))
+                limit.release()
                 progress.step(
                     f"{plan.size}: service c={c} repeat {r + 1}/{repeats}",
                     f"{run['images_per_s']:.2f} img/s, p50 {run['p50_s'] * 1e3:.0f} ms, "

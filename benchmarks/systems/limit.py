@@ -72,22 +72,34 @@ class Limit:
     """onnxruntime sessions over the served ONNX files, and cached per-batch timings."""
 
     def __init__(self, files: ModelFiles, *, threads: int, input_side: int, calls: int) -> None:
-        import onnxruntime as ort
-
         self.files = files
         self.calls = calls
+        self.threads = threads
         self.shapes = work_shapes(files.manifest(), input_side)
-        self.sessions = {
-            c: ort.InferenceSession(
-                str(files.onnx(c)), self.session_options(c, threads), providers=["CPUExecutionProvider"]
-            )
-            for c in COMPONENTS
-        }
+        self.sessions: dict[str, Any] = {}  # opened for a replay, released after it (`release`)
         self.outputs = {"text_encoder": ["last_hidden_state"], "vae_encoder": ["latent_parameters"],
                         "unet": ["out_sample"], "vae_decoder": ["sample"]}  # fmt: skip
         self.timings: dict[tuple[str, int], dict[str, float]] = {}
         self._rng = np.random.default_rng(0)
         self._feeds: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+
+    def open(self) -> None:
+        """Open the sessions (a no-op while open)."""
+        if self.sessions:
+            return
+        import onnxruntime as ort
+
+        self.sessions = {
+            c: ort.InferenceSession(
+                str(self.files.onnx(c)), self.session_options(c, self.threads), providers=["CPUExecutionProvider"]
+            )
+            for c in COMPONENTS
+        }
+
+    def release(self) -> None:
+        """Drop the sessions and their memory arenas: the limit replays while the service is up and idle, and a
+        medium UNet stub in Triton holds ~11 GB; both at once, on a shared 24 GB host, got the stub OOM-killed."""
+        self.sessions = {}
 
     def session_options(self, component: str, threads: int) -> Any:
         """Triton's session for this model (its model.py): intra-op threads, and idle pool threads that sleep
@@ -175,6 +187,7 @@ class Limit:
         """`batches`: component -> {batch size: executions}, from Triton's statistics of one service run that had
         `in_flight` requests in flight. The replay runs even at 1 (one thread, one call after another): the
         per-batch timings are taken once and reused, and on a shared machine the load they saw has changed."""
+        self.open()
         per_component = {}
         serial = 0.0
         for component, histogram in batches.items():
