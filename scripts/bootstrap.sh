@@ -9,6 +9,26 @@ quiet=(-q --disable-pip-version-check)
 
 stamp() { cat "$@" | sha256sum | cut -d' ' -f1; }
 
+# The headless browser of the playground's browser test (tests/integration/test_playground_browser.py): Debian's
+# chromium and chromedriver, installed with apt-get when missing and we are root (`apt-get update` only when the
+# install fails, e.g. on a fresh image with empty package lists); otherwise say how. Never fatal here: without
+# the browser that test is skipped on a workstation and fails in CI.
+browser() {
+  local want=(/usr/bin/chromium /usr/bin/chromedriver) path
+  for path in "${want[@]}"; do [[ -x "$path" ]] || break; done
+  [[ -x "$path" ]] && return 0
+  local install=(apt-get install -y -q --no-install-recommends chromium chromium-driver)
+  if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null; then
+    echo "bootstrap: no headless browser for the playground test; install it with: sudo ${install[*]}" >&2
+    return 0
+  fi
+  echo "bootstrap: installing Debian's chromium and chromium-driver"
+  export DEBIAN_FRONTEND=noninteractive
+  "${install[@]}" >/dev/null || { apt-get update -q >/dev/null && "${install[@]}" >/dev/null; } \
+    || echo "bootstrap: could not install chromium and chromium-driver with apt-get" >&2
+}
+browser
+
 want=$(stamp requirements/*.txt scripts/bootstrap.sh)
 if [[ -f .venv/.bootstrap-stamp && "$(cat .venv/.bootstrap-stamp)" == "$want" \
       && -f .venv-triton/.bootstrap-stamp && "$(cat .venv-triton/.bootstrap-stamp)" == "$want" ]]; then

@@ -216,6 +216,7 @@ SSE_JOB_EVENT = {
         "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref("JobView")},
     },
 }
+PLAYGROUND_HTML = {"text/html": {"schema": {"type": "string"}}}
 CREATE_ERRORS = (
     "invalid_request",
     "invalid_image",
@@ -482,6 +483,42 @@ def _paths() -> dict[str, Any]:
                 public=True,
             )
         },
+        **{
+            path: {
+                "get": _operation(
+                    operation_id,
+                    "The playground: a page that calls this API from the browser (the key stays in the browser)",
+                    _merge(
+                        {"200": _response("The page", PLAYGROUND_HTML, "Content-Security-Policy")},
+                        error_responses(*ANY_REQUEST),
+                    ),
+                    public=True,
+                )
+            }
+            for path, operation_id in (("/", "home"), ("/playground", "playground"))
+        },
+        "/playground/{asset}": {
+            "get": _operation(
+                "playgroundAsset",
+                "A file of the playground page (its script and style sheet)",
+                _merge(
+                    {
+                        "200": _response(
+                            "The file",
+                            {
+                                "text/javascript": {"schema": {"type": "string"}},
+                                "text/css": {"schema": {"type": "string"}},
+                            },
+                            "Content-Security-Policy",
+                        ),
+                        "404": _error("In the error shape: `not_found` (no such file)"),
+                    },
+                    error_responses(*ANY_REQUEST),
+                ),
+                public=True,
+                parameters=[{"name": "asset", "in": "path", "required": True, "schema": {"type": "string"}}],
+            )
+        },
     }
 
 
@@ -515,6 +552,10 @@ def _document() -> dict[str, Any]:
                 "WWWAuthenticate": {"description": "`Bearer` (RFC 6750)", "schema": {"type": "string"}},
                 "CacheControl": {"description": "How long the image may be cached", "schema": {"type": "string"}},
                 "XContentTypeOptions": {"description": "`nosniff`", "schema": {"type": "string", "const": "nosniff"}},
+                "ContentSecurityPolicy": {
+                    "description": "The playground's policy: scripts, styles and requests from this origin only",
+                    "schema": {"type": "string"},
+                },
             },
         },
     }

@@ -32,6 +32,7 @@ from gateway.http import openai_compat
 from gateway.http.auth import check_bearer
 from gateway.http.limits import release_body_budget
 from gateway.http.openapi import openapi_endpoint
+from gateway.http.playground import Playground
 from gateway.http.schema import PARAMETER_LIMITS, parse_image_to_image
 from gateway.http.views import job_view
 from gateway.jobs.create import Caller, CreateJob, request_hash
@@ -332,6 +333,7 @@ OWN_PATHS = frozenset({openai_compat.EDITS_PATH})
 
 def routes(handlers: Handlers) -> list[BaseRoute]:
     h = handlers
+    playground = Playground()
     table: list[tuple[str, Callable[[Request], Any], str]] = [
         ("/v1/image-to-image", h.image_to_image, "POST"),
         ("/v1/image-to-image/{job_id}", h.get_job, "GET"),
@@ -346,6 +348,9 @@ def routes(handlers: Handlers) -> list[BaseRoute]:
         ("/readyz", h.readyz, "GET"),
         ("/metrics", metrics_endpoint, "GET"),
         ("/openapi.json", openapi_endpoint, "GET"),
+        ("/", playground.index, "GET"),
+        ("/playground", playground.index, "GET"),
+        ("/playground/{asset}", playground.asset, "GET"),
     ]
     return [
         (OwnPathRoute if path in OWN_PATHS else Route)(path, endpoint, methods=[method])

@@ -242,4 +242,5 @@ async def test_the_edits_path_is_its_own_route_for_every_method(tmp_path: Path) 
         for method in ("GET", "DELETE"):
             response = await http.request(method, "/v1/images/edits")
             assert response.status_code == 405 and response.headers["allow"] == "POST", method
-        assert (await http.post("/v1/images/a.png")).headers["allow"] == "GET, HEAD"
+        allow = (await http.post("/v1/images/a.png")).headers["allow"]
+        assert set(allow.split(", ")) == {"GET", "HEAD"}  # Starlette builds the header from a set: any order

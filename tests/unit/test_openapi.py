@@ -253,7 +253,8 @@ def test_routes_security_and_headers(document: dict[str, Any]) -> None:
         "description": "`Authorization: Bearer <API key>`",
     }
     public = {path for path, item in paths.items() for op in item.values() if op.get("security") == []}
-    assert public == {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+    playground = {"/", "/playground", "/playground/{asset}"}
+    assert public == {"/healthz", "/readyz", "/metrics", "/openapi.json", *playground}
     # Outputs need no key; a job's stored input needs the key that created the job.
     assert paths["/v1/images/{name}"]["get"]["security"] == [{}, {"bearerAuth": []}]
     image_ok = paths["/v1/images/{name}"]["get"]["responses"]["200"]
