@@ -82,6 +82,8 @@ class Settings:
     text_cache_size: int = 256
     # Gateway processes sharing the port (`python -m gateway --workers N`); more than one needs a shared job store.
     workers: int = 1
+    # The event loop each gateway process runs: "asyncio" or "uvloop" (measured no cheaper here: benchmarks/README.md).
+    event_loop: str = "asyncio"
     # Outbound HTTP (image URLs, webhooks): hosts or CIDRs exempt from the private-address block (tests, private
     # deployments). Everything else must resolve to public addresses only.
     outbound_allow: tuple[str, ...] = ()
@@ -179,6 +181,7 @@ class Settings:
             ("max_jpeg_scans", int),
             ("text_cache_size", int),
             ("workers", int),
+            ("event_loop", str),
             ("jobs_db", job_store_location),
             ("max_running_jobs", int),
             ("max_queued_jobs", int),

@@ -37,6 +37,7 @@ from gateway.jobs.model import (
 )
 from gateway.jobs.store import IdempotencyConflict, StaleJob
 from gateway.jobs.webhooks import SigningSecrets
+from gateway.observability import staged
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -207,7 +208,7 @@ class SqliteJobStore:
         """Run `fn` on the store's thread; the one boundary where sqlite3 errors become ours."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn, self._db)
+            return await loop.run_in_executor(self._executor, staged("job_store", fn), self._db)
         except sqlite3.Error as exc:
             log.warning("job store error: %s", exc)
             raise StoreUnavailable("The job store is unavailable", "Retry the request later") from exc
