@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import load
 
         return load.main(argv[1:])
+    if argv[:1] == ["ab"]:  # one gateway setting against another (benchmarks/ab.py)
+        from benchmarks import ab
+
+        return ab.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=__doc__.splitlines()[0],
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS_DIR, help="results folder")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="exported models, logs (git-ignored)")
     parser.add_argument("--no-readme", action="store_true", help="do not update the table in benchmarks/README.md")
+    parser.add_argument("--no-peers", action="store_true", help="this service and its limit only (no torch/ORT peers)")
     args = parser.parse_args(argv)
     sizes = tuple(s.strip() for s in args.models.split(",") if s.strip())
     if not sizes or any(s not in ("tiny", "medium") for s in sizes):
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     config = (quick_config if args.quick else full_config)(sizes)
     overrides = {k: v for k, v in (("threads", args.threads), ("repeats", args.repeats),
                                    ("port_base", args.port_base)) if v is not None}  # fmt: skip
-    config = replace(config, **overrides)
+    config = replace(config, **overrides, peers=not args.no_peers)
 
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)

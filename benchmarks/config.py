@@ -46,6 +46,9 @@ class ModelPlan:
     # at 64x64 latents one batch of 16 rows materializes ~17 GB of attention scores and the stub is OOM-killed.
     max_batch_size: int | None = None
     workload: Workload = field(default_factory=Workload)
+    repeats: int | None = None  # None: the config's; a slow model may take fewer
+    warmup_requests: int | None = None  # per level (None: max(level, the config's)); per peer (None: the config's)
+    overhead_fresh: int = 3  # gateway-overhead requests each on a fresh connection
 
     @property
     def name(self) -> str:
@@ -64,6 +67,7 @@ class BenchConfig:
     transport_calls: int = 50  # identity calls / sequential gateway requests for the transport cost
     port_base: int = PORT_BASE
     mode: str = "full"
+    peers: bool = True  # False (`--no-peers`): this service and its limit only
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,14 +88,18 @@ def quick_config(sizes: tuple[str, ...] = ("tiny", "medium")) -> BenchConfig:
         "medium": ModelPlan(
             size="medium",
             concurrency=(1, 8),
-            requests_per_level=8,
-            peer_requests=3,
-            peer_concurrency=(1,),  # a one-at-a-time server: c=8 would need 8 requests of ~15 s each
-            poisson_requests=4,
-            overhead_requests=2,
+            requests_per_level=2,  # c=8 sends 8 (at least one per worker)
+            peer_requests=2,
+            peer_concurrency=(1,),  # a one-at-a-time server: c=8 would need 8 requests of ~13 s each
+            poisson_requests=3,
+            overhead_requests=1,
+            overhead_fresh=1,
             max_batch_size=4,
-            # One denoising step (with guidance: a UNet batch of 2 per request) keeps tiny + medium under 10 min.
-            workload=Workload(steps=2, strength=0.5),
+            # Four denoising steps (with guidance: UNet batches of 2 per request), the loop the service batches;
+            # ~13 s per image on 2 cores, so one repeat and one warm-up request per level keep --quick near 10 min.
+            repeats=1,
+            warmup_requests=1,
+            workload=Workload(steps=8, strength=0.5),
         ),
     }
     return BenchConfig(
@@ -108,7 +116,7 @@ def full_config(sizes: tuple[str, ...] = ("tiny", "medium")) -> BenchConfig:
             peer_requests=16,
             peer_concurrency=(1, 2, 4, 8, 16),
             poisson_requests=64,
-            workload=Workload(steps=20, strength=0.7),
+            workload=Workload(steps=40, strength=0.5),  # 20 UNet steps
         ),
         "medium": ModelPlan(
             size="medium",
@@ -118,7 +126,7 @@ def full_config(sizes: tuple[str, ...] = ("tiny", "medium")) -> BenchConfig:
             peer_concurrency=(1, 8),
             poisson_requests=24,
             max_batch_size=4,
-            workload=Workload(steps=20, strength=0.7),
+            workload=Workload(steps=40, strength=0.5),  # 20 UNet steps
         ),
     }
     return BenchConfig(models=tuple(plans[s] for s in sizes), repeats=3, mode="full")

@@ -38,7 +38,53 @@ def aggregate(model: dict[str, Any], peak_flops: float) -> dict[str, Any]:
                 achieved = ips["median"] * flops_per_image
                 row["achieved_flops_per_s"] = achieved
                 row["fraction_of_matmul_peak"] = achieved / peak_flops
-    return {"table": table, "ratios": ratios(table)}
+    out = {"table": table, "ratios": ratios(table)}
+    # The limit is an upper bound by construction (benchmarks/systems/limit.py): a level above it is a bug there.
+    out["limit_violations"] = [lvl for lvl, r in out["ratios"].items() if (r["service/limit"] or 0) > 1.0]
+    gateway = gateway_summary(model)
+    if gateway is not None:
+        out["gateway"] = gateway
+    return out
+
+
+GATEWAY_LEVEL = "8"  # the level the acceptance figures are read at (else the highest one run)
+
+
+def gateway_summary(model: dict[str, Any]) -> dict[str, Any] | None:
+    """Per level: gateway CPU ms per image and share of the service's CPU, per process and per stage (medians
+    over the repeats); the level-8 figures at the top."""
+    levels: dict[str, Any] = {}
+    for level, runs in model["systems"].get("service", {}).get("closed", {}).items():
+        cpus = [(r["cpu"], r["completed"]) for r in runs if "cpu" in r and r["completed"]]
+        if not cpus:
+            continue
+
+        def med(values: list[float]) -> float:
+            return statistics.median(values)
+
+        names = sorted({n for cpu, _ in cpus for n in cpu["process_cpu_s"]})
+        stages = sorted({n for cpu, _ in cpus for n in cpu["stage_cpu_ms_per_image"]})
+        levels[level] = {
+            "cpu_ms_per_image": med([c["gateway_cpu_ms_per_image"] for c, _ in cpus]),
+            "cpu_share": med([c["gateway_cpu_share"] or 0.0 for c, _ in cpus]),
+            "processes_ms_per_image": {
+                n: med([c["process_cpu_s"].get(n, 0.0) * 1e3 / images for c, images in cpus]) for n in names
+            },
+            "processes_share": {
+                n: med(
+                    [
+                        c["process_cpu_s"].get(n, 0.0) / c["service_cpu_s"] if c["service_cpu_s"] else 0.0
+                        for c, _ in cpus
+                    ]
+                )
+                for n in names
+            },
+            "stages_ms_per_image": {n: med([c["stage_cpu_ms_per_image"].get(n, 0.0) for c, _ in cpus]) for n in stages},
+        }
+    if not levels:
+        return None
+    level = GATEWAY_LEVEL if GATEWAY_LEVEL in levels else max(levels, key=int)
+    return {"level": level, **levels[level], "levels": levels}
 
 
 def _peer_ips(table: dict[str, Any], system: str, level: str) -> tuple[float | None, str]:
@@ -138,9 +184,11 @@ def markdown(results: dict[str, Any], plots: dict[str, str] | None = None) -> st
             "|---:|---:|---:|---:|",
         ]
         for level, r in sorted(summary["ratios"].items(), key=lambda kv: int(kv[0])):
+            flag = " **(> 1: the limit missed a schedule, a bug)**" if level in summary["limit_violations"] else ""
             lines.append(
-                f"| {level} | {_r(r['service/naive'])} | {_r(r['service/ort_peer'])} | {_r(r['service/limit'])} |"
+                f"| {level} | {_r(r['service/naive'])} | {_r(r['service/ort_peer'])} | {_r(r['service/limit'])}{flag} |"
             )
+        lines += cpu_tables(summary.get("gateway"))
         t = model["transport"]
         g, i = t["gateway"], t["identity_direct"]
         lines += [
@@ -156,6 +204,33 @@ def markdown(results: dict[str, Any], plots: dict[str, str] | None = None) -> st
     for title, path in (plots or {}).items():
         lines += [f"![{title}]({path})", ""]
     return "\n".join(lines)
+
+
+def cpu_tables(gateway: dict[str, Any] | None) -> list[str]:
+    """Markdown: CPU per image of each process, then the gateway's CPU per stage, at the summary's level."""
+    if gateway is None:
+        return []
+    level = gateway["level"]
+    procs = sorted(gateway["processes_ms_per_image"].items(), key=lambda kv: -kv[1])
+    lines = [
+        "",
+        f"CPU per image at concurrency {level} (user + system, per process): gateway "
+        f"{gateway['cpu_ms_per_image']:.1f} ms/image, {gateway['cpu_share'] * 100:.1f} % of the service's CPU "
+        "(gateway + tritonserver + model stubs; the load generator is not counted).",
+        "",
+        "| process | CPU ms/image | share of service CPU |",
+        "|---|---:|---:|",
+    ]
+    for name, ms in procs:
+        share = "-" if name == "loadgen" else f"{gateway['processes_share'].get(name, 0.0) * 100:.1f} %"
+        lines.append(f"| {name} | {ms:.1f} | {share} |")
+    stages = sorted(gateway["stages_ms_per_image"].items(), key=lambda kv: -kv[1])
+    total = sum(ms for _, ms in stages) or 1.0
+    lines += ["", f"Gateway CPU per stage at concurrency {level}:", ""]
+    lines += ["| stage | CPU ms/image | share of gateway CPU |", "|---|---:|---:|"]
+    for name, ms in stages:
+        lines.append(f"| {name} | {ms:.2f} | {ms / total * 100:.1f} % |")
+    return lines
 
 
 def plot(results: dict[str, Any], out_prefix: Path) -> dict[str, str]:

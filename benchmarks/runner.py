@@ -15,6 +15,7 @@ import numpy as np
 from benchmarks import pinning
 from benchmarks.client import LoadGenerator
 from benchmarks.config import WORK_DIR, BenchConfig, ModelPlan
+from benchmarks.cpu import ProcessCpu, run_cpu, scrape_stages, subtract
 from benchmarks.flops import flops_per_image, matmul_peak
 from benchmarks.models import COMPONENTS, ModelFiles, ensure_model
 from benchmarks.systems.limit import Limit
@@ -82,9 +83,10 @@ def count_steps(config: BenchConfig) -> int:
     n = 0
     for plan in config.models:
         n += 3  # export check, flops, service start
-        n += len(plan.concurrency) * config.repeats + 1 + 2  # closed runs, poisson, transport
+        repeats = plan.repeats or config.repeats
+        n += len(plan.concurrency) * repeats + 1 + 2  # closed runs, poisson, transport
         n += 1  # limit
-        n += 2 * (1 + len(plan.peer_concurrency) * config.repeats)  # peers
+        n += 2 * (1 + len(plan.peer_concurrency) * repeats) if config.peers else 0  # peers
     return n + 1  # matmul peak
 
 
@@ -134,23 +136,43 @@ def run_model(
     # --- this service -------------------------------------------------------------------------------------
     service_runs: dict[str, list[dict[str, Any]]] = {}
     batches_per_run: list[tuple[str, dict[str, dict[int, int]], int]] = []
+    # The limit replays each service run right after it, with the service idle (its processes sleep), so both see
+    # the same machine: on a shared host, minutes apart, other work would decide which of the two is faster.
+    limit = Limit(files, threads=threads, input_side=wl.image_side, calls=config.limit_calls)
+    limit_runs: dict[str, list[dict[str, Any]]] = {}
     unet_model = f"{files.name}_unet"
+    repeats = plan.repeats or config.repeats
+    warmup = plan.warmup_requests or config.warmup_requests
     with Service(files, port_base=config.port_base, threads=threads, log_dir=log_dir) as service:
         progress.step(f"{plan.size}: service up", f"gateway {service.url}, triton {service.grpc_url}")
+        cpu = ProcessCpu(service.gateway_pid, service.triton_pid, files.triton_models(), loadgen.process.pid)
         for c in plan.concurrency:
-            closed(service.url, c, max(c, config.warmup_requests))  # warm-up, not counted
-            for r in range(config.repeats):
-                before = service.stats()
+            # Warm-up, not counted: c requests (every batch size up to c has run), or the plan's own count.
+            closed(service.url, c, max(plan.warmup_requests or max(c, config.warmup_requests), 1))
+            for r in range(repeats):
+                before, cpu_before, stages_before = service.stats(), cpu.snapshot(), scrape_stages(service.base_url)
                 run = summarize(closed(service.url, c, max(plan.requests_per_level, c)))
+                stages_after, cpu_after = scrape_stages(service.base_url), cpu.snapshot()
                 delta = diff(service.stats(), before)
                 run.update(triton_metrics(delta, unet_model))
+                run["cpu"] = run_cpu(
+                    subtract(cpu_after, cpu_before),
+                    subtract(stages_after[0], stages_before[0]),
+                    stages_after[1] - stages_before[1],
+                    run["completed"],
+                )
                 service_runs.setdefault(str(c), []).append(run)
                 batches = {comp: delta[f"{files.name}_{comp}"].batches for comp in COMPONENTS}
                 batches_per_run.append((str(c), batches, run["completed"]))
+                limit_runs.setdefault(str(c), []).append(limit.replay(batches, run["completed"], in_flight=c))
+                limit.release()
                 progress.step(
-                    f"{plan.size}: service c={c} repeat {r + 1}/{config.repeats}",
+                    f"{plan.size}: service c={c} repeat {r + 1}/{repeats}",
                     f"{run['images_per_s']:.2f} img/s, p50 {run['p50_s'] * 1e3:.0f} ms, "
-                    f"unet batch {run['mean_unet_batch'] or 0:.1f}, errors {run['errors']}",
+                    f"unet batch {run['mean_unet_batch'] or 0:.1f}, gateway CPU "
+                    f"{run['cpu']['gateway_cpu_ms_per_image']:.0f} ms/image "
+                    f"({(run['cpu']['gateway_cpu_share'] or 0) * 100:.0f} %), errors {run['errors']}; limit "
+                    f"{limit_runs[str(c)][-1]['images_per_s'] or 0:.2f} img/s",
                 )
         best = max(statistics.median(r["images_per_s"] for r in runs) for runs in service_runs.values())
         rate = max(best * plan.poisson_rate_fraction, 1e-3)
@@ -173,16 +195,14 @@ def run_model(
             f"{plan.size}: identity call direct to Triton",
             f"p50 {identity['client_ms_p50']:.2f} ms, transport p50 {identity['transport_ms_p50']:.2f} ms",
         )
-        overhead = gateway_overhead(service, loadgen, str(body_file), plan.overhead_requests)
+        overhead = gateway_overhead(
+            service, loadgen, str(body_file), plan.overhead_requests, fresh=plan.overhead_fresh, warmup=warmup
+        )
         progress.step(f"{plan.size}: gateway overhead", f"p50 {overhead['overhead_ms_p50']:.1f} ms per request")
     out["systems"]["service"] = {"closed": service_runs, "open": poisson}
     out["transport"] = {"identity_direct": identity, "gateway": overhead}
 
-    # --- the limit (service stopped: the cores are free) ---------------------------------------------------
-    limit = Limit(files, threads=threads, input_side=wl.image_side, calls=config.limit_calls)
-    limit_runs: dict[str, list[dict[str, Any]]] = {}
-    for c, batches, images in batches_per_run:
-        limit_runs.setdefault(c, []).append(limit.replay(batches, images))
+    # --- the limit: replayed above, after each service run ----------------------------------------------------
     out["systems"]["limit"] = {
         "closed": limit_runs,
         "batch_timings": {f"{comp}@{b}": t for (comp, b), t in sorted(limit.timings.items())},
@@ -191,7 +211,8 @@ def run_model(
     progress.step(f"{plan.size}: limit replayed", f"{len(batches_per_run)} runs")
 
     # --- the peers: one request at a time ------------------------------------------------------------------
-    for kind, system, model_dir in (("torch", "naive", files.diffusers_dir), ("ort", "ort_peer", files.ort_dir)):
+    peers = (("torch", "naive", files.diffusers_dir), ("ort", "ort_peer", files.ort_dir)) if config.peers else ()
+    for kind, system, model_dir in peers:
         port = config.port_base + 10 + (0 if kind == "torch" else 1)
         with ServerProcess(
             [
@@ -213,15 +234,15 @@ def run_model(
             threads=threads,
         ):
             url = f"http://127.0.0.1:{port}/v1/image-to-image"
-            closed(url, 1, config.warmup_requests)
+            closed(url, 1, max(warmup, 1))
             progress.step(f"{plan.size}: {system} up and warm")
             runs: dict[str, list[dict[str, Any]]] = {}
             for c in plan.peer_concurrency:
-                for r in range(config.repeats):
+                for r in range(repeats):
                     run = summarize(closed(url, c, max(plan.peer_requests, c)))
                     runs.setdefault(str(c), []).append(run)
                     progress.step(
-                        f"{plan.size}: {system} c={c} repeat {r + 1}/{config.repeats}",
+                        f"{plan.size}: {system} c={c} repeat {r + 1}/{repeats}",
                         f"{run['images_per_s']:.2f} img/s, p50 {run['p50_s'] * 1e3:.0f} ms, errors {run['errors']}",
                     )
         out["systems"][system] = {"closed": runs}

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,7 @@ def server_config(settings: Settings, app: Any, **options: Any) -> GatewayConfig
     Body reads are timed by `InboundLimitsMiddleware`; idle keep-alive connections close after 5 s (uvicorn's)."""
     return GatewayConfig(
         app,
+        loop=settings.event_loop,  # the workers' loop; one process runs `serve` on it (`run_event_loop`)
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -146,6 +148,20 @@ async def serve(settings: Settings) -> None:
     await task
 
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def run_event_loop(settings: Settings, main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on the configured event loop (`IMAGEN_EVENT_LOOP`; uvloop measured no cheaper here than asyncio,
+    benchmarks/README.md, so asyncio is the default and uvloop a choice for other hosts to measure)."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -167,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     settings = Settings.from_env(os.environ).with_cli(args)
+    if settings.event_loop not in EVENT_LOOPS:
+        print(f"gateway: error: IMAGEN_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}", file=sys.stderr)
+        return 2
     if settings.workers < 1:
         print(f"gateway: error: IMAGEN_WORKERS must be 1 or more, not {settings.workers}", file=sys.stderr)
         return 2
@@ -237,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.workers > 1:
             serve_workers(settings, child_env)
         else:
-            asyncio.run(serve(settings))
+            run_event_loop(settings, serve(settings))
     except (TritonNotFound, TritonStartError) as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
         return 1

@@ -7,7 +7,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,7 +27,6 @@ from gateway.jobs.execute import DecodedInputs, JobExecutor
 from gateway.jobs.model import Job
 from gateway.jobs.runner import JobManager, Progress
 from gateway.jobs.stores import open_job_store
-from gateway.jobs.webhooks import load_or_create_secret
 from gateway.media import netguard, work
 from gateway.media.netguard import OutboundPolicy
 from gateway.media.storage import make_storage
@@ -44,16 +42,6 @@ from gateway.triton.client import Engine
 from gateway.triton.pool import make_triton
 
 log = logging.getLogger("gateway")
-
-
-def webhook_secret(settings: Settings) -> str:
-    """The server's signing secret: configured, or (SQLite, one process) generated once beside the job store.
-    Several replicas must all sign alike, and a secret in a container layer would change on every recreate."""
-    if settings.webhook_secret:
-        return settings.webhook_secret
-    if not isinstance(settings.jobs_db, Path):
-        raise ValueError("IMAGEN_WEBHOOK_SECRET must be set when the job store is shared (PostgreSQL)")
-    return load_or_create_secret(None, settings.jobs_db.with_suffix(".webhook-secret"))
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -131,14 +119,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
 
         # 3. Jobs: the store and its event bus, the runner, the creation use case.
         store, events = await open_job_store(settings.jobs_db)
-        secret = webhook_secret(settings)
         jobs = JobManager(
             store,
             JobExecutor(pipelines, storage, decoded),
             storage,
             settings,
             poster=post,
-            webhook_secret=secret,
+            webhook_secret=settings.webhook_secret,  # seeds first per-key secrets (kept in the store)
             render=render,
             events=events,
             on_event=metrics.on_job_event,
@@ -163,7 +150,6 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
             storage=storage,
             jobs=jobs,
             create_job=create_job,
-            webhook_secret=secret,
         )
         await jobs.start()
         log.info("serving pipelines: %s", ", ".join(sorted(manifests)) or "none")

@@ -104,6 +104,10 @@ class JobFinished(ApiError):
     """The job already reached a final state (e.g. cancel after completion)."""
 
 
+class NothingToRedeliver(ApiError):
+    """A webhook redelivery of a job that has not finished, or whose webhook has no final event."""
+
+
 class RateLimited(ApiError):
     """The caller's token bucket for job creation is empty; comes with Retry-After."""
 
@@ -150,6 +154,7 @@ ERROR_TABLE: Mapping[type[ApiError], tuple[int, str]] = MappingProxyType(
         Overloaded: (503, "overloaded"),
         IdempotencyKeyReused: (409, "idempotency_conflict"),
         JobFinished: (409, "job_finished"),
+        NothingToRedeliver: (409, "nothing_to_redeliver"),
         RateLimited: (429, "rate_limited"),
         TooManyJobs: (429, "too_many_jobs"),
         Interrupted: (503, "interrupted"),

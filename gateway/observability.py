@@ -13,12 +13,13 @@ import inspect
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, TextIO
+from typing import Any, ParamSpec, TextIO, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -76,6 +77,95 @@ def accept_request_id(value: str | None) -> str:
     if value is not None and REQUEST_ID_PATTERN.fullmatch(value):
         return value
     return new_request_id()
+
+
+# --- CPU per stage -----------------------------------------------------------------------------------------
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_stage_lock = threading.Lock()
+_stage_seconds: dict[str, float] = {}
+_stage_stack = threading.local()  # per thread: [name, started (thread_time)] of the open stages, innermost last
+
+
+def _charge(name: str, seconds: float) -> None:
+    with _stage_lock:
+        _stage_seconds[name] = _stage_seconds.get(name, 0.0) + seconds
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Charge the calling thread's CPU time (`time.thread_time`) inside the block to stage `name`.
+
+    Exported as `imagen_stage_cpu_seconds_total{stage=name}`: where the gateway's CPU goes per request (parse,
+    hash, decode, encode...), for sizing gateway processes per GPU; the benchmark reads it before and after each
+    run. Thread CPU, not wall time, so a stage waiting for a lock or I/O costs nothing. Stages nest exclusively:
+    an inner stage's time is not also charged to the outer one, so the stages sum to at most the process's CPU.
+    Wrap only synchronous code: a block spanning an `await` would be charged the other tasks run meanwhile.
+    """
+    stack: list[list[Any]] | None = getattr(_stage_stack, "open", None)
+    if stack is None:
+        stack = _stage_stack.open = []
+    now = time.thread_time()
+    if stack:
+        outer = stack[-1]
+        _charge(outer[0], now - outer[1])
+    entry: list[Any] = [name, now]
+    stack.append(entry)
+    try:
+        yield
+    finally:
+        now = time.thread_time()
+        stack.pop()
+        _charge(name, now - entry[1])
+        if stack:
+            stack[-1][1] = now
+
+
+def staged(name: str, fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn` run inside `stage(name)`: for work handed to a thread (`run_in_executor(pool, staged(...), ...)`)."""
+
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        with stage(name):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def add_stage_seconds(name: str, seconds: float) -> None:
+    """Charge CPU measured elsewhere (a worker process's) to stage `name`."""
+    _charge(name, seconds)
+
+
+def stage_seconds() -> dict[str, float]:
+    """CPU seconds charged to each stage so far in this process."""
+    with _stage_lock:
+        return dict(_stage_seconds)
+
+
+class StageCollector:
+    """`imagen_stage_cpu_seconds_total{stage}`: the process's CPU per stage (see `stage`), plus the process total
+    (`imagen_process_cpu_seconds_total`, user + system) so the unstaged rest (event loop, HTTP, gRPC) is known."""
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "imagen_stage_cpu_seconds", "Gateway CPU time charged to each request stage", labels=["stage"]
+            ),
+            CounterMetricFamily("imagen_process_cpu_seconds", "CPU time (user + system) of this gateway process"),
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        stages, process = self._families()
+        for name, seconds in sorted(stage_seconds().items()):
+            stages.add_metric([name], seconds)
+        process.add_metric([], time.process_time())
+        yield stages
+        yield process
 
 
 # --- logging --------------------------------------------------------------------------------------------------
@@ -416,6 +506,7 @@ class Metrics:
         self.registry.register(self.triton)
         self.triton_replicas = TritonReplicaCollector()
         self.registry.register(self.triton_replicas)
+        self.registry.register(StageCollector())
 
     def watch_triton_replicas(self, source: TritonReplicaSource) -> None:
         """Export the per-replica series (in flight, calls, failures, healthy) of a Triton pool from now on."""

@@ -82,6 +82,8 @@ class Settings:
     text_cache_size: int = 256
     # Gateway processes sharing the port (`python -m gateway --workers N`); more than one needs a shared job store.
     workers: int = 1
+    # The event loop each gateway process runs: "asyncio" or "uvloop" (measured no cheaper here: benchmarks/README.md).
+    event_loop: str = "asyncio"
     # Outbound HTTP (image URLs, webhooks): hosts or CIDRs exempt from the private-address block (tests, private
     # deployments). Everything else must resolve to public addresses only.
     outbound_allow: tuple[str, ...] = ()
@@ -115,11 +117,14 @@ class Settings:
     storage_quota_bytes: int | None = None
     storage_orphan_grace_s: float = 3600.0
     storage_sweep_interval_s: float = 3600.0
-    # Webhooks: signing secret (per-key secrets derive from it; generated and kept beside the job store when unset).
+    # Webhooks: per-key secrets live in the job store; when set, a key's first secret is derived from this one
+    # (random when unset).
     webhook_secret: str | None = None
     webhook_max_attempts: int = 5
     webhook_backoff_s: float = 2.0
     webhook_timeout_s: float = 10.0
+    # After `POST /v1/webhook-secret/rotate`, the previous secret keeps signing beside the new one this long.
+    webhook_secret_overlap_s: float = 24 * 3600.0
     # Per-key token bucket on job creation (requests per minute, burst); 0 disables.
     rate_limit_per_minute: float = 120.0
     rate_limit_burst: int = 20
@@ -176,6 +181,7 @@ class Settings:
             ("max_jpeg_scans", int),
             ("text_cache_size", int),
             ("workers", int),
+            ("event_loop", str),
             ("jobs_db", job_store_location),
             ("max_running_jobs", int),
             ("max_queued_jobs", int),
@@ -194,6 +200,7 @@ class Settings:
             ("webhook_max_attempts", int),
             ("webhook_backoff_s", float),
             ("webhook_timeout_s", float),
+            ("webhook_secret_overlap_s", float),
             ("rate_limit_per_minute", float),
             ("rate_limit_burst", int),
             ("max_active_jobs_per_key", int),

@@ -116,7 +116,15 @@ def diff(after: dict[str, ModelStats], before: dict[str, ModelStats]) -> dict[st
 class Service:
     """Triton + gateway for one model; a context manager."""
 
-    def __init__(self, files: ModelFiles, *, port_base: int, threads: int, log_dir: Path) -> None:
+    def __init__(
+        self,
+        files: ModelFiles,
+        *,
+        port_base: int,
+        threads: int,
+        log_dir: Path,
+        gateway_env: dict[str, str] | None = None,
+    ) -> None:
         from gateway.triton.server import TritonServer
 
         self.files = files
@@ -134,12 +142,29 @@ class Service:
             extra_args=[f"--model-repository={identity_repo}"],
         )
         self.log_dir = log_dir
+        self.gateway_env = dict(gateway_env or {})  # extra IMAGEN_* settings (A/B measurements of one setting)
         self.gateway: ServerProcess | None = None
         self._client: Any = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}/v1/image-to-image"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def gateway_pid(self) -> int:
+        if self.gateway is None:
+            raise RuntimeError("the gateway is not running")
+        return self.gateway.pid
+
+    @property
+    def triton_pid(self) -> int:
+        if self.triton.process is None:
+            raise RuntimeError("Triton is not running")
+        return self.triton.process.pid
 
     @property
     def grpc_url(self) -> str:
@@ -173,6 +198,7 @@ class Service:
                 "IMAGEN_RATE_LIMIT_PER_MINUTE": "0",
                 "IMAGEN_JOBS_DB": str(self.log_dir / f"jobs-{self.files.size}-{os.getpid()}.sqlite3"),
                 "IMAGEN_MAX_QUEUED_JOBS": "4096",
+                **self.gateway_env,
             },
         )
 

@@ -66,11 +66,14 @@ def identity_probe(service: Service, floats: int, calls: int) -> dict[str, Any]:
     }
 
 
-def gateway_overhead(service: Service, loadgen: LoadGenerator, body_file: str, requests: int) -> dict[str, Any]:
-    fresh = [
-        loadgen.run(op="closed", url=service.url, body_file=body_file, concurrency=1, requests=1) for _ in range(3)
+def gateway_overhead(
+    service: Service, loadgen: LoadGenerator, body_file: str, requests: int, *, fresh: int = 3, warmup: int = 2
+) -> dict[str, Any]:
+    fresh_runs = [
+        loadgen.run(op="closed", url=service.url, body_file=body_file, concurrency=1, requests=1) for _ in range(fresh)
     ]
-    loadgen.run(op="sequential", url=service.url, body_file=body_file, requests=2)  # warm-up, opens the connection
+    # warm-up, opens the connection
+    loadgen.run(op="sequential", url=service.url, body_file=body_file, requests=max(warmup, 1))
     overhead, triton_ms, queue_ms, latency_ms, calls = [], [], [], [], []
     for _ in range(requests):
         before = service.stats()
@@ -95,8 +98,8 @@ def gateway_overhead(service: Service, loadgen: LoadGenerator, body_file: str, r
         "overhead_ms_p99": _pct(overhead, 99),
         "overhead_ms_min": min(overhead) if overhead else None,
         "overhead_ms_max": max(overhead) if overhead else None,
-        # For comparison: the same request from a client that opens a new connection (httpx, 3 in a row).
-        "fresh_connection_latency_ms_p50": _pct([s * 1e3 for f in fresh for s in f["latencies_s"]], 50),
+        # For comparison: the same request from a client that opens a new connection (httpx, `fresh` in a row).
+        "fresh_connection_latency_ms_p50": _pct([s * 1e3 for f in fresh_runs for s in f["latencies_s"]], 50),
         "method": "sequential requests on one kept-alive connection; overhead = client latency - sum over the "
         "four Triton models of the delta of Triton's success ns for that request",
     }

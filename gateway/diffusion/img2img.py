@@ -22,6 +22,7 @@ from gateway.diffusion import sampling as math
 from gateway.diffusion.manifest import Component, PipelineManifest, SdxlConditioning
 from gateway.diffusion.schedulers import make_scheduler
 from gateway.errors import BackendError
+from gateway.observability import stage
 from gateway.triton.client import Engine
 
 
@@ -149,8 +150,9 @@ class Img2ImgPipeline:
 
     def tokenize(self, texts: Sequence[str], tokenizer: Tokenizer | None = None) -> np.ndarray:
         """CLIP ids padded/truncated to the text window, as diffusers' tokenizer call does."""
-        encoded = (tokenizer or self.tokenizer).encode_batch(list(texts))
-        return np.array([e.ids for e in encoded], dtype=np.int64)
+        with stage("tokenize"):
+            encoded = (tokenizer or self.tokenizer).encode_batch(list(texts))
+            return np.array([e.ids for e in encoded], dtype=np.int64)
 
     async def _run_component(self, component: Component, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One Triton call; inputs and outputs by manifest role."""
@@ -256,9 +258,10 @@ class Img2ImgPipeline:
         cond = await self.conditioning(gen, cfg, height=gen.image.shape[2], width=gen.image.shape[3])
 
         # 2. Timesteps: strength skips the start of the schedule, exactly as diffusers' get_timesteps.
-        scheduler = make_scheduler(self.scheduler_config if gen.scheduler_config is None else gen.scheduler_config)
-        scheduler.set_timesteps(gen.steps)
-        timesteps, _ = math.get_img2img_timesteps(scheduler, gen.steps, gen.strength)
+        with stage("scheduler"):
+            scheduler = make_scheduler(self.scheduler_config if gen.scheduler_config is None else gen.scheduler_config)
+            scheduler.set_timesteps(gen.steps)
+            timesteps, _ = math.get_img2img_timesteps(scheduler, gen.steps, gen.strength)
 
         # 3. Prepare latents: one VAE encode shared by all images, then per-image sampling and noising.
         params = await self._run("vae_encoder", {"sample": gen.image})
@@ -273,8 +276,9 @@ class Img2ImgPipeline:
             on_step(0, len(timesteps))
         for i, t in enumerate(timesteps):
             check_stop()
-            model_in = np.concatenate([latents, latents]) if cfg else latents
-            model_in = scheduler.scale_model_input(model_in, t)
+            with stage("scheduler"):
+                model_in = np.concatenate([latents, latents]) if cfg else latents
+                model_in = scheduler.scale_model_input(model_in, t)
             noise_pred = await self._run(
                 "unet",
                 {
@@ -283,9 +287,10 @@ class Img2ImgPipeline:
                     **cond.inputs,
                 },
             )
-            if cfg:
-                noise_pred = math.apply_guidance(noise_pred, gen.guidance_scale)
-            latents = scheduler.step(noise_pred, t, latents, generator=step_rng)
+            with stage("scheduler"):
+                if cfg:
+                    noise_pred = math.apply_guidance(noise_pred, gen.guidance_scale)
+                latents = scheduler.step(noise_pred, t, latents, generator=step_rng)
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
 

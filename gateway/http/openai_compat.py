@@ -437,11 +437,10 @@ async def render_edit(job: Job, response_format: ResponseFormat, storage: Storag
         for image in job.images
     ]
     size = job.spec.processed_size
-    extension = job.images[0].name.rsplit(".", 1)[-1] if job.images else "png"
     body = ImagesResponse(
         created=int(datetime.fromisoformat(job.created_at).timestamp()),
         data=data,
         size=f"{size.width}x{size.height}",
-        output_format="jpeg" if extension == "jpg" else extension,
+        output_format=job.spec.output_format,
     )
     return JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)

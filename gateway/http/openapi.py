@@ -106,6 +106,7 @@ CODE_NOTES: Mapping[str, str] = MappingProxyType(
         "request_timeout": "the body did not arrive within the body read timeout",
         "idempotency_conflict": "an Idempotency-Key reused with another body",
         "job_finished": "the job already finished",
+        "nothing_to_redeliver": "the job has not finished, or its webhook has no final event",
         "rate_limited": "over the key's rate or work limit",
         "too_many_jobs": "the key already has its cap of queued and running jobs",
         "overloaded": "too much work queued, too many request bodies being read, or too many open connections",
@@ -394,11 +395,35 @@ def _paths() -> dict[str, Any]:
                 parameters=[JOB_ID],
             )
         },
+        "/v1/image-to-image/{job_id}/webhook/redeliver": {
+            "post": _operation(
+                "redeliverWebhook",
+                "Send the job's final webhook event again (the same `webhook-id`, a new timestamp and signature), "
+                "through the outbox",
+                _merge(
+                    {"202": _response("The job, its webhook pending again", job_json)},
+                    job_not_found,
+                    error_responses(*JOB_ERRORS, "nothing_to_redeliver"),
+                ),
+                parameters=[JOB_ID],
+            )
+        },
         "/v1/webhook-secret": {
             "get": _operation(
                 "getWebhookSecret",
-                "The HMAC-SHA256 secret this API key's webhooks are signed with",
+                "This API key's Standard Webhooks secret (`whsec_...`), created on first need; verify deliveries "
+                "with `standardwebhooks.Webhook(secret).verify(body, headers)`",
                 _merge({"200": _response("The secret", _json(_ref("WebhookSecret")))}, error_responses(*AUTHENTICATED)),
+            )
+        },
+        "/v1/webhook-secret/rotate": {
+            "post": _operation(
+                "rotateWebhookSecret",
+                "Issue a new secret for this API key; the previous one keeps signing beside it (several "
+                "`v1,` signatures in `webhook-signature`) until `previous_expires_at`. Concurrent rotations make one.",
+                _merge(
+                    {"200": _response("The new secret", _json(_ref("WebhookSecret")))}, error_responses(*AUTHENTICATED)
+                ),
             )
         },
         "/v1/images/{name}": {

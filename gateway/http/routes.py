@@ -7,10 +7,12 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Route
@@ -33,13 +35,12 @@ from gateway.http.limits import release_body_budget
 from gateway.http.openapi import openapi_endpoint
 from gateway.http.playground import Playground
 from gateway.http.schema import PARAMETER_LIMITS, parse_image_to_image
-from gateway.http.views import job_view
+from gateway.http.views import job_view, secret_view
 from gateway.jobs.create import Caller, CreateJob, request_hash
 from gateway.jobs.model import FAILED, TERMINAL, Job, owner_of
 from gateway.jobs.runner import JobManager, JobUpdate
-from gateway.jobs.webhooks import key_secret
 from gateway.media.storage import Storage
-from gateway.observability import current_request_id, metrics_endpoint
+from gateway.observability import current_request_id, metrics_endpoint, stage
 from gateway.settings import Settings
 from gateway.triton.client import Engine
 
@@ -65,7 +66,6 @@ class Services:
     storage: Storage
     jobs: JobManager
     create_job: CreateJob
-    webhook_secret: str
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -90,7 +90,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
             "Request body has too many JSON values", f"At most {MAX_JSON_STRUCTURE} objects, arrays and separators"
         )
     try:
-        return json.loads(body.decode("utf-8"))
+        with stage("parse"):
+            return orjson.loads(body.decode("utf-8"))  # 4x json's speed on a 1 MB body; errors subclass json's
     except UnicodeDecodeError as exc:
         raise InvalidRequest("Request body is not valid UTF-8", str(exc)) from exc
     except json.JSONDecodeError as exc:
@@ -145,10 +146,13 @@ class Handlers:
 
     async def _create(self, request: Request, owner: str) -> tuple[Job, bool]:
         raw = await read_json(request, self.settings.max_body_bytes)
-        req = parse_image_to_image(raw, styles=STYLE_PRESETS)
+        with stage("parse"):
+            req = parse_image_to_image(raw, styles=STYLE_PRESETS)
+        with stage("hash"):
+            digest = request_hash(raw)
         caller = Caller(
             owner=owner,
-            request_hash=request_hash(raw),
+            request_hash=digest,
             idempotency_key=idempotency_key(request),
             asynchronous=wants_async(request, req.webhook_url),
             request_id=current_request_id(),
@@ -252,7 +256,16 @@ class Handlers:
         )
 
     async def webhook_secret(self, request: Request) -> Response:
-        return JSONResponse({"secret": key_secret(self.s.webhook_secret, self._owner(request))})
+        secrets = await self.s.jobs.secrets.current(self._owner(request))
+        return JSONResponse(secret_view(secrets, time.time()))
+
+    async def rotate_webhook_secret(self, request: Request) -> Response:
+        secrets = await self.s.jobs.secrets.rotate(self._owner(request))
+        return JSONResponse(secret_view(secrets, time.time()))
+
+    async def redeliver_webhook(self, request: Request) -> Response:
+        job = await self.s.jobs.redeliver(request.path_params["job_id"], self._owner(request))
+        return JSONResponse(await self._view(job), status_code=202)
 
     async def get_image(self, request: Request) -> Response:
         """Streamed, never whole in memory. Outputs are capability URLs (unguessable names, any holder may fetch
@@ -334,7 +347,9 @@ def routes(handlers: Handlers) -> list[BaseRoute]:
         ("/v1/image-to-image/{job_id}", h.get_job, "GET"),
         ("/v1/image-to-image/{job_id}/cancel", h.cancel_job, "POST"),
         ("/v1/image-to-image/{job_id}/events", h.job_events, "GET"),
+        ("/v1/image-to-image/{job_id}/webhook/redeliver", h.redeliver_webhook, "POST"),
         ("/v1/webhook-secret", h.webhook_secret, "GET"),
+        ("/v1/webhook-secret/rotate", h.rotate_webhook_secret, "POST"),
         (openai_compat.EDITS_PATH, h.openai_image_edits, "POST"),  # before `{name}`, which would match it too
         ("/v1/images/{name}", h.get_image, "GET"),
         ("/v1/models", h.list_models, "GET"),

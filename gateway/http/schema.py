@@ -56,6 +56,9 @@ MAX_MODEL_CHARS = 128
 MAX_WEBHOOK_URL_CHARS = 2048
 MAX_SCHEDULER_CHARS = 64
 WEBHOOK_SCHEMES = ("http", "https")
+WebhookEventName = Literal["start", "completed"]
+WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEventName)
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEventName, ...] = ("completed",)
 
 # Documentation-only patterns: the validators below enforce the rules exactly (Python's notion of whitespace,
 # urlsplit), the patterns let schema-driven clients refuse the obvious cases first.
@@ -76,7 +79,7 @@ ERROR_CODES: tuple[str, ...] = tuple(sorted({code for _, code in ERROR_TABLE.val
 
 JobStatus = Literal["queued", "processing", "completed", "failed", "canceled"]
 JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
-WebhookStatus = Literal["pending", "delivered", "failed"]
+WebhookStatus = Literal["pending", "delivered", "failed", "skipped"]
 # The fields of the spec's success example: the document requires only these, so a response that follows the
 # spec to the letter validates too; this gateway always sends every JobView field.
 SPEC_RESPONSE_FIELDS = (
@@ -123,6 +126,12 @@ def _absolute_http_url(value: str) -> str:
     _ = parts.port  # raises ValueError on a malformed port
     if parts.scheme.lower() not in WEBHOOK_SCHEMES or not parts.hostname:
         raise ValueError("not an absolute http(s) URL")
+    return value
+
+
+def _distinct(value: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(value)) != len(value):
+        raise ValueError("repeated event")
     return value
 
 
@@ -202,6 +211,20 @@ is applied) are dropped, as in diffusers.
             "JSON is POSTed here, signed with the key's webhook secret (`GET /v1/webhook-secret`)."
         ),
         json_schema_extra={"format": "uri", "pattern": WEBHOOK_URL_PATTERN},
+    )
+    # A tuple keeps the request hashable; `strict=False` lets it come as a JSON array (items stay strict literals).
+    webhook_events: Annotated[
+        tuple[WebhookEventName, ...],
+        Field(min_length=1, max_length=len(WEBHOOK_EVENTS), strict=False),
+        AfterValidator(_distinct),
+    ] = Field(
+        default=DEFAULT_WEBHOOK_EVENTS,
+        description=(
+            "Which events are POSTed to `webhook_url` (Replicate's names): `start` when a worker begins the job, "
+            "`completed` when it reaches any final state (completed, failed or canceled). Each distinct, at least "
+            "one; without `webhook_url` it has no effect."
+        ),
+        json_schema_extra={"uniqueItems": True},
     )
 
     scheduler: Annotated[str, Field(min_length=1, max_length=MAX_SCHEDULER_CHARS)] | None = Field(
@@ -297,7 +320,9 @@ class WebhookAttempt(WireModel):
 
 class WebhookState(WireModel):
     url: str
-    status: WebhookStatus = Field(description="pending, then delivered or failed")
+    status: WebhookStatus = Field(
+        description="pending, then delivered or failed (skipped: a `start`-only filter on a job that never started)"
+    )
     attempts: list[WebhookAttempt]
 
 
@@ -417,7 +442,13 @@ class Status(WireModel):
 
 
 class WebhookSecret(WireModel):
-    secret: str = Field(min_length=1)
+    secret: str = Field(
+        min_length=1,
+        description="The current `whsec_` secret (Standard Webhooks): `Webhook(secret).verify(body, headers)`.",
+    )
+    previous_expires_at: Timestamp | None = Field(
+        description="Until when the previous secret still signs beside it after a rotation; null when none does."
+    )
 
 
 # --- what the request model enforces, read back for other modules and for the error messages ---------
@@ -490,6 +521,9 @@ _RULES: Mapping[str, str] = MappingProxyType(
         "webhook_url": (
             "'webhook_url' must be null or an absolute http(s) URL with a host, "
             f"at most {MAX_WEBHOOK_URL_CHARS} characters"
+        ),
+        "webhook_events": (
+            f"'webhook_events' must be a list of distinct events, at least one, of: {', '.join(WEBHOOK_EVENTS)}"
         ),
     }
 )

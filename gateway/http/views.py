@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.http import schema
 from gateway.jobs.model import Job
 from gateway.jobs.runner import Progress
+from gateway.jobs.webhooks import SigningSecrets
 
 
 def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
@@ -57,9 +59,22 @@ def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
         else schema.WebhookState(
             url=job.webhook.url,
             status=str(job.webhook.status),  # type: ignore[arg-type]
-            attempts=[
-                schema.WebhookAttempt(at=a.at, status_code=a.status_code, error=a.error) for a in job.webhook.attempts
+            attempts=[  # those of the event `status` is about (`start` while it runs, then `completed`)
+                schema.WebhookAttempt(at=a.at, status_code=a.status_code, error=a.error)
+                for a in job.webhook.attempts
+                if a.event == job.webhook.event
             ],
         ),
     )
     return view.model_dump(mode="json")
+
+
+def secret_view(secrets: SigningSecrets, now: float) -> dict[str, Any]:
+    """`GET /v1/webhook-secret`'s body: the current secret, and until when the previous one still signs."""
+    overlap = secrets.previous is not None and now < secrets.previous_until
+    until = (
+        datetime.fromtimestamp(secrets.previous_until, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+    return schema.WebhookSecret(secret=secrets.current, previous_expires_at=until if overlap else None).model_dump(
+        mode="json"
+    )

@@ -17,7 +17,7 @@ import json
 import math
 import secrets
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +27,17 @@ from gateway.diffusion.img2img import Img2ImgPipeline
 from gateway.diffusion.sampling import MAX_SEED, do_classifier_free_guidance, img2img_effective_steps
 from gateway.errors import IdempotencyKeyReused, InvalidRequest, RateLimited, TooManyJobs
 from gateway.jobs.execute import DecodedInputs, resolve_pipeline, resolve_scheduler
-from gateway.jobs.model import QUEUED, InputImage, Job, JobSpec, Size, WebhookState, input_name, now_iso
+from gateway.jobs.model import (
+    QUEUED,
+    InputImage,
+    Job,
+    JobSpec,
+    Size,
+    WebhookEvent,
+    WebhookState,
+    input_name,
+    now_iso,
+)
 from gateway.jobs.runner import JobManager
 from gateway.jobs.store import IdempotencyConflict, JobStore
 from gateway.media import codecs, netguard
@@ -64,6 +74,8 @@ class ImageToImageParams(Protocol):
     def style(self) -> str | None: ...
     @property
     def webhook_url(self) -> str | None: ...
+    @property
+    def webhook_events(self) -> Sequence[str]: ...
     @property
     def scheduler(self) -> str | None: ...
     @property
@@ -144,6 +156,13 @@ def _output_quality(output_format: str, quality: int | None) -> int | None:
         return codecs.output_quality(output_format, quality)
     except ValueError as exc:
         raise InvalidRequest("Invalid field 'output_quality'", str(exc)) from None
+
+
+def webhook_state(request: ImageToImageParams) -> WebhookState | None:
+    """The job's outbox entry, with the events the request asked for."""
+    if request.webhook_url is None:
+        return None
+    return WebhookState(request.webhook_url, events=tuple(WebhookEvent(e) for e in request.webhook_events))
 
 
 def _key_reused() -> IdempotencyKeyReused:
@@ -263,7 +282,7 @@ class CreateJob:
             ),
             created_at=created_at,
             updated_at=created_at,
-            webhook=WebhookState(request.webhook_url) if request.webhook_url else None,
+            webhook=webhook_state(request),
             idempotency_key=caller.idempotency_key,
             request_hash=caller.request_hash,
             request_id=caller.request_id,

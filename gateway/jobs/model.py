@@ -41,6 +41,19 @@ class WebhookStatus(StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"
+    SKIPPED = "skipped"  # nothing the filter asked for happened (`start` only, canceled before it started)
+
+
+class WebhookEvent(StrEnum):
+    """What a webhook announces (Replicate's names): `start` when a worker begins the job, `completed` when it
+    reaches any final state (completed, failed or canceled)."""
+
+    START = "start"
+    COMPLETED = "completed"
+
+
+DEFAULT_WEBHOOK_EVENTS = (WebhookEvent.COMPLETED,)
+MAX_DELIVERY_ATTEMPTS_KEPT = 50  # attempt history per job (redeliveries add rounds; the row stays small)
 
 
 def now_iso() -> str:
@@ -126,6 +139,7 @@ class DeliveryAttempt:
     at: str
     status_code: int | None
     error: str | None
+    event: WebhookEvent = WebhookEvent.COMPLETED
 
     @property
     def ok(self) -> bool:
@@ -149,6 +163,27 @@ class WebhookState:
     attempts: tuple[DeliveryAttempt, ...] = ()
     next_attempt_at: float = 0.0  # epoch seconds; 0: as soon as the job is final
     lease: Lease | None = None
+    events: tuple[WebhookEvent, ...] = DEFAULT_WEBHOOK_EVENTS  # the request's `webhook_events` filter
+    event: WebhookEvent = WebhookEvent.COMPLETED  # the event this entry delivers (`start` once a worker began)
+    tries: int = 0  # attempts of `event` in this round (a redelivery starts a new round)
+
+    def delivering(self, event: WebhookEvent) -> WebhookState:
+        """A new round for `event`, due now; a delivery in flight keeps its lease, so events never overtake."""
+        return dataclasses.replace(self, event=event, status=WebhookStatus.PENDING, tries=0, next_attempt_at=0.0)
+
+    def started(self) -> WebhookState:
+        """A worker claimed the job: `start` is due, if asked for and not delivered by an earlier run."""
+        sent = any(a.ok and a.event == WebhookEvent.START for a in self.attempts)
+        return self.delivering(WebhookEvent.START) if WebhookEvent.START in self.events and not sent else self
+
+    def ended(self) -> WebhookState:
+        """The job reached a final state: `completed` is due; with a `start`-only filter a start still being
+        delivered goes on, and one that never began (canceled while queued) is skipped."""
+        if WebhookEvent.COMPLETED in self.events:
+            return self.delivering(WebhookEvent.COMPLETED)
+        if self.event == WebhookEvent.COMPLETED and self.status == WebhookStatus.PENDING:
+            return dataclasses.replace(self, status=WebhookStatus.SKIPPED)
+        return self
 
 
 @dataclass(frozen=True)
@@ -190,7 +225,11 @@ class Job:
         if self.status != QUEUED:
             return None
         return dataclasses.replace(
-            self, status=PROCESSING, run_attempts=self.run_attempts + 1, lease=Lease(worker, lease_until)
+            self,
+            status=PROCESSING,
+            run_attempts=self.run_attempts + 1,
+            lease=Lease(worker, lease_until),
+            webhook=self.webhook.started() if self.webhook else None,
         )
 
     def renewed(self, worker: str, lease_until: float) -> Job | None:
@@ -259,32 +298,55 @@ class Job:
             error=error,
             lease=None,
             steps_done=self.steps_done if steps_done is None else steps_done,
+            webhook=self.webhook.ended() if self.webhook else None,
         )
 
     def delivery_claimed(self, worker: str, lease_until: float, now: float) -> Job | None:
-        """Take the webhook outbox entry of a final job: due, and no live delivery lease on it."""
+        """Take the webhook outbox entry: due (`start` once processing, `completed` once final), and no live
+        delivery lease on it."""
         hook = self.webhook
-        if not self.finished or hook is None or hook.status != WebhookStatus.PENDING or hook.next_attempt_at > now:
+        if hook is None or hook.status != WebhookStatus.PENDING or hook.next_attempt_at > now:
+            return None
+        started = hook.event == WebhookEvent.START and (self.status == PROCESSING or self.finished)
+        if not (self.finished or started):
             return None
         if hook.lease is not None and hook.lease.expires_at > now:
             return None  # live, even if ours: a delivery in flight is never handed out twice
         return dataclasses.replace(self, webhook=dataclasses.replace(hook, lease=Lease(worker, lease_until)))
 
     def with_delivery(self, attempt: DeliveryAttempt, max_attempts: int, next_attempt_at: float = 0.0) -> Job | None:
-        """Record one webhook attempt (delivered on a 2xx, failed after the last one, else due again at
-        `next_attempt_at`) and release the delivery lease."""
-        if self.webhook is None or self.webhook.status != WebhookStatus.PENDING:
+        """Record one webhook attempt (delivered on a 2xx, failed after the last one of its round, else due again
+        at `next_attempt_at`) and release the delivery lease. An attempt of an event no longer current (a `start`
+        that ended after the job did) is recorded and releases the lease, nothing else."""
+        hook = self.webhook
+        if hook is None:
             return None
-        attempts = (*self.webhook.attempts, attempt)
+        attempts = (*hook.attempts, attempt)[-MAX_DELIVERY_ATTEMPTS_KEPT:]
+        if attempt.event != hook.event:
+            return dataclasses.replace(self, webhook=dataclasses.replace(hook, attempts=attempts, lease=None))
+        if hook.status != WebhookStatus.PENDING:
+            return None
+        tries = hook.tries + 1
         if attempt.ok:
             status = WebhookStatus.DELIVERED
-        elif len(attempts) >= max_attempts:
+        elif tries >= max_attempts:
             status = WebhookStatus.FAILED
         else:
             status = WebhookStatus.PENDING
         return dataclasses.replace(
-            self, webhook=WebhookState(self.webhook.url, status, attempts, next_attempt_at=next_attempt_at, lease=None)
+            self,
+            webhook=dataclasses.replace(
+                hook, status=status, attempts=attempts, tries=tries, next_attempt_at=next_attempt_at, lease=None
+            ),
         )
+
+    def redelivery_requested(self) -> Job | None:
+        """The final event again, in a new round due now (same `webhook-id`); only for a final job whose
+        webhook asked for `completed`."""
+        hook = self.webhook
+        if not self.finished or hook is None or WebhookEvent.COMPLETED not in hook.events:
+            return None
+        return dataclasses.replace(self, webhook=hook.delivering(WebhookEvent.COMPLETED))
 
 
 _JOB_JSON = TypeAdapter(Job)

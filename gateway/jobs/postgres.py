@@ -44,12 +44,14 @@ from gateway.jobs.model import (
     PROCESSING,
     QUEUED,
     Job,
+    WebhookEvent,
     WebhookStatus,
     job_from_json,
     job_to_json,
     now_iso,
 )
 from gateway.jobs.store import IdempotencyConflict, StaleJob
+from gateway.jobs.webhooks import SigningSecrets
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,18 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """
     CREATE INDEX jobs_owner_active ON jobs (owner, status) WHERE status IN ('queued', 'processing');
     """,
+    # 3. Standard Webhooks: the event an outbox entry delivers (`start` is due while the job runs), and each
+    # owner's signing secrets (the previous one signs beside the current until `previous_until`).
+    """
+    ALTER TABLE jobs ADD COLUMN webhook_event text;
+    CREATE TABLE webhook_secrets (
+        owner text PRIMARY KEY,
+        version bigint NOT NULL,
+        current text NOT NULL,
+        previous text,
+        previous_until double precision NOT NULL DEFAULT 0
+    );
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -119,14 +133,14 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 _INSERT = (
     "INSERT INTO jobs (id, owner, created_at, idempotency_key, status, completed_at, version, lease_owner,"
-    " lease_expires_at, not_before, webhook_status, webhook_next_at, webhook_lease_owner, webhook_lease_until, data)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+    " lease_expires_at, not_before, webhook_status, webhook_next_at, webhook_lease_owner, webhook_lease_until,"
+    " webhook_event, data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
     " ON CONFLICT DO NOTHING RETURNING version"
 )
 _UPDATE = (
     "UPDATE jobs SET status = %s, completed_at = %s, version = %s, lease_owner = %s, lease_expires_at = %s,"
     " not_before = %s, webhook_status = %s, webhook_next_at = %s, webhook_lease_owner = %s,"
-    " webhook_lease_until = %s, data = %s::jsonb WHERE id = %s AND version = %s"
+    " webhook_lease_until = %s, webhook_event = %s, data = %s::jsonb WHERE id = %s AND version = %s"
 )
 _SELECT = "SELECT data::text, version FROM jobs"
 # claim_next's fairness: the active (queued + processing) jobs of the candidate row's (`q`) owner; fewest first.
@@ -147,6 +161,7 @@ def _mutable(job: Job) -> tuple[Any, ...]:
         hook.next_attempt_at if hook else None,
         hook.lease.owner if hook and hook.lease else None,
         hook.lease.expires_at if hook and hook.lease else None,
+        hook.event if hook else None,
         job_to_json(job).decode(),
     )
 
@@ -182,6 +197,14 @@ async def migrate(conn: AsyncConnection[Row]) -> list[int]:
     if applied:
         log.info("job store schema migrated to version %d (applied %s)", SCHEMA_VERSION, applied)
     return applied
+
+
+async def _secrets(cur: Cursor, owner: str) -> SigningSecrets | None:
+    await cur.execute(
+        b"SELECT version, current, previous, previous_until FROM webhook_secrets WHERE owner = %s", (owner,)
+    )
+    row = await cur.fetchone()
+    return None if row is None else SigningSecrets(owner, row[1], row[2], float(row[3]), int(row[0]))
 
 
 def _unavailable() -> StoreUnavailable:
@@ -401,10 +424,10 @@ class PostgresJobStore:
 
     async def claim_delivery(self, worker: str, lease_until: float, now: float) -> Job | None:
         return await self._take(
-            f"{_SELECT} WHERE webhook_status = %s AND status IN (%s, %s, %s) AND webhook_next_at <= %s"
-            " AND (webhook_lease_until IS NULL OR webhook_lease_until <= %s)"
+            f"{_SELECT} WHERE webhook_status = %s AND (status IN (%s, %s, %s) OR (status = %s AND webhook_event = %s))"
+            " AND webhook_next_at <= %s AND (webhook_lease_until IS NULL OR webhook_lease_until <= %s)"
             " ORDER BY webhook_next_at, created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED",
-            (WebhookStatus.PENDING, *_FINAL, now, now),
+            (WebhookStatus.PENDING, *_FINAL, PROCESSING, WebhookEvent.START, now, now),
             lambda job: job.delivery_claimed(worker, lease_until, now),
         )
 
@@ -417,6 +440,31 @@ class PostgresJobStore:
                 (name, holder, until, now),
             )
             return await cur.fetchone() is not None
+
+    async def webhook_secrets(self, owner: str) -> SigningSecrets | None:
+        async with self._transaction() as cur:
+            return await _secrets(cur, owner)
+
+    async def put_webhook_secrets(self, proposed: SigningSecrets) -> SigningSecrets:
+        p = proposed
+        async with self._transaction() as cur:
+            if p.version == 1:  # concurrent first needs: one insert wins, the others read it
+                await cur.execute(
+                    b"INSERT INTO webhook_secrets (owner, version, current, previous, previous_until)"
+                    b" VALUES (%s, %s, %s, %s, %s) ON CONFLICT (owner) DO NOTHING",
+                    (p.owner, p.version, p.current, p.previous, p.previous_until),
+                )
+            else:  # a rotation: the row lock makes a concurrent one wait, then miss the version
+                await cur.execute(
+                    b"UPDATE webhook_secrets SET version = %s, current = %s, previous = %s, previous_until = %s"
+                    b" WHERE owner = %s AND version = %s",
+                    (p.version, p.current, p.previous, p.previous_until, p.owner, p.version - 1),
+                )
+            stored = await _secrets(cur, p.owner)
+        if stored is None:
+            log.error("job store: no webhook secrets for owner %s after a write", p.owner[:12])
+            raise _unavailable()
+        return stored
 
     async def delete(self, job_id: str) -> None:
         async with self._transaction() as cur:

@@ -33,6 +33,7 @@ from gateway.errors import (
     Interrupted,
     JobFinished,
     NotFound,
+    NothingToRedeliver,
     Overloaded,
     RunAttemptsExhausted,
     StoreUnavailable,
@@ -51,6 +52,7 @@ from gateway.jobs.model import (
     JobError,
     JobStatus,
     OutputImage,
+    WebhookEvent,
     WebhookStatus,
     now_iso,
 )
@@ -135,8 +137,8 @@ class JobManager:
         settings: Settings,
         *,
         poster: webhooks.Poster,
-        webhook_secret: str,
         render: Renderer,
+        webhook_secret: str | None = None,
         events: JobEvents | None = None,
         on_event: EventHook | None = None,
         worker_id: str | None = None,
@@ -146,7 +148,8 @@ class JobManager:
         self.storage = storage
         self.settings = settings
         self.poster = poster
-        self.webhook_secret = webhook_secret
+        # Per-key signing secrets in the store; a configured `webhook_secret` seeds their first values.
+        self.secrets = webhooks.SecretKeeper(store, seed=webhook_secret, overlap_s=settings.webhook_secret_overlap_s)
         self.render = render
         self.events: JobEvents = events or LocalEvents()
         self.on_event: EventHook = on_event or (lambda event, value: None)
@@ -429,6 +432,8 @@ class JobManager:
             self._queued_estimate = max(0, self._queued_estimate - 1)
             # Registered at once: a cancel arriving from now on finds it running here.
             self._running[job.id] = _Running(cancel=job.cancel_requested or self._recent_cancels.pop(job.id, False))
+            if job.webhook is not None and job.webhook.event == WebhookEvent.START:
+                self._outbox.set()  # its `start` event is due
             self._spawn(self._process(job))
             self._work.set()  # there may be more: claim again while slots are free
 
@@ -628,19 +633,36 @@ class JobManager:
             self._delivering.discard(job.id)
             self._deliveries.release()
 
+    async def redeliver(self, job_id: str, owner: str) -> Job:
+        """Send the job's final event again (same `webhook-id`, new timestamp and signature) through the outbox:
+        it survives restarts and one replica sends it."""
+        job = await self.get(job_id, owner)
+        stored, applied = await transition(self.store, job, Job.redelivery_requested)
+        if not applied:
+            if not stored.finished:
+                raise NothingToRedeliver("Job not finished", f"Job '{job_id}' is {stored.status}: no final event yet")
+            raise NothingToRedeliver(
+                "Nothing to redeliver",
+                f"Job '{job_id}' has no webhook for its final event (see webhook_url and webhook_events)",
+            )
+        self._outbox.set()
+        return stored
+
     async def _attempt_delivery(self, job: Job) -> None:
         hook = job.webhook
         if hook is None:
             return
-        body = self.render(job, final_progress(job))
-        secret = webhooks.key_secret(self.webhook_secret, job.owner)
+        event = hook.event
+        progress = final_progress(job) if job.finished else Progress(0, job.spec.effective_steps, None)
+        body = self.render(job, progress)
+        signing = await self._retrying("webhook secret", job.id, lambda: self.secrets.signing(job.owner))
+        headers = webhooks.signed_headers(signing, webhooks.event_id(job.id, event), body)
         try:
-            code = await self.poster(hook.url, body, webhooks.signed_headers(secret, job.id, body))
-            result = DeliveryAttempt(now_iso(), code, None)
+            code = await self.poster(hook.url, body, headers)
+            result = DeliveryAttempt(now_iso(), code, None, event)
         except Exception as exc:  # any transport failure is one failed attempt
-            result = DeliveryAttempt(now_iso(), None, f"{type(exc).__name__}: {exc}"[:300])
-        attempts = len(hook.attempts) + 1
-        next_at = time.time() + webhooks.backoff_s(attempts, self.settings.webhook_backoff_s)
+            result = DeliveryAttempt(now_iso(), None, f"{type(exc).__name__}: {exc}"[:300], event)
+        next_at = time.time() + webhooks.backoff_s(hook.tries + 1, self.settings.webhook_backoff_s)
         max_attempts = self.settings.webhook_max_attempts
 
         def change(current: Job) -> Job | None:
@@ -649,7 +671,11 @@ class JobManager:
         current, applied = await self._retrying("webhook", job.id, lambda: transition(self.store, job, change))
         if not applied:
             return
-        settled = current.webhook is not None and current.webhook.status == WebhookStatus.FAILED
+        if current.webhook is None or current.webhook.event != event:  # superseded: the next event may be due
+            self.on_event("webhook", "delivered" if result.ok else "failed")
+            self._outbox.set()
+            return
+        settled = current.webhook.status == WebhookStatus.FAILED
         self.on_event("webhook", "delivered" if result.ok else ("failed" if settled else "retry"))
         if not result.ok and not settled:
             self._spawn(self._wake_outbox_later(next_at - time.time()))

@@ -29,12 +29,15 @@ from gateway.jobs.model import (
     PROCESSING,
     QUEUED,
     Job,
+    WebhookEvent,
     WebhookStatus,
     job_from_json,
     job_to_json,
     now_iso,
 )
 from gateway.jobs.store import IdempotencyConflict, StaleJob
+from gateway.jobs.webhooks import SigningSecrets
+from gateway.observability import staged
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,7 +45,7 @@ T = TypeVar("T")
 # How long one statement waits for a lock held by another connection before it reports the store unavailable
 # (the runner then retries with backoff, so a longer lock delays jobs but loses none).
 BUSY_TIMEOUT_S = 5.0
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _CREATE_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -76,6 +79,18 @@ CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, holder TEXT NOT NULL, u
 _MIGRATE_V4 = """
 CREATE INDEX IF NOT EXISTS jobs_owner_status ON jobs (owner, status);
 """
+# Standard Webhooks: the event an outbox entry delivers (`start` is due while the job runs), and each owner's
+# signing secrets (the previous one signs beside the current until `previous_until`).
+_MIGRATE_V5 = """
+ALTER TABLE jobs ADD COLUMN webhook_event TEXT;
+CREATE TABLE IF NOT EXISTS webhook_secrets (
+    owner TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    current TEXT NOT NULL,
+    previous TEXT,
+    previous_until REAL NOT NULL DEFAULT 0
+);
+"""
 
 
 def _legacy_to_v2(job_id: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +121,13 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def _read_secrets(db: sqlite3.Connection, owner: str) -> SigningSecrets | None:
+    row = db.execute(
+        "SELECT version, current, previous, previous_until FROM webhook_secrets WHERE owner = ?", (owner,)
+    ).fetchone()
+    return None if row is None else SigningSecrets(owner, row[1], row[2], row[3], row[0])
 
 
 class StoreInUse(Exception):
@@ -177,13 +199,16 @@ class SqliteJobStore:
             if version < 4:
                 for statement in _statements(_MIGRATE_V4):
                     db.execute(statement)
+            if version < 5:
+                for statement in _statements(_MIGRATE_V5):
+                    db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` on the store's thread; the one boundary where sqlite3 errors become ours."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn, self._db)
+            return await loop.run_in_executor(self._executor, staged("job_store", fn), self._db)
         except sqlite3.Error as exc:
             log.warning("job store error: %s", exc)
             raise StoreUnavailable("The job store is unavailable", "Retry the request later") from exc
@@ -209,8 +234,8 @@ class SqliteJobStore:
                 stored = replace(job, version=1)
                 db.execute(
                     "INSERT INTO jobs (id, owner, created_at, idempotency_key, status, completed_at, webhook_status,"
-                    " data, version, lease_owner, lease_expires_at, not_before, webhook_next_at, webhook_lease_until)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " data, version, lease_owner, lease_expires_at, not_before, webhook_next_at, webhook_lease_until,"
+                    " webhook_event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         stored.id,
                         stored.owner,
@@ -226,7 +251,7 @@ class SqliteJobStore:
     @staticmethod
     def _mutable_columns(job: Job) -> tuple[Any, ...]:
         """status, completed_at, webhook_status, data, version, lease_owner, lease_expires_at, not_before,
-        webhook_next_at, webhook_lease_until: the columns queries filter on, beside the JSON."""
+        webhook_next_at, webhook_lease_until, webhook_event: the columns queries filter on, beside the JSON."""
         hook = job.webhook
         return (
             job.status,
@@ -239,6 +264,7 @@ class SqliteJobStore:
             job.not_before,
             hook.next_attempt_at if hook else 0.0,
             hook.lease.expires_at if hook and hook.lease else None,
+            hook.event if hook else None,
         )
 
     async def get(self, job_id: str) -> Job | None:
@@ -260,8 +286,8 @@ class SqliteJobStore:
         stored = replace(job, version=job.version + 1, updated_at=now_iso())
         cursor = db.execute(
             "UPDATE jobs SET status = ?, completed_at = ?, webhook_status = ?, data = ?, version = ?,"
-            " lease_owner = ?, lease_expires_at = ?, not_before = ?, webhook_next_at = ?, webhook_lease_until = ?"
-            " WHERE id = ? AND version = ?",
+            " lease_owner = ?, lease_expires_at = ?, not_before = ?, webhook_next_at = ?, webhook_lease_until = ?,"
+            " webhook_event = ? WHERE id = ? AND version = ?",
             (*self._mutable_columns(stored), job.id, job.version),
         )
         if cursor.rowcount != 1:
@@ -306,9 +332,10 @@ class SqliteJobStore:
     async def claim_delivery(self, worker: str, lease_until: float, now: float) -> Job | None:
         return await self._claim_first(
             "SELECT data, version FROM jobs WHERE webhook_status = ? AND webhook_next_at <= ?"
-            " AND status IN (?, ?, ?) AND (webhook_lease_until IS NULL OR webhook_lease_until <= ?)"
-            " ORDER BY completed_at LIMIT 1",
-            (WebhookStatus.PENDING, now, COMPLETED, FAILED, CANCELED, now),
+            " AND (status IN (?, ?, ?) OR (status = ? AND webhook_event = ?))"
+            " AND (webhook_lease_until IS NULL OR webhook_lease_until <= ?)"
+            " ORDER BY webhook_next_at, created_at LIMIT 1",
+            (WebhookStatus.PENDING, now, COMPLETED, FAILED, CANCELED, PROCESSING, WebhookEvent.START, now),
             lambda job: job.delivery_claimed(worker, lease_until, now),
         )
 
@@ -376,6 +403,32 @@ class SqliteJobStore:
             " AND (webhook_status IS NULL OR webhook_status != ?)",
             (before, WebhookStatus.PENDING),
         )
+
+    async def webhook_secrets(self, owner: str) -> SigningSecrets | None:
+        return await self._call(lambda db: _read_secrets(db, owner))
+
+    async def put_webhook_secrets(self, proposed: SigningSecrets) -> SigningSecrets:
+        def run(connection: sqlite3.Connection) -> SigningSecrets:
+            with _transaction(connection) as db:
+                p = proposed
+                if p.version == 1:
+                    db.execute(
+                        "INSERT INTO webhook_secrets (owner, version, current, previous, previous_until)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner) DO NOTHING",
+                        (p.owner, p.version, p.current, p.previous, p.previous_until),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE webhook_secrets SET version = ?, current = ?, previous = ?, previous_until = ?"
+                        " WHERE owner = ? AND version = ?",
+                        (p.version, p.current, p.previous, p.previous_until, p.owner, p.version - 1),
+                    )
+                stored = _read_secrets(db, p.owner)
+            if stored is None:  # a rotation of secrets that do not exist: the caller read them from this store
+                raise sqlite3.IntegrityError(f"no webhook secrets for owner {p.owner[:12]}")
+            return stored
+
+        return await self._call(run)
 
     async def delete(self, job_id: str) -> None:
         await self._call(lambda db: db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)))

@@ -7,7 +7,9 @@ Every write is a compare-and-set on the job's `version`: `update(job)` succeeds 
 has `job.version`, so the loser of a race learns it (`StaleJob`) and re-decides from the winner's copy.
 Leases (`claim_next`/`claim`, `renew`, `release`) say which worker runs a job until when; a job whose lease
 expired (its replica died) is found by `expired_leases` and taken over. Webhook deliveries are an outbox on the
-job row (`claim_delivery`); singleton chores such as retention take a named lock (`acquire_lock`).
+job row (`claim_delivery`); singleton chores such as retention take a named lock (`acquire_lock`). Each owner's
+webhook signing secrets are a row of their own (`webhook_secrets`, `put_webhook_secrets`: compare-and-set on
+their version, so concurrent rotations have one winner).
 
 Stores raise `StoreUnavailable` (never their driver's exceptions) when the engine does not answer, so the
 runner can retry with backoff without knowing which engine it talks to. Times are epoch seconds (`now` is
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from gateway.jobs.model import Job
+from gateway.jobs.webhooks import SigningSecrets
 
 
 class StaleJob(Exception):
@@ -112,6 +115,15 @@ class JobStore(Protocol):
 
     async def expired(self, before: str) -> list[Job]:
         """Finished jobs completed before `before` whose webhook is settled (retention)."""
+        ...
+
+    async def webhook_secrets(self, owner: str) -> SigningSecrets | None:
+        """The owner's webhook secrets; None before the first need."""
+        ...
+
+    async def put_webhook_secrets(self, proposed: SigningSecrets) -> SigningSecrets:
+        """Compare-and-set: store `proposed` if the owner has none (`version` 1) or its stored version is
+        `proposed.version - 1`; return what is stored afterwards (the winner's when the race was lost)."""
         ...
 
     async def delete(self, job_id: str) -> None: ...

@@ -56,6 +56,7 @@ from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
 from gateway.errors import InsufficientStorage, StoreUnavailable
+from gateway.observability import staged
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -171,7 +172,7 @@ class LocalStorage:
     async def put(self, name: str, data: bytes, content_type: str) -> None:
         """Store `data`; a bad name, or a content type the extension disagrees with, is a bug: ValueError."""
         check_put(name, content_type)
-        await anyio.to_thread.run_sync(self._write, name, data)
+        await anyio.to_thread.run_sync(staged("storage", self._write), name, data)
 
     async def get(self, name: str) -> tuple[bytes, str] | None:
         """Client-supplied names that are not valid simply do not exist (None), like missing ones."""

@@ -13,7 +13,7 @@ from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from gateway.errors import BackendError, BackendUnavailable
-from gateway.observability import current_request_id
+from gateway.observability import current_request_id, stage
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +114,19 @@ class TritonEngine:
         timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
         """One inference; `timeout_s` (a pool's share of the call's budget) overrides the engine's timeout."""
-        request_inputs = []
-        for name, array in inputs.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(np.ascontiguousarray(array))
-            request_inputs.append(tensor)
-        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        with stage("triton"):  # the client's own CPU: tensors to protobuf and back (gRPC I/O itself is `other`)
+            request_inputs = []
+            for name, array in inputs.items():
+                tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+                tensor.set_data_from_numpy(np.ascontiguousarray(array))
+                request_inputs.append(tensor)
+            requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
         with translate_triton_errors(model):
             result = await self._client.infer(
                 model, request_inputs, outputs=requested, client_timeout=timeout_s or self.timeout_s
             )
-        return {name: result.as_numpy(name) for name in outputs}
+        with stage("triton"):
+            return {name: result.as_numpy(name) for name in outputs}
 
     async def models_ready(self, models: Sequence[str]) -> bool:
         try:

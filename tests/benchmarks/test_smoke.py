@@ -36,5 +36,20 @@ def test_every_system_produces_numbers(tmp_path: Path) -> None:
     assert model["transport"]["identity_direct"]["client_ms_p50"] > 0
     assert model["flops"]["total"] > 0 and data["matmul_peak"]["flops_per_s"] > 0
     assert written["markdown"].read_text().count("| this service |") >= 1
+    # Where the CPU goes: per process and per gateway stage; and the limit bounds the service at every level.
+    summary = data["summary"]["tiny"]
+    assert summary["limit_violations"] == [], summary["ratios"]
+    gateway = summary["gateway"]
+    assert gateway["cpu_ms_per_image"] > 0 and 0 < gateway["cpu_share"] < 1
+    name = data["models"]["tiny"]["model"]
+    models = {f"stub:{name}_{c}" for c in ("text_encoder", "vae_encoder", "unet", "vae_decoder")}
+    assert {"gateway", "tritonserver", "loadgen", *models} <= set(gateway["processes_ms_per_image"])
+    stages = gateway["stages_ms_per_image"]
+    for stage in ("parse", "hash", "base64", "decode", "resize", "triton", "scheduler", "encode", "storage"):
+        assert stages.get(stage, 0) > 0, (stage, stages)
+    assert "job_store" in stages and "other" in stages
+    assert sum(stages.values()) <= gateway["cpu_ms_per_image"] * 1.05  # stages are exclusive, within the process
+    markdown = written["markdown"].read_text()
+    assert "| stage | CPU ms/image |" in markdown and "| gateway |" in markdown
     for kind in ("Throughput vs concurrency", "Latency CDF at concurrency 8"):
         assert written[kind].stat().st_size > 0

@@ -113,3 +113,28 @@ def test_wrong_key_is_the_sdks_authentication_error(gateway: str, input_png: Pat
         stranger.images.edit(model="imagen-v2", image=image, prompt=PROMPT)
     assert raised.value.code == "unauthorized" and isinstance(raised.value.body, dict)
     assert raised.value.body["message"].startswith("Invalid API key")
+
+
+def test_sdk_output_format_is_the_native_output_format(
+    client: openai.OpenAI, gateway: str, auth: dict[str, str], input_png: Path
+) -> None:
+    """`output_format` (OpenAI's own parameter) and our `output_quality` reach the native job unchanged."""
+    fields = {**PARAMS, "output_quality": 80}
+    body = {"image": data_uri(input_png.read_bytes()), "prompt": PROMPT, "output_format": "jpeg", **fields}
+    response = httpx.post(f"{gateway}/v1/image-to-image", json=body, headers=auth, timeout=TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    (native,) = response.json()["images"]
+    assert native["content_type"] == "image/jpeg"
+    native_bytes = httpx.get(native["url"], timeout=10).content
+    with input_png.open("rb") as image:
+        result = client.images.edit(
+            model="imagen-v2",
+            image=image,
+            prompt=PROMPT,
+            response_format="b64_json",
+            output_format="jpeg",
+            extra_body=fields,
+        )
+    assert result.output_format == "jpeg" and result.data is not None
+    assert base64.b64decode(result.data[0].b64_json or "") == native_bytes
+    assert native_bytes[:3] == b"\xff\xd8\xff"  # a JPEG

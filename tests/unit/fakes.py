@@ -25,6 +25,7 @@ from gateway.diffusion.manifest import Component, PipelineManifest
 from gateway.errors import StoreUnavailable
 from gateway.jobs.events import EventHandler, EventKind, JobEvent
 from gateway.jobs.model import (
+    DEFAULT_WEBHOOK_EVENTS,
     PROCESSING,
     QUEUED,
     UNFINISHED,
@@ -33,6 +34,7 @@ from gateway.jobs.model import (
     JobSpec,
     OutputImage,
     Size,
+    WebhookEvent,
     WebhookState,
     WebhookStatus,
     input_name,
@@ -40,6 +42,7 @@ from gateway.jobs.model import (
     output_name,
 )
 from gateway.jobs.store import IdempotencyConflict, StaleJob
+from gateway.jobs.webhooks import SigningSecrets
 from gateway.media.storage import StoredStream
 
 # --- the job store --------------------------------------------------------------------------------------
@@ -91,6 +94,8 @@ class InMemoryJobStore:
         "unfinished",
         "undelivered",
         "expired",
+        "webhook_secrets",
+        "put_webhook_secrets",
         "delete",
         "close",
     )
@@ -100,6 +105,7 @@ class InMemoryJobStore:
         self.exclusive = exclusive  # True: as SQLite (one process); False: as a shared store (several replicas)
         self._jobs: dict[str, Job] = {}
         self._locks: dict[str, tuple[str, float]] = {}
+        self._secrets: dict[str, SigningSecrets] = {}
         self.calls: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.writes: list[Write] = []
@@ -285,6 +291,24 @@ class InMemoryJobStore:
 
         return await self._select("expired", keep)
 
+    async def webhook_secrets(self, owner: str) -> SigningSecrets | None:
+        await self._enter("webhook_secrets", owner)
+        found = self._secrets.get(owner)
+        await self._leave("webhook_secrets")
+        return found
+
+    async def put_webhook_secrets(self, proposed: SigningSecrets) -> SigningSecrets:
+        await self._enter("put_webhook_secrets", proposed.owner)
+        stored = self._secrets.get(proposed.owner)
+        if (stored is None and proposed.version == 1) or (
+            stored is not None and stored.version == proposed.version - 1
+        ):
+            self._secrets[proposed.owner] = stored = proposed
+        await self._leave("put_webhook_secrets")
+        if stored is None:
+            raise StoreUnavailable("The job store is unavailable", "rotation of secrets that do not exist")
+        return stored
+
     async def delete(self, job_id: str) -> None:
         await self._enter("delete", job_id)
         self._jobs.pop(job_id, None)
@@ -340,9 +364,10 @@ def make_job(
     body: str = "a",
     webhook: str | None = None,
     spec: JobSpec | None = None,
+    events: tuple[WebhookEvent, ...] = DEFAULT_WEBHOOK_EVENTS,
     **kw: Any,
 ) -> Job:
-    """A freshly created job (`version` 0, as `CreateJob` hands it to `store.create`)."""
+    """A freshly created job (`version` 0, as `CreateJob` hands it to `store.create`); `events`: its webhook's."""
     now = now_iso()
     spec = spec or make_spec(webhook_url=webhook)
     return Job(
@@ -353,7 +378,7 @@ def make_job(
         input=InputImage(url="http://example.test/in.png", name=input_name(job_id, "png"), width=16, height=16),
         created_at=kw.pop("created_at", now),
         updated_at=now,
-        webhook=WebhookState(webhook) if webhook else None,
+        webhook=WebhookState(webhook, events=events) if webhook else None,
         idempotency_key=key,
         request_hash=json.dumps({"b": body}),
         **kw,

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import pytest
+from standardwebhooks.webhooks import Webhook
 
 from gateway.errors import Overloaded
 from gateway.jobs import runner, webhooks
@@ -351,7 +352,7 @@ async def test_a_dead_replicas_job_is_taken_over_and_its_webhook_sent_once(
     await asyncio.sleep(0.05)
     sent = posts(cluster.replicas, "d")
     assert len(sent) == 1, sent
-    assert sent[0][webhooks.ID_HEADER] == "d"
+    assert sent[0][webhooks.ID_HEADER] == webhooks.event_id("d", "completed")
 
 
 # --- the webhook outbox ----------------------------------------------------------------------------------------
@@ -375,9 +376,11 @@ async def test_webhook_retries_move_between_replicas_one_post_at_a_time(make_clu
     calls = receiver.for_job("h")
     assert len(calls) == 3, [(replica, call.payload) for replica, call in calls]
     assert receiver.max_in_flight["h"] == 1  # never two POSTs of one job at once, whichever replicas sent them
-    assert {call.headers[webhooks.ID_HEADER] for _, call in calls} == {"h"}  # one id across redeliveries
-    secret = webhooks.key_secret(SECRET, final.owner)
-    assert all(webhooks.verify(secret, call.headers, call.body) for _, call in calls)
+    assert {call.headers[webhooks.ID_HEADER] for _, call in calls} == {"h_completed"}  # one id across retries
+    stored = await cluster.store.webhook_secrets(final.owner)  # one secret in the shared store signs on every replica
+    assert stored is not None and stored.current == webhooks.derived_secret(SECRET, final.owner)
+    for _, call in calls:
+        Webhook(stored.current).verify(call.body, dict(call.headers))
 
 
 async def test_many_webhooks_over_three_replicas_each_posted_once(make_cluster: MakeCluster) -> None:

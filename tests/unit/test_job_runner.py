@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from standardwebhooks.webhooks import Webhook
 
 from gateway.diffusion.img2img import GenerationCanceled, Img2ImgPipeline
 from gateway.errors import (
@@ -224,7 +225,8 @@ async def test_job_completes_and_its_webhook_is_delivered_once(make_rig: MakeRig
     [call] = rig.poster.calls
     assert call.url == "http://hook.test/a"
     assert call.payload["status"] == "completed" and call.payload["images"] == [i.name for i in final.images]
-    assert webhooks.verify(webhooks.key_secret(SECRET, job.owner), call.headers, call.body)
+    Webhook(webhooks.derived_secret(SECRET, job.owner)).verify(call.body, dict(call.headers))
+    assert call.headers[webhooks.ID_HEADER] == webhooks.event_id(job.id, "completed")
     assert final.webhook is not None and final.webhook.status == WebhookStatus.DELIVERED
     assert len(final.webhook.attempts) == 1 and final.webhook.attempts[0].status_code == 200
     assert (await rig.manager.progress(final)).step == final.spec.effective_steps
@@ -678,7 +680,8 @@ async def test_recovery_resumes_pending_webhook_attempts(make_rig: MakeRig) -> N
     store = InMemoryJobStore()
     job = make_job("a", webhook="http://hook.test/a").finished_as(FAILED)
     attempts = (DeliveryAttempt(now_iso(), 500, None), DeliveryAttempt(now_iso(), 502, None))
-    store.put(dataclasses.replace(job, webhook=WebhookState("http://hook.test/a", WebhookStatus.PENDING, attempts)))
+    hook = WebhookState("http://hook.test/a", WebhookStatus.PENDING, attempts, tries=2)
+    store.put(dataclasses.replace(job, webhook=hook))
     rig = make_rig(store=store, poster=RecordingPoster([500]), webhook_max_attempts=3)
     await rig.manager.start()
     final = await rig.settled("a")

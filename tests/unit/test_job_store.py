@@ -4,6 +4,7 @@ locking; and the webhook signing helpers."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import random
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from gateway.errors import StoreUnavailable
 from gateway.jobs import webhooks
@@ -27,6 +29,7 @@ from gateway.jobs.model import (
     JobStatus,
     OutputImage,
     Size,
+    WebhookEvent,
     WebhookStatus,
     now_iso,
     owner_of,
@@ -233,6 +236,80 @@ async def test_claim_next_is_fair_between_owners(store: JobStore) -> None:
     assert order == ["b0", "a0", "a1", "a2", "a3"]
 
 
+async def test_webhook_secrets_round_trip_and_rotate_with_compare_and_set(store: JobStore) -> None:
+    assert await store.webhook_secrets("o") is None
+    first = webhooks.SigningSecrets("o", webhooks.random_secret())
+    assert await store.put_webhook_secrets(first) == first
+    assert await store.webhook_secrets("o") == first
+    # A second "first need" (another replica) loses and reads the winner's secret.
+    assert await store.put_webhook_secrets(webhooks.SigningSecrets("o", webhooks.random_secret())) == first
+    rotated = first.rotated(webhooks.random_secret(), now=1000.0, overlap_s=60.0)
+    rival = first.rotated(webhooks.random_secret(), now=1000.0, overlap_s=60.0)
+    assert await store.put_webhook_secrets(rotated) == rotated
+    assert await store.put_webhook_secrets(rival) == rotated, "a rotation from a stale read loses"
+    stored = await store.webhook_secrets("o")
+    assert stored == rotated and stored is not None and stored.version == 2
+    assert stored.previous == first.current and stored.previous_until == 1060.0
+    assert stored.signing(1059.0) == (rotated.current, first.current) and stored.signing(1060.0) == (rotated.current,)
+    assert await store.webhook_secrets("p") is None  # per owner
+    assert first.current not in repr(stored) and rotated.current not in repr(stored)  # never in logs
+
+
+async def test_concurrent_rotations_each_answer_a_secret_that_was_stored(store: JobStore) -> None:
+    """Rotations that overlap make one rotation between them (the losers answer the winner's secret): however
+    they interleave, the stored version counts exactly the distinct secrets the callers were given."""
+    keeper = webhooks.SecretKeeper(store, seed=None, overlap_s=60.0)
+    original = await keeper.current("o")
+    results = await asyncio.gather(*(keeper.rotate("o") for _ in range(8)))
+    stored = await store.webhook_secrets("o")
+    answered = {r.current for r in results}
+    assert stored is not None and stored.version == 1 + len(answered) and stored.current in answered
+    assert original.current not in answered
+
+
+async def test_rotations_that_read_the_same_version_make_one() -> None:
+    store = InMemoryJobStore(yields=True)  # every call yields: all eight read version 1 before any writes
+    keeper = webhooks.SecretKeeper(store, seed=None, overlap_s=60.0)
+    original = await keeper.current("o")
+    results = await asyncio.gather(*(keeper.rotate("o") for _ in range(8)))
+    stored = await store.webhook_secrets("o")
+    assert stored is not None and stored.version == 2, "one rotation"
+    assert {r.current for r in results} == {stored.current} and stored.previous == original.current
+
+
+async def test_first_secret_is_derived_from_a_configured_seed(store: JobStore) -> None:
+    seeded = webhooks.SecretKeeper(store, seed="server-secret", overlap_s=60.0)
+    assert (await seeded.current("o")).current == webhooks.derived_secret("server-secret", "o")
+    rotated = await seeded.rotate("o")
+    assert rotated.current != webhooks.derived_secret("server-secret", "o")  # rotations are random
+
+
+async def test_webhook_events_round_trip_and_start_is_due_while_processing(store: JobStore) -> None:
+    both = (WebhookEvent.START, WebhookEvent.COMPLETED)
+    await store.create(make_job("a", webhook="http://h/x", events=both))
+    await store.create(make_job("b", webhook="http://h/y"))
+    got = await store.get("a")
+    assert got is not None and got.webhook is not None and got.webhook.events == both
+    assert await store.claim_delivery("d", LEASE, 100.0) is None  # nothing is due while queued
+    await store.claim("a", "w", LEASE)
+    await store.claim("b", "w", LEASE)
+    start = await store.claim_delivery("d", LEASE, 100.0)
+    assert start is not None and start.id == "a" and start.webhook is not None
+    assert start.webhook.event == WebhookEvent.START and start.webhook.lease is not None
+    assert await store.claim_delivery("d2", LEASE, 100.0) is None  # leased, and b only wants `completed`
+    sent = start.with_delivery(DeliveryAttempt(now_iso(), 200, None, WebhookEvent.START), max_attempts=3)
+    assert sent is not None
+    done = await store.update(sent)
+    assert done.webhook is not None and done.webhook.status == WebhookStatus.DELIVERED
+    finished = done.finished_by("w", COMPLETED, images=(_image("a"),))
+    assert finished is not None
+    final = await store.update(finished)
+    assert final.webhook is not None and (final.webhook.event, final.webhook.status) == ("completed", "pending")
+    claimed = await store.claim_delivery("d", LEASE, 100.0)
+    assert claimed is not None and claimed.id == "a" and claimed.webhook is not None
+    assert claimed.webhook.event == WebhookEvent.COMPLETED
+
+
 async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     await store.create(make_job("x"))
@@ -410,19 +487,43 @@ def test_request_hash_ignores_key_order_and_spacing() -> None:
     assert request_hash({"a": 1}) != request_hash({"a": 2})
 
 
-def test_signature_round_trip_and_tampering() -> None:
-    secret = webhooks.key_secret("server-secret", owner_of("k"))
-    assert secret.startswith("whsec_") and secret != webhooks.key_secret("server-secret", owner_of("k2"))
+def test_signatures_verify_with_the_standard_webhooks_library() -> None:
+    secret = webhooks.random_secret()
+    assert secret.startswith("whsec_") and len(base64.b64decode(secret.removeprefix("whsec_"))) == 32
     body = b'{"id":"img_transform_1","status":"completed"}'
-    headers = webhooks.signed_headers(secret, "img_transform_1", body)
-    assert headers[webhooks.ID_HEADER] == "img_transform_1"
-    assert webhooks.verify(secret, headers, body)
-    assert not webhooks.verify(secret, headers, body[:-1])
-    assert not webhooks.verify(webhooks.key_secret("other", owner_of("k")), headers, body)
-    assert not webhooks.verify(secret, {k: v for k, v in headers.items() if k != webhooks.TIMESTAMP_HEADER}, body)
-    stale = {**headers, webhooks.TIMESTAMP_HEADER: str(int(time.time()) - 3600)}
-    stale[webhooks.SIGNATURE_HEADER] = webhooks.sign(secret, int(stale[webhooks.TIMESTAMP_HEADER]), body)
-    assert not webhooks.verify(secret, stale, body), "old timestamps are replays"
+    headers = webhooks.signed_headers([secret], "img_transform_1_completed", body)
+    assert headers[webhooks.ID_HEADER] == "img_transform_1_completed"
+    assert headers[webhooks.SIGNATURE_HEADER].startswith("v1,")
+    assert Webhook(secret).verify(body, headers) == {"id": "img_transform_1", "status": "completed"}
+    for tampered, tampered_body in (
+        (headers, body[:-1] + b" "),
+        ({**headers, webhooks.ID_HEADER: "img_transform_2_completed"}, body),
+        ({k: v for k, v in headers.items() if k != webhooks.TIMESTAMP_HEADER}, body),
+    ):
+        with pytest.raises(WebhookVerificationError):
+            Webhook(secret).verify(tampered_body, tampered)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(webhooks.random_secret()).verify(body, headers)
+    stale = webhooks.signed_headers([secret], "img_transform_1_completed", body, now=time.time() - 3600)
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        Webhook(secret).verify(body, stale)
+
+
+def test_two_secrets_sign_side_by_side_and_each_verifies() -> None:
+    old, new = webhooks.random_secret(), webhooks.random_secret()
+    body = b'{"id":"j"}'
+    headers = webhooks.signed_headers([new, old], "j_completed", body)
+    assert len(headers[webhooks.SIGNATURE_HEADER].split(" ")) == 2
+    Webhook(new).verify(body, headers)
+    Webhook(old).verify(body, headers)
+
+
+def test_derived_first_secrets_are_per_owner_and_stable() -> None:
+    a = webhooks.derived_secret("server-secret", owner_of("k"))
+    assert a == webhooks.derived_secret("server-secret", owner_of("k")) and a.startswith("whsec_")
+    assert a != webhooks.derived_secret("server-secret", owner_of("k2"))
+    assert a != webhooks.derived_secret("other", owner_of("k"))
+    Webhook(a)  # a valid Standard Webhooks secret
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
@@ -431,11 +532,3 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
     for n, delay in enumerate(delays, start=1):
         assert 0.5 * 2 ** (n - 1) <= delay <= 1.5 * 2 ** (n - 1)
     assert webhooks.backoff_s(30, 1.0, rng) <= webhooks.MAX_BACKOFF_S * 1.5
-
-
-def test_secret_is_generated_once_and_kept(tmp_path: Path) -> None:
-    path = tmp_path / "secret"
-    first = webhooks.load_or_create_secret(None, path)
-    assert webhooks.load_or_create_secret(None, path) == first and len(first) == 64
-    assert webhooks.load_or_create_secret("configured", path) == "configured"
-    assert path.stat().st_mode & 0o077 == 0

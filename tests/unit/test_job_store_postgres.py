@@ -25,6 +25,7 @@ from gateway.jobs.postgres import SCHEMA_VERSION, PostgresEvents, PostgresJobSto
 from gateway.jobs.sqlite import SqliteJobStore
 from gateway.jobs.store import IdempotencyConflict, StaleJob
 from gateway.jobs.stores import open_job_store
+from gateway.jobs.webhooks import SigningSecrets, random_secret
 from tests import fixtures_postgres
 from tests.fixtures_postgres import private_cluster
 from tests.unit import test_job_store as contract
@@ -221,6 +222,18 @@ async def test_claim_delivery_oldest_due_first(store: PostgresJobStore) -> None:
     got = await store.claim_delivery("d2", 100.0, now=30.0)
     assert got is not None and got.id == "first"
     assert await store.claim_delivery("d3", 100.0, now=30.0) is None
+
+
+async def test_webhook_secrets_raced_from_two_replicas(replicas: tuple[PostgresJobStore, PostgresJobStore]) -> None:
+    """First needs on two replicas store one secret; rotations from one read make one rotation, both answer it."""
+    a, b = replicas
+    firsts = await asyncio.gather(*(s.put_webhook_secrets(SigningSecrets("o", random_secret())) for s in [a, b] * 4))
+    assert len({f.current for f in firsts}) == 1 and firsts[0].version == 1
+    base = firsts[0]
+    rotations = [base.rotated(random_secret(), now=10.0, overlap_s=5.0) for _ in range(8)]
+    answers = await asyncio.gather(*(s.put_webhook_secrets(r) for s, r in zip([a, b] * 4, rotations, strict=True)))
+    assert len({x.current for x in answers}) == 1 and answers[0].version == 2
+    assert await b.webhook_secrets("o") == answers[0] and answers[0].previous == base.current
 
 
 async def test_acquire_lock_exclusive_and_expiring(replicas: tuple[PostgresJobStore, PostgresJobStore]) -> None:

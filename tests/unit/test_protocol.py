@@ -288,7 +288,7 @@ def test_model_defaults_are_the_constants() -> None:
     assert tuple(ImageToImageRequest.model_fields) == protocol.FIELDS
     assert protocol.FIELDS == ("image", "prompt", "model", "strength", "steps", "guidance_scale",
                                "negative_prompt", "seed", "num_images", "style", "webhook_url",
-                               "scheduler", "output_format", "output_quality")  # fmt: skip
+                               "webhook_events", "scheduler", "output_format", "output_quality")  # fmt: skip
     assert protocol.REQUIRED_FIELDS == ("image", "prompt")
 
 
