@@ -9,7 +9,6 @@ different steps. Names and layout stay optimum's, so the folder also loads in `O
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,24 +118,6 @@ def fp16_components(pipeline: Any, components: tuple[str, ...]) -> tuple[str, ..
     if is_sdxl(pipeline) and pipeline.vae.config.get("force_upcast", False):
         return tuple(c for c in components if c not in VAE_COMPONENTS)
     return components
-
-
-def convert_fp16(paths: Mapping[str, Path]) -> None:
-    """Convert weights and compute to fp16 in place, keeping fp32 inputs/outputs so callers do not change.
-
-    Uses onnxruntime's own converter (no extra dependency). Meant for GPU targets: CPU kernels for fp16 are slow.
-    """
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    for path in paths.values():
-        model = onnx.load(str(path), load_external_data=True)
-        converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-        external = path.with_name(path.name + "_data")
-        if external.exists():
-            external.unlink()
-        large = converted.ByteSize() > 1_800_000_000  # protobuf's 2 GiB ceiling, with margin
-        onnx.save_model(converted, str(path), save_as_external_data=large, location=external.name if large else None)
 
 
 def copy_component(src: Path, dst_dir: Path) -> Path:

@@ -102,8 +102,9 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
 
         def fp16(s: dict[str, Any]) -> None:
             # onnxconverter-common, after pruning to the served outputs (export.tensorrt.convert_fp16): onnxruntime's
-            # own converter (onnx_export.convert_fp16) turned the UNet's Resize scales into fp16, an ONNX model that
-            # onnxruntime refuses to load. A `force_upcast` VAE stays fp32, as diffusers runs it (fp16_components).
+            # own converter (onnxruntime.transformers.float16) turned the UNet's Resize scales into fp16, an ONNX
+            # model that onnxruntime refuses to load. A `force_upcast` VAE stays fp32, as diffusers runs it
+            # (fp16_components).
             from export.tensorrt import convert_fp16
 
             converted = fp16_components(s["pipeline"], tuple(s["onnx"]))
@@ -112,6 +113,9 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
             s["vae_dtype"] = "float16" if "vae_decoder" in converted else "float32"
 
         def write(s: dict[str, Any]) -> None:
+            if request.options.backend == "tensorrt":  # plans are fp16, but a `force_upcast` VAE's stays fp32
+                converted = fp16_components(s["pipeline"], tuple(s["onnx"]))
+                s["vae_dtype"] = "float16" if "vae_decoder" in converted else "float32"
             s["manifest"] = stage_pipeline(
                 staging,
                 name,

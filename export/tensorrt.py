@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from export.errors import ExportError
+from export.onnx_export import VAE_COMPONENTS
 from export.trt_build import RECIPE_FILE, RECIPE_VERSION, SAVE_ENGINE, TIMING_CACHE
 
 if TYPE_CHECKING:
@@ -83,8 +84,9 @@ def _shapes(profiles: list[InputProfile], which: str) -> str:
     return ",".join(f"{p.name}:{'x'.join(map(str, getattr(p, which)))}" for p in profiles)
 
 
-def trtexec_argv(profiles: list[InputProfile], timing_cache: str) -> list[str]:
-    """The trtexec command, run in the model folder: fp16 kernels, one profile, a shared timing cache."""
+def trtexec_argv(profiles: list[InputProfile], timing_cache: str, *, fp16: bool = True) -> list[str]:
+    """The trtexec command, run in the model folder: fp16 kernels (unless `fp16` is off: a `force_upcast` VAE),
+    one profile, a shared timing cache."""
     return [
         "trtexec",
         f"--onnx=1/{ONNX_FILE}",
@@ -92,15 +94,17 @@ def trtexec_argv(profiles: list[InputProfile], timing_cache: str) -> list[str]:
         f"--minShapes={_shapes(profiles, 'min')}",
         f"--optShapes={_shapes(profiles, 'opt')}",
         f"--maxShapes={_shapes(profiles, 'max')}",
-        "--fp16",
+        *(["--fp16"] if fp16 else []),
         f"{TIMING_CACHE}{timing_cache}",
     ]
 
 
-def ort_tensorrt_block(profiles: list[InputProfile], engine_cache: str, timing_cache_dir: str) -> str:
+def ort_tensorrt_block(
+    profiles: list[InputProfile], engine_cache: str, timing_cache_dir: str, *, fp16: bool = True
+) -> str:
     """The onnxruntime backend's TensorRT execution accelerator (Triton's onnxruntime_backend README keys)."""
     params = {
-        "precision_mode": "FP16",
+        "precision_mode": "FP16" if fp16 else "FP32",
         "trt_engine_cache_enable": "1",
         "trt_engine_cache_path": engine_cache,
         "trt_timing_cache_enable": "1",
@@ -208,9 +212,12 @@ def write_tensorrt_parts(staging: Path, manifest: Mapping[str, Any], options: Se
     for component, entry in manifest["components"].items():
         model_dir = staging / entry["model"]
         profiles = profile(manifest, component, options.max_batch_size)
-        if options.backend == "tensorrt":
+        # A `force_upcast` VAE (SDXL's overflows in fp16) is served fp32, as the manifest's `vae_dtype` says.
+        fp16 = not (component in VAE_COMPONENTS and manifest.get("vae_dtype") == "float32")
+        if options.backend == "tensorrt" and fp16:
             # Served tensor names (SDXL's outputs are keyed by role, e.g. "hidden_states" -> "hidden_states.31").
             convert_fp16(model_dir / "1" / ONNX_FILE, {spec["name"] for spec in entry["outputs"].values()})
+        if options.backend == "tensorrt":
             recipe = {
                 "recipe_version": RECIPE_VERSION,
                 "model": entry["model"],
@@ -218,10 +225,10 @@ def write_tensorrt_parts(staging: Path, manifest: Mapping[str, Any], options: Se
                 "plan": f"1/{PLAN_FILE}",
                 "max_batch_size": options.max_batch_size,
                 "profile": {p.name: {"min": p.min, "opt": p.opt, "max": p.max} for p in profiles},
-                "argv": trtexec_argv(profiles, f"{cache_dir}/{TIMING_CACHE_FILE}"),
+                "argv": trtexec_argv(profiles, f"{cache_dir}/{TIMING_CACHE_FILE}", fp16=fp16),
             }
             (model_dir / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
         elif options.backend == "onnxruntime" and options.ort_tensorrt:
-            block = ort_tensorrt_block(profiles, f"{cache_dir}/ort/{entry['model']}", f"{cache_dir}/ort")
+            block = ort_tensorrt_block(profiles, f"{cache_dir}/ort/{entry['model']}", f"{cache_dir}/ort", fp16=fp16)
             config = model_dir / "config.pbtxt"
             config.write_text(config.read_text() + block)

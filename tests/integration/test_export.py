@@ -20,6 +20,7 @@ from export.layout import detect_family, missing_parts
 from export.onnx_export import COMPONENTS, SDXL_COMPONENTS, fp16_components
 from export.onnx_export import load_pipeline as load_diffusers
 from export.pipeline import ExportRequest, run_export
+from export.repository import ServingOptions
 from export.validate import FP32_ATOL, check_components
 from gateway.settings import PROJECT_ROOT
 from gateway.triton.server import TritonServer
@@ -164,6 +165,25 @@ def test_fp16_sdxl_export_converts_all_but_the_vae(tmp_path: Path, repository: R
     fp16 = onnx.TensorProto.FLOAT16
     assert fp16 in weight_types("unet") and fp16 in weight_types("text_encoder_2")
     assert fp16 not in weight_types("vae_encoder") and fp16 not in weight_types("vae_decoder")
+
+
+def test_tensorrt_plans_keep_a_force_upcast_vae_in_fp32(tmp_path: Path, repository: Repository) -> None:
+    """`--backend tensorrt` on the tiny SDXL: the VAE halves' ONNX stays fp32 and their trtexec recipes build
+    without `--fp16` (SDXL's VAE overflows in fp16); the UNet's is fp16."""
+    import onnx
+
+    repo = tmp_path / "trt"
+    options = ServingOptions(backend="tensorrt")
+    source = repository.diffusers_dirs["imagen-xl"]
+    manifest = run_export(
+        ExportRequest(model_dir=source, repository=repo, name="xlt", options=options, validate=False), progress=False
+    )
+    assert manifest["vae_dtype"] == "float32"
+    for component, want_fp16 in (("unet", True), ("vae_encoder", False), ("vae_decoder", False)):
+        recipe = json.loads((repo / f"xlt_{component}" / "plan.build.json").read_text())
+        assert ("--fp16" in recipe["argv"]) is want_fp16, component
+        weights = onnx.load(str(repo / f"xlt_{component}" / "1" / "model.onnx")).graph.initializer
+        assert (onnx.TensorProto.FLOAT16 in {w.data_type for w in weights}) is want_fp16, component
 
 
 def _shape(spec_shape: list[int], batch: int, spatial: int) -> list[int]:
