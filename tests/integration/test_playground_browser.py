@@ -178,6 +178,12 @@ def test_playground_runs_a_job_in_a_real_browser(
     assert steps_input.get_attribute("max") == str(models["limits"]["steps"]["maximum"])
     default_model = next(m for m in models["data"] if m["id"] == models["default"])
     assert steps_input.get_attribute("value") == str(default_model["defaults"]["steps"])
+    # The scheduler choices are the chosen model's (plus its default), the formats the API's.
+    options = driver.execute_script(
+        "return ['scheduler', 'output_format'].map((n) =>"
+        " [...document.getElementById('field-' + n).options].map((o) => o.value))"
+    )
+    assert options == [["", *default_model["schedulers"]], ["png", "jpeg", "webp"]]
 
     driver.find_element(By.ID, "image-file").send_keys(str(input_png))
     wait(

@@ -29,6 +29,22 @@
     { name: "guidance_scale", label: "Guidance scale", control: "number" },
     { name: "seed", label: "Seed", control: "number", placeholder: "random" },
     { name: "num_images", label: "Images", control: "number" },
+    {
+      name: "scheduler",
+      label: "Scheduler",
+      control: "select",
+      choices: (c, model) => [
+        ["", model ? `model default (${model.default_scheduler})` : "model default"],
+        ...(model ? model.schedulers : []).map((s) => [s, s]),
+      ],
+    },
+    {
+      name: "output_format",
+      label: "Output format",
+      control: "select",
+      choices: (c) => c.limits.output_format.enum.map((f) => [f, f]),
+    },
+    { name: "output_quality", label: "Output quality", control: "number", placeholder: "format default" },
   ];
   // Errors about the image, the model or the key, whatever their message names.
   const FIELD_OF_CODE = {
@@ -177,7 +193,7 @@
       const select = control(field);
       const previous = select.value;
       select.replaceChildren(
-        ...field.choices(catalog).map(([value, text]) => {
+        ...field.choices(catalog, selectedModel()).map(([value, text]) => {
           const option = document.createElement("option");
           option.value = value;
           option.textContent = text;
@@ -546,7 +562,11 @@
       timer = setTimeout(loadCatalog, CATALOG_DELAY_MS);
     });
     rememberBox.addEventListener("change", saveKey);
-    control({ name: "model" }).addEventListener("change", () => catalog && applyLimits());
+    control({ name: "model" }).addEventListener("change", () => {
+      if (!catalog) return;
+      fillChoices(); // the scheduler list is the chosen model's
+      applyLimits();
+    });
     fileInput.addEventListener("change", () => pickFile(fileInput.files[0]).catch(showError));
     urlInput.addEventListener("change", pickUrl);
     dropZone.addEventListener("dragover", (event) => {
