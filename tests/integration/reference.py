@@ -16,7 +16,32 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from gateway.diffusion.manifest import PipelineManifest
 from gateway.diffusion.sampling import draw_noise
+from gateway.media import codecs
+
+# The parity tolerance of every family and scheduler: levels of 255 (max, and mean over all pixels).
+MAX_LEVELS = 2
+MAX_MEAN_LEVELS = 0.05
+
+
+def gateway_sized(source: bytes, manifest: PipelineManifest) -> Image.Image:
+    """The very image the gateway denoises: decoded and resized by the gateway's codec, for diffusers to get."""
+    decoded = codecs.decode_image(source)
+    width, height = codecs.fit_to_grid(decoded.width, decoded.height, manifest.native_resolution, manifest.grid)
+    if decoded.size == (width, height):
+        return decoded
+    return decoded.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def assert_parity(served: np.ndarray, reference: np.ndarray, label: str = "") -> None:
+    """Served and reference uint8 HWC pixels agree within the tolerance, and the comparison is not vacuous."""
+    assert served.shape == reference.shape, (label, served.shape, reference.shape)
+    diff = np.abs(served.astype(np.int16) - reference.astype(np.int16))
+    summary = f"{label}: max {diff.max()} levels, mean {diff.mean():.4f}"
+    assert diff.max() <= MAX_LEVELS, summary
+    assert diff.mean() <= MAX_MEAN_LEVELS, summary
+    assert reference.std() > 1.0, label  # the output is not flat
 
 
 @contextmanager
@@ -49,6 +74,33 @@ def seeded_like_gateway(seeds: list[int], latent_shape: tuple[int, ...], *, sdxl
         vae_module.randn_tensor, img2img_module.randn_tensor = saved
 
 
+def run_pipeline(
+    pipe: Any,
+    image: Image.Image,
+    *,
+    prompt: str,
+    negative_prompt: str | None,
+    strength: float,
+    steps: int,
+    guidance_scale: float,
+) -> np.ndarray:
+    """uint8 HWC pixels of one diffusers img2img call (the caller injects the gateway's noise around it)."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        out = pipe(
+            prompt=prompt,
+            image=image,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            output_type="np",
+        ).images[0]
+    return np.asarray((out * 255).round().astype(np.uint8))
+
+
 def diffusers_img2img(
     model_dir: Path,
     image: Image.Image,
@@ -64,24 +116,21 @@ def diffusers_img2img(
 ) -> np.ndarray:
     """uint8 HWC pixels of diffusers' StableDiffusionImg2ImgPipeline on `image` (already at the served size)."""
     import diffusers
-    import torch
 
     pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
         model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
-    pipe.set_progress_bar_config(disable=True)
     shape = (1, latent_channels, image.height // vae_scale_factor, image.width // vae_scale_factor)
-    with seeded_like_gateway([seed], shape), torch.no_grad():
-        out = pipe(
+    with seeded_like_gateway([seed], shape):
+        return run_pipeline(
+            pipe,
+            image,
             prompt=prompt,
-            image=image,
-            strength=strength,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
-            output_type="np",
-        ).images[0]
-    return (out * 255).round().astype(np.uint8)
+            strength=strength,
+            steps=steps,
+            guidance_scale=guidance_scale,
+        )
 
 
 def diffusers_sdxl_img2img(
@@ -101,22 +150,19 @@ def diffusers_sdxl_img2img(
     """uint8 HWC pixels of diffusers' StableDiffusionXLImg2ImgPipeline on `image` (already at the served size);
     `scheduler` (a config with `_class_name`) swaps the folder's scheduler through `from_config`."""
     import diffusers
-    import torch
 
     pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(model_dir, add_watermarker=False)
     if scheduler is not None:
         config = dict(scheduler)
         pipe.scheduler = getattr(diffusers, config.pop("_class_name")).from_config(config)
-    pipe.set_progress_bar_config(disable=True)
     shape = (1, latent_channels, image.height // vae_scale_factor, image.width // vae_scale_factor)
-    with seeded_like_gateway([seed], shape, sdxl=True), torch.no_grad():
-        out = pipe(
+    with seeded_like_gateway([seed], shape, sdxl=True):
+        return run_pipeline(
+            pipe,
+            image,
             prompt=prompt,
-            image=image,
-            strength=strength,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
-            output_type="np",
-        ).images[0]
-    return (out * 255).round().astype(np.uint8)
+            strength=strength,
+            steps=steps,
+            guidance_scale=guidance_scale,
+        )
