@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--instances", type=int, default=1, help="model instances per component")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+    parser.add_argument(
+        "--cpu-mem-arena",
+        action="store_true",
+        help="python backend: keep onnxruntime's CPU arena (faster, but holds the largest batch's peak memory)",
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check")
     parser.add_argument(
         "--trt-cache-dir",
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             max_queue_delay_us=args.max_queue_delay_us,
             instances=args.instances,
             intra_op_threads=args.intra_op_threads,
+            cpu_mem_arena=args.cpu_mem_arena,
             trt_cache_dir=args.trt_cache_dir,
             ort_tensorrt=not args.no_ort_tensorrt,
         ),

@@ -103,11 +103,14 @@ class Limit:
 
     def session_options(self, component: str, threads: int) -> Any:
         """Triton's session for this model (its model.py): intra-op threads, and idle pool threads that sleep
-        instead of spinning (`allow_spinning` in its config.pbtxt), as several sessions share the cores."""
+        instead of spinning (`allow_spinning` in its config.pbtxt), as several sessions share the cores, and the
+        same CPU arena setting (`cpu_mem_arena`)."""
         options = ort_session_options(threads)
         config = (self.files.repository / f"{self.files.name}_{component}" / "config.pbtxt").read_text()
         found = re.search(r'key: "allow_spinning" value: \{ string_value: "(\d)" \}', config)
         options.add_session_config_entry("session.intra_op.allow_spinning", found.group(1) if found else "0")
+        arena = re.search(r'key: "cpu_mem_arena" value: \{ string_value: "(\d)" \}', config)
+        options.enable_cpu_mem_arena = arena is not None and arena.group(1) == "1"
         return options
 
     def feeds(self, component: str, batch: int) -> dict[str, np.ndarray]:

@@ -37,6 +37,8 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         # Several model processes share the CPU cores: idle pool threads must sleep, not spin.
         options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
+        # No CPU arena by default: it would hold the largest batch's activations for the life of the process.
+        options.enable_cpu_mem_arena = params.get("cpu_mem_arena", "0") == "1"
         onnx_path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
         self.session = ort.InferenceSession(
             str(onnx_path),

@@ -28,3 +28,14 @@ def test_unknown_arch_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--tiny", "--arch", "sd3"])
     assert "invalid choice: 'sd3'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value"), [([], "0"), (["--cpu-mem-arena"], "1")])
+def test_the_python_runners_cpu_arena_is_off_unless_asked_for(flag: list[str], value: str) -> None:
+    """Off, a model process frees a big batch's activations after each call instead of holding the peak."""
+    from export.repository import ServingOptions, TensorSpec, render_config
+
+    args = parse_args(["--tiny", *flag])
+    options = ServingOptions(cpu_mem_arena=args.cpu_mem_arena)
+    config = render_config("m_unet", [TensorSpec("sample", "FP32", (-1, 4, -1, -1))], [], options, "model.onnx")
+    assert f'parameters {{ key: "cpu_mem_arena" value: {{ string_value: "{value}" }} }}' in config
