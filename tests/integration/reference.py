@@ -8,11 +8,13 @@ exactly those for a seed.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -42,6 +44,17 @@ def assert_parity(served: np.ndarray, reference: np.ndarray, label: str = "") ->
     assert diff.max() <= MAX_LEVELS, summary
     assert diff.mean() <= MAX_MEAN_LEVELS, summary
     assert reference.std() > 1.0, label  # the output is not flat
+
+
+def serve_first_image(gateway: str, auth: dict[str, str], body: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
+    """POST `body` (a None `negative_prompt` is left out) to the real gateway; its JSON and the first image's
+    uint8 HWC pixels, fetched from its URL."""
+    body = {k: v for k, v in body.items() if not (k == "negative_prompt" and v is None)}
+    response = httpx.post(f"{gateway}/v1/image-to-image", json=body, headers=auth, timeout=120)
+    assert response.status_code == 200, response.text
+    payload: dict[str, Any] = response.json()
+    image = Image.open(io.BytesIO(httpx.get(payload["images"][0]["url"]).content)).convert("RGB")
+    return payload, np.asarray(image)
 
 
 @contextmanager
@@ -111,52 +124,27 @@ def diffusers_img2img(
     steps: int,
     guidance_scale: float,
     seed: int,
-    latent_channels: int = 4,
-    vae_scale_factor: int = 8,
-) -> np.ndarray:
-    """uint8 HWC pixels of diffusers' StableDiffusionImg2ImgPipeline on `image` (already at the served size)."""
-    import diffusers
-
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
-        model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    shape = (1, latent_channels, image.height // vae_scale_factor, image.width // vae_scale_factor)
-    with seeded_like_gateway([seed], shape):
-        return run_pipeline(
-            pipe,
-            image,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            strength=strength,
-            steps=steps,
-            guidance_scale=guidance_scale,
-        )
-
-
-def diffusers_sdxl_img2img(
-    model_dir: Path,
-    image: Image.Image,
-    *,
-    prompt: str,
-    negative_prompt: str | None,
-    strength: float,
-    steps: int,
-    guidance_scale: float,
-    seed: int,
+    sdxl: bool = False,
     scheduler: dict[str, Any] | None = None,
     latent_channels: int = 4,
     vae_scale_factor: int = 8,
 ) -> np.ndarray:
-    """uint8 HWC pixels of diffusers' StableDiffusionXLImg2ImgPipeline on `image` (already at the served size);
-    `scheduler` (a config with `_class_name`) swaps the folder's scheduler through `from_config`."""
+    """uint8 HWC pixels of diffusers' StableDiffusionImg2ImgPipeline (StableDiffusionXLImg2ImgPipeline with
+    `sdxl`) on `image` (already at the served size), with the gateway's noise; `scheduler` (a config with
+    `_class_name`) swaps the folder's scheduler through `from_config`."""
     import diffusers
 
-    pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(model_dir, add_watermarker=False)
+    if sdxl:
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(model_dir, add_watermarker=False)
+    else:
+        pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+            model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     if scheduler is not None:
         config = dict(scheduler)
         pipe.scheduler = getattr(diffusers, config.pop("_class_name")).from_config(config)
     shape = (1, latent_channels, image.height // vae_scale_factor, image.width // vae_scale_factor)
-    with seeded_like_gateway([seed], shape, sdxl=True):
+    with seeded_like_gateway([seed], shape, sdxl=sdxl):
         return run_pipeline(
             pipe,
             image,

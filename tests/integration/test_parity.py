@@ -9,18 +9,14 @@ so this also checks that `--tiny --seed` reproduces the same weights.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from export.tiny import build_random_pipeline
 from tests.helpers import data_uri, make_image
 from tests.integration.conftest import Repository
-from tests.integration.reference import assert_parity, diffusers_img2img, gateway_sized
+from tests.integration.reference import assert_parity, diffusers_img2img, gateway_sized, serve_first_image
 
 pytestmark = pytest.mark.integration
 
@@ -61,13 +57,9 @@ def test_served_image_matches_diffusers(
         "steps": steps,
         "guidance_scale": guidance_scale,
         "seed": seed,
+        "negative_prompt": negative_prompt,
     }
-    if negative_prompt is not None:
-        body["negative_prompt"] = negative_prompt
-    response = httpx.post(f"{gateway}/v1/image-to-image", json=body, headers=auth, timeout=120)
-    assert response.status_code == 200, response.text
-    payload = response.json()
-    served = np.asarray(Image.open(io.BytesIO(httpx.get(payload["images"][0]["url"]).content)).convert("RGB"))
+    _, served = serve_first_image(gateway, auth, body)
 
     # Give diffusers the very image the gateway denoised (decoded and resized by the gateway's codec).
     manifest = repository.manifests[model]

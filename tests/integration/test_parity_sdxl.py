@@ -9,16 +9,12 @@ guidance); diffusers gets that scheduler swapped in with `from_config`.
 
 from __future__ import annotations
 
-import io
-
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from tests.helpers import data_uri, make_image
 from tests.integration.conftest import Repository
-from tests.integration.reference import assert_parity, diffusers_sdxl_img2img, gateway_sized
+from tests.integration.reference import assert_parity, diffusers_img2img, gateway_sized, serve_first_image
 
 pytestmark = pytest.mark.integration
 
@@ -54,19 +50,15 @@ def test_served_sdxl_image_matches_diffusers(
         "steps": steps,
         "guidance_scale": guidance_scale,
         "seed": seed,
+        "negative_prompt": negative_prompt,
     }
-    if negative_prompt is not None:
-        body["negative_prompt"] = negative_prompt
-    response = httpx.post(f"{gateway}/v1/image-to-image", json=body, headers=auth, timeout=120)
-    assert response.status_code == 200, response.text
-    payload = response.json()
+    payload, served = serve_first_image(gateway, auth, body)
     assert payload["effective_steps"] == int(steps * strength)
-    served = np.asarray(Image.open(io.BytesIO(httpx.get(payload["images"][0]["url"]).content)).convert("RGB"))
 
     manifest = repository.manifests[model]
     assert manifest.family == "sdxl" and manifest.turbo == (model == "imagen-xl-turbo")
     resized = gateway_sized(source, manifest)
-    reference = diffusers_sdxl_img2img(
+    reference = diffusers_img2img(
         repository.diffusers_dirs[model],
         resized,
         prompt=prompt,
@@ -75,6 +67,7 @@ def test_served_sdxl_image_matches_diffusers(
         steps=steps,
         guidance_scale=guidance_scale,
         seed=seed,
+        sdxl=True,
         scheduler=dict(manifest.scheduler) if manifest.turbo else None,
         latent_channels=manifest.latent_channels,
         vae_scale_factor=manifest.vae_scale_factor,
