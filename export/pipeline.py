@@ -110,22 +110,23 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
             converted = fp16_components(s["pipeline"], tuple(s["onnx"]))
             for component in converted:
                 convert_fp16(s["onnx"][component], set(served_outputs(s["pipeline"], component).values()))
-            s["vae_dtype"] = "float16" if "vae_decoder" in converted else "float32"
 
         def write(s: dict[str, Any]) -> None:
-            if request.options.backend == "tensorrt":  # plans are fp16, but a `force_upcast` VAE's stays fp32
-                converted = fp16_components(s["pipeline"], tuple(s["onnx"]))
-                s["vae_dtype"] = "float16" if "vae_decoder" in converted else "float32"
+            half = request.fp16 or request.options.backend == "tensorrt"  # TensorRT plans are fp16
+            vae_dtype = None  # the pipeline's dtype
+            if half:  # but a `force_upcast` VAE stays fp32, in the fp16 ONNX and in the plans alike
+                vae_half = "vae_decoder" in fp16_components(s["pipeline"], tuple(s["onnx"]))
+                vae_dtype = "float16" if vae_half else "float32"
             s["manifest"] = stage_pipeline(
                 staging,
                 name,
                 s["pipeline"],
                 s["onnx"],
                 request.options,
-                dtype="float16" if request.fp16 or request.options.backend == "tensorrt" else "float32",
+                dtype="float16" if half else "float32",
                 source=s["source"],
                 turbo=request.turbo,
-                vae_dtype=s.get("vae_dtype"),
+                vae_dtype=vae_dtype,
             )
 
         def install(s: dict[str, Any]) -> None:
