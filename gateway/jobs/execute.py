@@ -11,7 +11,7 @@ from PIL import Image
 
 from gateway.diffusion.img2img import Generation, Img2ImgPipeline
 from gateway.diffusion.sampling import image_seeds
-from gateway.diffusion.schedulers import scheduler_choices, scheduler_class, scheduler_name
+from gateway.diffusion.schedulers import scheduler_class, scheduler_name
 from gateway.diffusion.styles import STYLE_PRESETS, apply_style
 from gateway.errors import InternalError, InvalidRequest, ModelNotFound
 from gateway.jobs.model import Job, OutputImage, output_name
@@ -38,7 +38,7 @@ def resolve_scheduler(pipeline: Img2ImgPipeline, requested: str | None) -> str |
     """
     if requested is None:
         return scheduler_name(str(pipeline.scheduler_config.get("_class_name")))
-    choices = scheduler_choices(pipeline.scheduler_config)
+    choices = pipeline.scheduler_choices
     class_name = scheduler_class(requested)
     name = None if class_name is None else scheduler_name(class_name)
     if name is None or name not in choices:
@@ -54,7 +54,7 @@ def scheduler_config(pipeline: Img2ImgPipeline, name: str | None) -> Mapping[str
     """The config the named scheduler runs with on `pipeline` (None: the model's own, as exported)."""
     if name is None:
         return None
-    config = scheduler_choices(pipeline.scheduler_config).get(name)
+    config = pipeline.scheduler_choices.get(name)
     if config is None:  # the model was re-exported with another scheduler after the job was accepted
         raise InvalidRequest("Invalid field 'scheduler'", f"Model '{pipeline.manifest.name}' cannot run '{name}'")
     return config

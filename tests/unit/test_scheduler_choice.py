@@ -108,8 +108,11 @@ def test_names() -> None:
 
 
 def _pipeline(config: dict[str, Any]) -> Any:
-    """The two attributes `resolve_scheduler` reads of an `Img2ImgPipeline`."""
-    return SimpleNamespace(scheduler_config=img2img_scheduler_config(config), manifest=SimpleNamespace(name="m"))
+    """The attributes `resolve_scheduler` reads of an `Img2ImgPipeline` (its choices built as its constructor does)."""
+    served = img2img_scheduler_config(config)
+    return SimpleNamespace(
+        scheduler_config=served, scheduler_choices=scheduler_choices(served), manifest=SimpleNamespace(name="m")
+    )
 
 
 def test_resolve_scheduler() -> None:
