@@ -45,11 +45,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--instances", type=int, default=1, help="model instances per component")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (0: its default)")
-    parser.add_argument(
-        "--cpu-mem-arena",
-        action="store_true",
-        help="python backend: keep onnxruntime's CPU arena (faster, but holds the largest batch's peak memory)",
+    arena = parser.add_mutually_exclusive_group()
+    arena.add_argument(
+        "--no-cpu-mem-arena",
+        dest="cpu_mem_arena",
+        action="store_false",
+        help="python backend: no onnxruntime CPU arena (slower, but gives a batch's peak memory back after each call)",
     )
+    arena.add_argument(  # the default now; still accepted for the scripts that asked for it
+        "--cpu-mem-arena", dest="cpu_mem_arena", action="store_true", help=argparse.SUPPRESS
+    )
+    parser.set_defaults(cpu_mem_arena=ServingOptions.cpu_mem_arena)
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check")
     parser.add_argument(
         "--trt-cache-dir",
