@@ -223,6 +223,9 @@ def build_manifest(
             "model": model_name(name, component),
             "inputs": {s.name: s.as_json() for s in inputs},
             "outputs": {role: by_name[out].as_json() for role, out in served_outputs(pipeline, component).items()},
+            # The most rows Triton takes in one call to this model (config.pbtxt; `--calibrate` may lower the
+            # UNet's): the gateway splits a call with more. Absent in older manifests: no splitting.
+            "max_batch_size": options.max_batch_size,
         }
     scheduler = {"_class_name": type(pipeline.scheduler).__name__, **dict(pipeline.scheduler.config)}
     first_text = "text_encoder" if getattr(pipeline, "text_encoder", None) is not None else "text_encoder_2"
