@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(cpu_mem_arena=ServingOptions.cpu_mem_arena)
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check")
     parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="python backend: time the UNet on this host at 1, 2, 4, 8 rows (up to --max-batch-size) and write the "
+        "batch policy it measures into its config (max_batch_size, preferred_batch_size, queue delay)",
+    )
+    parser.add_argument(
         "--trt-cache-dir",
         default=ServingOptions.trt_cache_dir,
         help="TensorRT timing/engine caches as Triton's container sees them (tensorrt, onnxruntime backends)",
@@ -77,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_queue_delay_us < 0 or args.intra_op_threads < 0:
         parser.error("--max-queue-delay-us and --intra-op-threads must be >= 0")
+    if args.calibrate and args.backend != "python":
+        parser.error("--calibrate times the python runner's onnxruntime session: --backend python only")
     if not args.trt_cache_dir.startswith("/"):
         parser.error("--trt-cache-dir must be an absolute path (as Triton's container sees it)")
     return args
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         fp16=args.fp16,
         validate=not args.no_validate,
+        calibrate=args.calibrate,
     )
     try:
         manifest = run_export(request)
