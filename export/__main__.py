@@ -45,12 +45,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--instances", type=int, default=1, help="model instances per component")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads (0: its default)")
-    parser.add_argument(
-        "--cpu-mem-arena",
-        action="store_true",
-        help="python backend: keep onnxruntime's CPU arena (faster, but holds the largest batch's peak memory)",
+    arena = parser.add_mutually_exclusive_group()
+    arena.add_argument(
+        "--no-cpu-mem-arena",
+        dest="cpu_mem_arena",
+        action="store_false",
+        help="python backend: no onnxruntime CPU arena (slower, but gives a batch's peak memory back after each call)",
     )
+    arena.add_argument(  # the default now; still accepted for the scripts that asked for it
+        "--cpu-mem-arena", dest="cpu_mem_arena", action="store_true", help=argparse.SUPPRESS
+    )
+    parser.set_defaults(cpu_mem_arena=ServingOptions.cpu_mem_arena)
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check")
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="python backend: time the UNet on this host at 1, 2, 4, 8 rows (up to --max-batch-size) and write the "
+        "batch policy it measures into its config (max_batch_size, preferred_batch_size, queue delay)",
+    )
     parser.add_argument(
         "--trt-cache-dir",
         default=ServingOptions.trt_cache_dir,
@@ -71,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_queue_delay_us < 0 or args.intra_op_threads < 0:
         parser.error("--max-queue-delay-us and --intra-op-threads must be >= 0")
+    if args.calibrate and args.backend != "python":
+        parser.error("--calibrate times the python runner's onnxruntime session: --backend python only")
     if not args.trt_cache_dir.startswith("/"):
         parser.error("--trt-cache-dir must be an absolute path (as Triton's container sees it)")
     return args
@@ -99,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         fp16=args.fp16,
         validate=not args.no_validate,
+        calibrate=args.calibrate,
     )
     try:
         manifest = run_export(request)

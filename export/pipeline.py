@@ -42,6 +42,7 @@ class ExportRequest:
     options: ServingOptions = field(default_factory=ServingOptions)
     fp16: bool = False
     validate: bool = True
+    calibrate: bool = False  # time the UNet on this host and write its batch policy (export.calibrate)
 
 
 def _quiet() -> None:
@@ -129,6 +130,11 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                 vae_dtype=vae_dtype,
             )
 
+        def calibrate(s: dict[str, Any]) -> None:
+            from export.calibrate import calibrate_unet
+
+            calibrate_unet(staging, s["manifest"], request.options.max_batch_size, report=tqdm.write)
+
         def install(s: dict[str, Any]) -> None:
             install_pipeline(staging, repository, name, pipeline_components(s["pipeline"]))
 
@@ -138,7 +144,10 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
         # TensorRT plans are fp16: export.tensorrt converts (and prunes) each model's ONNX in the write stage.
         if request.fp16 and request.options.backend != "tensorrt":
             stages.append(("convert to fp16", fp16))
-        stages += [("write Triton models", write), ("install into repository", install)]
+        stages.append(("write Triton models", write))
+        if request.calibrate:  # before installing: a polling Triton only ever sees the calibrated config
+            stages.append(("calibrate UNet batching", calibrate))
+        stages.append(("install into repository", install))
         bar = tqdm(stages, desc=f"export {name}", unit="stage", disable=not progress, leave=True)
         for label, stage in bar:
             bar.set_postfix_str(label)

@@ -28,6 +28,11 @@ from export.onnx_export import COMPONENTS, copy_component, is_sdxl, pipeline_com
 MANIFEST_VERSION = 2
 MANIFEST_SUFFIX = ".pipeline.json"
 BACKENDS = ("python", "onnxruntime", "tensorrt")
+# The backends whose instances run onnxruntime threads on the CPU cores (a TensorRT plan's work is on the GPU).
+CPU_THREADED_BACKENDS = ("python", "onnxruntime")
+# Triton's rate-limiter resource for CPU cores: the name the server's `--rate-limit-resource` budgets
+# (gateway.triton.server.CPU_THREADS_RESOURCE, kept equal by tests/unit/test_export_args.py).
+CPU_THREADS_RESOURCE = "cpu_threads"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PYTHON_MODEL_SOURCE = Path(__file__).resolve().parent.parent / "model_repository" / "python_backend" / "model.py"
 
@@ -79,10 +84,11 @@ class ServingOptions:
     max_queue_delay_us: int = 500
     instances: int = 1
     intra_op_threads: int = 0
-    # The python runner's onnxruntime CPU arena: off by default, so a model process gives back a big batch's
-    # activations after each call (measured on the 512 px benchmark UNet at 4 rows: 0.37 GiB RSS after a call
-    # and a 4.75 GiB peak, against 8.8 GiB held for good with it on; each call 25 % slower: 7.6 s vs 6.1 s).
-    cpu_mem_arena: bool = False
+    # The python runner's onnxruntime CPU arena: on by default, for its speed (the 512 px benchmark UNet at 4 rows:
+    # 6.1 s a call against 7.6 s without it). The arena keeps the largest batch's peak for the life of the process
+    # (8.8 GiB after 4 rows of that UNet, against 0.37 GiB without), so the batch bound is what bounds it: a
+    # calibrated max_batch_size (`--calibrate`) keeps the batches, and so the hold, to what pays on this host.
+    cpu_mem_arena: bool = True
     # TensorRT caches (plans' timing cache, onnxruntime's TensorRT engines), as Triton's container sees them:
     # on the models volume, beside the repository /data/models (docker/compose.yaml, docker/k8s).
     trt_cache_dir: str = "/data/trt-cache"
@@ -98,6 +104,13 @@ class TensorSpec:
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def cpu_threads(options: ServingOptions) -> int:
+    """The cores one execution of an instance occupies: its intra-op threads, where 0 (onnxruntime's default)
+    means every core of the host; the export's host stands for the serving one (the bundled server raises its
+    budget to the largest ask, gateway.triton.server.cpu_budget_args, so no model is refused for it)."""
+    return options.intra_op_threads or os.cpu_count() or 1
 
 
 def model_name(pipeline_name: str, component: str) -> str:
@@ -159,7 +172,12 @@ def render_config(
     # KIND_AUTO: GPU instances when Triton sees a GPU (the native backend then attaches CUDA, and the python
     # runner picks onnxruntime-gpu's CUDA provider), CPU instances otherwise.
     kind = "KIND_GPU" if options.backend == "tensorrt" else "KIND_AUTO"  # a plan runs on a GPU only
-    lines.append(f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]")
+    # onnxruntime instances (both runners) run their intra-op threads on the host's cores: each execution holds
+    # that many of Triton's global `cpu_threads`, so a server started with `--rate-limit=execution_count` (and a
+    # budget of cores) runs at once only the executions whose threads fit the cores. Without the flag it is inert.
+    resource = f'{{ name: "{CPU_THREADS_RESOURCE}" global: true count: {cpu_threads(options)} }}'
+    limiter = f" rate_limiter {{ resources [ {resource} ] }}" if options.backend in CPU_THREADED_BACKENDS else ""
+    lines.append(f"instance_group [ {{ count: {options.instances} kind: {kind}{limiter} }} ]")
     # `cpu_mem_arena` (ServingOptions): with it, the largest batch's peak stays held for the life of the process
     # (the 512 px benchmark UNet stub grew to 11 GiB and was OOM-killed beside a second copy of the model).
     params = (
@@ -205,6 +223,9 @@ def build_manifest(
             "model": model_name(name, component),
             "inputs": {s.name: s.as_json() for s in inputs},
             "outputs": {role: by_name[out].as_json() for role, out in served_outputs(pipeline, component).items()},
+            # The most rows Triton takes in one call to this model (config.pbtxt; `--calibrate` may lower the
+            # UNet's): the gateway splits a call with more. Absent in older manifests: no splitting.
+            "max_batch_size": options.max_batch_size,
         }
     scheduler = {"_class_name": type(pipeline.scheduler).__name__, **dict(pipeline.scheduler.config)}
     first_text = "text_encoder" if getattr(pipeline, "text_encoder", None) is not None else "text_encoder_2"

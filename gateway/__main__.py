@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 grpc_port=settings.triton_grpc_port,
                 metrics_port=settings.triton_metrics_port,
                 python_env=settings.triton_python_env,
+                cpu_budget=settings.triton_cpu_budget,
                 log_file=log_dir / "tritonserver.log",
             )
             print(f"gateway: starting Triton (log: {triton.log_file})", flush=True)

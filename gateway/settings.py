@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,10 @@ class Settings:
     triton_metrics_port: int = 8002
     triton_python_env: Path = DEFAULT_TRITON_ENV
     triton_timeout_s: float = 120.0
+    # The bundled Triton's CPU budget: its models' executions together run at most this many onnxruntime threads
+    # (Triton's rate limiter, gateway.triton.server.cpu_budget_args), so the UNet and the VAEs of concurrent
+    # requests do not each take every core at once; 0: no limit (a GPU host). Default: this host's cores.
+    triton_cpu_budget: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Triton replicas (`triton_url` may list several host:port, comma-separated, or name a DNS name with several
     # addresses, re-resolved every `triton_resolve_interval_s`): health-checked every `triton_health_interval_s`; a
     # call tries at most `triton_max_attempts` replicas within `triton_timeout_s`, each try at most
@@ -158,6 +163,7 @@ class Settings:
             ("triton_metrics_port", int),
             ("triton_python_env", Path),
             ("triton_timeout_s", float),
+            ("triton_cpu_budget", int),
             ("triton_resolve_interval_s", float),
             ("triton_health_interval_s", float),
             ("triton_max_attempts", int),

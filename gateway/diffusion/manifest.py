@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".pipeline.json"
 # 1: Stable Diffusion 1.x/2.x. 2 adds `family` ("sd" or "sdxl"), `turbo`, `vae_dtype`, and for SDXL
-# `text_encoders` and `sdxl`; a version-1 manifest reads as an SD one.
+# `text_encoders` and `sdxl`; a version-1 manifest reads as an SD one. A component's optional `max_batch_size`
+# (the rows one call may carry) needs no new version: without it, calls are not split.
 SUPPORTED_MANIFEST_VERSIONS = (1, 2)
 SUPPORTED_MANIFEST_VERSION = max(SUPPORTED_MANIFEST_VERSIONS)
 FAMILIES = ("sd", "sdxl")
@@ -31,6 +32,8 @@ class Component:
     model: str
     inputs: Mapping[str, str]  # role -> tensor name (roles are the optimum names)
     outputs: Mapping[str, str]
+    # The most rows one Triton call may carry (the model's max_batch_size); None (older manifests): unbounded.
+    max_batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ def _component(raw: Mapping[str, Any]) -> Component:
         model=str(raw["model"]),
         inputs={role: str(spec["name"]) for role, spec in raw["inputs"].items()},
         outputs={role: str(spec["name"]) for role, spec in raw["outputs"].items()},
+        max_batch_size=None if raw.get("max_batch_size") is None else int(raw["max_batch_size"]),
     )
 
 

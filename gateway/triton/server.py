@@ -8,6 +8,7 @@ This module owns that recipe so the launcher, the tests and the benchmarks start
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,30 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
+
+# Triton's rate-limiter resource the exported CPU instances ask for, one per intra-op thread (export/repository.py).
+CPU_THREADS_RESOURCE = "cpu_threads"
+_CPU_THREADS_ASK = re.compile(rf'name: "{CPU_THREADS_RESOURCE}" global: true count: (\d+)')
+
+
+def cpu_budget_args(budget: int, repository: Path) -> list[str]:
+    """tritonserver flags that keep the models' onnxruntime threads within `budget` cores (0: no flags, no limit).
+
+    With `--rate-limit=execution_count`, an execution starts only when the `cpu_threads` its instance asks for
+    are free, so components sharing the host never run more threads than it has cores. Triton refuses to load an
+    instance that asks for more than the budget (tritonserver 2.51: "Resource count for "cpu_threads" is
+    limited to N which will prevent scheduling..."): a model exported on a bigger host (intra-op threads 0 means
+    all of the export host's cores) would not load, so the budget is raised to the largest ask in the repository.
+    That instance then runs alone, which is what all-cores threads need anyway.
+    """
+    if budget <= 0:
+        return []
+    asks = [
+        int(count)
+        for config in sorted(repository.glob("*/config.pbtxt"))
+        for count in _CPU_THREADS_ASK.findall(config.read_text("utf-8", errors="replace"))
+    ]
+    return ["--rate-limit=execution_count", f"--rate-limit-resource={CPU_THREADS_RESOURCE}:{max([budget, *asks])}"]
 
 
 class TritonNotFound(RuntimeError):
@@ -114,6 +139,7 @@ class TritonServer:
         model_control_mode: str = "none",
         log_file: Path | None = None,
         python_env: Path | None = None,
+        cpu_budget: int = 0,
         extra_args: Iterable[str] = (),
     ) -> None:
         self.repository = Path(repository).absolute()
@@ -122,6 +148,7 @@ class TritonServer:
         self.model_control_mode = model_control_mode
         self.log_file = log_file
         self.python_env = python_env
+        self.cpu_budget = cpu_budget
         self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
@@ -153,6 +180,7 @@ class TritonServer:
             "--allow-vertex-ai=false",
             "--exit-on-error=false",
             "--log-verbose=0",
+            *cpu_budget_args(self.cpu_budget, self.repository),
             *self.extra_args,
         ]
         if self.model_control_mode == "explicit":

@@ -13,7 +13,11 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import triton_python_backend_utils as pb_utils
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside Triton, for `session_options` (export/calibrate.py): no serving there
+    pb_utils = None
 
 
 def _providers(instance_kind: str, device_id: str) -> list[Any]:
@@ -21,6 +25,19 @@ def _providers(instance_kind: str, device_id: str) -> list[Any]:
     if instance_kind in ("GPU", "MODEL") and "CUDAExecutionProvider" in ort.get_available_providers():
         return [("CUDAExecutionProvider", {"device_id": int(device_id or 0)}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def session_options(params: dict[str, str]) -> ort.SessionOptions:
+    """The session settings of a config.pbtxt's `parameters`; the export's calibration times the UNet with
+    exactly these, so its batch policy is measured as served."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+    # Several model processes share the CPU cores: idle pool threads must sleep, not spin.
+    options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
+    # The CPU arena holds the largest batch's activations for the life of the process (the export sets it;
+    # absent, as in configs written before it was on by default, it is off).
+    options.enable_cpu_mem_arena = params.get("cpu_mem_arena", "0") == "1"
+    return options
 
 
 class TritonPythonModel:
@@ -33,16 +50,10 @@ class TritonPythonModel:
             )
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
-        # Several model processes share the CPU cores: idle pool threads must sleep, not spin.
-        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
-        # No CPU arena by default: it would hold the largest batch's activations for the life of the process.
-        options.enable_cpu_mem_arena = params.get("cpu_mem_arena", "0") == "1"
         onnx_path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
         self.session = ort.InferenceSession(
             str(onnx_path),
-            options,
+            session_options(params),
             providers=_providers(args["model_instance_kind"], args["model_instance_device_id"]),
         )
         self.input_names = [t["name"] for t in config["input"]]

@@ -84,6 +84,7 @@ def triton(repository: Repository, tmp_path_factory: pytest.TempPathFactory) -> 
         metrics_port=free_port(),
         python_env=TRITON_ENV,
         log_file=log_file,
+        cpu_budget=Settings().triton_cpu_budget,  # as the launcher starts it: the rate limiter on
     )
     server.start()
     try:

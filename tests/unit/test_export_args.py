@@ -1,11 +1,19 @@
-"""Issue 12: the export CLI's SDXL and turbo flags (parsing only; the exports themselves run in the integration
-session, tests/integration/conftest.py)."""
+"""Issue 12: the export CLI's SDXL and turbo flags; issue 18: the CPU arena and the rate limiter's CPU budget
+(parsing and rendering only; the exports themselves run in the integration session, tests/integration/conftest.py)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 
 from export.__main__ import TURBO_SCHEDULER, parse_args
+from export.calibrate import BatchPolicy, choose_policy, render_batching
+from export.repository import CPU_THREADS_RESOURCE, ServingOptions, TensorSpec, render_config
+from gateway.settings import Settings
+from gateway.triton.server import CPU_THREADS_RESOURCE as SERVER_CPU_THREADS_RESOURCE
+from gateway.triton.server import cpu_budget_args
 
 
 def test_turbo_tiny_defaults_to_the_trailing_ancestral_scheduler_unless_one_is_named() -> None:
@@ -30,12 +38,74 @@ def test_unknown_arch_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert "invalid choice: 'sd3'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("flag", "value"), [([], "0"), (["--cpu-mem-arena"], "1")])
-def test_the_python_runners_cpu_arena_is_off_unless_asked_for(flag: list[str], value: str) -> None:
-    """Off, a model process frees a big batch's activations after each call instead of holding the peak."""
-    from export.repository import ServingOptions, TensorSpec, render_config
-
+@pytest.mark.parametrize(("flag", "value"), [([], "1"), (["--cpu-mem-arena"], "1"), (["--no-cpu-mem-arena"], "0")])
+def test_the_python_runners_cpu_arena_is_on_unless_turned_off(flag: list[str], value: str) -> None:
+    """On for speed (the calibrated batch bound bounds what it holds); `--cpu-mem-arena` is still accepted."""
     args = parse_args(["--tiny", *flag])
     options = ServingOptions(cpu_mem_arena=args.cpu_mem_arena)
     config = render_config("m_unet", [TensorSpec("sample", "FP32", (-1, 4, -1, -1))], [], options, "model.onnx")
     assert f'parameters {{ key: "cpu_mem_arena" value: {{ string_value: "{value}" }} }}' in config
+
+
+def _instance_group(options: ServingOptions) -> str:
+    config = render_config("m_unet", [TensorSpec("sample", "FP32", (-1, 4, -1, -1))], [], options, "model.onnx")
+    (line,) = [line for line in config.splitlines() if line.startswith("instance_group")]
+    return line
+
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_cpu_instances_ask_the_rate_limiter_for_their_threads(backend: str) -> None:
+    limiter = 'rate_limiter {{ resources [ {{ name: "cpu_threads" global: true count: {} }} ] }}'
+    assert limiter.format(3) in _instance_group(ServingOptions(backend=backend, intra_op_threads=3))
+    # 0 threads is onnxruntime's "every core": the instance asks for all of this (the export's) host.
+    assert limiter.format(os.cpu_count()) in _instance_group(ServingOptions(backend=backend, intra_op_threads=0))
+    assert CPU_THREADS_RESOURCE == SERVER_CPU_THREADS_RESOURCE  # the name the server's budget flag names
+
+
+def test_tensorrt_plans_ask_for_no_cpu_threads() -> None:
+    assert "rate_limiter" not in _instance_group(ServingOptions(backend="tensorrt", intra_op_threads=3))
+
+
+def test_the_server_budget_flags_and_the_largest_ask(tmp_path: Path) -> None:
+    """0 is off; otherwise the budget, raised to the largest ask (Triton would refuse to load that instance)."""
+    for name, threads in (("a", 1), ("b", 6)):
+        (tmp_path / name).mkdir()
+        config = render_config(name, [], [], ServingOptions(intra_op_threads=threads), "model.onnx")
+        (tmp_path / name / "config.pbtxt").write_text(config)
+    assert cpu_budget_args(0, tmp_path) == []
+    assert cpu_budget_args(8, tmp_path) == ["--rate-limit=execution_count", "--rate-limit-resource=cpu_threads:8"]
+    assert cpu_budget_args(2, tmp_path)[1] == "--rate-limit-resource=cpu_threads:6"
+    assert cpu_budget_args(2, tmp_path / "empty")[1] == "--rate-limit-resource=cpu_threads:2"
+
+
+def test_the_cpu_budget_setting() -> None:
+    assert Settings().triton_cpu_budget == os.cpu_count()
+    assert Settings.from_env({"IMAGEN_TRITON_CPU_BUDGET": "0"}).triton_cpu_budget == 0
+
+
+@pytest.mark.parametrize(
+    ("seconds", "policy"),
+    [
+        # The 2-core CPU's 512 px UNet: 1.02 s a row alone, 0.92 at 2 rows, 1.5 at 4: two rows, no more.
+        ({1: 1.02, 2: 1.84, 4: 6.0}, BatchPolicy(2, (2,), 102_000)),
+        ({1: 1.0, 2: 1.97}, BatchPolicy(1, (), 0)),  # a 1.5 % gain is noise, not a reason to batch
+        ({1: 0.1, 2: 0.1, 4: 0.1, 8: 0.12}, BatchPolicy(8, (8,), 10_000)),  # a GPU: capped by what was measured
+        ({1: 0.1, 2: 0.1, 4: 0.4, 8: 0.2}, BatchPolicy(2, (2,), 10_000)),  # the first doubling that fails stops it
+    ],
+)
+def test_the_calibrated_batch_policy(seconds: dict[int, float], policy: BatchPolicy) -> None:
+    assert choose_policy(seconds) == policy
+
+
+def test_the_calibrated_batching_line() -> None:
+    assert render_batching(BatchPolicy(1, (), 0)) == "dynamic_batching { max_queue_delay_microseconds: 0 }"
+    assert render_batching(BatchPolicy(4, (4,), 800)) == (
+        "dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 800 }"
+    )
+
+
+def test_calibrate_needs_the_python_runner(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["--tiny", "--calibrate"]).calibrate
+    with pytest.raises(SystemExit):
+        parse_args(["--tiny", "--calibrate", "--backend", "onnxruntime"])
+    assert "--backend python only" in capsys.readouterr().err

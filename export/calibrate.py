@@ -1,0 +1,174 @@
+"""`python -m export --calibrate`: the UNet's batch policy measured on this host, not assumed.
+
+On a GPU a bigger batch is nearly free per row; on CPUs the per-row cost stops falling after a row or two
+(the 512 px UNet on 2 cores: 1.02 s a row alone, 0.92 at 2 rows, about 1.5 at 4), so large batches buy nothing and
+hold memory. The UNet ONNX is timed with the session settings its config.pbtxt gives the python runner (through
+the runner's own `session_options`, so the two cannot drift) at 1, 2, 4, 8... rows with the model's native latent
+size and per-sample timesteps, and its config gets the batch policy the times call for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.errors import ExportError
+from export.repository import MANIFEST_SUFFIX, PYTHON_MODEL_SOURCE, model_name
+
+# The batch sizes tried, doubling, up to the export's --max-batch-size.
+BATCHES = (1, 2, 4, 8)
+# Timed calls per batch size after one warm-up call (the first call allocates and picks kernels): their median.
+# At least REPEATS, and more until MIN_TIMED_S have been timed, so a millisecond model is not timed on noise.
+REPEATS = 2
+MIN_TIMED_S = 0.5
+# A doubling is worth its rows' wait and memory only if it cuts the per-row cost by at least this much; smaller
+# gains are within the run-to-run noise of a shared host.
+MIN_GAIN = 0.05
+# The UNet's queue delay: this fraction of one 1-row call, so a lone request waits at most that much longer for
+# company, while concurrent requests' steps, which arrive within a call of each other, get merged.
+QUEUE_DELAY_FRACTION = 0.1
+RULE = (
+    f"max_batch_size: the largest doubling b -> 2b, from 1 row, at which the per-row time still falls, "
+    f"t(2b)/2b < (1 - {MIN_GAIN}) x t(b)/b (measuring stops at the first that does not); "
+    "preferred_batch_size: [max_batch_size] when above 1; "
+    f"max_queue_delay_microseconds: 0 when max_batch_size is 1, else {QUEUE_DELAY_FRACTION} x t(1)"
+)
+CALIBRATION_FILE = "calibration.json"
+_PARAMETER = re.compile(r'parameters \{ key: "(\w+)" value: \{ string_value: "([^"]*)" \} \}')
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int
+    preferred_batch_size: tuple[int, ...]
+    max_queue_delay_us: int
+
+
+def choose_policy(seconds: Mapping[int, float]) -> BatchPolicy:
+    """The policy for measured seconds per call by batch size (`RULE`)."""
+    best = 1
+    while 2 * best in seconds and seconds[2 * best] / (2 * best) < (1 - MIN_GAIN) * seconds[best] / best:
+        best *= 2
+    if best == 1:
+        return BatchPolicy(1, (), 0)
+    return BatchPolicy(best, (best,), round(QUEUE_DELAY_FRACTION * seconds[1] * 1e6))
+
+
+def worth_doubling(seconds: Mapping[int, float], batch: int) -> bool:
+    """Whether the measurement at `batch` still calls for trying 2 x `batch` (`RULE`)."""
+    return choose_policy(seconds).max_batch_size == batch
+
+
+def render_batching(policy: BatchPolicy) -> str:
+    preferred = f"preferred_batch_size: [ {', '.join(map(str, policy.preferred_batch_size))} ] " * bool(
+        policy.preferred_batch_size
+    )
+    return f"dynamic_batching {{ {preferred}max_queue_delay_microseconds: {policy.max_queue_delay_us} }}"
+
+
+def _runner() -> Any:
+    """The python backend's model.py (it imports outside Triton for its `session_options` and `_providers`)."""
+    spec = importlib.util.spec_from_file_location("imagen_python_runner", PYTHON_MODEL_SOURCE)
+    if spec is None or spec.loader is None:
+        raise ExportError(f"cannot load the python runner {PYTHON_MODEL_SOURCE}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def unet_feeds(manifest: Mapping[str, Any], batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """UNet inputs of `batch` rows at the native latent size, one timestep per row, the text window's length."""
+    latent = int(manifest["native_resolution"]) // int(manifest["vae_scale_factor"])
+    feeds = {}
+    for spec in manifest["components"]["unet"]["inputs"].values():
+        dtype = np.float16 if spec["datatype"] == "FP16" else np.float32
+        shape = [batch] + [latent if d == -1 else int(d) for d in spec["shape"][1:]]
+        if spec["name"] == "timestep":
+            feeds[spec["name"]] = np.linspace(1, 999, batch).astype(dtype)  # per sample, as the gateway sends
+        else:
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def _host() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        cpu = found.group(1) if found else cpu
+    except OSError:  # not Linux
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
+
+
+def calibrate_unet(
+    staging: Path, manifest: dict[str, Any], max_batch_size: int, report: Callable[[str], None] = print
+) -> BatchPolicy:
+    """Time the staged UNet, write its batch policy into its config.pbtxt and the manifest, and the measurement
+    into `<unet model>/calibration.json`."""
+    import onnxruntime as ort
+
+    name = str(manifest["name"])
+    model_dir = staging / model_name(name, "unet")
+    config_path = model_dir / "config.pbtxt"
+    config = config_path.read_text()
+    params = dict(_PARAMETER.findall(config))
+    runner = _runner()
+    providers = runner._providers("MODEL", "0")  # CUDA where a GPU instance would use it, else the CPU
+    session = ort.InferenceSession(
+        str(model_dir / "1" / params.get("onnx_file", "model.onnx")),
+        runner.session_options(params),
+        providers=providers,
+    )
+    rng = np.random.default_rng(0)
+    seconds: dict[int, float] = {}
+    for batch in (b for b in BATCHES if b <= max_batch_size):
+        if batch > 1 and not worth_doubling(seconds, batch // 2):
+            break
+        feeds = unet_feeds(manifest, batch, rng)
+        session.run(None, feeds)  # warm-up
+        times: list[float] = []
+        while len(times) < REPEATS or sum(times) < MIN_TIMED_S:
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        seconds[batch] = statistics.median(times)
+        report(
+            f"calibrate: UNet at {batch} row(s): {seconds[batch]:.3f} s a call, {seconds[batch] / batch:.3f} s a row"
+        )
+    del session
+    policy = choose_policy(seconds)
+    config = re.sub(r"^max_batch_size: \d+$", f"max_batch_size: {policy.max_batch_size}", config, flags=re.MULTILINE)
+    config = re.sub(r"^dynamic_batching \{.*\}$", render_batching(policy), config, flags=re.MULTILINE)
+    config_path.write_text(config)
+    manifest["components"]["unet"]["max_batch_size"] = policy.max_batch_size
+    (staging / f"{name}{MANIFEST_SUFFIX}").write_text(json.dumps(manifest, indent=2) + "\n")
+    record = {
+        "host": {**_host(), "onnxruntime": ort.__version__, "providers": session_providers(providers)},
+        "settings": {**params, "latent_size": int(manifest["native_resolution"]) // int(manifest["vae_scale_factor"])},
+        "timed_calls": f"median of at least {REPEATS} calls and {MIN_TIMED_S} s, after one warm-up call",
+        "seconds_per_call": {str(b): s for b, s in seconds.items()},
+        "seconds_per_row": {str(b): s / b for b, s in seconds.items()},
+        "policy": asdict(policy),
+        "rule": RULE,
+    }
+    (model_dir / CALIBRATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    report(
+        f"calibrate: UNet max_batch_size {policy.max_batch_size}, preferred {list(policy.preferred_batch_size)}, "
+        f"queue delay {policy.max_queue_delay_us} us"
+    )
+    return policy
+
+
+def session_providers(providers: list[Any]) -> list[str]:
+    return [p if isinstance(p, str) else str(p[0]) for p in providers]
