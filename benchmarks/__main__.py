@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import load
 
         return load.main(argv[1:])
+    if argv[:1] == ["arena"]:  # onnxruntime's CPU memory options on one UNet (benchmarks/arena.py)
+        from benchmarks import arena
+
+        return arena.main(argv[1:])
     if argv[:1] == ["ab"]:  # one gateway setting against another (benchmarks/ab.py)
         from benchmarks import ab
 
