@@ -226,19 +226,39 @@ def test_process_cpu_finds_the_stub_of_each_model_among_the_servers_children() -
         parent.wait()
 
 
-def _model(service_ips: float, limit_ips: float) -> dict[str, Any]:
+def _model(service_ips: float, limit_ips: float, peers: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """Canned runs: the service and the limit at level 8; each peer at its own levels (`{system: {level: ips}}`)."""
     run = {"images_per_s": service_ips, "completed": 8}
-    return {
-        "flops": {"total": 1e9},
-        "systems": {
-            "service": {"closed": {"8": [run]}},
-            "limit": {"closed": {"8": [{"images_per_s": limit_ips}]}},
-        },
-    }
+    limit = {"images_per_s": limit_ips, "schedule": "free_batches", "settings": {"unet": "batch 2, arena on"},
+             "candidates": {"free_batches": limit_ips, "replay_concurrent": limit_ips / 2}}  # fmt: skip
+    systems: dict[str, Any] = {"service": {"closed": {"8": [run]}}, "limit": {"closed": {"8": [limit]}}}
+    for system, levels in (peers or {}).items():
+        systems[system] = {"closed": {level: [{"images_per_s": ips}] for level, ips in levels.items()}}
+    return {"flops": {"total": 1e9}, "systems": systems}
 
 
 def test_a_service_faster_than_its_limit_is_flagged() -> None:
     assert report.aggregate(_model(9.0, 10.0), 1e12)["limit_violations"] == []
     flagged = report.aggregate(_model(11.0, 10.0), 1e12)
-    assert flagged["limit_violations"] == ["8"]
+    assert flagged["limit_violations"] == [{"level": "8", "system": "service", "ratio": pytest.approx(1.1)}]
     assert flagged["ratios"]["8"]["service/limit"] == pytest.approx(1.1)
+
+
+def test_a_peer_above_the_limit_is_listed_naming_the_peer() -> None:
+    # the ORT peer beats the limit at 8; at 1 there is no limit figure to compare with, so nothing is listed there
+    peers = {"ort_peer": {"1": 50.0, "8": 10.3}, "naive": {"8": 4.0}}
+    summary = report.aggregate(_model(9.0, 10.0, peers), 1e12)
+    assert summary["limit_violations"] == [{"level": "8", "system": "ort_peer", "ratio": pytest.approx(1.03)}]
+    r = summary["ratios"]["8"]
+    assert r["ort_peer/limit"] == pytest.approx(1.03) and r["naive/limit"] == pytest.approx(0.4)
+    assert summary["limit_schedules"]["8"]["schedule"] == "free_batches"
+    lines = report.violations_line(summary["limit_violations"])
+    assert "ORT peer (optimum) at 8 (1.03x)" in lines
+    assert report.violations_line([]).startswith("Above the limit: none")
+
+
+def test_a_peer_measured_at_other_levels_is_compared_only_where_both_exist() -> None:
+    summary = report.aggregate(_model(9.0, 10.0, {"ort_peer": {"1": 50.0}}), 1e12)
+    assert summary["limit_violations"] == []
+    assert summary["ratios"]["8"]["ort_peer/limit"] == pytest.approx(5.0)  # the ratio falls back to its median
+    assert summary["ratios"]["8"]["ort_peer/limit peer level"] == "median over 1"
