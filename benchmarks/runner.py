@@ -138,7 +138,7 @@ def run_model(
     batches_per_run: list[tuple[str, dict[str, dict[int, int]], int]] = []
     # The limit replays each service run right after it, with the service idle (its processes sleep), so both see
     # the same machine: on a shared host, minutes apart, other work would decide which of the two is faster.
-    limit = Limit(files, threads=threads, input_side=wl.image_side, calls=config.limit_calls)
+    limit = Limit(files, threads=threads, input_side=wl.image_side, calls=plan.limit_calls or config.limit_calls)
     # The same model work per image for the limit's free-batch schedule: rows per image of each component.
     guided = 2 if wl.guidance_scale > 1.0 else 1
     rows_per_image = {"text_encoder": guided, "vae_encoder": 1, "unet": effective_steps * guided, "vae_decoder": 1}
