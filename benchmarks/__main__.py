@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--models tiny,medium]`: run every system, write JSON + markdown + plots.
+"""`python -m benchmarks [--quick] [--models tiny,medium,large]`: run every system, write JSON + markdown + plots.
 
 `python -m benchmarks load --url URL [...]`: the same load generator against any running service (`benchmarks.load`).
 """
@@ -14,7 +14,48 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.config import BENCH_ROOT, RESULTS_DIR, WORK_DIR, full_config, quick_config
+from benchmarks.config import (
+    BENCH_ROOT,
+    DEFAULT_SIZES,
+    MODEL_SIZES,
+    RESULTS_DIR,
+    WORK_DIR,
+    BenchConfig,
+    full_config,
+    quick_config,
+)
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, BenchConfig]:
+    """The harness's options and the run they ask for (exits 2 on a bad option)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__.splitlines()[0],
+        epilog="python -m benchmarks load --help: benchmark a running deployment (closed-loop sweep + Poisson).",
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer levels/requests/repeats (< 10 min on 2 cores)")
+    parser.add_argument(
+        "--models",
+        default=",".join(DEFAULT_SIZES),
+        help=f"comma-separated sizes, of {', '.join(MODEL_SIZES)} (default %(default)s; large: Stable Diffusion 1.5's "
+        "shapes, random weights, ~12 GB to build, roughly a minute per image on 2 cores)",
+    )
+    parser.add_argument("--threads", type=int, help="intra-op threads for every system (default: CPU count)")
+    parser.add_argument("--repeats", type=int, help="repeats per figure (default: 2 quick, 3 full)")
+    parser.add_argument("--port-base", type=int, help="first of the loopback ports used (default 19400)")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR, help="results folder")
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="exported models, logs (git-ignored)")
+    parser.add_argument("--no-readme", action="store_true", help="do not update the table in benchmarks/README.md")
+    parser.add_argument("--no-peers", action="store_true", help="this service and its limit only (no torch/ORT peers)")
+    args = parser.parse_args(argv)
+    sizes = tuple(s.strip() for s in args.models.split(",") if s.strip())
+    if not sizes or any(s not in MODEL_SIZES for s in sizes):
+        parser.error(f"--models takes a comma-separated list of {', '.join(MODEL_SIZES)}")
+    config = (quick_config if args.quick else full_config)(sizes)
+    overrides = {k: v for k, v in (("threads", args.threads), ("repeats", args.repeats),
+                                   ("port_base", args.port_base)) if v is not None}  # fmt: skip
+    config = replace(config, **overrides, peers=not args.no_peers)
+    return args, config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,28 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import ab
 
         return ab.main(argv[1:])
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description=__doc__.splitlines()[0],
-        epilog="python -m benchmarks load --help: benchmark a running deployment (closed-loop sweep + Poisson).",
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer levels/requests/repeats (< 10 min on 2 cores)")
-    parser.add_argument("--models", default="tiny,medium", help="comma-separated sizes (tiny, medium)")
-    parser.add_argument("--threads", type=int, help="intra-op threads for every system (default: CPU count)")
-    parser.add_argument("--repeats", type=int, help="repeats per figure (default: 2 quick, 3 full)")
-    parser.add_argument("--port-base", type=int, help="first of the loopback ports used (default 19400)")
-    parser.add_argument("--output", type=Path, default=RESULTS_DIR, help="results folder")
-    parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="exported models, logs (git-ignored)")
-    parser.add_argument("--no-readme", action="store_true", help="do not update the table in benchmarks/README.md")
-    parser.add_argument("--no-peers", action="store_true", help="this service and its limit only (no torch/ORT peers)")
-    args = parser.parse_args(argv)
-    sizes = tuple(s.strip() for s in args.models.split(",") if s.strip())
-    if not sizes or any(s not in ("tiny", "medium") for s in sizes):
-        parser.error("--models takes tiny and/or medium")
-    config = (quick_config if args.quick else full_config)(sizes)
-    overrides = {k: v for k, v in (("threads", args.threads), ("repeats", args.repeats),
-                                   ("port_base", args.port_base)) if v is not None}  # fmt: skip
-    config = replace(config, **overrides, peers=not args.no_peers)
+    args, config = parse(argv)
 
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)

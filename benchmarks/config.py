@@ -15,6 +15,10 @@ TRITON_ENV = PROJECT_ROOT / ".venv-triton"
 
 # Ports: one block, far from the defaults (8000-8080) that a developer's `make serve` uses.
 PORT_BASE = 19400
+# The sizes `--models` takes (export.tiny.SIZES keys with a plan below); `--quick` and the full run default to
+# the first two: `large` (Stable Diffusion 1.5's shapes) is run only when named.
+MODEL_SIZES = ("tiny", "medium", "large")
+DEFAULT_SIZES = ("tiny", "medium")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class ModelPlan:
     repeats: int | None = None  # None: the config's; a slow model may take fewer
     warmup_requests: int | None = None  # per level (None: max(level, the config's)); per peer (None: the config's)
     overhead_fresh: int = 3  # gateway-overhead requests each on a fresh connection
+    limit_calls: int | None = None  # timed calls per limit timing (None: the config's); a slow model may take fewer
 
     @property
     def name(self) -> str:
@@ -73,7 +78,30 @@ class BenchConfig:
         return asdict(self)
 
 
-def quick_config(sizes: tuple[str, ...] = ("tiny", "medium")) -> BenchConfig:
+def large_plan() -> ModelPlan:
+    """Stable Diffusion 1.5's shapes with random weights (export.tiny `large`), in `--quick` and full runs alike:
+    one repeat, two levels, 2 UNet steps with guidance (batches of 2 rows per request). The gateway runs every
+    input at the model's native resolution (fit_to_grid: the longer side becomes 512 px here), so the 256 px
+    input only makes the upload smaller; each image costs roughly a minute of compute on 2 cores (an estimate)."""
+    return ModelPlan(
+        size="large",
+        concurrency=(1, 4),
+        requests_per_level=1,  # c=4 sends 4 (at least one per worker)
+        peer_requests=1,
+        peer_concurrency=(1,),  # one-at-a-time servers: throughput is flat in load
+        poisson_requests=2,
+        overhead_requests=1,
+        overhead_fresh=1,
+        # The same unfused attention as medium at 64x64 latents (~0.5 GB of scores per row per attention layer).
+        max_batch_size=4,
+        repeats=1,
+        warmup_requests=1,
+        limit_calls=1,
+        workload=Workload(steps=4, strength=0.5, image_side=256),
+    )
+
+
+def quick_config(sizes: tuple[str, ...] = DEFAULT_SIZES) -> BenchConfig:
     """`--quick`: fewer levels, requests and repeats; under 10 minutes on 2 cores for tiny + medium."""
     plans = {
         "tiny": ModelPlan(
@@ -101,13 +129,14 @@ def quick_config(sizes: tuple[str, ...] = ("tiny", "medium")) -> BenchConfig:
             warmup_requests=1,
             workload=Workload(steps=8, strength=0.5),
         ),
+        "large": large_plan(),
     }
     return BenchConfig(
         models=tuple(plans[s] for s in sizes), repeats=2, limit_calls=2, transport_calls=30, mode="quick"
     )
 
 
-def full_config(sizes: tuple[str, ...] = ("tiny", "medium")) -> BenchConfig:
+def full_config(sizes: tuple[str, ...] = DEFAULT_SIZES) -> BenchConfig:
     plans = {
         "tiny": ModelPlan(
             size="tiny",
@@ -128,6 +157,7 @@ def full_config(sizes: tuple[str, ...] = ("tiny", "medium")) -> BenchConfig:
             max_batch_size=4,
             workload=Workload(steps=40, strength=0.5),  # 20 UNet steps
         ),
+        "large": large_plan(),
     }
     return BenchConfig(models=tuple(plans[s] for s in sizes), repeats=3, mode="full")
 

@@ -10,7 +10,8 @@ from typing import Any
 
 SYSTEMS = ("service", "naive", "ort_peer", "limit")
 LABELS = {"service": "this service", "naive": "naive peer (diffusers torch)", "ort_peer": "ORT peer (optimum)",
-          "limit": "limit (ORT in-process, service's batches)"}  # fmt: skip
+          "limit": "limit (best schedule of the same ONNX files, in-process)"}  # fmt: skip
+PEERS = ("naive", "ort_peer")
 METRICS = ("images_per_s", "p50_s", "p95_s", "p99_s", "errors", "mean_unet_batch", "queue_share")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -38,9 +39,10 @@ def aggregate(model: dict[str, Any], peak_flops: float) -> dict[str, Any]:
                 achieved = ips["median"] * flops_per_image
                 row["achieved_flops_per_s"] = achieved
                 row["fraction_of_matmul_peak"] = achieved / peak_flops
-    out = {"table": table, "ratios": ratios(table)}
-    # The limit is an upper bound by construction (benchmarks/systems/limit.py): a level above it is a bug there.
-    out["limit_violations"] = [lvl for lvl, r in out["ratios"].items() if (r["service/limit"] or 0) > 1.0]
+    out = {"table": table, "ratios": ratios(table), "limit_violations": limit_violations(table)}
+    schedules = limit_schedules(model)
+    if schedules:
+        out["limit_schedules"] = schedules
     gateway = gateway_summary(model)
     if gateway is not None:
         out["gateway"] = gateway
@@ -97,6 +99,39 @@ def _peer_ips(table: dict[str, Any], system: str, level: str) -> tuple[float | N
     return None, "missing"
 
 
+def limit_violations(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every (level, system) where the service or a peer has a median images/s above the limit's at the same level
+    (only levels where both were measured). The limit is the best schedule found of the same model work
+    (benchmarks/systems/limit.py): an entry means it missed a faster one (or the machine's load changed)."""
+    limits = table.get("limit", {})
+    out = []
+    for system in ("service", *PEERS):
+        for level, row in sorted(table.get(system, {}).items(), key=lambda kv: int(kv[0])):
+            limit = limits.get(level, {}).get("images_per_s")
+            ips = row.get("images_per_s")
+            if limit and limit["median"] and ips and ips["median"] > limit["median"]:
+                out.append({"level": level, "system": system, "ratio": ips["median"] / limit["median"]})
+    return sorted(out, key=lambda v: (int(v["level"]), v["system"]))
+
+
+def limit_schedules(model: dict[str, Any]) -> dict[str, Any]:
+    """Per level: the schedule that set the limit in most repeats, and each candidate's median images/s."""
+    out: dict[str, Any] = {}
+    for level, runs in model["systems"].get("limit", {}).get("closed", {}).items():
+        won = [r["schedule"] for r in runs if r.get("schedule")]
+        if not won:
+            continue
+        names = sorted({k for r in runs for k in r.get("candidates", {})})
+        candidates = {k: spread([r.get("candidates", {}).get(k) for r in runs]) for k in names}
+        schedule = max(sorted(set(won)), key=won.count)
+        out[level] = {
+            "schedule": schedule,
+            "settings": next(r.get("settings") for r in runs if r.get("schedule") == schedule),
+            "candidates": {k: v["median"] for k, v in candidates.items() if v is not None},
+        }
+    return out
+
+
 def ratios(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for level, row in table.get("service", {}).items():
@@ -106,8 +141,13 @@ def ratios(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
             peer, source = _peer_ips(table, system, level)
             entry[name] = service / peer if peer and service else None
             entry[f"{name} peer level"] = source
-        limit = table.get("limit", {}).get(level, {}).get("images_per_s")
-        entry["service/limit"] = service / limit["median"] if limit and limit["median"] and service else None
+        limit_cell = table.get("limit", {}).get(level, {}).get("images_per_s")
+        limit = limit_cell["median"] if limit_cell else None
+        entry["service/limit"] = service / limit if limit and service else None
+        for system in PEERS:  # where the peer was not run at this level: its median over its levels, as above
+            peer, source = _peer_ips(table, system, level)
+            entry[f"{system}/limit"] = peer / limit if peer and limit else None
+            entry[f"{system}/limit peer level"] = source
         out[level] = entry
     return out
 
@@ -180,14 +220,16 @@ def markdown(results: dict[str, Any], plots: dict[str, str] | None = None) -> st
             f"errors {op['errors']}, UNet batch {op['mean_unet_batch'] or 0:.1f}, queue share "
             f"{(op['queue_share'] or 0):.2f}.",
             "",
-            "| conc. | service/naive | service/ORT peer | service/limit |",
-            "|---:|---:|---:|---:|",
+            "| conc. | service/naive | service/ORT peer | service/limit | naive/limit | ORT peer/limit |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
         for level, r in sorted(summary["ratios"].items(), key=lambda kv: int(kv[0])):
-            flag = " **(> 1: the limit missed a schedule, a bug)**" if level in summary["limit_violations"] else ""
             lines.append(
-                f"| {level} | {_r(r['service/naive'])} | {_r(r['service/ort_peer'])} | {_r(r['service/limit'])}{flag} |"
+                f"| {level} | {_r(r['service/naive'])} | {_r(r['service/ort_peer'])} | {_r(r['service/limit'])} "
+                f"| {_r(r.get('naive/limit'))} | {_r(r.get('ort_peer/limit'))} |"
             )
+        lines += ["", violations_line(summary["limit_violations"])]
+        lines += schedule_lines(summary.get("limit_schedules", {}))
         lines += cpu_tables(summary.get("gateway"))
         t = model["transport"]
         g, i = t["gateway"], t["identity_direct"]
@@ -204,6 +246,26 @@ def markdown(results: dict[str, Any], plots: dict[str, str] | None = None) -> st
     for title, path in (plots or {}).items():
         lines += [f"![{title}]({path})", ""]
     return "\n".join(lines)
+
+
+def violations_line(violations: list[dict[str, Any]]) -> str:
+    """Markdown: every system above the limit at a level where both were measured, or none."""
+    if not violations:
+        return "Above the limit: none (no system beats the limit at any level where both were measured)."
+    listed = ", ".join(f"{LABELS[v['system']]} at {v['level']} ({v['ratio']:.2f}x)" for v in violations)
+    return f"**Above the limit** (the limit missed a faster schedule or the machine's load changed): {listed}."
+
+
+def schedule_lines(schedules: dict[str, Any]) -> list[str]:
+    """Markdown: which schedule set the limit at each level, and every candidate's images/s."""
+    if not schedules:
+        return []
+    lines = ["", "Limit per level (schedule that won; every candidate's images/s):", ""]
+    for level, entry in sorted(schedules.items(), key=lambda kv: int(kv[0])):
+        candidates = ", ".join(f"{k} {v:.2f}" for k, v in sorted(entry["candidates"].items(), key=lambda kv: -kv[1]))
+        settings = "; ".join(f"{k}: {v}" for k, v in (entry.get("settings") or {}).items())
+        lines.append(f"- c={level}: **{entry['schedule']}**{f' ({settings})' if settings else ''}; {candidates}")
+    return lines
 
 
 def cpu_tables(gateway: dict[str, Any] | None) -> list[str]:

@@ -138,7 +138,10 @@ def run_model(
     batches_per_run: list[tuple[str, dict[str, dict[int, int]], int]] = []
     # The limit replays each service run right after it, with the service idle (its processes sleep), so both see
     # the same machine: on a shared host, minutes apart, other work would decide which of the two is faster.
-    limit = Limit(files, threads=threads, input_side=wl.image_side, calls=config.limit_calls)
+    limit = Limit(files, threads=threads, input_side=wl.image_side, calls=plan.limit_calls or config.limit_calls)
+    # The same model work per image for the limit's free-batch schedule: rows per image of each component.
+    guided = 2 if wl.guidance_scale > 1.0 else 1
+    rows_per_image = {"text_encoder": guided, "vae_encoder": 1, "unet": effective_steps * guided, "vae_decoder": 1}
     limit_runs: dict[str, list[dict[str, Any]]] = {}
     unet_model = f"{files.name}_unet"
     repeats = plan.repeats or config.repeats
@@ -164,7 +167,9 @@ def run_model(
                 service_runs.setdefault(str(c), []).append(run)
                 batches = {comp: delta[f"{files.name}_{comp}"].batches for comp in COMPONENTS}
                 batches_per_run.append((str(c), batches, run["completed"]))
-                limit_runs.setdefault(str(c), []).append(limit.replay(batches, run["completed"], in_flight=c))
+                limit_runs.setdefault(str(c), []).append(
+                    limit.replay(batches, run["completed"], in_flight=c, rows_per_image=rows_per_image)
+                )
                 limit.release()
                 progress.step(
                     f"{plan.size}: service c={c} repeat {r + 1}/{repeats}",
@@ -172,7 +177,7 @@ def run_model(
                     f"unet batch {run['mean_unet_batch'] or 0:.1f}, gateway CPU "
                     f"{run['cpu']['gateway_cpu_ms_per_image']:.0f} ms/image "
                     f"({(run['cpu']['gateway_cpu_share'] or 0) * 100:.0f} %), errors {run['errors']}; limit "
-                    f"{limit_runs[str(c)][-1]['images_per_s'] or 0:.2f} img/s",
+                    f"{limit_runs[str(c)][-1]['images_per_s'] or 0:.2f} img/s ({limit_runs[str(c)][-1]['schedule']})",
                 )
         best = max(statistics.median(r["images_per_s"] for r in runs) for runs in service_runs.values())
         rate = max(best * plan.poisson_rate_fraction, 1e-3)
@@ -205,7 +210,8 @@ def run_model(
     # --- the limit: replayed above, after each service run ----------------------------------------------------
     out["systems"]["limit"] = {
         "closed": limit_runs,
-        "batch_timings": {f"{comp}@{b}": t for (comp, b), t in sorted(limit.timings.items())},
+        "batch_timings": {f"{comp}@{b} {setting.label}": t for (comp, b, setting), t in limit.timings.items()},
+        "max_batch": limit.max_batch,
     }
     del limit
     progress.step(f"{plan.size}: limit replayed", f"{len(batches_per_run)} runs")

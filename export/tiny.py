@@ -2,7 +2,8 @@
 classes.
 
 `tiny` is the model of the demo and of every test (a UNet step takes milliseconds); `medium` has SD-like depth
-and widths for honest benchmarks (about 29M UNet parameters, 0.2-0.5 s per step at 64x64 latents on 2 cores).
+and widths for honest benchmarks (about 29M UNet parameters, 0.2-0.5 s per step at 64x64 latents on 2 cores);
+`large` is Stable Diffusion 1.5's architecture at full size (its published UNet, CLIP ViT-L and VAE configs).
 Both are saved as an ordinary diffusers folder, which is then exported through the same code path as a real model.
 `arch="sdxl"` builds SDXL's layout at the same sizes: two CLIP text encoders (the second with a projection, whose
 pooled output conditions the UNet), a `text_time` UNet, and tokenizer_2 padding with "!" as SDXL's does.
@@ -36,6 +37,9 @@ class TinySpec:
     text_heads: int
     vae_channels: tuple[int, ...]
     vae_groups: int
+    unet_layers_per_block: int = 1
+    vae_layers_per_block: int = 1
+    text_intermediate: int | None = None  # the CLIP MLP's width (None: 4 x text_hidden)
 
 
 SIZES: dict[str, TinySpec] = {
@@ -64,6 +68,25 @@ SIZES: dict[str, TinySpec] = {
         text_heads=6,
         vae_channels=(32, 64, 64, 64),
         vae_groups=32,
+        unet_layers_per_block=2,
+    ),
+    # Stable Diffusion 1.5's published configs (its UNet, CLIP ViT-L/14 text encoder and VAE), random weights:
+    # ~860M UNet parameters. Building it takes minutes and ~12 GB of memory.
+    "large": TinySpec(
+        unet_channels=(320, 640, 1280, 1280),
+        unet_down=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        unet_up=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        unet_groups=32,
+        attention_head_dim=8,
+        sample_size=64,
+        text_hidden=768,
+        text_layers=12,
+        text_heads=12,
+        vae_channels=(128, 256, 512, 512),
+        vae_groups=32,
+        unet_layers_per_block=2,
+        vae_layers_per_block=2,
+        text_intermediate=3072,
     ),
 }
 
@@ -122,7 +145,7 @@ def _text_config(spec: TinySpec, **extra: Any) -> Any:
 
     return CLIPTextConfig(
         hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_hidden * 4,
+        intermediate_size=spec.text_intermediate or spec.text_hidden * 4,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.text_heads,
         max_position_embeddings=CLIP_MAX_LENGTH,
@@ -161,7 +184,7 @@ def build_random_pipeline(
         sample_size=spec.sample_size,
         in_channels=4,
         out_channels=4,
-        layers_per_block=2 if size == "medium" else 1,
+        layers_per_block=spec.unet_layers_per_block,
         block_out_channels=spec.unet_channels,
         down_block_types=spec.unet_down,
         up_block_types=spec.unet_up,
@@ -177,7 +200,7 @@ def build_random_pipeline(
         up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
         block_out_channels=spec.vae_channels,
         latent_channels=4,
-        layers_per_block=1,
+        layers_per_block=spec.vae_layers_per_block,
         norm_num_groups=spec.vae_groups,
         sample_size=spec.sample_size * 2 ** (len(spec.vae_channels) - 1),
     )

@@ -1,29 +1,42 @@
-"""The limit: the Triton repository's own ONNX files, called in this process with onnxruntime, no server.
+"""The limit: the best throughput any schedule of the Triton repository's own ONNX files reaches in this process.
 
-For a measured service run, Triton's statistics say how many executions of each batch size every component ran.
-The limit does exactly that work again, in this process, with the service stopped (the cores are free), the same
-sessions options (intra-op threads = the service's thread budget, inter-op 1) and two schedules:
+For each model and concurrency level, the limit is the fastest of these ways to do the service run's work (the
+same images, each with the same per-image model work) on this machine, in one process, with the service stopped
+(it is up but idle: its processes sleep), and with the best session settings found:
 
-- *concurrent*: as many Python threads as the service had requests in flight (the run's concurrency level) take
-  the run's executions, shuffled, from one shared list until it is empty, each the next one whose model is not
-  already running (Triton has one instance of each model, so the service too runs at most one execution per
-  model at a time); onnxruntime releases the GIL, so the four models' executions overlap as in the service, and
-  nothing waits for HTTP, gRPC, serialization, a batcher or Python between calls;
-- *serial*: each (component, batch size) is timed alone (median of a few calls after one warm-up) and
-  T = sum over components and batch sizes of executions(b) * t(b).
+- *settings* (per component and batch size, each measured): intra-op threads = the run's thread budget, inter-op
+  1, and three settings: the service's own (its config.pbtxt: CPU arena off, no spinning, as exported), the
+  other CPU-arena setting, and onnxruntime's defaults (arena on, spinning allowed: the ORT peer's);
+- *replay, concurrent*: as many Python threads as the service had requests in flight take the run's executions
+  (every (component, batch size) Triton ran, as many times as it ran it, from its statistics), shuffled, from
+  one shared list, each the next one whose model is not already running (Triton's one instance per model);
+  onnxruntime releases the GIL, so the models' executions overlap as in the service. Each component's session
+  uses the setting fastest on the run's batches among those with the service's spinning (idle threads of
+  several sessions spinning on the same cores slow each other);
+- *replay, serial*: sum over the run's executions of the fastest setting's time of that batch alone;
+- *free batches, serial*: the same work per image (text encoder: the request's rows; VAE encoder and decoder:
+  1 row; UNet: effective steps x 2 rows with guidance, else x 1) run at any batch size b in 1, 2, 4, ... up to
+  the component's max_batch_size, with the b and setting of the lowest time per row t(b)/b; images/s =
+  1 / sum over components of rows x that time. Doubling b stops once it no longer lowers the time per row.
+  This is what a one-request-at-a-time peer does at best, so no such peer should beat it.
 
-Limit images/s = images the run completed / the shorter of the two times: the better of two ways to do the
-service's work on this hardware, so the service (which does the same work plus its own) cannot beat it. A run
-where it does (`service/limit` > 1, flagged in the report) means the limit missed a faster schedule: a bug here.
+Every timing is the median of `calls` calls after one warm-up, cached per (component, batch size, setting) and
+reused across levels. Sessions are opened one at a time while timing and dropped right after; sessions with the
+arena on hold their largest batch's peak (several GB for the medium UNet), so `release` drops them (and collects)
+before the next service run. A system above the limit (flagged in the report) means the limit missed a faster
+schedule or setting: a bug here, or a shared machine's noise.
 """
 
 from __future__ import annotations
 
+import gc
 import random
 import re
 import statistics
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -68,50 +81,83 @@ def component_inputs(component: str, batch: int, s: dict[str, int], rng: np.rand
     raise ValueError(component)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """The session settings the limit tries (threads are always the run's budget, inter-op 1)."""
+
+    arena: bool  # onnxruntime's CPU memory arena
+    spinning: bool  # idle intra-op threads spin (`session.intra_op.allow_spinning`)
+
+    @property
+    def label(self) -> str:
+        return f"arena {'on' if self.arena else 'off'}, spinning {'on' if self.spinning else 'off'}"
+
+
+ORT_DEFAULTS = Setting(arena=True, spinning=True)  # what optimum's pipeline (the ORT peer) runs with
+
+
+def _config_param(config: str, key: str) -> str | None:
+    found = re.search(rf'key: "{key}" value: \{{ string_value: "(\d)" \}}', config)
+    return found.group(1) if found else None
+
+
 class Limit:
-    """onnxruntime sessions over the served ONNX files, and cached per-batch timings."""
+    """onnxruntime sessions over the served ONNX files, cached per-(component, batch, setting) timings, and the
+    schedules built from them (`replay`)."""
 
     def __init__(self, files: ModelFiles, *, threads: int, input_side: int, calls: int) -> None:
         self.files = files
         self.calls = calls
         self.threads = threads
         self.shapes = work_shapes(files.manifest(), input_side)
-        self.sessions: dict[str, Any] = {}  # opened for a replay, released after it (`release`)
         self.outputs = {"text_encoder": ["last_hidden_state"], "vae_encoder": ["latent_parameters"],
                         "unet": ["out_sample"], "vae_decoder": ["sample"]}  # fmt: skip
-        self.timings: dict[tuple[str, int], dict[str, float]] = {}
+        self.service_settings: dict[str, Setting] = {}
+        self.max_batch: dict[str, int] = {}
+        for component in COMPONENTS:
+            config = (files.repository / f"{files.name}_{component}" / "config.pbtxt").read_text()
+            self.service_settings[component] = Setting(
+                arena=_config_param(config, "cpu_mem_arena") == "1",
+                spinning=(_config_param(config, "allow_spinning") or "0") == "1",
+            )
+            found = re.search(r"^max_batch_size: (\d+)", config, re.MULTILINE)
+            self.max_batch[component] = max(int(found.group(1)), 1) if found else 1
+        self.sessions: dict[tuple[str, Setting], Any] = {}  # open while timing or replaying (`release`)
+        self.timings: dict[tuple[str, int, Setting], dict[str, float]] = {}
         self._rng = np.random.default_rng(0)
         self._feeds: dict[tuple[str, int], dict[str, np.ndarray]] = {}
 
-    def open(self) -> None:
-        """Open the sessions (a no-op while open)."""
-        if self.sessions:
-            return
+    # --- sessions and timings ---------------------------------------------------------------------------------
+
+    def settings(self, component: str) -> list[Setting]:
+        """The service's setting first, then the other arena setting, then onnxruntime's defaults."""
+        service = self.service_settings[component]
+        out = [service, Setting(arena=not service.arena, spinning=service.spinning), ORT_DEFAULTS]
+        return list(dict.fromkeys(out))
+
+    def open_session(self, component: str, setting: Setting) -> Any:
         import onnxruntime as ort
 
-        self.sessions = {
-            c: ort.InferenceSession(
-                str(self.files.onnx(c)), self.session_options(c, self.threads), providers=["CPUExecutionProvider"]
-            )
-            for c in COMPONENTS
-        }
+        options = ort_session_options(self.threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if setting.spinning else "0")
+        options.enable_cpu_mem_arena = setting.arena
+        return ort.InferenceSession(str(self.files.onnx(component)), options, providers=["CPUExecutionProvider"])
+
+    def session(self, component: str, setting: Setting) -> Any:
+        key = (component, setting)
+        if key not in self.sessions:
+            self.sessions[key] = self.open_session(component, setting)
+        return self.sessions[key]
+
+    def drop(self, component: str, setting: Setting) -> None:
+        if self.sessions.pop((component, setting), None) is not None:
+            gc.collect()
 
     def release(self) -> None:
-        """Drop the sessions and their memory arenas: the limit replays while the service is up and idle, and a
-        medium UNet stub in Triton holds ~11 GB; both at once, on a shared 24 GB host, got the stub OOM-killed."""
+        """Drop every session and its memory arena: the limit runs while the service is up and idle, and a medium
+        UNet stub in Triton once held ~11 GB; both at once, on a shared 24 GB host, got the stub OOM-killed."""
         self.sessions = {}
-
-    def session_options(self, component: str, threads: int) -> Any:
-        """Triton's session for this model (its model.py): intra-op threads, and idle pool threads that sleep
-        instead of spinning (`allow_spinning` in its config.pbtxt), as several sessions share the cores, and the
-        same CPU arena setting (`cpu_mem_arena`)."""
-        options = ort_session_options(threads)
-        config = (self.files.repository / f"{self.files.name}_{component}" / "config.pbtxt").read_text()
-        found = re.search(r'key: "allow_spinning" value: \{ string_value: "(\d)" \}', config)
-        options.add_session_config_entry("session.intra_op.allow_spinning", found.group(1) if found else "0")
-        arena = re.search(r'key: "cpu_mem_arena" value: \{ string_value: "(\d)" \}', config)
-        options.enable_cpu_mem_arena = arena is not None and arena.group(1) == "1"
-        return options
+        gc.collect()
 
     def feeds(self, component: str, batch: int) -> dict[str, np.ndarray]:
         key = (component, batch)
@@ -119,28 +165,96 @@ class Limit:
             self._feeds[key] = component_inputs(component, batch, self.shapes, self._rng)
         return self._feeds[key]
 
-    def time_batch(self, component: str, batch: int) -> dict[str, float]:
-        key = (component, batch)
+    def time_batch(self, component: str, batch: int, setting: Setting) -> dict[str, float]:
+        """Median/min/max seconds of `calls` calls after one warm-up (cached); opens the session if needed."""
+        key = (component, batch, setting)
         if key not in self.timings:
             feeds = self.feeds(component, batch)
-            session, outputs = self.sessions[component], self.outputs[component]
+            session, outputs = self.session(component, setting), self.outputs[component]
             session.run(outputs, feeds)  # warm-up
             samples = []
-            for _ in range(self.calls):
+            for _ in range(max(self.calls, 1)):
                 began = time.perf_counter()
                 session.run(outputs, feeds)
                 samples.append(time.perf_counter() - began)
             self.timings[key] = {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples)}
         return self.timings[key]
 
-    def run_concurrently(self, batches: dict[str, dict[int, int]], threads: int, *, instances: int = 1) -> float:
+    def seconds(self, component: str, batch: int, setting: Setting) -> float:
+        return self.timings[(component, batch, setting)]["median_s"]
+
+    def measure(self, needs: dict[str, set[int]], free: tuple[str, ...] = ()) -> None:
+        """Time every (component, batch) of `needs`, and the free-batch sizes of the components in `free`, in
+        every setting: one session open at a time, dropped after its batches, so at most one arena is held."""
+        for component in dict.fromkeys([*needs, *free]):
+            for setting in self.settings(component):
+                for b in sorted(needs.get(component, ())):
+                    self.time_batch(component, b, setting)
+                if component in free:
+                    for _ in self.doubling(component, setting):
+                        pass
+                self.drop(component, setting)
+
+    def doubling(self, component: str, setting: Setting) -> Iterator[tuple[int, float]]:
+        """(b, seconds per row) for b = 1, 2, 4, ... up to the component's max batch, timing each (cached); stops
+        after the first b whose time per row is no lower than the previous one's."""
+        b, previous = 1, None
+        while b <= self.max_batch[component]:
+            per_row = self.time_batch(component, b, setting)["median_s"] / b
+            yield b, per_row
+            if previous is not None and per_row >= previous:
+                return
+            b, previous = b * 2, per_row
+
+    def best(self, component: str, batch: int, settings: list[Setting] | None = None) -> tuple[Setting, float]:
+        """The fastest measured setting for one batch (among `settings`, default all)."""
+        return min(
+            ((s, self.seconds(component, batch, s)) for s in settings or self.settings(component)),
+            key=lambda st: st[1],
+        )
+
+    # --- schedules --------------------------------------------------------------------------------------------
+
+    def free_batches(self, rows_per_image: dict[str, int]) -> dict[str, Any]:
+        """Serial, any batch size: per component the (b, setting) of the lowest time per row, b = 1, 2, 4, ...
+        up to the component's max batch, doubling while the time per row still falls."""
+        rows_per_image = {c: rows for c, rows in rows_per_image.items() if rows > 0}
+        self.measure({}, tuple(rows_per_image))
+        per_component: dict[str, Any] = {}
+        seconds_per_image = 0.0
+        for component, rows in rows_per_image.items():
+            walks = [(per_row, b, s) for s in self.settings(component) for b, per_row in self.doubling(component, s)]
+            per_row, b, setting = min(walks, key=lambda found: found[0])
+            per_component[component] = {"rows_per_image": rows, "batch": b, "setting": setting.label,
+                                        "s_per_row": per_row}  # fmt: skip
+            seconds_per_image += rows * per_row
+        return {
+            "seconds_per_image": seconds_per_image,
+            "images_per_s": 1.0 / seconds_per_image if seconds_per_image > 0 else None,
+            "per_component": per_component,
+        }
+
+    def run_concurrently(
+        self,
+        batches: dict[str, dict[int, int]],
+        threads: int,
+        *,
+        instances: int = 1,
+        settings: dict[str, Setting] | None = None,
+    ) -> float:
         """Wall seconds for `threads` threads to run every execution of `batches` (shuffled, one shared list),
         at most `instances` executions of one component at a time (Triton's instances per model: the service's
-        own bound, which also bounds memory: one medium UNet batch of 4 holds ~4 GB of attention scores)."""
+        own bound, which also bounds memory: one medium UNet batch of 4 holds ~4 GB of attention scores).
+        Each component's session has `settings[component]` (default: the service's) and runs its largest batch
+        once before the clock starts."""
+        chosen = {c: (settings or {}).get(c, self.service_settings[c]) for c in batches}
+        sessions = {c: self.session(c, chosen[c]) for c in batches}
         calls = [(c, b) for c, histogram in batches.items() for b, n in histogram.items() for _ in range(n)]
         random.Random(0).shuffle(calls)
-        for component, batch in set(calls):
-            self.time_batch(component, batch)  # warm: every shape has run once before the clock starts
+        for component, histogram in batches.items():
+            if any(histogram.values()):
+                largest = max(b for b, n in histogram.items() if n)
+                sessions[component].run(self.outputs[component], self.feeds(component, largest))  # warm-up
         ready = threading.Condition()
         busy: dict[str, int] = {}
         failures: list[BaseException] = []
@@ -164,7 +278,7 @@ class Limit:
                     return
                 component, batch = call
                 try:
-                    self.sessions[component].run(self.outputs[component], self.feeds(component, batch))
+                    sessions[component].run(self.outputs[component], self.feeds(component, batch))
                 except BaseException as exc:  # re-raised in the caller
                     with ready:
                         failures.append(exc)
@@ -186,26 +300,74 @@ class Limit:
             raise failures[0]
         return wall
 
-    def replay(self, batches: dict[str, dict[int, int]], images: int, *, in_flight: int = 1) -> dict[str, Any]:
-        """`batches`: component -> {batch size: executions}, from Triton's statistics of one service run that had
-        `in_flight` requests in flight. The replay runs even at 1 (one thread, one call after another): the
-        per-batch timings are taken once and reused, and on a shared machine the load they saw has changed."""
-        self.open()
-        per_component = {}
-        serial = 0.0
+    def replay(
+        self,
+        batches: dict[str, dict[int, int]],
+        images: int,
+        *,
+        in_flight: int = 1,
+        rows_per_image: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
+        """The limit of one service run. `batches`: component -> {batch size: executions}, from Triton's
+        statistics of a run that completed `images` with `in_flight` requests in flight; `rows_per_image`: each
+        component's rows per image, for the free-batch schedule (None: replays only). Every schedule and setting
+        is tried; the fastest is the limit (`images_per_s`), named in `schedule` and `settings`."""
+        batches = {c: {b: n for b, n in h.items() if n} for c, h in batches.items()}
+        batches = {c: h for c, h in batches.items() if h}
+        self.measure({c: set(h) for c, h in batches.items()}, tuple(c for c, r in (rows_per_image or {}).items() if r))
+        serial = service_serial = 0.0
+        serial_settings: dict[str, str] = {}
+        concurrent_settings: dict[str, Setting] = {}
+        per_component: dict[str, float] = {}
         for component, histogram in batches.items():
-            seconds = sum(n * self.time_batch(component, b)["median_s"] for b, n in histogram.items())
+            seconds = 0.0
+            for b, n in histogram.items():
+                setting, t = self.best(component, b)
+                seconds += n * t
+                serial_settings[f"{component}@{b}"] = setting.label
+                service_serial += n * self.seconds(component, b, self.service_settings[component])
             per_component[component] = seconds
             serial += seconds
-        concurrent = self.run_concurrently(batches, max(in_flight, 1))
-        best = min(serial, concurrent)
+            # One setting per session for the concurrent replay: the fastest on this run's batches, among those
+            # that spin as the service does.
+            same_spin = [s for s in self.settings(component) if s.spinning == self.service_settings[component].spinning]
+            costs = {s: sum(n * self.seconds(component, b, s) for b, n in histogram.items()) for s in same_spin}
+            concurrent_settings[component] = min(costs, key=costs.__getitem__)
+        try:
+            concurrent = self.run_concurrently(batches, max(in_flight, 1), settings=concurrent_settings)
+        finally:
+            self.release()
+        free = self.free_batches(rows_per_image) if rows_per_image else None
+
+        def rate(seconds: float) -> float | None:
+            return images / seconds if seconds > 0 and images > 0 else None
+
+        candidates: dict[str, float | None] = {
+            "replay_concurrent": rate(concurrent),
+            "replay_serial": rate(serial),
+            "replay_serial_service_settings": rate(service_serial),
+        }
+        settings: dict[str, Any] = {
+            "replay_concurrent": {c: s.label for c, s in concurrent_settings.items()},
+            "replay_serial": serial_settings,
+            "replay_serial_service_settings": {c: s.label for c, s in self.service_settings.items() if c in batches},
+        }
+        if free is not None:
+            candidates["free_batches"] = free["images_per_s"] if images > 0 else None
+            settings["free_batches"] = {c: f"batch {p['batch']}, {p['setting']}"
+                                        for c, p in free["per_component"].items()}  # fmt: skip
+        found = {k: v for k, v in candidates.items() if v is not None}
+        schedule = max(found, key=lambda k: found[k]) if found else None
         return {
-            "compute_s": best,
+            "images_per_s": found[schedule] if schedule else None,
+            "schedule": schedule,
+            "settings": settings[schedule] if schedule else None,
+            "candidates": candidates,
+            "candidate_settings": settings,
             "serial_s": serial,
             "concurrent_s": concurrent,
+            "free_batches": free,
             "threads": in_flight,
-            "schedule": "concurrent" if concurrent < serial else "serial",
             "per_component_s": per_component,
             "images": images,
-            "images_per_s": images / best if best > 0 and images > 0 else None,
         }

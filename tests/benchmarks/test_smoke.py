@@ -29,16 +29,24 @@ def test_every_system_produces_numbers(tmp_path: Path) -> None:
         assert table[system][level]["p99_s"]["median"] > 0, system
     assert table["service"][level]["mean_unet_batch"]["median"] >= 1
     ratios = data["summary"]["tiny"]["ratios"][level]
-    assert all(ratios[k] is not None for k in ("service/naive", "service/ort_peer", "service/limit"))
+    keys = ("service/naive", "service/ort_peer", "service/limit", "naive/limit", "ort_peer/limit")
+    assert all(ratios[k] is not None for k in keys), ratios
+    # The limit: the best of every schedule (the replays and the free batches) and setting, named in the JSON.
+    limit_run = data["models"]["tiny"]["systems"]["limit"]["closed"][level][0]
+    assert limit_run["schedule"] in limit_run["candidates"]
+    assert {"replay_concurrent", "replay_serial", "free_batches"} <= set(limit_run["candidates"])
+    assert limit_run["images_per_s"] == max(v for v in limit_run["candidates"].values() if v is not None)
+    assert limit_run["settings"]
     model = data["models"]["tiny"]
     assert model["systems"]["service"]["open"]["completed"] > 0
     assert model["transport"]["gateway"]["requests"] > 0
     assert model["transport"]["identity_direct"]["client_ms_p50"] > 0
     assert model["flops"]["total"] > 0 and data["matmul_peak"]["flops_per_s"] > 0
     assert written["markdown"].read_text().count("| this service |") >= 1
-    # Where the CPU goes: per process and per gateway stage; and the limit bounds the service at every level.
+    # Where the CPU goes: per process and per gateway stage; and the limit bounds every system at every level.
     summary = data["summary"]["tiny"]
     assert summary["limit_violations"] == [], summary["ratios"]
+    assert "Above the limit: none" in written["markdown"].read_text()
     gateway = summary["gateway"]
     assert gateway["cpu_ms_per_image"] > 0 and 0 < gateway["cpu_share"] < 1
     name = data["models"]["tiny"]["model"]
