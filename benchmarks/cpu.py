@@ -68,6 +68,16 @@ class ProcessCpu:
     def snapshot(self) -> dict[str, float]:
         return {name: _tree_cpu_s(p) if name == GATEWAY else _cpu_s(p) for name, p in self.processes.items()}
 
+    def resident_gib(self) -> dict[str, float]:
+        """Resident memory per process now (after a run: what each model stub holds after its largest batch)."""
+        out = {}
+        for name, process in self.processes.items():
+            try:
+                out[name] = process.memory_info().rss / 2**30
+            except psutil.Error:  # exited
+                continue
+        return out
+
 
 def parse_stage_metrics(text: str) -> tuple[dict[str, float], float]:
     """Prometheus text -> (CPU seconds per stage, the gateway process's CPU seconds)."""

@@ -46,7 +46,21 @@ def aggregate(model: dict[str, Any], peak_flops: float) -> dict[str, Any]:
     gateway = gateway_summary(model)
     if gateway is not None:
         out["gateway"] = gateway
+    resident = resident_summary(model)
+    if resident:
+        out["resident_gib"] = resident
     return out
+
+
+def resident_summary(model: dict[str, Any]) -> dict[str, float]:
+    """Per process, the most resident memory seen after any service run: a model stub's after its largest batch
+    (what onnxruntime's arena keeps for the life of the process)."""
+    out: dict[str, float] = {}
+    for runs in model["systems"].get("service", {}).get("closed", {}).values():
+        for run in runs:
+            for name, gib in run.get("resident_gib", {}).items():
+                out[name] = max(out.get(name, 0.0), gib)
+    return dict(sorted(out.items()))
 
 
 GATEWAY_LEVEL = "8"  # the level the acceptance figures are read at (else the highest one run)
@@ -230,7 +244,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str] | None = None) -> st
             )
         lines += ["", violations_line(summary["limit_violations"])]
         lines += schedule_lines(summary.get("limit_schedules", {}))
-        lines += cpu_tables(summary.get("gateway"))
+        gateway = summary.get("gateway")
+        lines += cpu_tables(None if gateway is None else {**gateway, "resident_gib": summary.get("resident_gib")})
         t = model["transport"]
         g, i = t["gateway"], t["identity_direct"]
         lines += [
@@ -286,6 +301,10 @@ def cpu_tables(gateway: dict[str, Any] | None) -> list[str]:
     for name, ms in procs:
         share = "-" if name == "loadgen" else f"{gateway['processes_share'].get(name, 0.0) * 100:.1f} %"
         lines.append(f"| {name} | {ms:.1f} | {share} |")
+    resident = gateway.get("resident_gib")
+    if resident:
+        held = ", ".join(f"{name} {gib:.2f}" for name, gib in resident.items())
+        lines += ["", f"Resident memory after the runs (GiB, the most seen after any level): {held}."]
     stages = sorted(gateway["stages_ms_per_image"].items(), key=lambda kv: -kv[1])
     total = sum(ms for _, ms in stages) or 1.0
     lines += ["", f"Gateway CPU per stage at concurrency {level}:", ""]

@@ -164,6 +164,7 @@ def run_model(
                     stages_after[1] - stages_before[1],
                     run["completed"],
                 )
+                run["resident_gib"] = cpu.resident_gib()
                 service_runs.setdefault(str(c), []).append(run)
                 batches = {comp: delta[f"{files.name}_{comp}"].batches for comp in COMPONENTS}
                 batches_per_run.append((str(c), batches, run["completed"]))

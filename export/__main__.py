@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cpu-mem-arena", dest="cpu_mem_arena", action="store_true", help=argparse.SUPPRESS
     )
     parser.set_defaults(cpu_mem_arena=ServingOptions.cpu_mem_arena)
+    parser.add_argument(
+        "--mem-pattern",
+        action="store_true",
+        help="python backend: onnxruntime memory patterns on (off by default: slower and more memory held on CPU)",
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check")
     parser.add_argument(
         "--calibrate",
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             instances=args.instances,
             intra_op_threads=args.intra_op_threads,
             cpu_mem_arena=args.cpu_mem_arena,
+            mem_pattern=args.mem_pattern,
             trt_cache_dir=args.trt_cache_dir,
             ort_tensorrt=not args.no_ort_tensorrt,
         ),

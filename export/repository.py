@@ -84,11 +84,13 @@ class ServingOptions:
     max_queue_delay_us: int = 500
     instances: int = 1
     intra_op_threads: int = 0
-    # The python runner's onnxruntime CPU arena: on by default, for its speed (the 512 px benchmark UNet at 4 rows:
-    # 6.1 s a call against 7.6 s without it). The arena keeps the largest batch's peak for the life of the process
-    # (8.8 GiB after 4 rows of that UNet, against 0.37 GiB without), so the batch bound is what bounds it: a
-    # calibrated max_batch_size (`--calibrate`) keeps the batches, and so the hold, to what pays on this host.
+    # The python runner's onnxruntime CPU arena, without memory patterns: the fastest setting measured, and the
+    # one that holds least with the arena (`python -m benchmarks arena`, the 512 px benchmark UNet on 2 cores at
+    # 2 rows: 0.93 s a row and 3.4 GiB held, against 1.34 s and 5.6 GiB with patterns, 1.38 s and 0.4 GiB with no
+    # arena). The arena keeps the largest batch's peak for the life of the process, so the batch bound is what
+    # bounds it: a calibrated max_batch_size (`--calibrate`) keeps the batches, and so the hold, to what pays here.
     cpu_mem_arena: bool = True
+    mem_pattern: bool = False
     # TensorRT caches (plans' timing cache, onnxruntime's TensorRT engines), as Triton's container sees them:
     # on the models volume, beside the repository /data/models (docker/compose.yaml, docker/k8s).
     trt_cache_dir: str = "/data/trt-cache"
@@ -186,6 +188,7 @@ def render_config(
             "intra_op_threads": str(options.intra_op_threads),
             "allow_spinning": "0",
             "cpu_mem_arena": "1" if options.cpu_mem_arena else "0",
+            "mem_pattern": "1" if options.mem_pattern else "0",
         }
         if options.backend == "python"
         else {"intra_op_thread_count": str(options.intra_op_threads)}

@@ -5,8 +5,9 @@ same images, each with the same per-image model work) on this machine, in one pr
 (it is up but idle: its processes sleep), and with the best session settings found:
 
 - *settings* (per component and batch size, each measured): intra-op threads = the run's thread budget, inter-op
-  1, and three settings: the service's own (its config.pbtxt: CPU arena off, no spinning, as exported), the
-  other CPU-arena setting, and onnxruntime's defaults (arena on, spinning allowed: the ORT peer's);
+  1, and three settings: the service's own (its config.pbtxt: CPU arena on, memory patterns off, no spinning, as
+  exported), the other CPU-arena setting, and onnxruntime's defaults (arena, patterns and spinning on: the ORT
+  peer's);
 - *replay, concurrent*: as many Python threads as the service had requests in flight take the run's executions
   (every (component, batch size) Triton ran, as many times as it ran it, from its statistics), shuffled, from
   one shared list, each the next one whose model is not already running (Triton's one instance per model);
@@ -87,13 +88,15 @@ class Setting:
 
     arena: bool  # onnxruntime's CPU memory arena
     spinning: bool  # idle intra-op threads spin (`session.intra_op.allow_spinning`)
+    pattern: bool = True  # memory patterns (`enable_mem_pattern`, onnxruntime's default on)
 
     @property
     def label(self) -> str:
-        return f"arena {'on' if self.arena else 'off'}, spinning {'on' if self.spinning else 'off'}"
+        on = {True: "on", False: "off"}
+        return f"arena {on[self.arena]}, spinning {on[self.spinning]}, patterns {on[self.pattern]}"
 
 
-ORT_DEFAULTS = Setting(arena=True, spinning=True)  # what optimum's pipeline (the ORT peer) runs with
+ORT_DEFAULTS = Setting(arena=True, spinning=True, pattern=True)  # what optimum's pipeline (the ORT peer) runs with
 
 
 def _config_param(config: str, key: str) -> str | None:
@@ -119,6 +122,7 @@ class Limit:
             self.service_settings[component] = Setting(
                 arena=_config_param(config, "cpu_mem_arena") == "1",
                 spinning=(_config_param(config, "allow_spinning") or "0") == "1",
+                pattern=(_config_param(config, "mem_pattern") or "1") == "1",
             )
             found = re.search(r"^max_batch_size: (\d+)", config, re.MULTILINE)
             self.max_batch[component] = max(int(found.group(1)), 1) if found else 1
@@ -132,7 +136,11 @@ class Limit:
     def settings(self, component: str) -> list[Setting]:
         """The service's setting first, then the other arena setting, then onnxruntime's defaults."""
         service = self.service_settings[component]
-        out = [service, Setting(arena=not service.arena, spinning=service.spinning), ORT_DEFAULTS]
+        out = [
+            service,
+            Setting(arena=not service.arena, spinning=service.spinning, pattern=service.pattern),
+            ORT_DEFAULTS,
+        ]
         return list(dict.fromkeys(out))
 
     def open_session(self, component: str, setting: Setting) -> Any:
@@ -141,6 +149,7 @@ class Limit:
         options = ort_session_options(self.threads)
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if setting.spinning else "0")
         options.enable_cpu_mem_arena = setting.arena
+        options.enable_mem_pattern = setting.pattern
         return ort.InferenceSession(str(self.files.onnx(component)), options, providers=["CPUExecutionProvider"])
 
     def session(self, component: str, setting: Setting) -> Any:

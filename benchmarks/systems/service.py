@@ -140,6 +140,9 @@ class Service:
             python_env=TRITON_ENV,
             log_file=log_dir / f"triton-{files.size}.log",
             extra_args=[f"--model-repository={identity_repo}"],
+            # The run's thread budget is the host's: components never run more threads than that at once, as
+            # the gateway's bundled server does by default (IMAGEN_TRITON_CPU_BUDGET).
+            cpu_budget=threads,
         )
         self.log_dir = log_dir
         self.gateway_env = dict(gateway_env or {})  # extra IMAGEN_* settings (A/B measurements of one setting)

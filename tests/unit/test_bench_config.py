@@ -37,7 +37,8 @@ def test_the_large_size_has_stable_diffusion_1_5s_shapes() -> None:
     assert spec.unet_channels == (320, 640, 1280, 1280) and spec.unet_layers_per_block == 2
     assert spec.unet_down == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
     assert spec.unet_up == ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    assert (spec.attention_head_dim, spec.unet_groups, spec.sample_size) == (8, 32, 64)
+    assert (spec.attention_head_dim, spec.unet_groups) == (8, 32)
+    assert spec.sample_size == 32  # the published 64 halved: native 256 px, the same weight shapes
     assert spec.vae_channels == (128, 256, 512, 512) and spec.vae_layers_per_block == 2 and spec.vae_groups == 32
     text = _text_config(spec)
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (768, 12, 12)

@@ -134,8 +134,10 @@ def test_the_fastest_setting_is_used_per_batch_and_named() -> None:
     limit, _, _, opened = fake_limit(seconds)
     result = limit.replay({"unet": {2: 3}}, images=3, in_flight=1)
     assert result["candidate_settings"]["replay_serial"] == {"unet@2": ORT_DEFAULTS.label}
-    assert result["candidate_settings"]["replay_concurrent"] == {"unet": "arena on, spinning off"}
-    assert result["candidate_settings"]["replay_serial_service_settings"] == {"unet": "arena off, spinning off"}
+    assert result["candidate_settings"]["replay_concurrent"] == {"unet": "arena on, spinning off, patterns on"}
+    assert result["candidate_settings"]["replay_serial_service_settings"] == {
+        "unet": "arena off, spinning off, patterns on"
+    }
     assert result["serial_s"] == pytest.approx(3 * CALL_S, rel=0.5)
     assert result["candidates"]["replay_serial_service_settings"] < result["candidates"]["replay_serial"]
     assert result["schedule"] == "replay_serial"

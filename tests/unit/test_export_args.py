@@ -47,6 +47,15 @@ def test_the_python_runners_cpu_arena_is_on_unless_turned_off(flag: list[str], v
     assert f'parameters {{ key: "cpu_mem_arena" value: {{ string_value: "{value}" }} }}' in config
 
 
+@pytest.mark.parametrize(("flag", "value"), [([], "0"), (["--mem-pattern"], "1")])
+def test_memory_patterns_are_off_unless_asked_for(flag: list[str], value: str) -> None:
+    """Off: faster and less held with the arena on CPU (benchmarks/README.md); the runner reads the parameter."""
+    args = parse_args(["--tiny", *flag])
+    options = ServingOptions(mem_pattern=args.mem_pattern)
+    config = render_config("m_unet", [TensorSpec("sample", "FP32", (-1, 4, -1, -1))], [], options, "model.onnx")
+    assert f'parameters {{ key: "mem_pattern" value: {{ string_value: "{value}" }} }}' in config
+
+
 def _instance_group(options: ServingOptions) -> str:
     config = render_config("m_unet", [TensorSpec("sample", "FP32", (-1, 4, -1, -1))], [], options, "model.onnx")
     (line,) = [line for line in config.splitlines() if line.startswith("instance_group")]
@@ -88,13 +97,21 @@ def test_the_cpu_budget_setting() -> None:
     [
         # The 2-core CPU's 512 px UNet: 1.02 s a row alone, 0.92 at 2 rows, 1.5 at 4: two rows, no more.
         ({1: 1.02, 2: 1.84, 4: 6.0}, BatchPolicy(2, (2,), 102_000)),
-        ({1: 1.0, 2: 1.97}, BatchPolicy(1, (), 0)),  # a 1.5 % gain is noise, not a reason to batch
+        # A 1.5 % gain is noise, not a reason to batch; the limit still takes one guided image's 2 rows.
+        ({1: 1.0, 2: 1.97}, BatchPolicy(2, (), 0)),
         ({1: 0.1, 2: 0.1, 4: 0.1, 8: 0.12}, BatchPolicy(8, (8,), 10_000)),  # a GPU: capped by what was measured
         ({1: 0.1, 2: 0.1, 4: 0.4, 8: 0.2}, BatchPolicy(2, (2,), 10_000)),  # the first doubling that fails stops it
+        # A millisecond model (the tiny one: 11 ms a row, flat): the execution overhead makes 2 rows worth it.
+        ({1: 0.011, 2: 0.022, 4: 0.044}, BatchPolicy(2, (2,), 1_100)),
     ],
 )
 def test_the_calibrated_batch_policy(seconds: dict[int, float], policy: BatchPolicy) -> None:
     assert choose_policy(seconds) == policy
+
+
+def test_the_calibrated_limit_stays_within_the_export_cap() -> None:
+    assert choose_policy({1: 1.0, 2: 2.0}, cap=1) == BatchPolicy(1, (), 0)
+    assert choose_policy({1: 0.1, 2: 0.1, 4: 0.1, 8: 0.1}, cap=4) == BatchPolicy(4, (4,), 10_000)
 
 
 def test_the_calibrated_batching_line() -> None:

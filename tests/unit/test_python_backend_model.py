@@ -118,3 +118,19 @@ def test_refuses_numpy_2_inside_triton(runner_module: types.ModuleType, monkeypa
     monkeypatch.setattr(runner_module.np, "__version__", "2.4.6")
     with pytest.raises(RuntimeError, match="numpy<2"):
         runner_module.TritonPythonModel().initialize({"model_config": "{}"})
+
+
+@pytest.mark.parametrize(
+    ("params", "arena", "pattern"),
+    [
+        ({"cpu_mem_arena": "1", "mem_pattern": "0"}, True, False),  # what the export writes
+        ({"cpu_mem_arena": "0", "mem_pattern": "1"}, False, True),
+        ({}, False, True),  # a config written before either was set: onnxruntime's pattern default, no arena
+    ],
+)
+def test_session_options_follow_the_config(
+    runner_module: types.ModuleType, params: dict[str, str], arena: bool, pattern: bool
+) -> None:
+    options = runner_module.session_options({"intra_op_threads": "2", **params})
+    assert options.intra_op_num_threads == 2
+    assert options.enable_cpu_mem_arena is arena and options.enable_mem_pattern is pattern
