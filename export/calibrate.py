@@ -75,10 +75,11 @@ def best_batch(seconds: Mapping[int, float]) -> int:
     return best
 
 
-def choose_policy(seconds: Mapping[int, float], cap: int | None = None) -> BatchPolicy:
-    """The policy for measured seconds per call by batch size (`RULE`), within `cap` (--max-batch-size)."""
+def choose_policy(seconds: Mapping[int, float], cap: int | None = None, floor: int = GUIDED_ROWS) -> BatchPolicy:
+    """The policy for measured seconds per call by batch size (`RULE`), within `cap` (--max-batch-size) and at
+    least `floor` rows (the UNet's: one guided image; a VAE's: 1)."""
     best = best_batch(seconds) if cap is None else min(best_batch(seconds), cap)
-    limit = max(best, GUIDED_ROWS) if cap is None else min(max(best, GUIDED_ROWS), cap)
+    limit = max(best, floor) if cap is None else min(max(best, floor), cap)
     if best == 1:
         return BatchPolicy(limit, (), 0)
     return BatchPolicy(limit, (best,), round(QUEUE_DELAY_FRACTION * seconds[1] * 1e6))
@@ -106,13 +107,23 @@ def _runner() -> Any:
     return module
 
 
-def unet_feeds(manifest: Mapping[str, Any], batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """UNet inputs of `batch` rows at the native latent size, one timestep per row, the text window's length."""
-    latent = int(manifest["native_resolution"]) // int(manifest["vae_scale_factor"])
+# The components whose batch policy is measured, and the fewest rows each may be limited to: the UNet's step of
+# one guided image is 2 rows in one call; a VAE call is one image's row. (The text encoder's calls are short and
+# mostly skipped by the gateway's embedding cache: it keeps the export's limit.)
+CALIBRATED = {"unet": GUIDED_ROWS, "vae_encoder": 1, "vae_decoder": 1}
+
+
+def component_feeds(
+    manifest: Mapping[str, Any], component: str, batch: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Inputs of `batch` rows at the native size (pixels for the VAE encoder, latents for the others), one
+    timestep per row, the text window's length."""
+    native = int(manifest["native_resolution"])
+    side = native if component == "vae_encoder" else native // int(manifest["vae_scale_factor"])
     feeds = {}
-    for spec in manifest["components"]["unet"]["inputs"].values():
+    for spec in manifest["components"][component]["inputs"].values():
         dtype = np.float16 if spec["datatype"] == "FP16" else np.float32
-        shape = [batch] + [latent if d == -1 else int(d) for d in spec["shape"][1:]]
+        shape = [batch] + [side if d == -1 else int(d) for d in spec["shape"][1:]]
         if spec["name"] == "timestep":
             feeds[spec["name"]] = np.linspace(1, 999, batch).astype(dtype)  # per sample, as the gateway sends
         else:
@@ -130,15 +141,30 @@ def _host() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
 
 
-def calibrate_unet(
+def calibrate(
     staging: Path, manifest: dict[str, Any], max_batch_size: int, report: Callable[[str], None] = print
+) -> dict[str, BatchPolicy]:
+    """Measure and write the batch policy of each calibrated component (`CALIBRATED`) the pipeline has."""
+    return {
+        component: calibrate_component(staging, manifest, component, max_batch_size, report)
+        for component in CALIBRATED
+        if component in manifest["components"]
+    }
+
+
+def calibrate_component(
+    staging: Path,
+    manifest: dict[str, Any],
+    component: str,
+    max_batch_size: int,
+    report: Callable[[str], None] = print,
 ) -> BatchPolicy:
-    """Time the staged UNet, write its batch policy into its config.pbtxt and the manifest, and the measurement
-    into `<unet model>/calibration.json`."""
+    """Time one staged component, write its batch policy into its config.pbtxt and the manifest, and the
+    measurement into `<model>/calibration.json`."""
     import onnxruntime as ort
 
     name = str(manifest["name"])
-    model_dir = staging / model_name(name, "unet")
+    model_dir = staging / model_name(name, component)
     config_path = model_dir / "config.pbtxt"
     config = config_path.read_text()
     params = dict(_PARAMETER.findall(config))
@@ -154,7 +180,7 @@ def calibrate_unet(
     for batch in (b for b in BATCHES if b <= max_batch_size):
         if batch > 1 and not worth_doubling(seconds, batch // 2):
             break
-        feeds = unet_feeds(manifest, batch, rng)
+        feeds = component_feeds(manifest, component, batch, rng)
         session.run(None, feeds)  # warm-up
         times: list[float] = []
         while len(times) < REPEATS or sum(times) < MIN_TIMED_S:
@@ -163,28 +189,33 @@ def calibrate_unet(
             times.append(time.perf_counter() - start)
         seconds[batch] = statistics.median(times)
         report(
-            f"calibrate: UNet at {batch} row(s): {seconds[batch]:.3f} s a call, {seconds[batch] / batch:.3f} s a row"
+            f"calibrate: {component} at {batch} row(s): {seconds[batch]:.3f} s a call, "
+            f"{seconds[batch] / batch:.3f} s a row"
         )
     del session
-    policy = choose_policy(seconds, max_batch_size)
+    policy = choose_policy(seconds, max_batch_size, floor=CALIBRATED[component])
+    if component != "unet":  # only the UNet's steps arrive together and gain from waiting for company
+        policy = BatchPolicy(policy.max_batch_size, policy.preferred_batch_size, 0)
     config = re.sub(r"^max_batch_size: \d+$", f"max_batch_size: {policy.max_batch_size}", config, flags=re.MULTILINE)
     config = re.sub(r"^dynamic_batching \{.*\}$", render_batching(policy), config, flags=re.MULTILINE)
     config_path.write_text(config)
-    manifest["components"]["unet"]["max_batch_size"] = policy.max_batch_size
+    manifest["components"][component]["max_batch_size"] = policy.max_batch_size
     (staging / f"{name}{MANIFEST_SUFFIX}").write_text(json.dumps(manifest, indent=2) + "\n")
+    native = int(manifest["native_resolution"])
+    side = native if component == "vae_encoder" else native // int(manifest["vae_scale_factor"])
     record = {
         "host": {**_host(), "onnxruntime": ort.__version__, "providers": session_providers(providers)},
-        "settings": {**params, "latent_size": int(manifest["native_resolution"]) // int(manifest["vae_scale_factor"])},
+        "settings": {**params, "side": side},
         "timed_calls": f"median of at least {REPEATS} calls and {MIN_TIMED_S} s, after one warm-up call",
         "seconds_per_call": {str(b): s for b, s in seconds.items()},
         "seconds_per_row": {str(b): s / b for b, s in seconds.items()},
         "policy": asdict(policy),
-        "rule": RULE,
+        "rule": RULE if component == "unet" else f"{RULE}; floor 1 row and no queue delay for {component}",
     }
     (model_dir / CALIBRATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
     report(
-        f"calibrate: UNet max_batch_size {policy.max_batch_size}, preferred {list(policy.preferred_batch_size)}, "
-        f"queue delay {policy.max_queue_delay_us} us"
+        f"calibrate: {component} max_batch_size {policy.max_batch_size}, preferred "
+        f"{list(policy.preferred_batch_size)}, queue delay {policy.max_queue_delay_us} us"
     )
     return policy
 

@@ -131,9 +131,9 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
             )
 
         def calibrate(s: dict[str, Any]) -> None:
-            from export.calibrate import calibrate_unet
+            from export.calibrate import calibrate as measure_batching
 
-            calibrate_unet(staging, s["manifest"], request.options.max_batch_size, report=tqdm.write)
+            measure_batching(staging, s["manifest"], request.options.max_batch_size, report=tqdm.write)
 
         def install(s: dict[str, Any]) -> None:
             install_pipeline(staging, repository, name, pipeline_components(s["pipeline"]))
@@ -146,7 +146,7 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
             stages.append(("convert to fp16", fp16))
         stages.append(("write Triton models", write))
         if request.calibrate:  # before installing: a polling Triton only ever sees the calibrated config
-            stages.append(("calibrate UNet batching", calibrate))
+            stages.append(("calibrate batching", calibrate))
         stages.append(("install into repository", install))
         bar = tqdm(stages, desc=f"export {name}", unit="stage", disable=not progress, leave=True)
         for label, stage in bar:

@@ -73,7 +73,11 @@ def test_calibration_writes_one_policy_into_the_config_the_manifest_and_its_reco
     assert f"max_batch_size: {policy}\n" in (repo / f"{NAME}_unet" / "config.pbtxt").read_text()
     manifest = json.loads((repo / f"{NAME}.pipeline.json").read_text())
     assert manifest["components"]["unet"]["max_batch_size"] == policy
-    assert manifest["components"]["vae_decoder"]["max_batch_size"] == MAX_BATCH
+    for component in ("vae_encoder", "vae_decoder"):  # each VAE half measured too, at least 1 row
+        vae = json.loads((repo / f"{NAME}_{component}" / "calibration.json").read_text())["policy"]
+        assert 1 <= vae["max_batch_size"] <= MAX_BATCH and vae["max_queue_delay_us"] == 0
+        assert manifest["components"][component]["max_batch_size"] == vae["max_batch_size"]
+    assert manifest["components"]["text_encoder"]["max_batch_size"] == MAX_BATCH  # not calibrated
 
 
 def _generation() -> Generation:
