@@ -9,6 +9,7 @@ Per size, under `benchmarks/results/tmp/<size>/`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -46,16 +47,26 @@ class ModelFiles:
         return [f"{self.name}_{c}" for c in COMPONENTS]
 
 
-EXPORT_STAMP = "export-args.json"  # beside the repository: the export command it was written with
+EXPORT_STAMP = "export-args.json"  # beside the repository: the export command and code it was written with
+PYTHON_RUNNER = Path("model_repository/python_backend/model.py")
+
+
+def export_stamp(args: list[str]) -> dict[str, str | list[str]]:
+    """What a repository was exported with: the arguments and a digest of the exporter's and the runner's code
+    (a change to either, such as a new calibrated component, re-exports)."""
+    digest = hashlib.sha256()
+    for source in [*sorted((PROJECT_ROOT / "export").glob("*.py")), PROJECT_ROOT / PYTHON_RUNNER]:
+        digest.update(source.read_bytes())
+    return {"args": args, "code": digest.hexdigest()}
 
 
 def _export_matches(files: ModelFiles, args: list[str]) -> bool:
-    """True when the repository was exported with exactly these arguments (threads, batching, calibration)."""
+    """True when the repository was exported with exactly these arguments and this code."""
     stamp = files.repository.parent / EXPORT_STAMP
     if not files.manifest_path.is_file() or not stamp.is_file():
         return False
     try:
-        return bool(json.loads(stamp.read_text()) == args)
+        return bool(json.loads(stamp.read_text()) == export_stamp(args))
     except ValueError:
         return False
 
@@ -110,7 +121,7 @@ def ensure_model(size: str, *, threads: int, queue_delay_us: int, max_batch: int
     if not _export_matches(files, args):
         (files.repository.parent / EXPORT_STAMP).unlink(missing_ok=True)
         _run([sys.executable, *args], log)
-        (files.repository.parent / EXPORT_STAMP).write_text(json.dumps(args))
+        (files.repository.parent / EXPORT_STAMP).write_text(json.dumps(export_stamp(args)))
     _link_ort_folder(files)
     return files
 
