@@ -25,6 +25,8 @@ from benchmarks.runner import summarize
 from benchmarks.systems.service import Service
 from benchmarks.workload import request_body
 
+CPU_BUDGET_SETTING = "IMAGEN_TRITON_CPU_BUDGET"  # e.g. --variant off:IMAGEN_TRITON_CPU_BUDGET=0
+
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, assignments = text.partition(":")
@@ -45,7 +47,16 @@ def measure(args: argparse.Namespace, name: str, env: dict[str, str], loadgen: L
     body_file.write_text(json.dumps(request_body(Workload(steps=args.steps, strength=0.5), files.name)))
     log_dir = WORK_DIR / args.model / "logs-ab"
     log_dir.mkdir(parents=True, exist_ok=True)
-    with Service(files, port_base=args.port_base, threads=args.threads, log_dir=log_dir, gateway_env=env) as service:
+    # The harness starts Triton itself: the CPU budget setting goes to its server, not to the gateway.
+    budget = env.get(CPU_BUDGET_SETTING)
+    with Service(
+        files,
+        port_base=args.port_base,
+        threads=args.threads,
+        log_dir=log_dir,
+        gateway_env={k: v for k, v in env.items() if k != CPU_BUDGET_SETTING},
+        cpu_budget=None if budget is None else int(budget),
+    ) as service:
         cpu = ProcessCpu(service.gateway_pid, service.triton_pid, files.triton_models(), loadgen.process.pid)
         c = args.concurrency
         loadgen.run(op="closed", url=service.url, body_file=str(body_file), concurrency=c, requests=2 * c)

@@ -124,7 +124,9 @@ class Service:
         threads: int,
         log_dir: Path,
         gateway_env: dict[str, str] | None = None,
+        cpu_budget: int | None = None,
     ) -> None:
+        """`cpu_budget`: Triton's CPU budget in cores (None: `threads`, as the gateway's launcher does; 0: none)."""
         from gateway.triton.server import TritonServer
 
         self.files = files
@@ -142,7 +144,7 @@ class Service:
             extra_args=[f"--model-repository={identity_repo}"],
             # The run's thread budget is the host's: components never run more threads than that at once, as
             # the gateway's bundled server does by default (IMAGEN_TRITON_CPU_BUDGET).
-            cpu_budget=threads,
+            cpu_budget=threads if cpu_budget is None else cpu_budget,
         )
         self.log_dir = log_dir
         self.gateway_env = dict(gateway_env or {})  # extra IMAGEN_* settings (A/B measurements of one setting)
