@@ -65,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--calibrate",
         action="store_true",
-        help="python backend: time the UNet on this host at 1, 2, 4, 8 rows (up to --max-batch-size) and write the "
-        "batch policy it measures into its config (max_batch_size, preferred_batch_size, queue delay)",
+        help="python backend: time the UNet and the VAE halves on this host at 1, 2, 4, 8 rows (up to "
+        "--max-batch-size) and write the batch policy measured into their configs and the manifest",
     )
     parser.add_argument(
         "--trt-cache-dir",

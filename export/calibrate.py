@@ -1,10 +1,10 @@
-"""`python -m export --calibrate`: the UNet's batch policy measured on this host, not assumed.
+"""`python -m export --calibrate`: the batch policy of the UNet and both VAE halves, measured on this host.
 
 On a GPU a bigger batch is nearly free per row; on CPUs the per-row cost stops falling after a row or two
 (the 512 px UNet on 2 cores: 1.02 s a row alone, 0.92 at 2 rows, about 1.5 at 4), so large batches buy nothing and
-hold memory. The UNet ONNX is timed with the session settings its config.pbtxt gives the python runner (through
-the runner's own `session_options`, so the two cannot drift) at 1, 2, 4, 8... rows with the model's native latent
-size and per-sample timesteps, and its config gets the batch policy the times call for.
+hold memory. Each component's ONNX is timed with the session settings its config.pbtxt gives the python runner
+(through the runner's own `session_options`, so the two cannot drift) at 1, 2, 4, 8... rows at the model's
+native size (per-sample timesteps for the UNet), and its config and the manifest get the policy the times call for.
 """
 
 from __future__ import annotations
@@ -113,13 +113,17 @@ def _runner() -> Any:
 CALIBRATED = {"unet": GUIDED_ROWS, "vae_encoder": 1, "vae_decoder": 1}
 
 
+def native_side(manifest: Mapping[str, Any], component: str) -> int:
+    """The side of the component's image input at the native size: pixels for the VAE encoder, else latents."""
+    native = int(manifest["native_resolution"])
+    return native if component == "vae_encoder" else native // int(manifest["vae_scale_factor"])
+
+
 def component_feeds(
     manifest: Mapping[str, Any], component: str, batch: int, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
-    """Inputs of `batch` rows at the native size (pixels for the VAE encoder, latents for the others), one
-    timestep per row, the text window's length."""
-    native = int(manifest["native_resolution"])
-    side = native if component == "vae_encoder" else native // int(manifest["vae_scale_factor"])
+    """Inputs of `batch` rows at the native size (`native_side`), one timestep per row, the text window's length."""
+    side = native_side(manifest, component)
     feeds = {}
     for spec in manifest["components"][component]["inputs"].values():
         dtype = np.float16 if spec["datatype"] == "FP16" else np.float32
@@ -144,12 +148,16 @@ def _host() -> dict[str, Any]:
 def calibrate(
     staging: Path, manifest: dict[str, Any], max_batch_size: int, report: Callable[[str], None] = print
 ) -> dict[str, BatchPolicy]:
-    """Measure and write the batch policy of each calibrated component (`CALIBRATED`) the pipeline has."""
-    return {
-        component: calibrate_component(staging, manifest, component, max_batch_size, report)
+    """Measure and write the batch policy of each calibrated component (`CALIBRATED`) the pipeline has, then the
+    manifest once with every component's new `max_batch_size`."""
+    runner = _runner()
+    policies = {
+        component: calibrate_component(staging, manifest, component, max_batch_size, runner, report)
         for component in CALIBRATED
         if component in manifest["components"]
     }
+    (staging / f"{manifest['name']}{MANIFEST_SUFFIX}").write_text(json.dumps(manifest, indent=2) + "\n")
+    return policies
 
 
 def calibrate_component(
@@ -157,18 +165,18 @@ def calibrate_component(
     manifest: dict[str, Any],
     component: str,
     max_batch_size: int,
+    runner: Any,
     report: Callable[[str], None] = print,
 ) -> BatchPolicy:
-    """Time one staged component, write its batch policy into its config.pbtxt and the manifest, and the
-    measurement into `<model>/calibration.json`."""
+    """Time one staged component with the python `runner`'s session settings, write its batch policy into its
+    config.pbtxt and into `manifest` (the caller writes the manifest), and the measurement into
+    `<model>/calibration.json`."""
     import onnxruntime as ort
 
-    name = str(manifest["name"])
-    model_dir = staging / model_name(name, component)
+    model_dir = staging / model_name(str(manifest["name"]), component)
     config_path = model_dir / "config.pbtxt"
     config = config_path.read_text()
     params = dict(_PARAMETER.findall(config))
-    runner = _runner()
     providers = runner._providers("MODEL", "0")  # CUDA where a GPU instance would use it, else the CPU
     session = ort.InferenceSession(
         str(model_dir / "1" / params.get("onnx_file", "model.onnx")),
@@ -200,12 +208,9 @@ def calibrate_component(
     config = re.sub(r"^dynamic_batching \{.*\}$", render_batching(policy), config, flags=re.MULTILINE)
     config_path.write_text(config)
     manifest["components"][component]["max_batch_size"] = policy.max_batch_size
-    (staging / f"{name}{MANIFEST_SUFFIX}").write_text(json.dumps(manifest, indent=2) + "\n")
-    native = int(manifest["native_resolution"])
-    side = native if component == "vae_encoder" else native // int(manifest["vae_scale_factor"])
     record = {
         "host": {**_host(), "onnxruntime": ort.__version__, "providers": session_providers(providers)},
-        "settings": {**params, "side": side},
+        "settings": {**params, "side": native_side(manifest, component)},
         "timed_calls": f"median of at least {REPEATS} calls and {MIN_TIMED_S} s, after one warm-up call",
         "seconds_per_call": {str(b): s for b, s in seconds.items()},
         "seconds_per_row": {str(b): s / b for b, s in seconds.items()},

@@ -42,7 +42,7 @@ class ExportRequest:
     options: ServingOptions = field(default_factory=ServingOptions)
     fp16: bool = False
     validate: bool = True
-    calibrate: bool = False  # time the UNet on this host and write its batch policy (export.calibrate)
+    calibrate: bool = False  # time the UNet and VAEs on this host and write their batch policy (export.calibrate)
 
 
 def _quiet() -> None:
