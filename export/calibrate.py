@@ -9,7 +9,6 @@ native size (per-sample timesteps for the UNet), and its config and the manifest
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -23,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from export.errors import ExportError
-from export.repository import MANIFEST_SUFFIX, PYTHON_MODEL_SOURCE, model_name
+from export.repository import MANIFEST_SUFFIX, config_parameters, model_name, python_runner
 
 # The batch sizes tried, doubling, up to the export's --max-batch-size.
 BATCHES = (1, 2, 4, 8)
@@ -53,7 +51,6 @@ RULE = (
     f"max_queue_delay_microseconds: 0 when best is 1, else {QUEUE_DELAY_FRACTION} x t(1)"
 )
 CALIBRATION_FILE = "calibration.json"
-_PARAMETER = re.compile(r'parameters \{ key: "(\w+)" value: \{ string_value: "([^"]*)" \} \}')
 
 
 @dataclass(frozen=True)
@@ -95,16 +92,6 @@ def render_batching(policy: BatchPolicy) -> str:
         policy.preferred_batch_size
     )
     return f"dynamic_batching {{ {preferred}max_queue_delay_microseconds: {policy.max_queue_delay_us} }}"
-
-
-def _runner() -> Any:
-    """The python backend's model.py (it imports outside Triton for its `session_options` and `_providers`)."""
-    spec = importlib.util.spec_from_file_location("imagen_python_runner", PYTHON_MODEL_SOURCE)
-    if spec is None or spec.loader is None:
-        raise ExportError(f"cannot load the python runner {PYTHON_MODEL_SOURCE}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # The components whose batch policy is measured, and the fewest rows each may be limited to: the UNet's step of
@@ -150,7 +137,7 @@ def calibrate(
 ) -> dict[str, BatchPolicy]:
     """Measure and write the batch policy of each calibrated component (`CALIBRATED`) the pipeline has, then the
     manifest once with every component's new `max_batch_size`."""
-    runner = _runner()
+    runner = python_runner()
     policies = {
         component: calibrate_component(staging, manifest, component, max_batch_size, runner, report)
         for component in CALIBRATED
@@ -176,7 +163,7 @@ def calibrate_component(
     model_dir = staging / model_name(str(manifest["name"]), component)
     config_path = model_dir / "config.pbtxt"
     config = config_path.read_text()
-    params = dict(_PARAMETER.findall(config))
+    params = config_parameters(config)
     providers = runner._providers("MODEL", "0")  # CUDA where a GPU instance would use it, else the CPU
     session = ort.InferenceSession(
         str(model_dir / "1" / params.get("onnx_file", "model.onnx")),

@@ -8,6 +8,7 @@ manifest) never sees a pipeline whose models are not all in place.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from export.errors import ExportError
@@ -198,6 +200,25 @@ def render_config(
     for key, value in params.items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
+
+
+_CONFIG_PARAMETER = re.compile(r'parameters \{ key: "(\w+)" value: \{ string_value: "([^"]*)" \} \}')
+
+
+def config_parameters(config: str) -> dict[str, str]:
+    """The `parameters` of a config.pbtxt as `render_config` writes them: what the python runner reads."""
+    return dict(_CONFIG_PARAMETER.findall(config))
+
+
+def python_runner() -> ModuleType:
+    """The python backend's model.py as a module (it imports outside Triton), for its `session_options`: whoever
+    times a model as it is served (export.calibrate, the benchmark's limit) builds sessions with it."""
+    spec = importlib.util.spec_from_file_location("imagen_python_runner", PYTHON_MODEL_SOURCE)
+    if spec is None or spec.loader is None:
+        raise ExportError(f"cannot load the python runner {PYTHON_MODEL_SOURCE}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_manifest(

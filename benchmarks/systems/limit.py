@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.models import COMPONENTS, ModelFiles
-from benchmarks.pinning import ort_session_options
+from export.repository import config_parameters, python_runner
 
 
 def work_shapes(manifest: dict[str, Any], input_side: int) -> dict[str, int]:
@@ -95,13 +95,24 @@ class Setting:
         on = {True: "on", False: "off"}
         return f"arena {on[self.arena]}, spinning {on[self.spinning]}, patterns {on[self.pattern]}"
 
+    def runner_parameters(self) -> dict[str, str]:
+        """This setting in the config parameters the python runner's `session_options` reads."""
+        flag = {True: "1", False: "0"}
+        return {
+            "allow_spinning": flag[self.spinning],
+            "cpu_mem_arena": flag[self.arena],
+            "mem_pattern": flag[self.pattern],
+        }
 
+    @classmethod
+    def of(cls, options: Any) -> Setting:
+        """The setting of onnxruntime `SessionOptions` (the runner's, for a served config)."""
+        spinning = options.get_session_config_entry(SPINNING_ENTRY) == "1"
+        return cls(arena=options.enable_cpu_mem_arena, spinning=spinning, pattern=options.enable_mem_pattern)
+
+
+SPINNING_ENTRY = "session.intra_op.allow_spinning"
 ORT_DEFAULTS = Setting(arena=True, spinning=True, pattern=True)  # what optimum's pipeline (the ORT peer) runs with
-
-
-def _config_param(config: str, key: str) -> str | None:
-    found = re.search(rf'key: "{key}" value: \{{ string_value: "(\d)" \}}', config)
-    return found.group(1) if found else None
 
 
 class Limit:
@@ -115,15 +126,14 @@ class Limit:
         self.shapes = work_shapes(files.manifest(), input_side)
         self.outputs = {"text_encoder": ["last_hidden_state"], "vae_encoder": ["latent_parameters"],
                         "unet": ["out_sample"], "vae_decoder": ["sample"]}  # fmt: skip
+        # Sessions are built by the python runner's own `session_options` (model.py), so the service's setting is
+        # exactly what its Triton stubs run, and every other setting differs from it only where it says.
+        self.runner = python_runner()
         self.service_settings: dict[str, Setting] = {}
         self.max_batch: dict[str, int] = {}
         for component in COMPONENTS:
             config = (files.repository / f"{files.name}_{component}" / "config.pbtxt").read_text()
-            self.service_settings[component] = Setting(
-                arena=_config_param(config, "cpu_mem_arena") == "1",
-                spinning=(_config_param(config, "allow_spinning") or "0") == "1",
-                pattern=(_config_param(config, "mem_pattern") or "1") == "1",
-            )
+            self.service_settings[component] = Setting.of(self.runner.session_options(config_parameters(config)))
             found = re.search(r"^max_batch_size: (\d+)", config, re.MULTILINE)
             self.max_batch[component] = max(int(found.group(1)), 1) if found else 1
         self.sessions: dict[tuple[str, Setting], Any] = {}  # open while timing or replaying (`release`)
@@ -146,10 +156,8 @@ class Limit:
     def open_session(self, component: str, setting: Setting) -> Any:
         import onnxruntime as ort
 
-        options = ort_session_options(self.threads)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if setting.spinning else "0")
-        options.enable_cpu_mem_arena = setting.arena
-        options.enable_mem_pattern = setting.pattern
+        options = self.runner.session_options({"intra_op_threads": str(self.threads), **setting.runner_parameters()})
+        options.inter_op_num_threads = 1  # as every system's sessions (benchmarks.pinning)
         return ort.InferenceSession(str(self.files.onnx(component)), options, providers=["CPUExecutionProvider"])
 
     def session(self, component: str, setting: Setting) -> Any:

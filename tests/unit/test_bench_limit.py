@@ -264,3 +264,15 @@ def test_a_peer_measured_at_other_levels_is_compared_only_where_both_exist() -> 
     assert summary["limit_violations"] == []
     assert summary["ratios"]["8"]["ort_peer/limit"] == pytest.approx(5.0)  # the ratio falls back to its median
     assert summary["ratios"]["8"]["ort_peer/limit peer level"] == "median over 1"
+
+
+def test_the_services_setting_and_every_session_come_from_the_runners_session_options() -> None:
+    """The limit reads the served setting through model.py's `session_options`, and builds its sessions with it."""
+    from export.repository import ServingOptions, TensorSpec, config_parameters, python_runner, render_config
+
+    runner = python_runner()
+    config = render_config("m_unet", [TensorSpec("sample", "FP32", (-1, 4, -1, -1))], [], ServingOptions(), "x.onnx")
+    served = Setting.of(runner.session_options(config_parameters(config)))
+    assert served == Setting(arena=True, spinning=False, pattern=False)  # the export's defaults
+    for setting in (served, ORT_DEFAULTS, Setting(arena=False, spinning=False)):
+        assert Setting.of(runner.session_options(setting.runner_parameters())) == setting
