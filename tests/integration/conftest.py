@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
@@ -29,6 +30,27 @@ from tests.helpers import ThreadedUvicorn, free_port
 
 API_KEY = "test-key-0123456789"
 TRITON_ENV = PROJECT_ROOT / ".venv-triton"
+
+
+def start_own_triton(
+    repository: Path, log_file: Path, *, cpu_budget: int = 0, ports: tuple[int, int, int] | None = None
+) -> TritonServer:
+    """A started Triton of a test's own beside the session one, on loopback (free ports, or `ports` to come back
+    on a stopped one's): several Tritons on one host each need the Python backend's shared-memory regions of
+    their own. The caller waits for its models and stops it."""
+    http_port, grpc_port, metrics_port = ports or (free_port(), free_port(), free_port())
+    server = TritonServer(
+        repository,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        python_env=TRITON_ENV,
+        log_file=log_file,
+        cpu_budget=cpu_budget,
+        extra_args=[f"--backend-config=python,shm-region-prefix-name=imagen_{grpc_port}_{time.time_ns()}_"],
+    )
+    server.start()
+    return server
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,7 @@ from gateway.diffusion.manifest import PipelineManifest, load_manifest
 from gateway.settings import Settings
 from gateway.triton.client import TritonEngine
 from gateway.triton.server import TritonServer
-from tests.helpers import free_port
-from tests.integration.conftest import TRITON_ENV, Repository
+from tests.integration.conftest import Repository, start_own_triton
 
 MAX_BATCH = 2
 NAME = "imagen-b2"
@@ -44,17 +43,7 @@ def bounded(repository: Repository, tmp_path_factory: pytest.TempPathFactory) ->
         calibrate=True,
     )
     run_export(request, progress=False)
-    server = TritonServer(
-        repo,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        python_env=TRITON_ENV,
-        log_file=repo.parent / "tritonserver.log",
-        cpu_budget=Settings().triton_cpu_budget,
-        extra_args=[f"--backend-config=python,shm-region-prefix-name=imagen_b2_{free_port()}_"],
-    )
-    server.start()
+    server = start_own_triton(repo, repo.parent / "tritonserver.log", cpu_budget=Settings().triton_cpu_budget)
     try:
         server.wait_ready(load_manifest(repo / f"{NAME}.pipeline.json").models)
         yield repo, server

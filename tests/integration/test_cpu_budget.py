@@ -20,8 +20,7 @@ import tritonclient.grpc as grpcclient
 
 from export.repository import ServingOptions, TensorSpec, render_config
 from gateway.triton.server import TritonServer
-from tests.helpers import free_port
-from tests.integration.conftest import TRITON_ENV
+from tests.integration.conftest import start_own_triton
 
 BUDGET = 2
 ASKS = {"budget_a": 2, "budget_b": 3}  # together over the budget; b alone is over it too
@@ -64,17 +63,7 @@ def _repository(root: Path) -> Path:
 
 @contextmanager
 def _server(repository: Path, log_file: Path, cpu_budget: int) -> Iterator[TritonServer]:
-    server = TritonServer(
-        repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        python_env=TRITON_ENV,
-        log_file=log_file,
-        cpu_budget=cpu_budget,
-        extra_args=[f"--backend-config=python,shm-region-prefix-name=imagen_budget{free_port()}_"],
-    )
-    server.start()
+    server = start_own_triton(repository, log_file, cpu_budget=cpu_budget)
     try:
         server.wait_ready(list(ASKS), timeout_s=60)
         yield server

@@ -23,7 +23,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from gateway.triton.server import TritonServer
 from tests.helpers import data_uri, free_port, make_image, serving_http
-from tests.integration.conftest import TRITON_ENV, GatewayFactory, Repository
+from tests.integration.conftest import GatewayFactory, Repository, start_own_triton
 from tests.integration.gateways import SubprocessGateway, start_gateway
 
 pytestmark = pytest.mark.integration
@@ -303,15 +303,7 @@ def test_jobs_survive_a_killed_gateway(
 @pytest.fixture
 def own_triton(repository: Repository, tmp_path: Path) -> Iterator[TritonServer]:
     """A Triton of this test's own (the session one must stay up for the other tests)."""
-    server = TritonServer(
-        repository.path,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        python_env=TRITON_ENV,
-        log_file=tmp_path / "triton.log",
-    )
-    server.start()
+    server = start_own_triton(repository.path, tmp_path / "triton.log")
     server.wait_ready(repository.manifests["imagen-v2"].models)
     yield server
     server.stop()

@@ -41,7 +41,7 @@ from tests.fixtures_postgres import PgCluster, create_database, drop_database, p
 from tests.fixtures_redis import RedisServer, running_redis
 from tests.fixtures_s3 import S3Endpoint, s3_server  # noqa: F401 (fixture)
 from tests.helpers import data_uri, free_port, make_image, start_http_server
-from tests.integration.conftest import TRITON_ENV, Repository
+from tests.integration.conftest import Repository, start_own_triton
 from tests.integration.gateways import SubprocessGateway, start_gateway
 
 pytestmark = pytest.mark.integration
@@ -130,19 +130,7 @@ def serve_receiver() -> tuple[Receiver, http.server.ThreadingHTTPServer]:
 
 def own_triton(repository: Repository, folder: Path) -> TritonServer:
     folder.mkdir(parents=True, exist_ok=True)
-    grpc_port = free_port()
-    server = TritonServer(
-        repository.path,
-        http_port=free_port(),
-        grpc_port=grpc_port,
-        metrics_port=free_port(),
-        python_env=TRITON_ENV,
-        log_file=folder / "tritonserver.log",
-        # Two Tritons on one host: the Python backend of each needs shared-memory regions of its own.
-        extra_args=[f"--backend-config=python,shm-region-prefix-name=imagen_scale{grpc_port}_{time.time_ns()}_"],
-    )
-    server.start()
-    return server
+    return start_own_triton(repository.path, folder / "tritonserver.log")
 
 
 @dataclass

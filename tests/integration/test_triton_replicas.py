@@ -26,7 +26,7 @@ from gateway.settings import Settings
 from gateway.triton.pool import TritonPool, make_triton
 from gateway.triton.server import TritonServer
 from tests.helpers import ThreadedUvicorn, data_uri, free_port, make_image
-from tests.integration.conftest import API_KEY, TRITON_ENV, Repository
+from tests.integration.conftest import API_KEY, Repository, start_own_triton
 
 pytestmark = pytest.mark.integration
 
@@ -44,19 +44,7 @@ def body(seed: int) -> dict[str, Any]:
 
 
 def new_triton(repository: Repository, log_file: Path, ports: tuple[int, int, int] | None = None) -> TritonServer:
-    http_port, grpc_port, metrics_port = ports or (free_port(), free_port(), free_port())
-    server = TritonServer(
-        repository.path,
-        http_port=http_port,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-        python_env=TRITON_ENV,
-        log_file=log_file,
-        # Several Tritons on one host: each Python backend needs shared-memory regions of its own.
-        extra_args=[f"--backend-config=python,shm-region-prefix-name=imagen_rep{grpc_port}_{time.time_ns()}_"],
-    )
-    server.start()
-    return server
+    return start_own_triton(repository.path, log_file, ports=ports)
 
 
 def kill_9(server: TritonServer) -> None:
