@@ -244,8 +244,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str] | None = None) -> st
             )
         lines += ["", violations_line(summary["limit_violations"])]
         lines += schedule_lines(summary.get("limit_schedules", {}))
-        gateway = summary.get("gateway")
-        lines += cpu_tables(None if gateway is None else {**gateway, "resident_gib": summary.get("resident_gib")})
+        lines += cpu_tables(summary.get("gateway"), summary.get("resident_gib"))
         t = model["transport"]
         g, i = t["gateway"], t["identity_direct"]
         lines += [
@@ -283,7 +282,7 @@ def schedule_lines(schedules: dict[str, Any]) -> list[str]:
     return lines
 
 
-def cpu_tables(gateway: dict[str, Any] | None) -> list[str]:
+def cpu_tables(gateway: dict[str, Any] | None, resident: dict[str, float] | None = None) -> list[str]:
     """Markdown: CPU per image of each process, then the gateway's CPU per stage, at the summary's level."""
     if gateway is None:
         return []
@@ -301,7 +300,6 @@ def cpu_tables(gateway: dict[str, Any] | None) -> list[str]:
     for name, ms in procs:
         share = "-" if name == "loadgen" else f"{gateway['processes_share'].get(name, 0.0) * 100:.1f} %"
         lines.append(f"| {name} | {ms:.1f} | {share} |")
-    resident = gateway.get("resident_gib")
     if resident:
         held = ", ".join(f"{name} {gib:.2f}" for name, gib in resident.items())
         lines += ["", f"Resident memory after the runs (GiB, the most seen after any level): {held}."]
