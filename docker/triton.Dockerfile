@@ -19,20 +19,31 @@
 # is: onnxruntime and onnxruntime-gpu stopped publishing cp310 wheels after 1.23.2, so this image installs
 # ORT_PACKAGE==ORT_VERSION instead (onnxruntime-gpu 1.23.2: CUDA 12 + cuDNN 9, both provided by the base image).
 # Build with --build-arg ORT_PACKAGE=onnxruntime for a CPU-only host.
+#
+# The python backend's torch runtime (`python -m export --runtime torch`) needs PyTorch, diffusers and
+# transformers in that Python (requirements/triton-torch.txt): build with --build-arg RUNTIME=torch (TORCH_INDEX
+# names the wheel index of the CUDA build; the base image's CUDA 12 driver stack runs it). Without it the image
+# stays torch-free.
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
 FROM ${TRITON_IMAGE}
 
 ARG ORT_PACKAGE=onnxruntime-gpu
 ARG ORT_VERSION=1.23.2
+ARG RUNTIME=onnxruntime
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu126
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-COPY requirements/triton-runtime.txt /tmp/requirements/triton-runtime.txt
+COPY requirements/triton-runtime.txt requirements/triton-torch.txt /tmp/requirements/
 RUN grep -v '^onnxruntime' /tmp/requirements/triton-runtime.txt > /tmp/requirements/runtime.txt \
     && python3 -m pip install --no-cache-dir -r /tmp/requirements/runtime.txt "${ORT_PACKAGE}==${ORT_VERSION}" \
     && python3 -c "import numpy, onnxruntime; assert numpy.__version__.startswith('1.'), numpy.__version__; print('numpy', numpy.__version__, 'onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())" \
+    && if [ "${RUNTIME}" = torch ]; then \
+         python3 -m pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" -r /tmp/requirements/triton-torch.txt \
+         && python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__)"; \
+       fi \
     && rm -rf /tmp/requirements
 
 # The model repository mount point. /data is owned by uid 10001 (the export and gateway images' user) so that a

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from export.errors import ExportError
 from export.pipeline import DEFAULT_REPOSITORY, ExportRequest, run_export
-from export.repository import BACKENDS, ServingOptions
+from export.repository import BACKENDS, RUNTIMES, ServingOptions
 from export.tiny import ARCHS, SCHEDULERS, SIZES
 
 # The scheduler a `--tiny --turbo` pipeline gets unless --scheduler names one: SD-/SDXL-Turbo's own.
@@ -38,7 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="imagen-v2", help="API model name served (default: imagen-v2)")
     parser.add_argument("--output", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
     parser.add_argument("--backend", choices=BACKENDS, default="python", help="Triton backend to configure")
-    parser.add_argument("--fp16", action="store_true", help="fp16 weights and compute (GPU targets)")
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="onnxruntime",
+        help="python backend: what runs the models, onnxruntime (ONNX) or torch (the diffusers modules, no ONNX: "
+        "fp16, CUDA graphs and channels-last on CUDA, fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--no-cuda-graphs", action="store_true", help="torch runtime: run the UNet eagerly on CUDA (no CUDA graphs)"
+    )
+    parser.add_argument("--torch-compile", action="store_true", help="torch runtime: torch.compile the modules")
+    parser.add_argument("--fp16", action="store_true", help="fp16 ONNX weights and compute (GPU targets)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument(
         "--max-queue-delay-us", type=int, default=500, help="UNet dynamic batcher queue delay (others: 0)"
@@ -90,6 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--max-queue-delay-us and --intra-op-threads must be >= 0")
     if args.calibrate and args.backend != "python":
         parser.error("--calibrate times the python runner's onnxruntime session: --backend python only")
+    if args.runtime == "torch":
+        if args.backend != "python":
+            parser.error("--runtime torch is the python backend's runner: --backend python only")
+        if args.fp16:
+            parser.error("--fp16 converts the ONNX weights; the torch runtime computes in fp16 on CUDA by itself")
+        if args.calibrate:
+            parser.error("--calibrate times onnxruntime sessions; it does not apply to --runtime torch")
+    elif args.no_cuda_graphs or args.torch_compile:
+        parser.error("--no-cuda-graphs and --torch-compile only apply to --runtime torch")
     if not args.trt_cache_dir.startswith("/"):
         parser.error("--trt-cache-dir must be an absolute path (as Triton's container sees it)")
     return args
@@ -108,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         repository=args.output,
         options=ServingOptions(
             backend=args.backend,
+            runtime=args.runtime,
+            cuda_graphs=not args.no_cuda_graphs,
+            torch_compile=args.torch_compile,
             max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us,
             instances=args.instances,
@@ -128,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"exported {manifest['name']!r} ({manifest['family']}{' turbo' if manifest['turbo'] else ''}, "
-        f"{manifest['backend']} backend, {manifest['dtype']}, "
+        f"{manifest['backend']} backend, {manifest['runtime']} runtime, {manifest['dtype']}, "
         f"{manifest['native_resolution']}px native) into {args.output}"
     )
     return 0

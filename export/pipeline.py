@@ -122,7 +122,7 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                 staging,
                 name,
                 s["pipeline"],
-                s["onnx"],
+                s.get("onnx"),  # none for the torch runtime: it serves the modules' weights
                 request.options,
                 dtype="float16" if half else "float32",
                 source=s["source"],
@@ -138,12 +138,14 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
         def install(s: dict[str, Any]) -> None:
             install_pipeline(staging, repository, name, pipeline_components(s["pipeline"]))
 
-        stages += [("load diffusers pipeline", load), ("export ONNX", onnx)]
-        if request.validate:
-            stages.append(("check ONNX against torch", validate))
-        # TensorRT plans are fp16: export.tensorrt converts (and prunes) each model's ONNX in the write stage.
-        if request.fp16 and request.options.backend != "tensorrt":
-            stages.append(("convert to fp16", fp16))
+        stages.append(("load diffusers pipeline", load))
+        if request.options.served_by != "torch":  # the torch runtime serves the modules themselves: no ONNX
+            stages.append(("export ONNX", onnx))
+            if request.validate:
+                stages.append(("check ONNX against torch", validate))
+            # TensorRT plans are fp16: export.tensorrt converts (and prunes) each model's ONNX in the write stage.
+            if request.fp16 and request.options.backend != "tensorrt":
+                stages.append(("convert to fp16", fp16))
         stages.append(("write Triton models", write))
         if request.calibrate:  # before installing: a polling Triton only ever sees the calibrated config
             stages.append(("calibrate batching", calibrate))

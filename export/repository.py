@@ -30,6 +30,9 @@ from export.onnx_export import COMPONENTS, copy_component, is_sdxl, pipeline_com
 MANIFEST_VERSION = 2
 MANIFEST_SUFFIX = ".pipeline.json"
 BACKENDS = ("python", "onnxruntime", "tensorrt")
+# What the python backend's runner computes with: the ONNX graph in onnxruntime, or the diffusers modules in
+# PyTorch (export.torch_models, model_repository/python_backend/torch_runtime.py).
+RUNTIMES = ("onnxruntime", "torch")
 # The backends whose instances run onnxruntime threads on the CPU cores (a TensorRT plan's work is on the GPU).
 CPU_THREADED_BACKENDS = ("python", "onnxruntime")
 # Triton's rate-limiter resource for CPU cores: the name the server's `--rate-limit-resource` budgets
@@ -82,6 +85,7 @@ class ServingOptions:
     """Triton knobs set from CLI flags."""
 
     backend: str = "python"
+    runtime: str = "onnxruntime"  # the python backend's runner: onnxruntime or torch (RUNTIMES)
     max_batch_size: int = 16
     max_queue_delay_us: int = 500
     instances: int = 1
@@ -98,6 +102,14 @@ class ServingOptions:
     trt_cache_dir: str = "/data/trt-cache"
     # `onnxruntime` backend: add the TensorRT execution accelerator (used on GPU instances only).
     ort_tensorrt: bool = True
+    # The torch runtime on CUDA: the UNet replayed from CUDA graphs (per batch size and shape), and torch.compile.
+    cuda_graphs: bool = True
+    torch_compile: bool = False
+
+    @property
+    def served_by(self) -> str:
+        """What computes the models: the python runner's runtime, else the backend (onnxruntime, tensorrt)."""
+        return self.runtime if self.backend == "python" else self.backend
 
 
 @dataclass(frozen=True)
@@ -156,9 +168,16 @@ def _pbtxt_tensor(spec: TensorSpec) -> str:
 
 
 def render_config(
-    name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], options: ServingOptions, onnx_file: str
+    name: str,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    options: ServingOptions,
+    onnx_file: str,
+    *,
+    torch_params: Mapping[str, str] | None = None,
 ) -> str:
-    """config.pbtxt for one component, for the python, the native onnxruntime or the tensorrt_plan backend."""
+    """config.pbtxt for one component, for the python (onnxruntime or torch runtime), the native onnxruntime or
+    the tensorrt_plan backend. `torch_params`: the torch runtime's per-component `parameters` (component, dtype)."""
     lines = [f'name: "{name}"']
     if options.backend == "python":
         lines.append('backend: "python"')
@@ -186,6 +205,14 @@ def render_config(
     # (the 512 px benchmark UNet stub grew to 11 GiB and was OOM-killed beside a second copy of the model).
     params = (
         {
+            "runtime": "torch",
+            **(torch_params or {}),
+            "intra_op_threads": str(options.intra_op_threads),
+            "cuda_graphs": "1" if options.cuda_graphs else "0",
+            "torch_compile": "1" if options.torch_compile else "0",
+        }
+        if options.served_by == "torch"
+        else {
             "onnx_file": onnx_file,
             "intra_op_threads": str(options.intra_op_threads),
             "allow_spinning": "0",
@@ -259,6 +286,7 @@ def build_manifest(
         "source": source,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "backend": options.backend,
+        "runtime": options.served_by,
         "dtype": dtype,
         "native_resolution": int(unet_cfg.sample_size) * vae_scale_factor,
         "vae_scale_factor": vae_scale_factor,
@@ -333,7 +361,7 @@ def stage_pipeline(
     staging: Path,
     name: str,
     pipeline: Any,
-    onnx_paths: Mapping[str, Path],
+    onnx_paths: Mapping[str, Path] | None,
     options: ServingOptions,
     *,
     dtype: str,
@@ -341,17 +369,29 @@ def stage_pipeline(
     turbo: bool = False,
     vae_dtype: str | None = None,
 ) -> dict[str, Any]:
-    """Write the model folders and the manifest into `staging`; returns the manifest."""
+    """Write the model folders and the manifest into `staging`; returns the manifest. `onnx_paths` is None for
+    the torch runtime, which serves the modules' own weights (export.torch_models)."""
     text_length = int((pipeline.tokenizer or pipeline.tokenizer_2).model_max_length)
     specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {}
     for component in pipeline_components(pipeline):
         model_dir = staging / model_name(name, component)
-        onnx_file = copy_component(onnx_paths[component], model_dir / "1")
-        inputs, outputs = tensor_specs(onnx_file, text_length)
-        served = set(served_outputs(pipeline, component).values())
-        outputs = [s for s in outputs if s.name in served]
+        served = served_outputs(pipeline, component)
+        if onnx_paths is None:
+            from export.torch_models import cuda_dtype, torch_tensor_specs, write_torch_component
+
+            write_torch_component(pipeline, component, model_dir / "1")
+            inputs, outputs = torch_tensor_specs(pipeline, component, text_length, served)
+            onnx_file_name = ""
+            torch_params = {"component": component, "cuda_dtype": cuda_dtype(pipeline, component)}
+        else:
+            onnx_file = copy_component(onnx_paths[component], model_dir / "1")
+            inputs, outputs = tensor_specs(onnx_file, text_length)
+            outputs = [s for s in outputs if s.name in set(served.values())]
+            onnx_file_name, torch_params = onnx_file.name, None
         specs[component] = (inputs, outputs)
-        config = render_config(model_name(name, component), inputs, outputs, options, onnx_file.name)
+        config = render_config(
+            model_name(name, component), inputs, outputs, options, onnx_file_name, torch_params=torch_params
+        )
         (model_dir / "config.pbtxt").write_text(config)
         if options.backend == "python":
             shutil.copy2(PYTHON_MODEL_SOURCE, model_dir / "1" / "model.py")

@@ -3,7 +3,8 @@ classes.
 
 `tiny` is the model of the demo and of every test (a UNet step takes milliseconds); `medium` has SD-like depth
 and widths for honest benchmarks (about 29M UNet parameters, 0.2-0.5 s per step at 64x64 latents on 2 cores);
-`large` is Stable Diffusion 1.5's architecture at full size (its published UNet, CLIP ViT-L and VAE configs).
+`large` is Stable Diffusion 1.5's architecture at full size (its published UNet, CLIP ViT-L and VAE configs) at
+256 px, `sd15` the same at its published 512 px.
 Both are saved as an ordinary diffusers folder, which is then exported through the same code path as a real model.
 `arch="sdxl"` builds SDXL's layout at the same sizes: two CLIP text encoders (the second with a projection, whose
 pooled output conditions the UNet), a `text_time` UNet, and tokenizer_2 padding with "!" as SDXL's does.
@@ -12,7 +13,7 @@ pooled output conditions the UNet), a `text_time` UNet, and tokenizer_2 padding 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,9 @@ SIZES: dict[str, TinySpec] = {
         text_intermediate=3072,
     ),
 }
+# The same at its published size, 512 px (64x64 latents): what the GPU device runs measure (scripts/gpu_check.py,
+# scripts/gpu_serve_check.py).
+SIZES["sd15"] = replace(SIZES["large"], sample_size=64)
 
 # The two demo pipelines differ in weights and in scheduler, so `model` visibly matters.
 SCHEDULERS: dict[str, dict[str, Any]] = {

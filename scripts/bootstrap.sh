@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or update the two virtual environments, idempotently (skipped when the pins did not change):
 #   .venv          gateway, export, tests, benchmarks (numpy 2)
-#   .venv-triton   what Triton's Python-backend models run in (numpy 1.x, see requirements/triton-runtime.txt)
+#   .venv-triton   what Triton's Python-backend models run in (numpy 1.x, see requirements/triton-runtime.txt),
+#                  with the torch runtime's packages too (requirements/triton-torch.txt), so either runtime serves
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
@@ -43,6 +44,6 @@ echo "bootstrap: creating virtual environments with $PYTHON ($("$PYTHON" --versi
 echo "$want" > .venv/.bootstrap-stamp
 
 "$PYTHON" -m venv .venv-triton
-.venv-triton/bin/python -m pip install "${quiet[@]}" -r requirements/triton-runtime.txt
+.venv-triton/bin/python -m pip install "${quiet[@]}" -r requirements/triton-runtime.txt -r requirements/triton-torch.txt
 echo "$want" > .venv-triton/.bootstrap-stamp
 echo "bootstrap: done"

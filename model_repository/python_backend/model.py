@@ -1,18 +1,25 @@
-"""Triton Python-backend model that serves one ONNX component with onnxruntime.
+"""Triton Python-backend model that serves one component with onnxruntime (ONNX) or PyTorch (`runtime: torch`).
 
-The same file serves every component (text encoder, VAE encoder, UNet, VAE decoder); what differs lives in
-config.pbtxt (tensors, batching, `parameters`). It gathers the dynamic batch, runs one session call, and splits
-the result back, one response per request. It uses CUDA when onnxruntime-gpu and a GPU instance are present.
+The same file serves every component (text encoder, VAE encoder, UNet, VAE decoder) in either runtime; what
+differs lives in config.pbtxt (tensors, batching, `parameters`). It gathers the dynamic batch, runs one call, and
+splits the result back, one response per request. onnxruntime uses CUDA when onnxruntime-gpu and a GPU instance
+are present; the torch runtime (torch_runtime.py, copied beside this file) when torch sees one.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+
+try:
+    import onnxruntime as ort
+except ImportError:  # an image for the torch runtime alone need not have it
+    ort = None
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -27,7 +34,7 @@ def _providers(instance_kind: str, device_id: str) -> list[Any]:
     return ["CPUExecutionProvider"]
 
 
-def session_options(params: dict[str, str]) -> ort.SessionOptions:
+def session_options(params: dict[str, str]) -> Any:
     """The session settings of a config.pbtxt's `parameters`; the export's calibration times the UNet with
     exactly these, so its batch policy is measured as served."""
     options = ort.SessionOptions()
@@ -44,43 +51,107 @@ def session_options(params: dict[str, str]) -> ort.SessionOptions:
     return options
 
 
-class TritonPythonModel:
-    def initialize(self, args: dict[str, str]) -> None:
+class OnnxRuntime:
+    """The component's ONNX graph in an onnxruntime session; tensors cross the stub as numpy arrays."""
+
+    def __init__(self, args: dict[str, str], config: dict[str, Any], params: dict[str, str]) -> None:
         if int(np.__version__.split(".")[0]) >= 2:
             # pb_utils.Tensor <-> numpy goes through a numpy-1.x ABI in this stub: numpy 2 corrupts the data.
             raise RuntimeError(
                 f"numpy {np.__version__} in the model runtime; this Triton Python backend needs numpy<2 "
                 "(start Triton with the runtime env from requirements/triton-runtime.txt)"
             )
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         onnx_path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
         self.session = ort.InferenceSession(
             str(onnx_path),
             session_options(params),
             providers=_providers(args["model_instance_kind"], args["model_instance_device_id"]),
         )
-        self.input_names = [t["name"] for t in config["input"]]
-        self.output_names = [t["name"] for t in config["output"]]
         # Triton hands a per-sample scalar as [B, 1]; the ONNX graph wants [B]. Reshape to the graph's rank.
         self.ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
 
-    def _gather(self, requests: list[Any]) -> tuple[dict[str, np.ndarray], list[int]]:
-        arrays: dict[str, list[np.ndarray]] = {name: [] for name in self.input_names}
+    def value(self, name: str, tensor: Any) -> np.ndarray:
+        array: np.ndarray = tensor.as_numpy()
+        return array.reshape(array.shape[: self.ranks[name]]) if array.ndim > self.ranks[name] else array
+
+    def concat(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts)
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        return dict(zip(output_names, self.session.run(output_names, feeds), strict=True))
+
+    def tensor(self, name: str, rows: np.ndarray) -> Any:
+        return pb_utils.Tensor(name, np.ascontiguousarray(rows))
+
+
+class TorchRuntime:
+    """The component's diffusers/transformers module in PyTorch (torch_runtime.py); tensors cross as DLPack, so
+    neither the stub's numpy ABI nor a host copy of a GPU output is in the way."""
+
+    def __init__(self, args: dict[str, str], config: dict[str, Any], params: dict[str, str]) -> None:
+        folder = Path(args["model_repository"]) / args["model_version"]
+        module = _load_beside(folder / "torch_runtime.py", "imagen_torch_runtime")
+        self.torch = module.torch
+        settings = module.TorchSettings.of(
+            params, args["model_instance_kind"], args["model_instance_device_id"], int(config["max_batch_size"])
+        )
+        if int(params.get("intra_op_threads", "0")) > 0:
+            self.torch.set_num_threads(int(params["intra_op_threads"]))
+        self.component = module.TorchComponent(
+            settings, folder / module.WEIGHTS_DIR, [t["name"] for t in config["output"]]
+        )
+
+    def value(self, name: str, tensor: Any) -> Any:
+        return self.torch.from_dlpack(tensor)
+
+    def concat(self, parts: list[Any]) -> Any:
+        return parts[0] if len(parts) == 1 else self.torch.cat(parts)
+
+    def run(self, feeds: dict[str, Any], output_names: list[str]) -> dict[str, Any]:
+        return self.component.run(feeds)  # type: ignore[no-any-return]
+
+    def tensor(self, name: str, rows: Any) -> Any:
+        return pb_utils.Tensor.from_dlpack(name, rows.contiguous())
+
+
+def _load_beside(path: Path, name: str) -> Any:
+    """A module shipped beside model.py in the version folder (the stub does not put that folder on sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": TorchRuntime}
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        runtime = params.get("runtime", "onnxruntime")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r} in config.pbtxt (one of {', '.join(RUNTIMES)})")
+        self.runtime = RUNTIMES[runtime](args, config, params)
+        self.input_names = [t["name"] for t in config["input"]]
+        self.output_names = [t["name"] for t in config["output"]]
+
+    def _gather(self, requests: list[Any]) -> tuple[dict[str, Any], list[int]]:
+        parts: dict[str, list[Any]] = {name: [] for name in self.input_names}
         sizes = []
         for request in requests:
             for name in self.input_names:
-                value = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                if value.ndim > self.ranks[name]:
-                    value = value.reshape(value.shape[: self.ranks[name]])
-                arrays[name].append(value)
-            sizes.append(arrays[self.input_names[0]][-1].shape[0])
-        return {name: np.concatenate(parts) for name, parts in arrays.items()}, sizes
+                parts[name].append(self.runtime.value(name, pb_utils.get_input_tensor_by_name(request, name)))
+            sizes.append(int(parts[self.input_names[0]][-1].shape[0]))
+        return {name: self.runtime.concat(values) for name, values in parts.items()}, sizes
 
     def execute(self, requests: list[Any]) -> list[Any]:
         try:
             feeds, sizes = self._gather(requests)
-            outputs = self.session.run(self.output_names, feeds)
+            outputs = self.runtime.run(feeds, self.output_names)
         except Exception as exc:
             if len(requests) > 1:  # shapes that cannot share a batch: serve each request on its own
                 return [self.execute([request])[0] for request in requests]
@@ -89,8 +160,7 @@ class TritonPythonModel:
         return [
             pb_utils.InferenceResponse(
                 output_tensors=[
-                    pb_utils.Tensor(name, np.ascontiguousarray(out[bounds[i] : bounds[i + 1]]))
-                    for name, out in zip(self.output_names, outputs, strict=True)
+                    self.runtime.tensor(name, outputs[name][bounds[i] : bounds[i + 1]]) for name in self.output_names
                 ]
             )
             for i in range(len(requests))

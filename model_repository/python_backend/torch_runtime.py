@@ -1,0 +1,229 @@
+"""The python runner's PyTorch runtime (`python -m export --runtime torch`): one diffusers component served eagerly.
+
+The export writes each component's own module (config.json and safetensors, as diffusers/transformers save them)
+into `torch/` beside model.py; no ONNX. The component answers with exactly the tensors its ONNX graph would
+(names, shapes, a per-sample timestep), so the gateway cannot tell the runtimes apart, and its I/O stays fp32
+whatever it computes in. On CUDA it runs fp16 (fp32 where the export says so: a `force_upcast` SDXL VAE), SDPA
+attention, channels-last, and the UNet replays a CUDA graph per (batch, shapes), a batch padded up to the next
+captured size; `torch.compile` is an option. On CPU it runs fp32, eager (how the tests run it).
+
+Tensors cross the stub as DLPack (model.py), so this runtime never touches the stub's numpy ABI. Imports torch,
+diffusers (UNet, VAE) and transformers (text encoders): the serving image of this runtime adds them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Where the export writes a component's module, inside the model version folder.
+WEIGHTS_DIR = "torch"
+# The text encoder classes an SD/SDXL pipeline uses (transformers), by the `architectures` of their config.
+TEXT_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+# The parts of the VAE each half needs; the other half is dropped after loading (a VAE half serves one way only).
+VAE_HALVES = {"vae_encoder": ("decoder", "post_quant_conv"), "vae_decoder": ("encoder", "quant_conv")}
+# How many UNet CUDA graphs one instance keeps (one per batch size and latent shape seen, least recently used
+# dropped): 5 batch sizes x a few resolutions, all sharing one memory pool.
+MAX_CUDA_GRAPHS = 24
+# Eager calls on a side stream before a graph is captured (cuDNN/cuBLAS pick and cache their kernels there).
+GRAPH_WARMUP_CALLS = 2
+DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+log = logging.getLogger("imagen.torch_runtime")
+
+
+@dataclass(frozen=True)
+class TorchSettings:
+    """What the config.pbtxt `parameters` and the instance Triton gives us decide."""
+
+    component: str
+    device: torch.device
+    dtype: torch.dtype
+    cuda_graphs: bool
+    compile: bool
+    graph_batches: tuple[int, ...]
+
+    @classmethod
+    def of(cls, params: Mapping[str, str], kind: str, device_id: str, max_batch_size: int) -> TorchSettings:
+        """CUDA when torch sees a GPU and the instance may use it (KIND_GPU, or KIND_MODEL: our choice)."""
+        cuda = kind in ("GPU", "MODEL") and torch.cuda.is_available()
+        device = torch.device(f"cuda:{int(device_id or 0)}") if cuda else torch.device("cpu")
+        dtype = DTYPES[params.get("cuda_dtype", "float16")] if cuda else torch.float32
+        return cls(
+            component=params["component"],
+            device=device,
+            dtype=dtype,
+            cuda_graphs=cuda and params.get("cuda_graphs", "1") == "1" and params["component"] == "unet",
+            compile=params.get("torch_compile", "0") == "1",
+            graph_batches=graph_batches(max_batch_size),
+        )
+
+
+def graph_batches(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes captured: powers of two up to the model's max_batch_size, and that size itself."""
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size]
+    return tuple(sorted({*sizes, max_batch_size}))
+
+
+def padded_batch(rows: int, batches: Sequence[int]) -> int | None:
+    """The smallest captured batch that holds `rows`, or None when none does (then the call runs eagerly)."""
+    return next((b for b in batches if b >= rows), None)
+
+
+def load_module(component: str, folder: Path) -> torch.nn.Module:
+    """The component's module from the export's config.json + safetensors, fp32 on the CPU."""
+    config = json.loads((folder / "config.json").read_text("utf-8"))
+    if component.startswith("text_encoder"):
+        import transformers
+
+        architecture = (config.get("architectures") or ["CLIPTextModel"])[0]
+        if architecture not in TEXT_ARCHITECTURES:
+            raise ValueError(f"{folder}: text encoder {architecture!r} is not one of {TEXT_ARCHITECTURES}")
+        module: torch.nn.Module = getattr(transformers, architecture).from_pretrained(folder)
+    elif component == "unet":
+        from diffusers import UNet2DConditionModel
+
+        module = UNet2DConditionModel.from_pretrained(folder)
+    else:
+        from diffusers import AutoencoderKL
+
+        module = AutoencoderKL.from_pretrained(folder)
+        for unused in VAE_HALVES[component]:
+            setattr(module, unused, None)
+    return module.eval().requires_grad_(False)
+
+
+class TorchComponent:
+    """One component on one device: `run(feeds)` takes the batched inputs by name and returns the outputs."""
+
+    def __init__(self, settings: TorchSettings, folder: Path, output_names: Sequence[str]) -> None:
+        self.settings = settings
+        self.output_names = tuple(output_names)
+        module = load_module(settings.component, folder).to(settings.device, settings.dtype)
+        if settings.device.type == "cuda" and settings.component in ("unet", "vae_encoder", "vae_decoder"):
+            module = module.to(memory_format=torch.channels_last)
+        self.module = module
+        call: Callable[..., Any] = module
+        if settings.compile:
+            call = torch.compile(module)
+        self._call = call
+        self._graphs = CudaGraphs(self._unet_eager, settings.graph_batches) if settings.cuda_graphs else None
+
+    # -- the components, as the ONNX export traces them (export.validate runs the same calls on the torch side) --
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            inputs = {name: self._to_device(value) for name, value in feeds.items()}
+            component = self.settings.component
+            if component.startswith("text_encoder"):
+                outputs = self._text(inputs["input_ids"])
+            elif component == "vae_encoder":
+                outputs = {"latent_parameters": self._call.encode(inputs["sample"]).latent_dist.parameters}
+            elif component == "vae_decoder":
+                outputs = {"sample": self._call.decode(inputs["latent_sample"]).sample}
+            else:
+                unet = self._graphs if self._graphs is not None else self._unet_eager
+                outputs = {"out_sample": unet(inputs)}
+            # The wire stays fp32 whatever the compute dtype; DLPack wants C-contiguous tensors.
+            return {name: outputs[name].float().contiguous() for name in self.output_names}
+
+    def _to_device(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.to(self.settings.device, non_blocking=True)
+        if value.is_floating_point():
+            value = value.to(self.settings.dtype)
+            if value.ndim == 4 and self.settings.device.type == "cuda":
+                value = value.contiguous(memory_format=torch.channels_last)
+        return value
+
+    def _text(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = any(name.startswith("hidden_states.") for name in self.output_names)
+        out = self._call(input_ids, output_hidden_states=hidden)
+        values: dict[str, torch.Tensor] = {}
+        for name in self.output_names:
+            if name.startswith("hidden_states."):  # optimum's name for hidden_states[i]
+                values[name] = out.hidden_states[int(name.split(".", 1)[1])]
+            else:  # last_hidden_state, pooler_output, text_embeds
+                values[name] = getattr(out, name)
+        return values
+
+    def _unet_eager(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs}
+        timestep = inputs["timestep"].reshape(-1)  # Triton's [B, 1] per-sample scalar, as the ONNX graph's [B]
+        kwargs = {"added_cond_kwargs": added} if added else {}
+        result: torch.Tensor = self._call(inputs["sample"], timestep, inputs["encoder_hidden_states"], **kwargs).sample
+        return result
+
+
+@dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]
+    output: torch.Tensor
+
+
+class CudaGraphs:
+    """The UNet replayed from CUDA graphs, one per padded batch and input shapes, captured on first use.
+
+    A step's kernels launch as one graph instead of hundreds of calls, which is most of what an SD UNet at small
+    batches loses to Python and launch overhead. Rows are independent in the UNet (group norm, attention and
+    convolutions never mix samples), so the rows padding a batch up to its captured size change no real row.
+    Graphs share one memory pool: they never run at once (one execution per instance), and each output is
+    copied out before the next replay. A capture that fails turns graphs off for the instance, eagerly served.
+    """
+
+    def __init__(self, eager: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], batches: Sequence[int]) -> None:
+        self.eager = eager
+        self.batches = tuple(batches)
+        self.graphs: OrderedDict[tuple[Any, ...], _Graph] = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle()
+        self.disabled: str | None = None
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        rows = int(inputs["sample"].shape[0])
+        batch = padded_batch(rows, self.batches)
+        if self.disabled is not None or batch is None:
+            return self.eager(inputs)
+        key = (batch, *((name, tuple(v.shape[1:]), v.dtype) for name, v in sorted(inputs.items())))
+        graph = self.graphs.get(key)
+        if graph is None:
+            try:
+                graph = self._capture(key, batch, inputs)
+            except RuntimeError as exc:  # e.g. an op that syncs with the host: serve eagerly from now on
+                self.disabled = f"{type(exc).__name__}: {exc}"
+                log.warning("CUDA graphs off for this UNet instance: %s", self.disabled)
+                return self.eager(inputs)
+        else:
+            self.graphs.move_to_end(key)
+        for name, value in inputs.items():
+            graph.inputs[name][:rows].copy_(value.reshape(graph.inputs[name][:rows].shape))
+        graph.graph.replay()
+        return graph.output[:rows].clone()
+
+    def _capture(self, key: tuple[Any, ...], batch: int, inputs: Mapping[str, torch.Tensor]) -> _Graph:
+        static = {}
+        for name, value in inputs.items():
+            shape = (batch, *value.shape[1:])
+            fmt = torch.channels_last if value.ndim == 4 else torch.contiguous_format
+            static[name] = torch.zeros(shape, dtype=value.dtype, device=value.device).contiguous(memory_format=fmt)
+            static[name][: value.shape[0]].copy_(value)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(GRAPH_WARMUP_CALLS):
+                self.eager(static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self.eager(static)
+        captured = _Graph(graph, static, output)
+        self.graphs[key] = captured
+        while len(self.graphs) > MAX_CUDA_GRAPHS:
+            self.graphs.popitem(last=False)
+        return captured
