@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ import tritonclient.grpc.aio as grpcaio
 from export.pipeline import ExportRequest, run_export
 from export.repository import ServingOptions
 from gateway.diffusion.manifest import load_manifests
+from gateway.settings import PROJECT_ROOT
+from gateway.triton.client import TritonEngine
 from gateway.triton.server import TritonServer
 from tests.helpers import data_uri, make_image
 from tests.integration.conftest import GatewayFactory, Repository, start_own_triton
@@ -193,3 +196,38 @@ def test_a_dynamic_batch_at_different_timesteps_equals_the_rows_one_by_one(
     assert executions < inferences, f"{executions} executions for {inferences} rows: nothing was batched"
     for i, (merged, single) in enumerate(zip(batched, alone, strict=True)):
         np.testing.assert_allclose(merged, single, rtol=0, atol=ATOL, err_msg=f"row {i} (t={timesteps[i]:.0f})")
+
+
+def test_the_device_runs_http_client_gets_what_the_gateways_grpc_client_gets(
+    torch_triton: tuple[Path, TritonServer],
+) -> None:
+    """scripts/gpu_serve_check.py drives Triton over HTTP where the gateway's gRPC client is not installed."""
+    repo, server = torch_triton
+    scripts = str(PROJECT_ROOT / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        from gpu_serve_check import HttpTriton
+    finally:
+        sys.path.remove(scripts)
+    spec = _manifest(repo, "imagen-v2-torch")["components"]["unet"]
+    rng = np.random.default_rng(3)
+    inputs = {
+        "sample": rng.standard_normal((2, 4, 16, 16)).astype(np.float32),
+        "timestep": np.array([[10.0], [700.0]], dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float32),
+    }
+
+    async def both() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        http, grpc = HttpTriton(server.http_url, 30.0), TritonEngine(server.grpc_url, timeout_s=30.0)
+        try:
+            return (
+                await http.infer(spec["model"], inputs, ["out_sample"]),
+                await grpc.infer(spec["model"], inputs, ["out_sample"]),
+            )
+        finally:
+            await http.close()
+            await grpc.close()
+
+    by_http, by_grpc = asyncio.run(both())
+    assert by_http["out_sample"].shape == (2, 4, 16, 16)
+    np.testing.assert_array_equal(by_http["out_sample"], by_grpc["out_sample"])

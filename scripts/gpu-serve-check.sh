@@ -1,0 +1,28 @@
+#!/bin/sh
+# The device run of the torch runtime (scripts/gpu_serve_check.py): an SD 1.5-shaped random pipeline exported with
+# `--runtime torch`, served by the bundled Triton on the GPU, its UNet driven at 1, 4, 16 and 32 concurrent images
+# against diffusers at batch 1. Writes gpu-serve-check.json (or --out PATH); benchmarks/README.md, "GPU serving
+# check", explains it. Made to finish within 6 minutes on one GPU (this wrapper stops it at 360 s, leaving the
+# JSON of what was measured), so that with the machine's start it stays within 8 minutes of device time.
+#
+# The device machine has torch, transformers and numpy 2 but not diffusers or Triton: the wheels it needs travel
+# with the working tree in .device-wheels/ (scripts/gpu-serve-wheels.sh downloads them here and measures what
+# travels). Where that folder holds wheels, they are installed into a virtual environment over the system's
+# packages and the run uses it; elsewhere (here, in its test) the run uses $PYTHON as it is.
+#
+#   scripts/gpu-serve-wheels.sh                                              # here, once
+#   device run: scripts/gpu-serve-check.sh --out "$OUT/gpu-serve-check.json"   carry: .device-wheels
+#   scripts/gpu-serve-check.sh --device cpu --tiny --out /tmp/gpu-serve-tiny.json   # here, about a minute
+set -eu
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+carried=""
+if ls .device-wheels/*.whl >/dev/null 2>&1; then
+  env="${TMPDIR:-/tmp}/gpu-serve-env"
+  "$PYTHON" -m venv --system-site-packages "$env"
+  "$env/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-index .device-wheels/*.whl
+  PYTHON="$env/bin/python"
+  [ -f .device-wheels/carried.json ] && carried="--carried .device-wheels/carried.json"
+fi
+# shellcheck disable=SC2086  # $carried is two words or none
+exec timeout 360 "$PYTHON" scripts/gpu_serve_check.py $carried "$@"
