@@ -168,6 +168,23 @@ class _Graph:
     output: torch.Tensor
 
 
+def record_cuda_graph(
+    eager: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], static: dict[str, torch.Tensor], pool: Any
+) -> tuple[Any, torch.Tensor]:
+    """Capture one call of `eager` on the static inputs as a CUDA graph (PyTorch's recipe: warm-up calls on a side
+    stream first); returns the graph and its static output."""
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(GRAPH_WARMUP_CALLS):
+            eager(static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = eager(static)
+    return graph, output
+
+
 class CudaGraphs:
     """The UNet replayed from CUDA graphs, one per padded batch and input shapes, captured on first use.
 
@@ -176,13 +193,23 @@ class CudaGraphs:
     convolutions never mix samples), so the rows padding a batch up to its captured size change no real row.
     Graphs share one memory pool: they never run at once (one execution per instance), and each output is
     copied out before the next replay. A capture that fails turns graphs off for the instance, eagerly served.
+    `record` is the capture (record_cuda_graph; the unit tests pass one that runs on the CPU).
     """
 
-    def __init__(self, eager: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], batches: Sequence[int]) -> None:
+    def __init__(
+        self,
+        eager: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+        batches: Sequence[int],
+        record: Callable[..., tuple[Any, torch.Tensor]] = record_cuda_graph,
+        pool: Any = None,
+    ) -> None:
         self.eager = eager
         self.batches = tuple(batches)
+        self.record = record
         self.graphs: OrderedDict[tuple[Any, ...], _Graph] = OrderedDict()
-        self.pool = torch.cuda.graph_pool_handle()
+        if pool is None and record is record_cuda_graph:
+            pool = torch.cuda.graph_pool_handle()
+        self.pool = pool
         self.disabled: str | None = None
 
     def __call__(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -202,26 +229,18 @@ class CudaGraphs:
         else:
             self.graphs.move_to_end(key)
         for name, value in inputs.items():
-            graph.inputs[name][:rows].copy_(value.reshape(graph.inputs[name][:rows].shape))
+            graph.inputs[name][:rows].copy_(value)
         graph.graph.replay()
         return graph.output[:rows].clone()
 
     def _capture(self, key: tuple[Any, ...], batch: int, inputs: Mapping[str, torch.Tensor]) -> _Graph:
         static = {}
         for name, value in inputs.items():
-            shape = (batch, *value.shape[1:])
             fmt = torch.channels_last if value.ndim == 4 else torch.contiguous_format
-            static[name] = torch.zeros(shape, dtype=value.dtype, device=value.device).contiguous(memory_format=fmt)
+            buffer = torch.zeros((batch, *value.shape[1:]), dtype=value.dtype, device=value.device)
+            static[name] = buffer.contiguous(memory_format=fmt)
             static[name][: value.shape[0]].copy_(value)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(GRAPH_WARMUP_CALLS):
-                self.eager(static)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            output = self.eager(static)
+        graph, output = self.record(self.eager, static, self.pool)
         captured = _Graph(graph, static, output)
         self.graphs[key] = captured
         while len(self.graphs) > MAX_CUDA_GRAPHS:

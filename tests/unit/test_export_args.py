@@ -10,7 +10,7 @@ import pytest
 
 from export.__main__ import TURBO_SCHEDULER, parse_args
 from export.calibrate import BatchPolicy, choose_policy, render_batching
-from export.repository import CPU_THREADS_RESOURCE, ServingOptions, TensorSpec, render_config
+from export.repository import CPU_THREADS_RESOURCE, ServingOptions, TensorSpec, config_parameters, render_config
 from gateway.settings import Settings
 from gateway.triton.server import CPU_THREADS_RESOURCE as SERVER_CPU_THREADS_RESOURCE
 from gateway.triton.server import cpu_budget_args
@@ -126,3 +126,51 @@ def test_calibrate_needs_the_python_runner(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         parse_args(["--tiny", "--calibrate", "--backend", "onnxruntime"])
     assert "--backend python only" in capsys.readouterr().err
+
+
+# --- issue 19: the torch runtime's flags ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--runtime", "torch", "--backend", "onnxruntime"], "--backend python only"),
+        (["--runtime", "torch", "--fp16"], "computes in fp16 on CUDA by itself"),
+        (["--runtime", "torch", "--calibrate"], "does not apply to --runtime torch"),
+        (["--no-cuda-graphs"], "only apply to --runtime torch"),
+        (["--torch-compile"], "only apply to --runtime torch"),
+    ],
+)
+def test_torch_runtime_flags_that_do_not_apply_are_refused(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--tiny", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_torch_runtime_config_names_the_runtime_component_and_cuda_settings() -> None:
+    args = parse_args(["--tiny", "--runtime", "torch", "--no-cuda-graphs", "--torch-compile"])
+    options = ServingOptions(
+        runtime=args.runtime, cuda_graphs=not args.no_cuda_graphs, torch_compile=args.torch_compile
+    )
+    spec = [TensorSpec("sample", "FP32", (-1, 4, -1, -1))]
+    config = render_config(
+        "m_unet", spec, spec, options, "", torch_params={"component": "unet", "cuda_dtype": "float16"}
+    )
+    assert config_parameters(config) == {
+        "runtime": "torch",
+        "component": "unet",
+        "cuda_dtype": "float16",
+        "intra_op_threads": "0",
+        "cuda_graphs": "0",
+        "torch_compile": "1",
+    }
+    assert "onnx_file" not in config and 'backend: "python"' in config and "KIND_AUTO" in config
+    # The onnxruntime runner's configs are as before: no runtime parameter (absent means onnxruntime).
+    assert "runtime" not in render_config("m_unet", spec, spec, ServingOptions(), "model.onnx")
+    assert (options.served_by, ServingOptions().served_by, ServingOptions(backend="tensorrt").served_by) == (
+        "torch",
+        "onnxruntime",
+        "tensorrt",
+    )
