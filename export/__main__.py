@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-cuda-graphs", action="store_true", help="torch runtime: run the UNet eagerly on CUDA (no CUDA graphs)"
     )
-    parser.add_argument("--torch-compile", action="store_true", help="torch runtime: torch.compile the modules")
+    parser.add_argument("--torch-compile", action="store_true", help="torch runtime: torch.compile the UNet")
     parser.add_argument("--fp16", action="store_true", help="fp16 ONNX weights and compute (GPU targets)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument(

@@ -7,22 +7,24 @@
 #
 # The device machine has torch, transformers and numpy 2 but not diffusers or Triton: the wheels it needs travel
 # with the working tree in .device-wheels/ (scripts/gpu-serve-wheels.sh downloads them here and measures what
-# travels). Where that folder holds wheels, they are installed into a virtual environment over the system's
-# packages and the run uses it; elsewhere (here, in its test) the run uses $PYTHON as it is.
+# travels). With `--wheels DIR` (first), DIR's wheels are installed into a virtual environment over the system's
+# packages and the run uses it; without it (here, in its test) the run uses $PYTHON as it is.
 #
 #   scripts/gpu-serve-wheels.sh                                              # here, once
-#   device run: scripts/gpu-serve-check.sh --out "$OUT/gpu-serve-check.json"   carry: .device-wheels
+#   device: scripts/gpu-serve-check.sh --wheels .device-wheels --out "$OUT/gpu-serve-check.json"  (carry it)
 #   scripts/gpu-serve-check.sh --device cpu --tiny --out /tmp/gpu-serve-tiny.json   # here, about a minute
 set -eu
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 carried=""
-if ls .device-wheels/*.whl >/dev/null 2>&1; then
+if [ "${1:-}" = "--wheels" ]; then
+  wheels="$2"
+  shift 2
   env="${TMPDIR:-/tmp}/gpu-serve-env"
   "$PYTHON" -m venv --system-site-packages "$env"
-  "$env/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-index .device-wheels/*.whl
+  "$env/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-index "$wheels"/*.whl
   PYTHON="$env/bin/python"
-  [ -f .device-wheels/carried.json ] && carried="--carried .device-wheels/carried.json"
+  if [ -f "$wheels/carried.json" ]; then carried="--carried $wheels/carried.json"; fi
 fi
 # shellcheck disable=SC2086  # $carried is two words or none
 exec timeout 360 "$PYTHON" scripts/gpu_serve_check.py $carried "$@"

@@ -48,6 +48,8 @@ GUIDED_ROWS = 2
 GUIDANCE_SCALE = 7.5
 # How long each concurrency level is measured, after one untimed round of steps (seconds).
 LEVEL_S = {"cuda": 10.0, "cpu": 2.0}
+# How the torch runtime's lines start in Triton's log (torch_runtime.LOG_PREFIX): each instance's device and dtype.
+TORCH_LOG_PREFIX = "imagen torch runtime:"
 # Dense fp16 tensor-core peak by GPU name (the vendors' datasheets; SXM unless named), TFLOP/s.
 FP16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}
 
@@ -386,6 +388,14 @@ async def serve_levels(server: Any, manifest: Mapping[str, Any], args: argparse.
         await client.close()
 
 
+def runtime_lines(log_file: Path | None) -> list[str]:
+    """The torch runtime's lines in Triton's log: each instance's device, dtype and graphs, and any fallback."""
+    if log_file is None or not log_file.is_file():
+        return []
+    lines = log_file.read_text(errors="replace").splitlines()
+    return [line.split(TORCH_LOG_PREFIX, 1)[1].strip() for line in lines if TORCH_LOG_PREFIX in line]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -488,7 +498,7 @@ def _run(run: Run, args: argparse.Namespace, work: Path) -> int:
         try:
             server.start()
             server.wait_ready([c["model"] for c in manifest["components"].values()], timeout_s=max(60.0, run.left()))
-            triton.update(status="ready", models=len(manifest["components"]))
+            triton.update(status="ready", models=len(manifest["components"]), instances=runtime_lines(log_file))
         except (TritonNotFound, TritonStartError, OSError) as exc:
             tail = log_file.read_text(errors="replace").splitlines()[-15:] if log_file.is_file() else []
             triton.update(status="failed", reason=f"{type(exc).__name__}: {exc}", log_tail=tail)
@@ -505,6 +515,7 @@ def _run(run: Run, args: argparse.Namespace, work: Path) -> int:
         run.save()
     finally:
         if server is not None:
+            triton["instances"] = runtime_lines(server.log_file)  # with any "CUDA graphs off" of the levels
             server.stop()
     if server is None or not (run.result.get("service") or {}).get("levels"):
         t0 = time.monotonic()

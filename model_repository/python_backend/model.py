@@ -100,6 +100,8 @@ class TorchRuntime:
         self.component = module.TorchComponent(
             settings, folder / module.WEIGHTS_DIR, [t["name"] for t in config["output"]]
         )
+        # In Triton's log, where the device runs (scripts/gpu_serve_check.py) read which device each model got.
+        pb_utils.Logger.log_info(f"{module.LOG_PREFIX} {config['name']}: {settings.describe()}")
 
     def value(self, name: str, tensor: Any) -> Any:
         return self.torch.from_dlpack(tensor)

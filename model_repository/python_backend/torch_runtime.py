@@ -34,6 +34,8 @@ VAE_HALVES = {"vae_encoder": ("decoder", "post_quant_conv"), "vae_decoder": ("en
 MAX_CUDA_GRAPHS = 24
 # Eager calls on a side stream before a graph is captured (cuDNN/cuBLAS pick and cache their kernels there).
 GRAPH_WARMUP_CALLS = 2
+# How this runtime's lines start in Triton's log (model.py logs each instance's settings at load).
+LOG_PREFIX = "imagen torch runtime:"
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 log = logging.getLogger("imagen.torch_runtime")
@@ -63,6 +65,12 @@ class TorchSettings:
             cuda_graphs=cuda and params.get("cuda_graphs", "1") == "1" and params["component"] == "unet",
             compile=params.get("torch_compile", "0") == "1",
             graph_batches=graph_batches(max_batch_size),
+        )
+
+    def describe(self) -> str:
+        graphs = f"CUDA graphs at {list(self.graph_batches)} rows" if self.cuda_graphs else "eager"
+        return f"{self.component} on {self.device} in {str(self.dtype).removeprefix('torch.')}, {graphs}" + (
+            ", torch.compile" if self.compile else ""
         )
 
 
@@ -110,17 +118,16 @@ class TorchComponent:
         if settings.device.type == "cuda" and settings.component in ("unet", "vae_encoder", "vae_decoder"):
             module = module.to(memory_format=torch.channels_last)
         self.module = module
-        call: Callable[..., Any] = module
-        if settings.compile:
-            call = torch.compile(module)
-        self._call = call
+        # torch.compile wraps `forward`: the UNet's (the VAE halves are called through encode/decode, and the
+        # text encoders are a small share of the time).
+        self._call: Any = torch.compile(module) if settings.compile and settings.component == "unet" else module
         self._graphs = CudaGraphs(self._unet_eager, settings.graph_batches) if settings.cuda_graphs else None
 
     # -- the components, as the ONNX export traces them (export.validate runs the same calls on the torch side) --
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
-            inputs = {name: self._to_device(value) for name, value in feeds.items()}
+            inputs = {name: self._to_device(name, value) for name, value in feeds.items()}
             component = self.settings.component
             if component.startswith("text_encoder"):
                 outputs = self._text(inputs["input_ids"])
@@ -134,9 +141,11 @@ class TorchComponent:
             # The wire stays fp32 whatever the compute dtype; DLPack wants C-contiguous tensors.
             return {name: outputs[name].float().contiguous() for name in self.output_names}
 
-    def _to_device(self, value: torch.Tensor) -> torch.Tensor:
+    def _to_device(self, name: str, value: torch.Tensor) -> torch.Tensor:
         value = value.to(self.settings.device, non_blocking=True)
-        if value.is_floating_point():
+        # The timestep stays fp32, as diffusers passes it to an fp16 UNet (whose time embedding computes in fp32):
+        # fp16 would round a schedule's fractional timesteps.
+        if value.is_floating_point() and name != "timestep":
             value = value.to(self.settings.dtype)
             if value.ndim == 4 and self.settings.device.type == "cuda":
                 value = value.contiguous(memory_format=torch.channels_last)
@@ -224,7 +233,7 @@ class CudaGraphs:
                 graph = self._capture(key, batch, inputs)
             except RuntimeError as exc:  # e.g. an op that syncs with the host: serve eagerly from now on
                 self.disabled = f"{type(exc).__name__}: {exc}"
-                log.warning("CUDA graphs off for this UNet instance: %s", self.disabled)
+                log.warning("%s CUDA graphs off for this UNet instance: %s", LOG_PREFIX, self.disabled)
                 return self.eager(inputs)
         else:
             self.graphs.move_to_end(key)

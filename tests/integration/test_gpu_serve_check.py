@@ -56,6 +56,8 @@ def test_gpu_serve_check_cpu_mode_serves_through_triton_and_writes_every_field(t
     assert data["environment"]["device"] == "cpu"
     assert set(data["stages"]) == {"build_s", "export_s", "triton_start_s", "service_s", "diffusers_s"}
     assert data["triton"]["status"] == "ready" and "direct" not in data
+    instances = data["triton"]["instances"]  # from Triton's log: where each model runs
+    assert len(instances) == 4 and all("on cpu in float32, eager" in line for line in instances), instances
     service = data["service"]
     assert service["client"] == "gateway (gRPC)"
     assert set(service["components"]) == {"text_encoder", "vae_encoder", "unet", "vae_decoder"}
