@@ -21,8 +21,19 @@ if [ "${1:-}" = "--wheels" ]; then
   wheels="$2"
   shift 2
   env="${TMPDIR:-/tmp}/gpu-serve-env"
-  "$PYTHON" -m venv --system-site-packages "$env"
-  "$env/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-index "$wheels"/*.whl
+  # Debian's python3 without python3-venv has no ensurepip: then the env gets no pip, and $PYTHON's pip installs.
+  pip="$env/bin/python -m pip"
+  if ! "$PYTHON" -m venv --system-site-packages "$env" 2>/dev/null; then
+    "$PYTHON" -m venv --system-site-packages --without-pip "$env"
+    pip="$PYTHON -m pip --python $env/bin/python"
+  fi
+  # --system-site-packages reaches the base interpreter's packages only: where $PYTHON is itself a virtual
+  # environment (or has packages in the user's site), its own (torch, transformers) come through a .pth, after the
+  # env's own packages.
+  "$PYTHON" -c 'import site; print("\n".join([*site.getsitepackages(), site.getusersitepackages()]))' \
+    >"$("$env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gpu-serve-base.pth"
+  # shellcheck disable=SC2086  # $pip is several words
+  $pip install -q --disable-pip-version-check --no-deps --no-index "$wheels"/*.whl
   PYTHON="$env/bin/python"
   if [ -f "$wheels/carried.json" ]; then carried="--carried $wheels/carried.json"; fi
 fi

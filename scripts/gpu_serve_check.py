@@ -173,11 +173,13 @@ async def drive_level(
             await client.infer(model, feed, ["out_sample"])
             if not timed:
                 return
-            if time.perf_counter() > stop:
-                return
+            # A step that ends after `stop` counts too: the level's time runs until the last one ends (a step
+            # longer than the window, as on a loaded CPU, would otherwise leave the level with no steps at all).
             latencies.append(time.perf_counter() - t0)
             steps_done += 1
             step += 1
+            if time.perf_counter() > stop:
+                return
 
     await asyncio.gather(*(image(k, timed=False) for k in range(concurrency)))  # warm: connections, graphs
     stop = time.perf_counter() + seconds
@@ -393,13 +395,44 @@ def runtime_lines(log_file: Path | None) -> list[str]:
     if log_file is None or not log_file.is_file():
         return []
     lines = log_file.read_text(errors="replace").splitlines()
-    return [line.split(TORCH_LOG_PREFIX, 1)[1].strip() for line in lines if TORCH_LOG_PREFIX in line]
+    # Triton quotes each message ('I1207 ... model.py:104] "imagen torch runtime: ..."'): the closing quote goes.
+    return [line.split(TORCH_LOG_PREFIX, 1)[1].strip().removesuffix('"') for line in lines if TORCH_LOG_PREFIX in line]
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def unavailable_models(server: Any) -> dict[str, str]:
+    """Models Triton could not load, with its reason (POST /v2/repository/index: state UNAVAILABLE)."""
+    import urllib.request
+
+    url = f"{server.http_url}/v2/repository/index"
+    request = urllib.request.Request(url, data=b"{}", method="POST")  # noqa: S310 - our loopback Triton
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        index: list[dict[str, Any]] = json.loads(response.read())
+    return {m["name"]: str(m.get("reason", "")) for m in index if m.get("state") == "UNAVAILABLE"}
+
+
+def wait_models(server: Any, models: list[str], timeout_s: float) -> None:
+    """server.wait_ready, ended at once by a model Triton could not load (its stub did not start, its weights did
+    not load): with --exit-on-error=false Triton serves on without it, and the wait would run to its timeout."""
+    from gateway.triton.server import TritonStartError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            server.wait_ready(models, timeout_s=min(5.0, max(0.0, deadline - time.monotonic())))
+            return
+        except TritonStartError:
+            if server.process is None or server.process.poll() is not None or time.monotonic() >= deadline:
+                raise
+        if server.is_live():  # live: the repository's load is over, so UNAVAILABLE is final
+            failed = {name: reason for name, reason in unavailable_models(server).items() if name in models}
+            if failed:
+                raise TritonStartError("; ".join(f"{name}: {reason[:500]}" for name, reason in failed.items()))
 
 
 def _stats(server: Any, model: str) -> dict[str, Any]:
@@ -497,7 +530,7 @@ def _run(run: Run, args: argparse.Namespace, work: Path) -> int:
         )
         try:
             server.start()
-            server.wait_ready([c["model"] for c in manifest["components"].values()], timeout_s=max(60.0, run.left()))
+            wait_models(server, [c["model"] for c in manifest["components"].values()], max(60.0, run.left()))
             triton.update(status="ready", models=len(manifest["components"]), instances=runtime_lines(log_file))
         except (TritonNotFound, TritonStartError, OSError) as exc:
             tail = log_file.read_text(errors="replace").splitlines()[-15:] if log_file.is_file() else []

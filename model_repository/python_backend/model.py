@@ -127,7 +127,7 @@ def _load_beside(path: Path, name: str) -> Any:
     return module
 
 
-RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": TorchRuntime}
+RUNTIMES: dict[str, type[OnnxRuntime] | type[TorchRuntime]] = {"onnxruntime": OnnxRuntime, "torch": TorchRuntime}
 
 
 class TritonPythonModel:

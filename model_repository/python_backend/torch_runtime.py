@@ -116,7 +116,7 @@ class TorchComponent:
         self.output_names = tuple(output_names)
         module = load_module(settings.component, folder).to(settings.device, settings.dtype)
         if settings.device.type == "cuda" and settings.component in ("unet", "vae_encoder", "vae_decoder"):
-            module = module.to(memory_format=torch.channels_last)
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.module = module
         # torch.compile wraps `forward`: the UNet's (the VAE halves are called through encode/decode, and the
         # text encoders are a small share of the time).
