@@ -314,7 +314,7 @@ def environment(device: str) -> dict[str, Any]:
         }
     else:
         env["cpu"] = platform.processor() or platform.machine()
-    for module in ("diffusers", "onnx", "onnxruntime", "tensorrt"):
+    for module in ("diffusers", "transformers", "huggingface_hub", "numpy", "onnx", "onnxruntime", "tensorrt"):
         try:
             env[module] = __import__(module).__version__
         except ImportError:

@@ -50,6 +50,8 @@ GUIDANCE_SCALE = 7.5
 LEVEL_S = {"cuda": 10.0, "cpu": 2.0}
 # How the torch runtime's lines start in Triton's log (torch_runtime.LOG_PREFIX): each instance's device and dtype.
 TORCH_LOG_PREFIX = "imagen torch runtime:"
+# The dynamic loader's words (in Triton's log) when a Python-backend stub cannot start: libpython not found, say.
+STUB_LOAD_ERROR = "error while loading shared libraries"
 # Dense fp16 tensor-core peak by GPU name (the vendors' datasheets; SXM unless named), TFLOP/s.
 FP16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}
 
@@ -416,23 +418,31 @@ def unavailable_models(server: Any) -> dict[str, str]:
     return {m["name"]: str(m.get("reason", "")) for m in index if m.get("state") == "UNAVAILABLE"}
 
 
-def wait_models(server: Any, models: list[str], timeout_s: float) -> None:
-    """server.wait_ready, ended at once by a model Triton could not load (its stub did not start, its weights did
-    not load): with --exit-on-error=false Triton serves on without it, and the wait would run to its timeout."""
+def wait_models(server: Any, models: list[str], timeout_s: float, log_file: Path) -> None:
+    """server.wait_ready, ended as soon as the wait cannot succeed: a Python-backend stub that cannot start (a library
+    it links missing, libpython among them: Triton then waits on the dead stub for minutes, never live) or a model
+    Triton could not load (with --exit-on-error=false it goes live without it)."""
     from gateway.triton.server import TritonStartError
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            server.wait_ready(models, timeout_s=min(5.0, max(0.0, deadline - time.monotonic())))
+            server.wait_ready(models, timeout_s=min(2.0, max(0.0, deadline - time.monotonic())))
             return
         except TritonStartError:
-            if server.process is None or server.process.poll() is not None or time.monotonic() >= deadline:
+            if server.process is None or server.process.poll() is not None:
                 raise
+        log = log_file.read_text(errors="replace") if log_file.is_file() else ""
+        broken = [line.strip() for line in log.splitlines() if STUB_LOAD_ERROR in line]
+        if broken:
+            raise TritonStartError(f"a Python-backend stub cannot start: {broken[0]}")
         if server.is_live():  # live: the repository's load is over, so UNAVAILABLE is final
             failed = {name: reason for name, reason in unavailable_models(server).items() if name in models}
             if failed:
                 raise TritonStartError("; ".join(f"{name}: {reason[:500]}" for name, reason in failed.items()))
+        if time.monotonic() >= deadline:
+            pending = [name for name in models if not server.model_ready(name)]
+            raise TritonStartError(f"tritonserver not ready after {timeout_s:.0f} s; waiting for {pending}")
 
 
 def _stats(server: Any, model: str) -> dict[str, Any]:
@@ -530,7 +540,8 @@ def _run(run: Run, args: argparse.Namespace, work: Path) -> int:
         )
         try:
             server.start()
-            wait_models(server, [c["model"] for c in manifest["components"].values()], max(60.0, run.left()))
+            models = [c["model"] for c in manifest["components"].values()]
+            wait_models(server, models, max(60.0, run.left()), log_file)
             triton.update(status="ready", models=len(manifest["components"]), instances=runtime_lines(log_file))
         except (TritonNotFound, TritonStartError, OSError) as exc:
             tail = log_file.read_text(errors="replace").splitlines()[-15:] if log_file.is_file() else []

@@ -77,3 +77,28 @@ def test_gpu_serve_check_cpu_mode_serves_through_triton_and_writes_every_field(t
     assert data["diffusers"]["images_per_s"] > 0 and data["diffusers"]["batch"] == 1
     assert data["unet_flops_per_row"] > 0 and data["fp16_peak_tflops"] is None
     assert set(data["summary"]) == {str(c) for c in LEVELS}
+
+
+def test_without_triton_the_run_times_the_runtime_directly_and_says_why(tmp_path: Path) -> None:
+    """The fallback when Triton cannot serve on the device: the torch runtime's UNet timed directly, each level as
+    one batch of all its images' rows, against the same diffusers baseline."""
+    out = tmp_path / "direct.json"
+    argv = ["--device", "cpu", "--tiny", "--no-triton", "--levels", "1,4", "--out", str(out)]
+    result = subprocess.run(
+        [str(PROJECT_ROOT / "scripts" / "gpu-serve-check.sh"), *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["triton"] == {"status": "skipped", "reason": "--no-triton"} and "service" not in data
+    direct = data["direct"]
+    assert direct["why"] == "--no-triton"
+    assert [(level["concurrency"], level["batch_rows"]) for level in direct["levels"]] == [(1, 2), (4, 8)]
+    for level in direct["levels"]:
+        assert level["images_per_s"] > 0 and level["service_over_diffusers"] is not None
+    assert set(data["summary"]) == {"1", "4"}
