@@ -24,7 +24,7 @@ from export.repository import (
     staging_area,
     validate_name,
 )
-from export.validate import FP32_ATOL, FP32_RTOL, check_components
+from export.validate import check_components
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository" / "models"
 
@@ -96,10 +96,7 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
         def validate(s: dict[str, Any]) -> None:
             for check in check_components(s["pipeline"], s["onnx"]):
                 if not check.within_tolerance:
-                    raise ExportError(
-                        f"{check.component}: ONNX output differs from torch by up to {check.max_abs_error:.2e} "
-                        f"(tolerance {FP32_ATOL:.0e} + {FP32_RTOL:.0e} x |torch|)"
-                    )
+                    raise ExportError(check.describe())
 
         def fp16(s: dict[str, Any]) -> None:
             # onnxconverter-common, after pruning to the served outputs (export.tensorrt.convert_fp16): onnxruntime's

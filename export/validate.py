@@ -1,13 +1,23 @@
-"""Numerical check of exported components against the torch modules they came from.
+"""Numerical check of exported components against the torch modules they came from, in the units that matter.
 
-For fp32 exports onnxruntime and torch differ only in the order of summation. On the tiny model the maximum
-absolute error stays under FP32_ATOL = 1e-4 (observed ~1e-6; the tests hold that). Deeper models accumulate
-more (the medium VAE decoder reaches ~2e-4 on outputs of magnitude ~1), so the export's own check is
-`np.allclose`-style: |onnx - torch| <= FP32_ATOL + FP32_RTOL * |torch| element-wise.
+onnxruntime and torch differ only in the order of summation for fp32 graphs, and that difference grows with depth
+and width: the SD 2.1 (768 px) VAE decoder differs by up to 5e-4, a tiny one by 1e-6. A fixed absolute tolerance
+either fails real models or passes broken tiny ones, so each component is measured in its consumer's unit:
+
+- the VAE decoder in levels of 255 after decoding (the gateway maps [-1, 1] to 0..255, 127.5 levels per unit):
+  at most DECODER_MAX_LEVELS, so no pixel moves by more than that (5e-4 is 0.06 levels);
+- the UNet, the text encoders and the VAE encoder relative to the output's scale: max |onnx - torch| divided by
+  max |torch| at most SCALE_RTOL (fp32 summation noise stays orders of magnitude under it at every size, and a
+  wrong graph or weight is off by percent, not per mille).
+
+Components are checked one at a time, each session released before the next (the UNet's is the size of its
+weights), with onnxruntime's arena and memory patterns off, so the check adds about one component's weights to
+what the export holds.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +25,44 @@ from typing import Any
 
 import numpy as np
 
+# The tiny test models' absolute bound (observed ~1e-6): the tests hold it, the export does not use it.
 FP32_ATOL = 1e-4
-FP32_RTOL = 1e-3
+# One level of 255 in the decoder's [-1, 1] output.
+LEVELS_PER_UNIT = 127.5
+DECODER_MAX_LEVELS = 0.5
+SCALE_RTOL = 1e-3
 
 
 @dataclass(frozen=True)
 class ComponentCheck:
     component: str
     max_abs_error: float
-    within_tolerance: bool  # allclose(onnx, torch, rtol=FP32_RTOL, atol=FP32_ATOL)
+    error: float  # in `unit`
+    tolerance: float
+    unit: str
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.error <= self.tolerance
+
+    def describe(self) -> str:
+        return (
+            f"{self.component}: ONNX output differs from torch by {self.error:.3g} {self.unit} "
+            f"(tolerance {self.tolerance:g}; max abs {self.max_abs_error:.2e})"
+        )
+
+
+def measure(component: str, onnx_out: Mapping[str, np.ndarray], torch_out: Mapping[str, np.ndarray]) -> ComponentCheck:
+    """The worst output of `component` in its unit (module docstring)."""
+    max_abs = max(float(np.max(np.abs(onnx_out[r] - torch_out[r]))) for r in torch_out)
+    if component == "vae_decoder":
+        return ComponentCheck(component, max_abs, max_abs * LEVELS_PER_UNIT, DECODER_MAX_LEVELS, "levels of 255")
+    tiny = float(np.finfo(np.float32).tiny)  # an all-zero output: its scale is not zero
+    relative = max(
+        float(np.max(np.abs(onnx_out[r] - torch_out[r]))) / max(float(np.max(np.abs(torch_out[r]))), tiny)
+        for r in torch_out
+    )
+    return ComponentCheck(component, max_abs, relative, SCALE_RTOL, "of the output's scale")
 
 
 def _inputs(pipeline: Any, batch: int, latent_hw: tuple[int, int], seed: int) -> dict[str, dict[str, np.ndarray]]:
@@ -60,7 +99,7 @@ def _torch_outputs(pipeline: Any, component: str, feeds: Mapping[str, np.ndarray
     import torch
 
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
-    with torch.no_grad():
+    with torch.inference_mode():
         if component.startswith("text_encoder"):
             encoder = getattr(pipeline, component)
             if getattr(pipeline, "text_encoder_2", None) is None:
@@ -86,25 +125,24 @@ def _torch_outputs(pipeline: Any, component: str, feeds: Mapping[str, np.ndarray
 def check_components(
     pipeline: Any, onnx_paths: Mapping[str, Path], *, batch: int = 2, seed: int = 0
 ) -> list[ComponentCheck]:
-    """Run each ONNX component and its torch module on the same random inputs; report the max abs error."""
+    """Run each ONNX component and its torch module on the same random inputs (batch rows at distinct timesteps);
+    one check per component, in its unit (module docstring)."""
     import onnxruntime as ort
 
     from export.repository import served_outputs
 
     latent = pipeline.unet.config.sample_size
     all_inputs = _inputs(pipeline, batch, (latent, latent), seed)
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False  # what one call allocates goes back before the next component loads
+    options.enable_mem_pattern = False
     checks = []
     for component, path in onnx_paths.items():
         feeds = all_inputs[component]
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         roles = served_outputs(pipeline, component)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         onnx_out = dict(zip(roles, session.run(list(roles.values()), feeds), strict=True))
-        torch_out = _torch_outputs(pipeline, component, feeds)
-        checks.append(
-            ComponentCheck(
-                component,
-                max(float(np.max(np.abs(onnx_out[r] - torch_out[r]))) for r in roles),
-                all(np.allclose(onnx_out[r], torch_out[r], rtol=FP32_RTOL, atol=FP32_ATOL) for r in roles),
-            )
-        )
+        del session
+        gc.collect()
+        checks.append(measure(component, onnx_out, _torch_outputs(pipeline, component, feeds)))
     return checks
