@@ -31,7 +31,7 @@ class TinySpec:
     unet_down: tuple[str, ...]
     unet_up: tuple[str, ...]
     unet_groups: int
-    attention_head_dim: int
+    attention_head_dim: int | tuple[int, ...]  # diffusers' name; the heads per block (SD 1.5: 8, SDXL: 5/10/20)
     sample_size: int
     text_hidden: int
     text_layers: int
@@ -41,6 +41,12 @@ class TinySpec:
     unet_layers_per_block: int = 1
     vae_layers_per_block: int = 1
     text_intermediate: int | None = None  # the CLIP MLP's width (None: 4 x text_hidden)
+    # SDXL's second text encoder (OpenCLIP ViT-bigG in the published model: 1280 wide, GELU); None: as the first.
+    text_hidden_2: int | None = None
+    text_heads_2: int | None = None
+    text_intermediate_2: int | None = None
+    text_act_2: str = "quick_gelu"
+    time_embed_dim: int = 8  # SDXL's features per add_time_id (published: 256)
 
 
 SIZES: dict[str, TinySpec] = {
@@ -90,6 +96,29 @@ SIZES: dict[str, TinySpec] = {
         text_intermediate=3072,
     ),
 }
+# Real widths and conditioning dimensions at a cost CI can pay (one UNet layer per block, two text layers,
+# 128 px): SD 1.5's 768-wide text encoder and cross-attention, SDXL's 768- and 1280-wide encoders
+# (cross-attention 2048, the added embedding 6 x 256 + 1280 = 2816 wide), attention heads of 64 (64 and 128
+# channels, 1 and 2 heads). A mix-up of any two of these dimensions fails to export or to serve.
+SIZES["widths"] = TinySpec(
+    unet_channels=(64, 128),
+    unet_down=("CrossAttnDownBlock2D", "DownBlock2D"),
+    unet_up=("UpBlock2D", "CrossAttnUpBlock2D"),
+    unet_groups=32,
+    attention_head_dim=(1, 2),
+    sample_size=16,
+    text_hidden=768,
+    text_layers=2,  # SDXL serves the penultimate hidden state: after one real layer, not the embeddings
+    text_heads=12,
+    text_intermediate=3072,
+    vae_channels=(8, 16, 16, 16),
+    vae_groups=8,
+    text_hidden_2=1280,
+    text_heads_2=20,
+    text_intermediate_2=5120,
+    text_act_2="gelu",
+    time_embed_dim=256,
+)
 # The same at its published size, 512 px (64x64 latents): what the GPU device runs measure (scripts/gpu_check.py,
 # scripts/gpu_serve_check.py).
 SIZES["sd15"] = replace(SIZES["large"], sample_size=64)
@@ -139,19 +168,21 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
 
 
 ARCHS = ("sd", "sdxl")
-# The UNet's `add_time_ids` embedding width (SDXL: 256); each of the six ids gets this many sinusoidal features.
-SDXL_TIME_EMBED_DIM = 8
 SDXL_TIME_IDS = 6  # original size (2) + crop offset (2) + target size (2)
 
 
-def _text_config(spec: TinySpec, **extra: Any) -> Any:
+def _text_config(spec: TinySpec, *, second: bool = False, **extra: Any) -> Any:
+    """The first text encoder's config, or with `second` SDXL's second one (its own widths where given)."""
     from transformers import CLIPTextConfig
 
+    hidden = (spec.text_hidden_2 if second else None) or spec.text_hidden
+    intermediate = (spec.text_intermediate_2 if second else None) or spec.text_intermediate or hidden * 4
     return CLIPTextConfig(
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_intermediate or spec.text_hidden * 4,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
+        num_attention_heads=(spec.text_heads_2 if second else None) or spec.text_heads,
+        hidden_act=spec.text_act_2 if second else "quick_gelu",
         max_position_embeddings=CLIP_MAX_LENGTH,
         vocab_size=49408,
         bos_token_id=49406,
@@ -174,11 +205,12 @@ def build_random_pipeline(
     torch.manual_seed(seed)
     # SDXL's cross-attention sees both encoders' hidden states side by side; its added embedding takes the six
     # time ids and the second encoder's pooled (projected) output.
+    pooled = spec.text_hidden_2 or spec.text_hidden  # the second encoder's projection: as wide as it is
     sdxl_unet = (
         {
             "addition_embed_type": "text_time",
-            "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
-            "projection_class_embeddings_input_dim": SDXL_TIME_EMBED_DIM * SDXL_TIME_IDS + spec.text_hidden,
+            "addition_time_embed_dim": spec.time_embed_dim,
+            "projection_class_embeddings_input_dim": spec.time_embed_dim * SDXL_TIME_IDS + pooled,
             "use_linear_projection": True,
         }
         if sdxl
@@ -192,7 +224,7 @@ def build_random_pipeline(
         block_out_channels=spec.unet_channels,
         down_block_types=spec.unet_down,
         up_block_types=spec.unet_up,
-        cross_attention_dim=spec.text_hidden * (2 if sdxl else 1),
+        cross_attention_dim=spec.text_hidden + (pooled if sdxl else 0),
         attention_head_dim=spec.attention_head_dim,
         norm_num_groups=spec.unet_groups,
         **sdxl_unet,
@@ -209,7 +241,9 @@ def build_random_pipeline(
         sample_size=spec.sample_size * 2 ** (len(spec.vae_channels) - 1),
     )
     text_encoder = CLIPTextModel(_text_config(spec))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(spec, projection_dim=spec.text_hidden)) if sdxl else None
+    text_encoder_2 = (
+        CLIPTextModelWithProjection(_text_config(spec, second=True, projection_dim=pooled)) if sdxl else None
+    )
     with tempfile.TemporaryDirectory() as vocab_dir:
         vocab, merges = write_clip_vocab(Path(vocab_dir))
 
