@@ -115,6 +115,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (what an export needs of the host; `/usr/bin/time -v` agrees)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     request = ExportRequest(
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"exported {manifest['name']!r} ({manifest['family']}{' turbo' if manifest['turbo'] else ''}, "
         f"{manifest['backend']} backend, {manifest['runtime']} runtime, {manifest['dtype']}, "
-        f"{manifest['native_resolution']}px native) into {args.output}"
+        f"{manifest['native_resolution']}px native) into {args.output}; peak RSS {peak_rss_gb():.2f} GB"
     )
     return 0
 

@@ -383,6 +383,9 @@ def test_cli_tiny_export_replaces_a_pipeline_atomically(tmp_path: Path, existing
     )
     assert not list(existing_repo.parent.glob(".*staging*"))
     assert "stage" in second.stderr  # the progress bar
+    # The summary line reports what the export needed of the host (issue 20, item 2): a few hundred MB for tiny.
+    peak = float(second.stdout.rsplit("peak RSS ", 1)[1].split(" GB")[0])
+    assert 0.05 < peak < 8, second.stdout
 
 
 def test_onnxruntime_backend_configs(tmp_path: Path, repository: Repository) -> None:
