@@ -26,6 +26,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-dir", type=Path, help="local diffusers Stable Diffusion 1.x/2.x or SDXL folder (from model_index.json)"
     )
     source.add_argument("--tiny", action="store_true", help="build a random-weight pipeline and export it")
+    source.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a single-file SD 1.x/2.x or SDXL checkpoint in the original layout (.safetensors; .ckpt with "
+        "--allow-pickle), read with --config's configs",
+    )
+    parser.add_argument(
+        "--config", type=Path, help="--checkpoint: a diffusers folder with the model's configs and tokenizers"
+    )
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="--checkpoint: read a pickle .ckpt (loading a pickle can run code)"
+    )
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="random pipeline size (--tiny)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (--tiny)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="scheduler (--tiny; pndm)")
@@ -88,10 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-ort-tensorrt", action="store_true", help="onnxruntime backend: no TensorRT execution accelerator"
     )
     args = parser.parse_args(argv)
-    if args.model_dir is not None and (
-        args.size != "tiny" or args.seed != 0 or args.scheduler is not None or args.arch != "sd"
-    ):
+    if not args.tiny and (args.size != "tiny" or args.seed != 0 or args.scheduler is not None or args.arch != "sd"):
         parser.error("--size, --seed, --scheduler and --arch only apply to --tiny")
+    if args.checkpoint is None and (args.config is not None or args.allow_pickle):
+        parser.error("--config and --allow-pickle only apply to --checkpoint")
     if args.scheduler is None:
         args.scheduler = TURBO_SCHEDULER if args.turbo else "pndm"
     for flag in ("max_batch_size", "instances"):
@@ -126,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     request = ExportRequest(
         model_dir=args.model_dir,
+        checkpoint=args.checkpoint,
+        checkpoint_config=args.config,
+        allow_pickle=args.allow_pickle,
         tiny_size=args.size if args.tiny else None,
         tiny_seed=args.seed,
         tiny_scheduler=args.scheduler,

@@ -33,8 +33,9 @@ def _present(model_dir: Path, component: str) -> bool:
     return isinstance(entry, list) and entry[:1] != [None]
 
 
-def missing_parts(model_dir: Path) -> list[str]:
-    """What a Stable Diffusion (or SDXL) img2img folder lacks (empty when the layout is complete)."""
+def missing_parts(model_dir: Path, *, weights: bool = True) -> list[str]:
+    """What a Stable Diffusion (or SDXL) img2img folder lacks (empty when the layout is complete); without
+    `weights`, only its configs and tokenizers (a single file's `--config` folder)."""
     missing = []
     for file in ("model_index.json", "scheduler/scheduler_config.json"):
         if not (model_dir / file).is_file():
@@ -47,7 +48,7 @@ def missing_parts(model_dir: Path) -> list[str]:
         folder = model_dir / component
         if not (folder / "config.json").is_file():
             missing.append(f"{component}/config.json")
-        elif not _has_weights(folder):
+        elif weights and not _has_weights(folder):
             missing.append(f"{component}/ weights (*.safetensors or *.bin)")
     for _, name in texts:
         tokenizer = model_dir / name
@@ -57,13 +58,13 @@ def missing_parts(model_dir: Path) -> list[str]:
     return missing
 
 
-def check_layout(model_dir: Path) -> Path:
+def check_layout(model_dir: Path, *, weights: bool = True) -> Path:
     """Raise a one-line ExportError naming what is missing; return the resolved folder."""
     if not model_dir.exists():
         raise ExportError(f"model folder not found: {model_dir}")
     if not model_dir.is_dir():
         raise ExportError(f"not a folder: {model_dir}")
-    missing = missing_parts(model_dir)
+    missing = missing_parts(model_dir, weights=weights)
     if missing:
         raise ExportError(
             f"{model_dir} is not a Stable Diffusion (1.x/2.x or SDXL) pipeline folder; missing: {', '.join(missing)}"

@@ -43,6 +43,10 @@ class ExportRequest:
     fp16: bool = False
     validate: bool = True
     calibrate: bool = False  # time the UNet and VAEs on this host and write their batch policy (export.calibrate)
+    # A single-file checkpoint (export.checkpoint) read with `checkpoint_config`'s (a diffusers folder's) configs.
+    checkpoint: Path | None = None
+    checkpoint_config: Path | None = None
+    allow_pickle: bool = False
 
 
 def _quiet() -> None:
@@ -62,6 +66,13 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
     name = validate_name(request.name)
     if request.model_dir is not None:
         check_layout(request.model_dir)
+    if request.checkpoint is not None:
+        from export.checkpoint import checkpoint_keys
+
+        checkpoint_keys(request.checkpoint, allow_pickle=request.allow_pickle)  # bad files fail before any work
+        if request.checkpoint_config is None:
+            raise ExportError("--checkpoint needs --config DIR: a diffusers folder with the model's configs")
+        check_layout(request.checkpoint_config, weights=False)
     repository = request.repository.absolute()
     stages: list[tuple[str, Callable[[dict[str, Any]], None]]] = []
     state: dict[str, Any] = {}
@@ -83,12 +94,21 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                 s["source"] = f"random {what} (seed {request.tiny_seed}, {request.tiny_scheduler})"
 
             stages.append((f"build {request.tiny_size} pipeline", build))
+        elif request.checkpoint is not None:
+            state["source"] = str(request.checkpoint)
         else:
             state["model_dir"] = request.model_dir
             state["source"] = str(request.model_dir)
 
         def load(s: dict[str, Any]) -> None:
-            s["pipeline"] = load_pipeline(s["model_dir"])
+            if request.checkpoint is not None and request.checkpoint_config is not None:
+                from export.checkpoint import load_checkpoint
+
+                s["pipeline"] = load_checkpoint(
+                    request.checkpoint, request.checkpoint_config, allow_pickle=request.allow_pickle
+                )
+            else:
+                s["pipeline"] = load_pipeline(s["model_dir"])
 
         def onnx(s: dict[str, Any]) -> None:
             s["onnx"] = export_onnx(s["pipeline"], work_dir / "onnx")

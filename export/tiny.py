@@ -6,8 +6,10 @@ and widths for honest benchmarks (about 29M UNet parameters, 0.2-0.5 s per step 
 `large` is Stable Diffusion 1.5's architecture at full size (its published UNet, CLIP ViT-L and VAE configs) at
 256 px, `sd15` the same at its published 512 px.
 Both are saved as an ordinary diffusers folder, which is then exported through the same code path as a real model.
-`arch="sdxl"` builds SDXL's layout at the same sizes: two CLIP text encoders (the second with a projection, whose
-pooled output conditions the UNet), a `text_time` UNet, and tokenizer_2 padding with "!" as SDXL's does.
+`arch="sd2"` builds SD 2.x's layout: its text encoder as OpenCLIP's (GELU, "!" padding, written in OpenCLIP's
+layout to a single file), a linear-projection UNet and a v-prediction scheduler. `arch="sdxl"` builds SDXL's
+layout at the same sizes: two CLIP text encoders (the second with a projection, whose pooled output conditions
+the UNet), a `text_time` UNet, and tokenizer_2 padding with "!" as SDXL's does.
 """
 
 from __future__ import annotations
@@ -167,11 +169,11 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
 }
 
 
-ARCHS = ("sd", "sdxl")
+ARCHS = ("sd", "sd2", "sdxl")
 SDXL_TIME_IDS = 6  # original size (2) + crop offset (2) + target size (2)
 
 
-def _text_config(spec: TinySpec, *, second: bool = False, **extra: Any) -> Any:
+def _text_config(spec: TinySpec, *, second: bool = False, hidden_act: str | None = None, **extra: Any) -> Any:
     """The first text encoder's config, or with `second` SDXL's second one (its own widths where given)."""
     from transformers import CLIPTextConfig
 
@@ -182,7 +184,7 @@ def _text_config(spec: TinySpec, *, second: bool = False, **extra: Any) -> Any:
         intermediate_size=intermediate,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=(spec.text_heads_2 if second else None) or spec.text_heads,
-        hidden_act=spec.text_act_2 if second else "quick_gelu",
+        hidden_act=hidden_act or (spec.text_act_2 if second else "quick_gelu"),
         max_position_embeddings=CLIP_MAX_LENGTH,
         vocab_size=49408,
         bos_token_id=49406,
@@ -195,13 +197,13 @@ def _text_config(spec: TinySpec, *, second: bool = False, **extra: Any) -> Any:
 def build_random_pipeline(
     out_dir: Path, *, size: str = "tiny", seed: int = 0, scheduler: str = "pndm", arch: str = "sd"
 ) -> Path:
-    """Build a random-weight img2img pipeline (`arch` "sd" or "sdxl"), deterministic from `seed`; save it."""
+    """Build a random-weight img2img pipeline (`arch` "sd", "sd2" or "sdxl"), deterministic from `seed`; save it."""
     import diffusers
     import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     spec = SIZES[size]
-    sdxl = arch == "sdxl"
+    sdxl, sd2 = arch == "sdxl", arch == "sd2"
     torch.manual_seed(seed)
     # SDXL's cross-attention sees both encoders' hidden states side by side; its added embedding takes the six
     # time ids and the second encoder's pooled (projected) output.
@@ -214,6 +216,8 @@ def build_random_pipeline(
             "use_linear_projection": True,
         }
         if sdxl
+        else {"use_linear_projection": True}
+        if sd2
         else {}
     )
     unet = diffusers.UNet2DConditionModel(
@@ -240,7 +244,8 @@ def build_random_pipeline(
         norm_num_groups=spec.vae_groups,
         sample_size=spec.sample_size * 2 ** (len(spec.vae_channels) - 1),
     )
-    text_encoder = CLIPTextModel(_text_config(spec))
+    # SD 2.x's OpenCLIP text encoder uses GELU (and its single-file layout is OpenCLIP's: export.checkpoint).
+    text_encoder = CLIPTextModel(_text_config(spec, hidden_act="gelu") if sd2 else _text_config(spec))
     text_encoder_2 = (
         CLIPTextModelWithProjection(_text_config(spec, second=True, projection_dim=pooled)) if sdxl else None
     )
@@ -254,6 +259,8 @@ def build_random_pipeline(
 
         sched_config = dict(SCHEDULERS[scheduler])
         sched_cls = getattr(diffusers, sched_config.pop("_class_name"))
+        if sd2:  # SD 2.x's 768 px models predict v
+            sched_config["prediction_type"] = "v_prediction"
         # For mypy, diffusers' TYPE_CHECKING re-exports resolve to its placeholder "dummy" classes (no methods);
         # at run time this is the real pipeline class, a DiffusionPipeline with save_pretrained.
         pipe: Any
@@ -272,7 +279,7 @@ def build_random_pipeline(
             pipe = diffusers.StableDiffusionImg2ImgPipeline(
                 vae=vae,
                 text_encoder=text_encoder,
-                tokenizer=tokenizer("<|endoftext|>"),  # CLIP's padding token
+                tokenizer=tokenizer("!" if sd2 else "<|endoftext|>"),  # SD 2.x's pads with "!", CLIP's with the end
                 unet=unet,
                 scheduler=sched_cls(**sched_config),
                 safety_checker=None,

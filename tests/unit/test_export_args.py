@@ -174,3 +174,30 @@ def test_torch_runtime_config_names_the_runtime_component_and_cuda_settings() ->
         "onnxruntime",
         "tensorrt",
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tiny", "--config", "x"], "only apply to --checkpoint"),
+        (["--model-dir", "x", "--allow-pickle"], "only apply to --checkpoint"),
+        (["--checkpoint", "m.safetensors", "--arch", "sdxl"], "only apply to --tiny"),
+        (["--checkpoint", "m.safetensors", "--tiny"], "not allowed with argument"),
+    ],
+)
+def test_single_file_flags_that_do_not_apply_are_refused(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_its_configs_parses() -> None:
+    args = parse_args(["--checkpoint", "m.safetensors", "--config", "sd15", "--allow-pickle"])
+    assert (str(args.checkpoint), str(args.config), args.allow_pickle, args.tiny) == (
+        "m.safetensors",
+        "sd15",
+        True,
+        False,
+    )

@@ -1,0 +1,237 @@
+"""Single-file Stable Diffusion checkpoints: the original (LDM/SGM) layout that AUTOMATIC1111, ComfyUI and model
+sharing sites use, one `.safetensors` (or pickle `.ckpt`) holding the UNet, the VAE and the text encoder(s).
+
+Reading goes through diffusers' single-file loading against a diffusers folder's configs and tokenizers (`--config`,
+no hub access). Writing (`write_checkpoint`) is the inverse mapping, from a diffusers pipeline's modules to the
+original names: the tests write their single files with it from random pipelines.
+
+The family is told by the text encoders' keys: SD 1.x has OpenAI CLIP under `cond_stage_model.transformer`, SD 2.x
+OpenCLIP under `cond_stage_model.model`, SDXL both under `conditioner.embedders.{0,1}`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from export.errors import ExportError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SD1_TEXT_PREFIX = "cond_stage_model.transformer."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+# One key each family's file has (and the others do not).
+FAMILY_KEYS = {
+    "sdxl": SDXL_TEXT_PREFIXES[1] + "positional_embedding",
+    "sd2": SD2_TEXT_PREFIX + "positional_embedding",
+    "sd1": SD1_TEXT_PREFIX + "text_model.embeddings.position_embedding.weight",
+}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+_RESNET_UNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+_RESNET_VAE = {"conv_shortcut": "nin_shortcut"}
+_ATTENTION_VAE = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # fmt: skip
+
+
+def detect_family(keys: Iterable[str]) -> str | None:
+    """ "sd1", "sd2" or "sdxl" from a checkpoint's keys; None when it holds no Stable Diffusion text encoder."""
+    present = set(keys)
+    return next((family for family, key in FAMILY_KEYS.items() if key in present), None)
+
+
+def checkpoint_keys(path: Path, *, allow_pickle: bool) -> list[str]:
+    """The tensor names in a single file, refusing what cannot be read safely or at all (one-line ExportError)."""
+    if not path.is_file():
+        raise ExportError(f"checkpoint not found: {path}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ExportError(
+                f"{path} is a pickle, and loading a pickle can run code: convert it to .safetensors, or pass "
+                "--allow-pickle if you trust its source"
+            )
+        import torch
+
+        try:
+            state = torch.load(path, map_location="meta", weights_only=True)
+        except Exception as exc:  # any unpickling failure: truncated, not a checkpoint, forbidden globals
+            raise ExportError(f"cannot read the checkpoint {path}: {type(exc).__name__}") from exc
+        state = state.get("state_dict", state) if isinstance(state, dict) else {}
+        return [str(k) for k in state]
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as exc:  # safetensors' SafetensorError and OSError alike: truncated, not safetensors
+        raise ExportError(f"cannot read the checkpoint {path}: not a complete .safetensors file") from exc
+
+
+def load_checkpoint(path: Path, config_dir: Path, *, allow_pickle: bool = False) -> Any:
+    """The img2img pipeline of a single file, with `config_dir`'s (a diffusers folder's) configs and tokenizers."""
+    family = detect_family(checkpoint_keys(path, allow_pickle=allow_pickle))
+    if family is None:
+        raise ExportError(
+            f"{path} is not an SD 1.x, 2.x or SDXL checkpoint: none of their text encoders is in it (another "
+            "architecture, or not a model)"
+        )
+    import diffusers
+
+    try:
+        if family == "sdxl":
+            return diffusers.StableDiffusionXLImg2ImgPipeline.from_single_file(
+                str(path), config=str(config_dir), local_files_only=True, add_watermarker=False
+            )
+        return diffusers.StableDiffusionImg2ImgPipeline.from_single_file(
+            str(path),
+            config=str(config_dir),
+            local_files_only=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ExportError(f"cannot load {path} with the configs in {config_dir}: {message}") from exc
+
+
+# -- writing: diffusers names -> original names ----------------------------------------------------------------
+
+
+def _unet_prefixes(config: Any) -> dict[str, tuple[str, dict[str, str]]]:
+    """diffusers module prefix -> (original prefix, renames inside it)."""
+    per_block = int(config.layers_per_block) + 1  # an input block per layer and one downsampler (or upsampler)
+    blocks = len(config.down_block_types)
+    names: dict[str, tuple[str, dict[str, str]]] = {
+        "time_embedding.linear_1": ("time_embed.0", {}),
+        "time_embedding.linear_2": ("time_embed.2", {}),
+        "add_embedding.linear_1": ("label_emb.0.0", {}),
+        "add_embedding.linear_2": ("label_emb.0.2", {}),
+        "conv_in": ("input_blocks.0.0", {}),
+        "conv_norm_out": ("out.0", {}),
+        "conv_out": ("out.2", {}),
+        "mid_block.resnets.0": ("middle_block.0", _RESNET_UNET),
+        "mid_block.attentions.0": ("middle_block.1", {}),
+        "mid_block.resnets.1": ("middle_block.2", _RESNET_UNET),
+    }
+    for i in range(blocks):
+        for j in range(per_block - 1):
+            names[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{1 + i * per_block + j}.0", _RESNET_UNET)
+            names[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{1 + i * per_block + j}.1", {})
+        names[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{(i + 1) * per_block}.0.op", {})
+        for j in range(per_block):
+            names[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{i * per_block + j}.0", _RESNET_UNET)
+            names[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{i * per_block + j}.1", {})
+        position = 2 if "CrossAttn" in config.up_block_types[i] else 1
+        names[f"up_blocks.{i}.upsamplers.0"] = (f"output_blocks.{i * per_block + per_block - 1}.{position}", {})
+    return names
+
+
+def _vae_prefixes(config: Any) -> dict[str, tuple[str, dict[str, str]]]:
+    blocks = len(config.block_out_channels)
+    layers = int(config.layers_per_block)
+    names: dict[str, tuple[str, dict[str, str]]] = {}
+    for part in ("encoder", "decoder"):
+        names[f"{part}.conv_norm_out"] = (f"{part}.norm_out", {})
+        names[f"{part}.mid_block.resnets.0"] = (f"{part}.mid.block_1", _RESNET_VAE)
+        names[f"{part}.mid_block.resnets.1"] = (f"{part}.mid.block_2", _RESNET_VAE)
+        names[f"{part}.mid_block.attentions.0"] = (f"{part}.mid.attn_1", _ATTENTION_VAE)
+    for i in range(blocks):
+        for j in range(layers):
+            names[f"encoder.down_blocks.{i}.resnets.{j}"] = (f"encoder.down.{i}.block.{j}", _RESNET_VAE)
+        names[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (f"encoder.down.{i}.downsample.conv", {})
+        up = blocks - 1 - i  # the original decoder numbers its levels from the lowest resolution up
+        for j in range(layers + 1):
+            names[f"decoder.up_blocks.{i}.resnets.{j}"] = (f"decoder.up.{up}.block.{j}", _RESNET_VAE)
+        names[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (f"decoder.up.{up}.upsample.conv", {})
+    return names
+
+
+def _rename(key: str, prefixes: Mapping[str, tuple[str, dict[str, str]]]) -> str:
+    """`key` under the longest diffusers prefix it starts with, renamed; unchanged when none matches."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in prefixes:
+            target, inner = prefixes[prefix]
+            rest = ".".join(parts[cut:])
+            for old, new in inner.items():
+                if rest == old or rest.startswith(old + "."):
+                    rest = new + rest[len(old) :]
+                    break
+            return f"{target}.{rest}"
+    return key
+
+
+def _open_clip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """A transformers CLIP text model's weights in OpenCLIP's layout (SD 2.x, SDXL's second encoder)."""
+    import torch
+
+    out: dict[str, Any] = {}
+    fused: dict[str, dict[str, Any]] = {}
+    for key, value in state.items():
+        name = key.removeprefix("text_model.")
+        if name == "embeddings.position_ids":
+            continue
+        if name == "embeddings.token_embedding.weight":
+            out[prefix + "token_embedding.weight"] = value
+        elif name == "embeddings.position_embedding.weight":
+            out[prefix + "positional_embedding"] = value
+        elif name.startswith("final_layer_norm."):
+            out[prefix + "ln_final." + name.split(".", 1)[1]] = value
+        elif name == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif match := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", name):
+            layer, which, kind = match.groups()
+            fused.setdefault(f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}", {})[which] = value
+        elif match := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", name):
+            layer, rest = match.groups()
+            for old, new in _OPEN_CLIP_LAYER.items():
+                if rest.startswith(old + "."):
+                    rest = new + rest[len(old) :]
+                    break
+            out[f"{prefix}transformer.resblocks.{layer}.{rest}"] = value
+        else:
+            raise ExportError(f"no OpenCLIP name for the text encoder weight {key}")
+    for key, parts in fused.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def original_state_dict(pipeline: Any, family: str) -> dict[str, Any]:
+    """Every weight of an SD 1.x ("sd1"), 2.x ("sd2": its text encoder in OpenCLIP's layout) or SDXL pipeline
+    under its original name."""
+    state: dict[str, Any] = {}
+    unet_names = _unet_prefixes(pipeline.unet.config)
+    for key, value in pipeline.unet.state_dict().items():
+        state[UNET_PREFIX + _rename(key, unet_names)] = value
+    vae_names = _vae_prefixes(pipeline.vae.config)
+    for key, value in pipeline.vae.state_dict().items():
+        renamed = _rename(key, vae_names)
+        if ".mid.attn_1." in renamed and renamed.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # the original VAE attention's projections are 1x1 convolutions
+        state[VAE_PREFIX + renamed] = value
+    text = pipeline.text_encoder.state_dict() if pipeline.text_encoder is not None else {}
+    text = {k: v for k, v in text.items() if not k.endswith("position_ids")}
+    if family == "sdxl":
+        state.update({SDXL_TEXT_PREFIXES[0] + k: v for k, v in text.items()})
+        state.update(_open_clip(pipeline.text_encoder_2.state_dict(), SDXL_TEXT_PREFIXES[1]))
+    elif family == "sd2":
+        state.update(_open_clip(text, SD2_TEXT_PREFIX))
+    else:
+        state.update({SD1_TEXT_PREFIX + k: v for k, v in text.items()})
+    return state
+
+
+def write_checkpoint(pipeline: Any, family: str, path: Path) -> Path:
+    """`pipeline` as one original-layout `.safetensors` file."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in original_state_dict(pipeline, family).items()}
+    save_file(state, str(path))
+    return path
