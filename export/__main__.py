@@ -30,10 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpoint",
         type=Path,
         help="a single-file SD 1.x/2.x or SDXL checkpoint in the original layout (.safetensors; .ckpt with "
-        "--allow-pickle), read with --config's configs",
+        "--allow-pickle), read with its family's published configs (SD 1.5, SD 2.1 768-v, SDXL base) or --config's",
     )
     parser.add_argument(
-        "--config", type=Path, help="--checkpoint: a diffusers folder with the model's configs and tokenizers"
+        "--config", type=Path, help="--checkpoint: a diffusers folder with the model's configs and tokenizers instead"
     )
     parser.add_argument(
         "--allow-pickle", action="store_true", help="--checkpoint: read a pickle .ckpt (loading a pickle can run code)"

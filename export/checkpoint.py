@@ -1,9 +1,10 @@
 """Single-file Stable Diffusion checkpoints: the original (LDM/SGM) layout that AUTOMATIC1111, ComfyUI and model
 sharing sites use, one `.safetensors` (or pickle `.ckpt`) holding the UNet, the VAE and the text encoder(s).
 
-Reading goes through diffusers' single-file loading against a diffusers folder's configs and tokenizers (`--config`,
-no hub access). Writing (`write_checkpoint`) is the inverse mapping, from a diffusers pipeline's modules to the
-original names: the tests write their single files with it from random pipelines.
+Reading goes through diffusers' single-file loading against a diffusers folder's configs and tokenizers
+(`--config`), or the published ones of the family the file's keys name (export.published), with no hub access.
+Writing (`write_checkpoint`) is the inverse mapping, from a diffusers pipeline's modules to the original names:
+the tests write their single files with it from random pipelines.
 
 The family is told by the text encoders' keys: SD 1.x has OpenAI CLIP under `cond_stage_model.transformer`, SD 2.x
 OpenCLIP under `cond_stage_model.model`, SDXL both under `conditioner.embedders.{0,1}`.
@@ -12,11 +13,13 @@ OpenCLIP under `cond_stage_model.model`, SDXL both under `conditioner.embedders.
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
+from export.published import config_folder
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -72,14 +75,19 @@ def checkpoint_keys(path: Path, *, allow_pickle: bool) -> list[str]:
         raise ExportError(f"cannot read the checkpoint {path}: not a complete .safetensors file") from exc
 
 
-def load_checkpoint(path: Path, config_dir: Path, *, allow_pickle: bool = False) -> Any:
-    """The img2img pipeline of a single file, with `config_dir`'s (a diffusers folder's) configs and tokenizers."""
+def load_checkpoint(path: Path, config_dir: Path | None, *, allow_pickle: bool = False) -> Any:
+    """The img2img pipeline of a single file, with `config_dir`'s (a diffusers folder's) configs and tokenizers,
+    or, without one, the published configs of the family its keys name (export.published: SD 1.5, SD 2.1 768-v,
+    SDXL base 1.0)."""
     family = detect_family(checkpoint_keys(path, allow_pickle=allow_pickle))
     if family is None:
         raise ExportError(
             f"{path} is not an SD 1.x, 2.x or SDXL checkpoint: none of their text encoders is in it (another "
             "architecture, or not a model)"
         )
+    if config_dir is None:
+        with tempfile.TemporaryDirectory(prefix="published-") as tmp:
+            return load_checkpoint(path, config_folder(family, Path(tmp) / family), allow_pickle=allow_pickle)
     import diffusers
 
     try:
@@ -96,7 +104,7 @@ def load_checkpoint(path: Path, config_dir: Path, *, allow_pickle: bool = False)
             requires_safety_checker=False,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"cannot load {path} with the configs in {config_dir}: {message}") from exc
 
 

@@ -70,9 +70,8 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
         from export.checkpoint import checkpoint_keys
 
         checkpoint_keys(request.checkpoint, allow_pickle=request.allow_pickle)  # bad files fail before any work
-        if request.checkpoint_config is None:
-            raise ExportError("--checkpoint needs --config DIR: a diffusers folder with the model's configs")
-        check_layout(request.checkpoint_config, weights=False)
+        if request.checkpoint_config is not None:
+            check_layout(request.checkpoint_config, weights=False)
     repository = request.repository.absolute()
     stages: list[tuple[str, Callable[[dict[str, Any]], None]]] = []
     state: dict[str, Any] = {}
@@ -101,7 +100,7 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
             state["source"] = str(request.model_dir)
 
         def load(s: dict[str, Any]) -> None:
-            if request.checkpoint is not None and request.checkpoint_config is not None:
+            if request.checkpoint is not None:
                 from export.checkpoint import load_checkpoint
 
                 s["pipeline"] = load_checkpoint(
