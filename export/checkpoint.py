@@ -42,7 +42,7 @@ _OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out
                     "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # fmt: skip
 
 
-def detect_family(keys: Iterable[str]) -> str | None:
+def family_of_keys(keys: Iterable[str]) -> str | None:
     """ "sd1", "sd2" or "sdxl" from a checkpoint's keys; None when it holds no Stable Diffusion text encoder."""
     present = set(keys)
     return next((family for family, key in FAMILY_KEYS.items() if key in present), None)
@@ -75,19 +75,25 @@ def checkpoint_keys(path: Path, *, allow_pickle: bool) -> list[str]:
         raise ExportError(f"cannot read the checkpoint {path}: not a complete .safetensors file") from exc
 
 
-def load_checkpoint(path: Path, config_dir: Path | None, *, allow_pickle: bool = False) -> Any:
-    """The img2img pipeline of a single file, with `config_dir`'s (a diffusers folder's) configs and tokenizers,
-    or, without one, the published configs of the family its keys name (export.published: SD 1.5, SD 2.1 768-v,
-    SDXL base 1.0)."""
-    family = detect_family(checkpoint_keys(path, allow_pickle=allow_pickle))
+def checkpoint_family(path: Path, *, allow_pickle: bool) -> str:
+    """ "sd1", "sd2" or "sdxl" for a single file, or a one-line ExportError for one that is unreadable, unsafe to
+    read, or not one of theirs: what the export checks before any work."""
+    family = family_of_keys(checkpoint_keys(path, allow_pickle=allow_pickle))
     if family is None:
         raise ExportError(
             f"{path} is not an SD 1.x, 2.x or SDXL checkpoint: none of their text encoders is in it (another "
             "architecture, or not a model)"
         )
+    return family
+
+
+def load_checkpoint(path: Path, family: str, config_dir: Path | None) -> Any:
+    """The img2img pipeline of a single file of `family` (checkpoint_family), with `config_dir`'s (a diffusers
+    folder's) configs and tokenizers, or, without one, the family's published configs (export.published: SD 1.5,
+    SD 2.1 768-v, SDXL base 1.0)."""
     if config_dir is None:
         with tempfile.TemporaryDirectory(prefix="published-") as tmp:
-            return load_checkpoint(path, config_folder(family, Path(tmp) / family), allow_pickle=allow_pickle)
+            return load_checkpoint(path, family, config_folder(family, Path(tmp) / family))
     import diffusers
 
     try:

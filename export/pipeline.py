@@ -66,10 +66,11 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
     name = validate_name(request.name)
     if request.model_dir is not None:
         check_layout(request.model_dir)
+    family = None
     if request.checkpoint is not None:
-        from export.checkpoint import checkpoint_keys
+        from export.checkpoint import checkpoint_family
 
-        checkpoint_keys(request.checkpoint, allow_pickle=request.allow_pickle)  # bad files fail before any work
+        family = checkpoint_family(request.checkpoint, allow_pickle=request.allow_pickle)  # before any work
         if request.checkpoint_config is not None:
             check_layout(request.checkpoint_config, weights=False)
     repository = request.repository.absolute()
@@ -100,12 +101,10 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
             state["source"] = str(request.model_dir)
 
         def load(s: dict[str, Any]) -> None:
-            if request.checkpoint is not None:
+            if request.checkpoint is not None and family is not None:
                 from export.checkpoint import load_checkpoint
 
-                s["pipeline"] = load_checkpoint(
-                    request.checkpoint, request.checkpoint_config, allow_pickle=request.allow_pickle
-                )
+                s["pipeline"] = load_checkpoint(request.checkpoint, family, request.checkpoint_config)
             else:
                 s["pipeline"] = load_pipeline(s["model_dir"])
 

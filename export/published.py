@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from export.clip_vocab import write_clip_vocab
+from export.tiny import CLIP_MAX_LENGTH
 
 _SCALED_LINEAR = {
     "beta_start": 0.00085,
@@ -41,7 +42,7 @@ _CLIP_L = {
     "num_attention_heads": 12,
     "num_hidden_layers": 12,
     "projection_dim": 768,
-    "max_position_embeddings": 77,
+    "max_position_embeddings": CLIP_MAX_LENGTH,
     "vocab_size": 49408,
     "layer_norm_eps": 1e-05,
     "bos_token_id": 0,
@@ -172,7 +173,7 @@ def config_folder(family: str, folder: Path) -> Path:
         if name.startswith("tokenizer"):
             for source in (vocab, merges):
                 (target / source.name).write_bytes(source.read_bytes())
-            config = {"model_max_length": 77, "pad_token": value, "bos_token": "<|startoftext|>"}
+            config = {"model_max_length": CLIP_MAX_LENGTH, "pad_token": value, "bos_token": "<|startoftext|>"}
             (target / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
             index[name] = ["transformers", "CLIPTokenizer"]
         elif name.startswith("text_encoder"):

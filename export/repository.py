@@ -386,7 +386,8 @@ def stage_pipeline(
         else:
             onnx_file = copy_component(onnx_paths[component], model_dir / "1")
             inputs, outputs = tensor_specs(onnx_file, text_length)
-            outputs = [s for s in outputs if s.name in set(served.values())]
+            served_names = set(served.values())
+            outputs = [s for s in outputs if s.name in served_names]
             onnx_file_name, torch_params = onnx_file.name, None
         specs[component] = (inputs, outputs)
         config = render_config(

@@ -54,14 +54,12 @@ class ComponentCheck:
 
 def measure(component: str, onnx_out: Mapping[str, np.ndarray], torch_out: Mapping[str, np.ndarray]) -> ComponentCheck:
     """The worst output of `component` in its unit (module docstring)."""
-    max_abs = max(float(np.max(np.abs(onnx_out[r] - torch_out[r]))) for r in torch_out)
+    errors = {r: float(np.max(np.abs(onnx_out[r] - torch_out[r]))) for r in torch_out}
+    max_abs = max(errors.values())
     if component == "vae_decoder":
         return ComponentCheck(component, max_abs, max_abs * LEVELS_PER_UNIT, DECODER_MAX_LEVELS, "levels of 255")
     tiny = float(np.finfo(np.float32).tiny)  # an all-zero output: its scale is not zero
-    relative = max(
-        float(np.max(np.abs(onnx_out[r] - torch_out[r]))) / max(float(np.max(np.abs(torch_out[r]))), tiny)
-        for r in torch_out
-    )
+    relative = max(error / max(float(np.max(np.abs(torch_out[r]))), tiny) for r, error in errors.items())
     return ComponentCheck(component, max_abs, relative, SCALE_RTOL, "of the output's scale")
 
 

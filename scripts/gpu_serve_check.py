@@ -38,7 +38,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "model_repository" / "python_backend"))
 
+import torch_runtime  # noqa: E402 - the runner's module, as the export copies it beside model.py
 from gpu_check import Run, environment  # noqa: E402 - scripts/ is not a package
 
 LEVELS = (1, 4, 16, 32)
@@ -48,8 +50,6 @@ GUIDED_ROWS = 2
 GUIDANCE_SCALE = 7.5
 # How long each concurrency level is measured, after one untimed round of steps (seconds).
 LEVEL_S = {"cuda": 10.0, "cpu": 2.0}
-# How the torch runtime's lines start in Triton's log (torch_runtime.LOG_PREFIX): each instance's device and dtype.
-TORCH_LOG_PREFIX = "imagen torch runtime:"
 # The dynamic loader's words (in Triton's log) when a Python-backend stub cannot start: libpython not found, say.
 STUB_LOAD_ERROR = "error while loading shared libraries"
 # Dense fp16 tensor-core peak by GPU name (the vendors' datasheets; SXM unless named), TFLOP/s.
@@ -73,6 +73,7 @@ class HttpTriton:
         np.dtype(np.float16): "FP16",
         np.dtype(np.int64): "INT64",
     }
+    DTYPES: ClassVar[dict[str, np.dtype[Any]]] = {name: dtype for dtype, name in DATATYPES.items()}
 
     def __init__(self, url: str, timeout_s: float) -> None:
         import httpx
@@ -108,7 +109,7 @@ class HttpTriton:
         meta, offset, result = json.loads(body[:size]), size, {}
         for out in meta["outputs"]:
             length = int(out["parameters"]["binary_data_size"])
-            dtype = {v: k for k, v in self.DATATYPES.items()}[out["datatype"]]
+            dtype = self.DTYPES[out["datatype"]]
             result[out["name"]] = np.frombuffer(body[offset : offset + length], dtype=dtype).reshape(out["shape"])
             offset += length
         return result
@@ -141,12 +142,6 @@ def unet_rows(manifest: Mapping[str, Any], latent: int, timestep: float, rng: np
         shape = [GUIDED_ROWS] + [latent if d == -1 else d for d in spec["shape"][1:]]
         arrays[name] = rng.standard_normal(shape).astype(np.float32)
     return arrays
-
-
-def _captured_batches(max_batch_size: int) -> list[int]:
-    """The batch sizes the torch runtime captures (torch_runtime.graph_batches), computed without torch."""
-    sizes = {1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size}
-    return sorted({*sizes, max_batch_size})
 
 
 def batch_counts(stats: Mapping[str, Any]) -> dict[int, int]:
@@ -267,22 +262,13 @@ def diffusers_baseline(model_dir: Path, args: argparse.Namespace, latent: int, r
 def direct_levels(repo: Path, manifest: Mapping[str, Any], args: argparse.Namespace, latent: int) -> list[Any]:
     """Triton could not serve: the torch runtime's UNet timed directly, each level as one batch of all its
     images' rows (what a perfect dynamic batcher would form), per-sample timesteps, CUDA graphs as served."""
-    import importlib.util
-
     import torch
 
-    unet = manifest["components"]["unet"]["model"]
-    version = repo / unet / "1"
-    spec = importlib.util.spec_from_file_location("imagen_torch_runtime", version / "torch_runtime.py")
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {version / 'torch_runtime.py'}")
-    runtime = importlib.util.module_from_spec(spec)
-    sys.modules["imagen_torch_runtime"] = runtime
-    spec.loader.exec_module(runtime)
+    version = repo / manifest["components"]["unet"]["model"] / "1"
     kind = "GPU" if args.device == "cuda" else "CPU"
     params = {"component": "unet", "cuda_graphs": "1"}
-    settings = runtime.TorchSettings.of(params, kind, "0", GUIDED_ROWS * max(args.levels))
-    component = runtime.TorchComponent(settings, version / runtime.WEIGHTS_DIR, ["out_sample"])
+    settings = torch_runtime.TorchSettings.of(params, kind, "0", GUIDED_ROWS * max(args.levels))
+    component = torch_runtime.TorchComponent(settings, version / torch_runtime.WEIGHTS_DIR, ["out_sample"])
     rng = np.random.default_rng(0)
     levels = []
     for concurrency in args.levels:
@@ -365,7 +351,7 @@ async def serve_levels(server: Any, manifest: Mapping[str, Any], args: argparse.
         model = manifest["components"]["unet"]["model"]
         # One call at each batch size the runtime captures a CUDA graph for, so no level pays for a capture.
         warm = {}
-        for rows in _captured_batches(int(manifest["components"]["unet"]["max_batch_size"])):
+        for rows in torch_runtime.graph_batches(int(manifest["components"]["unet"]["max_batch_size"])):
             pairs = [unet_rows(manifest, latent, float(t), rng) for t in np.linspace(999, 1, max(1, rows // 2))]
             feed = {name: np.concatenate([p[name] for p in pairs])[:rows] for name in pairs[0]}
             t0 = time.perf_counter()
@@ -398,7 +384,8 @@ def runtime_lines(log_file: Path | None) -> list[str]:
         return []
     lines = log_file.read_text(errors="replace").splitlines()
     # Triton quotes each message ('I1207 ... model.py:104] "imagen torch runtime: ..."'): the closing quote goes.
-    return [line.split(TORCH_LOG_PREFIX, 1)[1].strip().removesuffix('"') for line in lines if TORCH_LOG_PREFIX in line]
+    prefix = torch_runtime.LOG_PREFIX
+    return [line.split(prefix, 1)[1].strip().removesuffix('"') for line in lines if prefix in line]
 
 
 def free_port() -> int:

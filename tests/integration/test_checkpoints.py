@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.checkpoint import checkpoint_keys, detect_family, load_checkpoint, write_checkpoint
+from export.checkpoint import checkpoint_family, load_checkpoint, write_checkpoint
 from export.onnx_export import load_pipeline
 from export.pipeline import ExportRequest, run_export
 from export.repository import ServingOptions
@@ -151,8 +151,8 @@ def test_a_single_file_reads_back_into_the_weights_it_was_written_from(
     folder = widths.sources[name]
     original = load_pipeline(folder)
     checkpoint = write_checkpoint(original, FAMILIES[arch], tmp_path / "model.safetensors")
-    assert detect_family(checkpoint_keys(checkpoint, allow_pickle=False)) == FAMILIES[arch]
-    loaded = load_checkpoint(checkpoint, folder)
+    assert checkpoint_family(checkpoint, allow_pickle=False) == FAMILIES[arch]
+    loaded = load_checkpoint(checkpoint, FAMILIES[arch], folder)
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if getattr(original, component, None) is None:
             continue
