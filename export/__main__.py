@@ -12,6 +12,7 @@ from pathlib import Path
 
 from export.errors import ExportError
 from export.pipeline import DEFAULT_REPOSITORY, ExportRequest, run_export
+from export.published import PUBLISHED_SIZE
 from export.repository import BACKENDS, RUNTIMES, ServingOptions
 from export.tiny import ARCHS, SCHEDULERS, SIZES
 
@@ -38,7 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--allow-pickle", action="store_true", help="--checkpoint: read a pickle .ckpt (loading a pickle can run code)"
     )
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="random pipeline size (--tiny)")
+    parser.add_argument(
+        "--size",
+        choices=[*sorted(SIZES), PUBLISHED_SIZE],
+        default="tiny",
+        help="random pipeline size (--tiny); published: the --arch family's published configs (SD 1.5, SD 2.1 "
+        "768-v, SDXL base) with their scheduler",
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights seed (--tiny)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="scheduler (--tiny; pndm)")
     parser.add_argument("--arch", choices=ARCHS, default="sd", help="random pipeline layout (--tiny)")

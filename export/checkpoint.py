@@ -1,8 +1,9 @@
 """Single-file Stable Diffusion checkpoints: the original (LDM/SGM) layout that AUTOMATIC1111, ComfyUI and model
 sharing sites use, one `.safetensors` (or pickle `.ckpt`) holding the UNet, the VAE and the text encoder(s).
 
-Reading goes through diffusers' single-file loading against a diffusers folder's configs and tokenizers
-(`--config`), or the published ones of the family the file's keys name (export.published), with no hub access.
+Reading converts the file into a diffusers folder one component at a time, with diffusers' single-file conversion
+against a diffusers folder's configs and tokenizers (`--config`), or the published ones of the family the file's
+keys name (export.published), with no hub access; the export then reads that folder as any other.
 Writing (`write_checkpoint`) is the inverse mapping, from a diffusers pipeline's modules to the original names:
 the tests write their single files with it from random pipelines.
 
@@ -12,14 +13,19 @@ OpenCLIP under `cond_stage_model.model`, SDXL both under `conditioner.embedders.
 
 from __future__ import annotations
 
+import gc
+import json
 import re
+import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
 from export.published import config_folder
+from export.weights import save_module
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -32,6 +38,7 @@ FAMILY_KEYS = {
     "sd2": SD2_TEXT_PREFIX + "positional_embedding",
     "sd1": SD1_TEXT_PREFIX + "text_model.embeddings.position_embedding.weight",
 }
+OPEN_CLIP_PREFIXES = (SD2_TEXT_PREFIX, SDXL_TEXT_PREFIXES[1])  # the text encoders held in OpenCLIP's layout
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 _RESNET_UNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -87,31 +94,105 @@ def checkpoint_family(path: Path, *, allow_pickle: bool) -> str:
     return family
 
 
-def load_checkpoint(path: Path, family: str, config_dir: Path | None) -> Any:
-    """The img2img pipeline of a single file of `family` (checkpoint_family), with `config_dir`'s (a diffusers
-    folder's) configs and tokenizers, or, without one, the family's published configs (export.published: SD 1.5,
-    SD 2.1 768-v, SDXL base 1.0)."""
-    if config_dir is None:
-        with tempfile.TemporaryDirectory(prefix="published-") as tmp:
-            return load_checkpoint(path, family, config_folder(family, Path(tmp) / family))
-    import diffusers
+# Each component's keys in a family's file.
+COMPONENT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
+    "sd1": {"text_encoder": (SD1_TEXT_PREFIX,)},
+    "sd2": {"text_encoder": (SD2_TEXT_PREFIX,)},
+    "sdxl": {"text_encoder": (SDXL_TEXT_PREFIXES[0],), "text_encoder_2": (SDXL_TEXT_PREFIXES[1],)},
+}
+for _components in COMPONENT_PREFIXES.values():
+    _components.update({"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,)})
+# Files of a --config folder that are weights (not copied: the single file's weights replace them).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".onnx_data", ".h5")
 
+
+@contextmanager
+def _tensors(path: Path) -> Iterator[tuple[list[str], Callable[[str], Any]]]:
+    """A single file's keys and a reader of one tensor, without loading the others: safetensors maps the file,
+    and a pickle is opened with torch's mmap (weights only, so no code runs)."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        import torch
+
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        state = state.get("state_dict", state)
+        yield [str(k) for k in state], state.__getitem__
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        yield list(handle.keys()), handle.get_tensor
+
+
+def _load_component(component: str, state: dict[str, Any], config_dir: Path) -> Any:
+    """One diffusers/transformers module from its original-layout weights: diffusers' single-file key conversion,
+    assigned into a module built on the meta device, so the module's weights are the file's own (mapped, in the
+    file's dtype: nothing is copied until it is written)."""
+    import diffusers
+    import torch
+    import transformers
+    from diffusers.loaders import single_file_utils as convert
+
+    module: Any
+    if component in ("unet", "vae"):
+        model_class = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
+        config = model_class.load_config(config_dir, subfolder=component, local_files_only=True)
+        with torch.device("meta"):
+            module = model_class.from_config(config)  # type: ignore[no-untyped-call]  # diffusers is untyped here
+        if component == "unet":
+            weights = convert.convert_ldm_unet_checkpoint(state, config)
+        else:
+            weights = convert.convert_ldm_vae_checkpoint(state, config)
+    else:
+        architecture = json.loads((config_dir / component / "config.json").read_text())["architectures"][0]
+        model_class = getattr(transformers, architecture)
+        with torch.device("meta"):
+            module = model_class(model_class.config_class.from_pretrained(config_dir / component))
+        open_clip = next((p for p in OPEN_CLIP_PREFIXES if p + "positional_embedding" in state), None)
+        if open_clip is not None:
+            weights = convert.convert_open_clip_checkpoint(module, state, prefix=open_clip)
+        else:
+            weights = convert.convert_ldm_clip_checkpoint(state)
+        if not hasattr(module, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+            weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise ValueError(f"its {component} lacks {len(missing)} weights of the config's, e.g. {missing[0]}")
+    module.load_state_dict({k: v for k, v in weights.items() if k in expected}, assign=True)
+    return module
+
+
+def convert_checkpoint(path: Path, family: str, config_dir: Path | None, out_dir: Path) -> Path:
+    """Write a single file of `family` (checkpoint_family) as a diffusers folder in `out_dir`, one component at a
+    time (its tensors read, converted, written and released before the next), with `config_dir`'s configs and
+    tokenizers, or, without one, the family's published ones (export.published: SD 1.5, SD 2.1 768-v, SDXL base
+    1.0). The export then reads the folder as any other: the whole model is never in memory at once."""
+    if config_dir is None:
+        config_dir = config_folder(family, out_dir)
+    else:
+        shutil.copytree(config_dir, out_dir, ignore=shutil.ignore_patterns(*(f"*{s}" for s in WEIGHT_SUFFIXES)))
     try:
-        if family == "sdxl":
-            return diffusers.StableDiffusionXLImg2ImgPipeline.from_single_file(
-                str(path), config=str(config_dir), local_files_only=True, add_watermarker=False
-            )
-        return diffusers.StableDiffusionImg2ImgPipeline.from_single_file(
-            str(path),
-            config=str(config_dir),
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        with _tensors(path) as (keys, read):
+            for component, prefixes in COMPONENT_PREFIXES[family].items():
+                state = {key: read(key) for key in keys if key.startswith(prefixes)}
+                module = _load_component(component, state, config_dir)
+                del state
+                save_module(module, out_dir / component)
+                del module
+                gc.collect()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"cannot load {path} with the configs in {config_dir}: {message}") from exc
+    return out_dir
+
+
+def load_checkpoint(path: Path, family: str, config_dir: Path | None) -> Any:
+    """The img2img pipeline of a single file (`convert_checkpoint` into a temporary folder, then loaded; its
+    weights stay mapped from the removed files, which Linux keeps until they are unmapped)."""
+    from export.onnx_export import load_pipeline
+
+    with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
+        return load_pipeline(convert_checkpoint(path, family, config_dir, Path(tmp) / "diffusers"))
 
 
 # -- writing: diffusers names -> original names ----------------------------------------------------------------

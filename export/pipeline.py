@@ -15,7 +15,15 @@ from tqdm import tqdm
 
 from export.errors import ExportError
 from export.layout import check_layout
-from export.onnx_export import export_onnx, fp16_components, load_pipeline, pipeline_components
+from export.onnx_export import (
+    export_component,
+    fp16_components,
+    load_pipeline,
+    module_of,
+    pipeline_components,
+    release_weights,
+    to_export_dtype,
+)
 from export.repository import (
     ServingOptions,
     install_pipeline,
@@ -24,7 +32,7 @@ from export.repository import (
     staging_area,
     validate_name,
 )
-from export.validate import check_components
+from export.validate import check_component
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository" / "models"
 
@@ -76,45 +84,81 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
     repository = request.repository.absolute()
     stages: list[tuple[str, Callable[[dict[str, Any]], None]]] = []
     state: dict[str, Any] = {}
-    with staging_area(repository, name) as staging, tempfile.TemporaryDirectory() as work:
+    # The work folder sits beside the staging area, on its filesystem: the ONNX files move into it by rename.
+    with (
+        staging_area(repository, name) as staging,
+        tempfile.TemporaryDirectory(prefix=f"{staging.name}.work-", dir=staging.parent) as work,
+    ):
         work_dir = Path(work)
         if request.tiny_size is not None:
 
             def build(s: dict[str, Any]) -> None:
+                from export.published import ARCH_FAMILIES, PUBLISHED_SIZE, build_published_random
                 from export.tiny import build_random_pipeline
 
-                s["model_dir"] = build_random_pipeline(
-                    work_dir / "diffusers",
-                    size=request.tiny_size or "tiny",
-                    seed=request.tiny_seed,
-                    scheduler=request.tiny_scheduler,
-                    arch=request.tiny_arch,
-                )
+                if request.tiny_size == PUBLISHED_SIZE:
+                    family = ARCH_FAMILIES[request.tiny_arch]
+                    s["model_dir"] = build_published_random(work_dir / "diffusers", family, seed=request.tiny_seed)
+                else:
+                    s["model_dir"] = build_random_pipeline(
+                        work_dir / "diffusers",
+                        size=request.tiny_size or "tiny",
+                        seed=request.tiny_seed,
+                        scheduler=request.tiny_scheduler,
+                        arch=request.tiny_arch,
+                    )
                 what = f"{request.tiny_size} {request.tiny_arch}"
-                s["source"] = f"random {what} (seed {request.tiny_seed}, {request.tiny_scheduler})"
+                scheduler = "" if request.tiny_size == PUBLISHED_SIZE else f", {request.tiny_scheduler}"
+                s["source"] = f"random {what} (seed {request.tiny_seed}{scheduler})"
 
             stages.append((f"build {request.tiny_size} pipeline", build))
-        elif request.checkpoint is not None:
+        elif request.checkpoint is not None and family is not None:
+            checkpoint, checkpoint_config = request.checkpoint, request.checkpoint_config
+
+            def convert(s: dict[str, Any]) -> None:
+                from export.checkpoint import convert_checkpoint
+
+                s["model_dir"] = convert_checkpoint(checkpoint, family, checkpoint_config, work_dir / "diffusers")
+
             state["source"] = str(request.checkpoint)
+            stages.append(("convert single file to diffusers", convert))
         else:
             state["model_dir"] = request.model_dir
             state["source"] = str(request.model_dir)
 
         def load(s: dict[str, Any]) -> None:
-            if request.checkpoint is not None and family is not None:
-                from export.checkpoint import load_checkpoint
+            # For ONNX, each module goes to fp32 in its own stage (export_stage); the torch runtime writes fp32.
+            s["pipeline"] = load_pipeline(s["model_dir"], as_stored=request.options.served_by != "torch")
 
-                s["pipeline"] = load_checkpoint(request.checkpoint, family, request.checkpoint_config)
-            else:
-                s["pipeline"] = load_pipeline(s["model_dir"])
+        def export_stage(component: str, later: tuple[str, ...]) -> Callable[[dict[str, Any]], None]:
+            """Export one component, check it, and release its module's weights when no later component needs
+            them (before the check's onnxruntime session loads: export.validate.check_component)."""
 
-        def onnx(s: dict[str, Any]) -> None:
-            s["onnx"] = export_onnx(s["pipeline"], work_dir / "onnx")
+            def stage(s: dict[str, Any]) -> None:
+                pipeline = s["pipeline"]
+                to_export_dtype(pipeline, module_of(component))
+                path = export_component(pipeline, component, work_dir / "onnx")
+                s.setdefault("onnx", {})[component] = path
+                module = module_of(component)
+                last_use = all(module_of(c) != module for c in later)
+                release = (lambda: release_weights(pipeline, module)) if last_use else None
+                if request.validate:
+                    check = check_component(pipeline, component, path, before_onnx=release)
+                    if not check.within_tolerance:
+                        raise ExportError(check.describe())
+                elif release is not None:
+                    release()
 
-        def validate(s: dict[str, Any]) -> None:
-            for check in check_components(s["pipeline"], s["onnx"]):
-                if not check.within_tolerance:
-                    raise ExportError(check.describe())
+            return stage
+
+        plan_label = "plan the ONNX export"
+
+        def plan_components(s: dict[str, Any]) -> None:
+            components = pipeline_components(s["pipeline"])
+            at = stages.index((plan_label, plan_components)) + 1
+            for i, component in enumerate(components):
+                label = f"export {component}" + (" and check" if request.validate else "")
+                stages.insert(at + i, (label, export_stage(component, components[i + 1 :])))
 
         def fp16(s: dict[str, Any]) -> None:
             # onnxconverter-common, after pruning to the served outputs (export.tensorrt.convert_fp16): onnxruntime's
@@ -155,9 +199,8 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
 
         stages.append(("load diffusers pipeline", load))
         if request.options.served_by != "torch":  # the torch runtime serves the modules themselves: no ONNX
-            stages.append(("export ONNX", onnx))
-            if request.validate:
-                stages.append(("check ONNX against torch", validate))
+            # One stage per component, known once the pipeline is loaded: each exported and checked in turn.
+            stages.append((plan_label, plan_components))
             # TensorRT plans are fp16: export.tensorrt converts (and prunes) each model's ONNX in the write stage.
             if request.fp16 and request.options.backend != "tensorrt":
                 stages.append(("convert to fp16", fp16))
@@ -165,9 +208,14 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
         if request.calibrate:  # before installing: a polling Triton only ever sees the calibrated config
             stages.append(("calibrate batching", calibrate))
         stages.append(("install into repository", install))
-        bar = tqdm(stages, desc=f"export {name}", unit="stage", disable=not progress, leave=True)
-        for label, stage in bar:
-            bar.set_postfix_str(label)
-            stage(state)
+        with tqdm(total=len(stages), desc=f"export {name}", unit="stage", disable=not progress, leave=True) as bar:
+            done = 0
+            while done < len(stages):  # a stage may add stages (plan_components)
+                label, stage = stages[done]
+                bar.total = len(stages)
+                bar.set_postfix_str(label)
+                stage(state)
+                done += 1
+                bar.update()
     manifest: dict[str, Any] = state["manifest"]
     return manifest

@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from export.errors import ExportError
-from export.onnx_export import COMPONENTS, copy_component, is_sdxl, pipeline_components
+from export.onnx_export import COMPONENTS, is_sdxl, move_component, pipeline_components
 
 # 2 added SDXL (`family`, `text_encoders`, `sdxl`) and distilled defaults (`turbo`); a version-1 manifest is an SD
 # one and still loads.
@@ -41,12 +41,8 @@ CPU_THREADS_RESOURCE = "cpu_threads"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PYTHON_MODEL_SOURCE = Path(__file__).resolve().parent.parent / "model_repository" / "python_backend" / "model.py"
 
-_ONNX_TO_TRITON = {
-    "tensor(float)": "FP32",
-    "tensor(float16)": "FP16",
-    "tensor(int64)": "INT64",
-    "tensor(int32)": "INT32",
-}
+# onnx.TensorProto's element type names.
+_ONNX_TO_TRITON = {"FLOAT": "FP32", "FLOAT16": "FP16", "INT64": "INT64", "INT32": "INT32"}
 
 # Which outputs each component serves (the gateway needs no others), in the manifest's role -> name form.
 _SERVED_OUTPUTS = {
@@ -140,23 +136,27 @@ def validate_name(name: str) -> str:
 
 
 def tensor_specs(onnx_path: Path, text_length: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Input and output tensor specs of an ONNX model; symbolic dims become -1, the text axis is fixed."""
-    import onnxruntime as ort
+    """Input and output tensor specs of an ONNX model, from its graph alone (no weights read); symbolic dims
+    become -1, the text axis is fixed."""
+    import onnx
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
 
-    def spec(arg: Any) -> TensorSpec:
+    def spec(value: Any) -> TensorSpec:
         dims = []
-        for i, d in enumerate(arg.shape):
+        for i, d in enumerate(value.type.tensor_type.shape.dim):
             if i == 0:
                 dims.append(-1)
-            elif d == "sequence_length":
+            elif d.dim_param == "sequence_length":
                 dims.append(text_length)
             else:
-                dims.append(d if isinstance(d, int) else -1)
-        return TensorSpec(arg.name, _ONNX_TO_TRITON[arg.type], tuple(dims))
+                dims.append(d.dim_value if d.HasField("dim_value") else -1)
+        element = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+        return TensorSpec(value.name, _ONNX_TO_TRITON[element], tuple(dims))
 
-    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
+    initializers = {t.name for t in graph.initializer}  # old exporters list weights as inputs too
+    inputs = [spec(v) for v in graph.input if v.name not in initializers]
+    return inputs, [spec(v) for v in graph.output]
 
 
 def _pbtxt_tensor(spec: TensorSpec) -> str:
@@ -384,7 +384,7 @@ def stage_pipeline(
             onnx_file_name = ""
             torch_params = {"component": component, "cuda_dtype": cuda_dtype(pipeline, component)}
         else:
-            onnx_file = copy_component(onnx_paths[component], model_dir / "1")
+            onnx_file = move_component(onnx_paths[component], model_dir / "1")
             inputs, outputs = tensor_specs(onnx_file, text_length)
             served_names = set(served.values())
             outputs = [s for s in outputs if s.name in served_names]

@@ -10,15 +10,15 @@ either fails real models or passes broken tiny ones, so each component is measur
   max |torch| at most SCALE_RTOL (fp32 summation noise stays orders of magnitude under it at every size, and a
   wrong graph or weight is off by percent, not per mille).
 
-Components are checked one at a time, each session released before the next (the UNet's is the size of its
-weights), with onnxruntime's arena and memory patterns off, so the check adds about one component's weights to
-what the export holds.
+Components are checked one at a time, right after each is exported: the torch module runs first and its weights
+are released before the onnxruntime session loads (arena and memory patterns off), so the check holds one copy of
+one component's weights, and inputs of at most CHECK_LATENT latents keep the activations small.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,9 @@ FP32_ATOL = 1e-4
 LEVELS_PER_UNIT = 127.5
 DECODER_MAX_LEVELS = 0.5
 SCALE_RTOL = 1e-3
+# The check's latent size, at most: 32 (256 px for SD) exercises every weight; at SD 1.5's 64 the UNet's attention
+# alone needs gigabytes on CPU, more than its weights.
+CHECK_LATENT = 32
 
 
 @dataclass(frozen=True)
@@ -120,27 +123,40 @@ def _torch_outputs(pipeline: Any, component: str, feeds: Mapping[str, np.ndarray
         return {"sample": pipeline.vae.decode(t["latent_sample"]).sample.numpy()}
 
 
-def check_components(
-    pipeline: Any, onnx_paths: Mapping[str, Path], *, batch: int = 2, seed: int = 0
-) -> list[ComponentCheck]:
-    """Run each ONNX component and its torch module on the same random inputs (batch rows at distinct timesteps);
-    one check per component, in its unit (module docstring)."""
+def check_component(
+    pipeline: Any,
+    component: str,
+    path: Path,
+    *,
+    batch: int = 2,
+    seed: int = 0,
+    before_onnx: Callable[[], None] | None = None,
+) -> ComponentCheck:
+    """Run one ONNX component and its torch module on the same random inputs (batch rows at distinct timesteps),
+    in its unit (module docstring). `before_onnx` runs between the two: the export releases the module's weights
+    there, so the torch module and the onnxruntime session are never in memory together."""
     import onnxruntime as ort
 
     from export.repository import served_outputs
 
-    latent = pipeline.unet.config.sample_size
-    all_inputs = _inputs(pipeline, batch, (latent, latent), seed)
+    latent = min(int(pipeline.unet.config.sample_size), CHECK_LATENT)
+    feeds = _inputs(pipeline, batch, (latent, latent), seed)[component]
+    torch_out = _torch_outputs(pipeline, component, feeds)
+    if before_onnx is not None:
+        before_onnx()
+    roles = served_outputs(pipeline, component)
     options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False  # what one call allocates goes back before the next component loads
+    options.enable_cpu_mem_arena = False  # what the call allocates goes back before the next component loads
     options.enable_mem_pattern = False
-    checks = []
-    for component, path in onnx_paths.items():
-        feeds = all_inputs[component]
-        roles = served_outputs(pipeline, component)
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        onnx_out = dict(zip(roles, session.run(list(roles.values()), feeds), strict=True))
-        del session
-        gc.collect()
-        checks.append(measure(component, onnx_out, _torch_outputs(pipeline, component, feeds)))
-    return checks
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    onnx_out = dict(zip(roles, session.run(list(roles.values()), feeds), strict=True))
+    del session
+    gc.collect()
+    return measure(component, onnx_out, torch_out)
+
+
+def check_components(
+    pipeline: Any, onnx_paths: Mapping[str, Path], *, batch: int = 2, seed: int = 0
+) -> list[ComponentCheck]:
+    """`check_component` for each of `onnx_paths`, the modules kept."""
+    return [check_component(pipeline, c, p, batch=batch, seed=seed) for c, p in onnx_paths.items()]

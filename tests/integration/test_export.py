@@ -406,3 +406,28 @@ def test_onnxruntime_backend_configs(tmp_path: Path, repository: Repository) -> 
     assert 'parameters { key: "cpu_mem_arena" value: { string_value: "1" } }' in python_config
     strip = [line for line in config.splitlines() if "name:" in line and "data_type" in line]
     assert strip == [line for line in python_config.splitlines() if "name:" in line and "data_type" in line]
+
+
+def test_an_fp16_folder_is_exported_in_fp32_a_module_at_a_time(tmp_path: Path) -> None:
+    """SDXL is published in fp16: such a folder loads as stored (mapped, not converted all at once) and each
+    module goes to fp32 in its own export stage; the graphs are fp32 and pass the export's check."""
+    import torch
+
+    from export.onnx_export import stored_dtype
+    from export.tiny import build_random_pipeline
+
+    folder = build_random_pipeline(tmp_path / "fp32", size="tiny", seed=0, arch="sdxl")
+    load_diffusers(folder).to(torch.float16).save_pretrained(tmp_path / "fp16")
+    assert (stored_dtype(folder), stored_dtype(tmp_path / "fp16")) == ("float32", "float16")
+    manifest = run_export(
+        ExportRequest(model_dir=tmp_path / "fp16", repository=tmp_path / "repo", name="half"), progress=False
+    )
+    assert manifest["dtype"] == "float32"
+    for component in SDXL_COMPONENTS:
+        graph = onnx.load(str(tmp_path / "repo" / f"half_{component}" / "1" / "model.onnx")).graph
+        floats = {
+            onnx.TensorProto.DataType.Name(t.data_type)
+            for t in graph.initializer
+            if t.data_type != onnx.TensorProto.INT64
+        }
+        assert floats <= {"FLOAT"}, (component, floats)
