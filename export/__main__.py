@@ -12,7 +12,7 @@ from pathlib import Path
 
 from export.errors import ExportError
 from export.pipeline import DEFAULT_REPOSITORY, ExportRequest, run_export
-from export.published import PUBLISHED_SIZE
+from export.published import ARCH_FAMILIES, PUBLISHED_SIZE
 from export.repository import BACKENDS, RUNTIMES, ServingOptions
 from export.tiny import ARCHS, SCHEDULERS, SIZES
 
@@ -48,7 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="weights seed (--tiny)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="scheduler (--tiny; pndm)")
-    parser.add_argument("--arch", choices=ARCHS, default="sd", help="random pipeline layout (--tiny)")
+    parser.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default=None,
+        help="random pipeline layout (--tiny; default sd), or a --checkpoint's family when its keys should not decide",
+    )
     parser.add_argument(
         "--turbo",
         action="store_true",
@@ -107,10 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-ort-tensorrt", action="store_true", help="onnxruntime backend: no TensorRT execution accelerator"
     )
     args = parser.parse_args(argv)
-    if not args.tiny and (args.size != "tiny" or args.seed != 0 or args.scheduler is not None or args.arch != "sd"):
-        parser.error("--size, --seed, --scheduler and --arch only apply to --tiny")
+    if not args.tiny and (args.size != "tiny" or args.seed != 0 or args.scheduler is not None):
+        parser.error("--size, --seed and --scheduler only apply to --tiny")
+    if args.model_dir is not None and args.arch is not None:
+        parser.error("--arch only applies to --tiny and --checkpoint (a folder's layout is read from model_index.json)")
     if args.checkpoint is None and (args.config is not None or args.allow_pickle):
         parser.error("--config and --allow-pickle only apply to --checkpoint")
+    if args.tiny and args.arch is None:
+        args.arch = "sd"
     if args.scheduler is None:
         args.scheduler = TURBO_SCHEDULER if args.turbo else "pndm"
     for flag in ("max_batch_size", "instances"):
@@ -151,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         tiny_size=args.size if args.tiny else None,
         tiny_seed=args.seed,
         tiny_scheduler=args.scheduler,
-        tiny_arch=args.arch,
+        tiny_arch=args.arch if args.tiny else "sd",
+        checkpoint_family=ARCH_FAMILIES[args.arch] if args.checkpoint is not None and args.arch else None,
         turbo=args.turbo,
         name=args.name,
         repository=args.output,

@@ -82,10 +82,12 @@ def checkpoint_keys(path: Path, *, allow_pickle: bool) -> list[str]:
         raise ExportError(f"cannot read the checkpoint {path}: not a complete .safetensors file") from exc
 
 
-def checkpoint_family(path: Path, *, allow_pickle: bool) -> str:
+def checkpoint_family(path: Path, *, allow_pickle: bool, family: str | None = None) -> str:
     """ "sd1", "sd2" or "sdxl" for a single file, or a one-line ExportError for one that is unreadable, unsafe to
-    read, or not one of theirs: what the export checks before any work."""
-    family = family_of_keys(checkpoint_keys(path, allow_pickle=allow_pickle))
+    read, or not one of theirs: what the export checks before any work. A `family` given (`--arch`) is taken as
+    it is, once the file is known to be readable; a file that does not fit it fails in the conversion."""
+    keys = checkpoint_keys(path, allow_pickle=allow_pickle)
+    family = family or family_of_keys(keys)
     if family is None:
         raise ExportError(
             f"{path} is not an SD 1.x, 2.x or SDXL checkpoint: none of their text encoders is in it (another "

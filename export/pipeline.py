@@ -54,6 +54,7 @@ class ExportRequest:
     # A single-file checkpoint (export.checkpoint) read with `checkpoint_config`'s (a diffusers folder's) configs.
     checkpoint: Path | None = None
     checkpoint_config: Path | None = None
+    checkpoint_family: str | None = None  # "sd1", "sd2" or "sdxl" as given (--arch); None: from the file's keys
     allow_pickle: bool = False
 
 
@@ -78,7 +79,9 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
     if request.checkpoint is not None:
         from export.checkpoint import checkpoint_family
 
-        family = checkpoint_family(request.checkpoint, allow_pickle=request.allow_pickle)  # before any work
+        family = checkpoint_family(  # before any work
+            request.checkpoint, allow_pickle=request.allow_pickle, family=request.checkpoint_family
+        )
         if request.checkpoint_config is not None:
             check_layout(request.checkpoint_config, weights=False)
     repository = request.repository.absolute()

@@ -185,6 +185,8 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         ("a pickle without the flag", "is a pickle, and loading a pickle can run code"),
         # Without --config, the published SD 1.5 configs: a tiny model's weights do not fit them.
         ("other sizes than its configs", "cannot load"),
+        # --arch names the family instead of the keys: an SD 1.x file read as SDXL lacks SDXL's weights.
+        ("another family than --arch", "cannot load"),
     ],
 )
 def test_bad_checkpoints_get_one_line_and_exit_2(
@@ -210,6 +212,8 @@ def test_bad_checkpoints_get_one_line_and_exit_2(
     elif case == "a pickle without the flag":
         path = tmp_path / "model.ckpt"
         torch.save({"state_dict": {}}, path)
+    elif case == "another family than --arch":
+        path, config = good, ["--arch", "sdxl"]
     else:
         path, config = good, []
     result = _export("--checkpoint", str(path), *config, "--output", str(tmp_path / "repo"))
@@ -221,14 +225,15 @@ def test_bad_checkpoints_get_one_line_and_exit_2(
 
 def test_a_pickle_checkpoint_exports_with_the_flag(tiny_sd: tuple[Path, Path], tmp_path: Path) -> None:
     """A .ckpt (a pickled {"state_dict": ...}, as the original training code saved them) with --allow-pickle;
-    it is still read with torch's restricted unpickler (weights only)."""
+    it is still read with torch's restricted unpickler (weights only). Its family given with --arch."""
     folder, good = tiny_sd
     from safetensors.torch import load_file
 
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(str(good))}, ckpt)
     repo = tmp_path / "repo"
-    result = _export("--checkpoint", str(ckpt), "--config", str(folder), "--allow-pickle", "--output", str(repo))
+    argv = ["--checkpoint", str(ckpt), "--config", str(folder), "--allow-pickle", "--arch", "sd"]  # --arch: as found
+    result = _export(*argv, "--output", str(repo))
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((repo / "imagen-v2.pipeline.json").read_text())
     assert manifest["source"] == str(ckpt) and manifest["family"] == "sd"

@@ -25,7 +25,7 @@ def test_turbo_tiny_defaults_to_the_trailing_ancestral_scheduler_unless_one_is_n
     assert parse_args(["--model-dir", "x", "--turbo"]).turbo  # a real distilled folder: defaults only
 
 
-@pytest.mark.parametrize("extra", [["--arch", "sdxl"], ["--scheduler", "euler"]])
+@pytest.mark.parametrize("extra", [["--size", "large"], ["--scheduler", "euler"]])
 def test_tiny_only_flags_are_refused_with_a_model_dir(extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--model-dir", "x", *extra])
@@ -181,7 +181,8 @@ def test_torch_runtime_config_names_the_runtime_component_and_cuda_settings() ->
     [
         (["--tiny", "--config", "x"], "only apply to --checkpoint"),
         (["--model-dir", "x", "--allow-pickle"], "only apply to --checkpoint"),
-        (["--checkpoint", "m.safetensors", "--arch", "sdxl"], "only apply to --tiny"),
+        (["--checkpoint", "m.safetensors", "--size", "large"], "only apply to --tiny"),
+        (["--model-dir", "x", "--arch", "sdxl"], "--arch only applies to --tiny and --checkpoint"),
         (["--checkpoint", "m.safetensors", "--tiny"], "not allowed with argument"),
     ],
 )
