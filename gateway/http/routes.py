@@ -39,6 +39,7 @@ from gateway.http.schema import PARAMETER_LIMITS, parse_image_to_image
 from gateway.http.views import job_view, secret_view
 from gateway.jobs.create import Caller, CreateJob, request_hash
 from gateway.jobs.model import FAILED, TERMINAL, Job, owner_of
+from gateway.jobs.naming import parse_name
 from gateway.jobs.runner import JobManager, JobUpdate
 from gateway.media.storage import Storage
 from gateway.observability import current_request_id, metrics_endpoint, stage
@@ -62,9 +63,6 @@ def _structure_count(body: bytes) -> int:
     `bytes.count` scans take ~1.5 ms."""
     data = np.frombuffer(body, dtype=np.uint8)
     return sum(int(np.count_nonzero(data == byte)) for byte in _STRUCTURE_BYTES)
-
-
-INPUT_IMAGE = re.compile(r"^(?P<job_id>[A-Za-z0-9_-]+)_input\.(png|jpg|webp)$")
 
 
 @dataclass
@@ -284,11 +282,12 @@ class Handlers:
         job: 404 for any other, as for a missing one. Cached at most for the retention (files are deleted then)."""
         name = request.path_params["name"]
         missing = NotFound("Image not found", f"No stored image named '{name}'")
-        is_input = INPUT_IMAGE.fullmatch(name)
-        if is_input is not None:
+        stored = parse_name(name)
+        is_input = stored is not None and stored.is_input
+        if stored is not None and stored.is_input:
             owner = self._owner(request)
             try:
-                await self.s.jobs.get(is_input.group("job_id"), owner)
+                await self.s.jobs.get(stored.job_id, owner)
             except NotFound:
                 raise missing from None
         found = await self.s.storage.open(name)  # None for unknown names and names outside its alphabet
@@ -299,7 +298,7 @@ class Handlers:
             "Cache-Control": f"{'private' if is_input else 'public'}, max-age={max_age}",
             "X-Content-Type-Options": "nosniff",
         }
-        if is_input is not None:
+        if is_input:
             headers["Vary"] = "Authorization"
         if found.size is not None:
             headers["Content-Length"] = str(found.size)

@@ -27,17 +27,8 @@ from gateway.diffusion.img2img import Img2ImgPipeline
 from gateway.diffusion.sampling import MAX_SEED, do_classifier_free_guidance, img2img_effective_steps
 from gateway.errors import IdempotencyKeyReused, InvalidRequest, RateLimited, TooManyJobs
 from gateway.jobs.execute import DecodedInputs, resolve_pipeline, resolve_scheduler
-from gateway.jobs.model import (
-    QUEUED,
-    InputImage,
-    Job,
-    JobSpec,
-    Size,
-    WebhookEvent,
-    WebhookState,
-    input_name,
-    now_iso,
-)
+from gateway.jobs.model import QUEUED, InputImage, Job, JobSpec, Size, WebhookEvent, WebhookState, now_iso
+from gateway.jobs.naming import input_name
 from gateway.jobs.runner import JobManager
 from gateway.jobs.store import IdempotencyConflict, JobStore
 from gateway.media import codecs, netguard

@@ -14,7 +14,8 @@ from gateway.diffusion.sampling import image_seeds
 from gateway.diffusion.schedulers import scheduler_class, scheduler_name
 from gateway.diffusion.styles import STYLE_PRESETS, apply_style
 from gateway.errors import InternalError, InvalidRequest, ModelNotFound
-from gateway.jobs.model import Job, OutputImage, output_name
+from gateway.jobs.model import Job, OutputImage
+from gateway.jobs.naming import output_name
 from gateway.media import codecs
 from gateway.media.storage import CONTENT_TYPES, Storage
 from gateway.media.work import run_image_work

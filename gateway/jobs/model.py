@@ -65,18 +65,6 @@ def owner_of(api_key: str | None) -> str:
     return "anonymous" if api_key is None else hashlib.sha256(api_key.encode()).hexdigest()
 
 
-def input_name(job_id: str, extension: str) -> str:
-    """The stored copy of a job's input (the storage names every object a job owns from its id)."""
-    return f"{job_id}_input.{extension}"
-
-
-def output_name(job_id: str, index: int, run: int = 1, extension: str = "png") -> str:
-    """Output `index` of the job's `run`-th run: a re-run (its first worker's replica died) writes its own
-    names, so an earlier run that finishes late can drop its result without touching the winner's images.
-    The extension is the output format's (it carries the stored object's content type)."""
-    return f"{job_id}_{index}.{extension}" if run <= 1 else f"{job_id}_{index}_run{run}.{extension}"
-
-
 @dataclass(frozen=True)
 class Size:
     width: int

@@ -7,32 +7,24 @@ and every `storage_sweep_interval_s` (from the retention loop, so one replica at
 only looks at objects older than `storage_orphan_grace_s`: a creation in progress (input stored, job not yet
 inserted) or a run writing its outputs is far younger than that.
 
-An object is removed when its name is one of ours (`<job id>_input.<ext>`, `<job id>_<i>.png`,
-`<job id>_<i>_run<r>.png`) and its job does not exist, or its job is finished and does not list it among its
-stored objects (a failed run's partial outputs). Names of any other shape are left alone. Cost: one listing of
+An object is removed when its name is one of ours (`gateway.jobs.naming`: inputs and outputs in every stored
+format) and its job does not exist, or its job is finished and does not list it among its stored objects (a
+failed run's partial outputs). Names of any other shape are left alone. Cost: one listing of
 the storage and one store read per job with old objects, per sweep.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 
 from gateway.jobs.model import Job
+from gateway.jobs.naming import parse_name
 from gateway.jobs.store import JobStore
 from gateway.media.storage import Storage
 
 log = logging.getLogger(__name__)
-
-_OWNED_NAME = re.compile(r"^(?P<job>.+?)_(?:input\.(?:png|jpg|webp)|\d+(?:_run\d+)?\.png)$")
-
-
-def job_id_of(name: str) -> str | None:
-    """The id of the job a stored object belongs to, or None for a name the jobs never write."""
-    match = _OWNED_NAME.fullmatch(name)
-    return match.group("job") if match else None
 
 
 @dataclass(frozen=True)
@@ -47,9 +39,10 @@ async def sweep_storage(store: JobStore, storage: Storage, *, older_than: float)
     jobs: dict[str, Job | None] = {}
     orphans = 0
     async for name in storage.iter_older_than(older_than):
-        job_id = job_id_of(name)
-        if job_id is None:
+        stored = parse_name(name)
+        if stored is None:
             continue
+        job_id = stored.job_id
         if job_id not in jobs:
             jobs[job_id] = await store.get(job_id)
         job = jobs[job_id]

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.jobs.model import input_name, output_name
+from gateway.jobs.naming import input_name, output_name
 from gateway.triton.server import TritonServer
 from tests.fixtures_s3 import S3Bucket, s3_bucket, s3_server  # noqa: F401 (pytest fixtures)
 from tests.helpers import SPEC_EXAMPLE, data_uri, make_image

@@ -37,10 +37,9 @@ from gateway.jobs.model import (
     WebhookEvent,
     WebhookState,
     WebhookStatus,
-    input_name,
     now_iso,
-    output_name,
 )
+from gateway.jobs.naming import input_name, output_name
 from gateway.jobs.store import IdempotencyConflict, StaleJob
 from gateway.jobs.webhooks import SigningSecrets
 from gateway.media.storage import StoredStream

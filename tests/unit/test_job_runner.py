@@ -39,8 +39,8 @@ from gateway.jobs.model import (
     WebhookState,
     WebhookStatus,
     now_iso,
-    output_name,
 )
+from gateway.jobs.naming import output_name
 from gateway.jobs.runner import JobManager
 from gateway.settings import Settings
 from tests.helpers import make_image

@@ -14,7 +14,8 @@ from PIL import Image, ImageFilter
 
 from gateway.errors import InvalidRequest
 from gateway.jobs.create import _output_quality
-from gateway.jobs.model import OutputImage, job_from_json, job_to_json, output_name
+from gateway.jobs.model import OutputImage, job_from_json, job_to_json
+from gateway.jobs.naming import output_name
 from gateway.media import codecs
 from gateway.media.storage import CONTENT_TYPES, content_type_for
 from tests.unit.fakes import make_job, make_spec

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.errors import InsufficientStorage, Unauthorized, status_and_code
 from gateway.http.auth import check_bearer
-from gateway.jobs import retention
+from gateway.jobs import naming, retention
 from gateway.jobs.model import FAILED, Job
 from gateway.jobs.sqlite import SqliteJobStore
 from gateway.jobs.store import transition
@@ -380,14 +380,49 @@ async def test_remove_temp_older_than_keeps_live_writes(tmp_path: Path) -> None:
         ("img_transform_0123456789abcdef01234567_0.png", "img_transform_0123456789abcdef01234567"),
         ("img_transform_0123456789abcdef01234567_3_run2.png", "img_transform_0123456789abcdef01234567"),
         ("img_x_input.webp", "img_x"),
+        ("img_x_0.jpg", "img_x"),  # outputs in every stored format (the sweep once knew only PNG)
+        ("img_x_1.webp", "img_x"),
+        ("img_x_2_run3.jpg", "img_x"),
         ("something.png", None),
         ("img_x_input.gif", None),
-        ("img_x_0.jpg", None),
+        ("img_x_0.gif", None),
         ("img_x_run2.png", None),
     ],
 )
-def test_job_id_of(name: str, job_id: str | None) -> None:
-    assert retention.job_id_of(name) == job_id
+def test_the_names_jobs_write_are_the_names_the_sweep_and_the_route_recognise(name: str, job_id: str | None) -> None:
+    stored = naming.parse_name(name)
+    assert (stored.job_id if stored else None) == job_id
+    if stored is not None:
+        assert stored.is_input == ("_input." in name)
+
+
+@pytest.mark.parametrize("extension", sorted(storage.CONTENT_TYPES))
+def test_the_names_written_parse_back(extension: str) -> None:
+    job_id = "img_transform_012345678901234567890123"  # a hex suffix of digits only
+    for name, is_input in [
+        (naming.input_name(job_id, extension), True),
+        (naming.output_name(job_id, 0, 1, extension), False),
+        (naming.output_name(job_id, 12, 3, extension), False),
+    ]:
+        assert naming.parse_name(name) == naming.StoredName(job_id, is_input), name
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("extension", sorted(storage.CONTENT_TYPES))
+async def test_the_sweep_removes_orphaned_outputs_of_every_format(tmp_path: Path, extension: str) -> None:
+    """PNG, JPEG and WebP outputs alike: of a job that is gone, and a finished job's unlisted partial output."""
+    images = LocalStorage(tmp_path, base_url=BASE)
+    jobs = InMemoryJobStore()
+    done = await jobs.create(make_job("img_done"))
+    _, applied = await transition(jobs, done, functools.partial(Job.ended, status=FAILED))
+    assert applied
+    orphans = [naming.output_name("img_gone", 0, 1, extension), naming.output_name("img_done", 1, 2, extension)]
+    for name in orphans:
+        await images.put(name, b"x", storage.CONTENT_TYPES[extension])
+        _age(tmp_path / name, 7200)
+    result = await retention.sweep_storage(jobs, images, older_than=time.time() - 3600)
+    assert result == retention.SweepResult(orphans=2, temp_files=0)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.asyncio
