@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import re
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, cast
@@ -39,11 +39,11 @@ from gateway.errors import (
     JobFinished,
     ModelNotFound,
     NotFound,
-    PayloadTooLarge,
     UnsupportedMediaType,
     code_status,
     status_and_code,
 )
+from gateway.http.body import capped_stream
 from gateway.http.schema import (
     DEFAULT_MODEL,
     MAX_NEGATIVE_PROMPT_CHARS,
@@ -250,29 +250,13 @@ def openai_error_response(exc: ApiError) -> JSONResponse:
 # --- the form ------------------------------------------------------------------------------------------
 
 
-async def _capped(request: Request, max_bytes: int) -> AsyncGenerator[bytes]:
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        yield chunk
-
-
-def _too_large(max_bytes: int) -> PayloadTooLarge:
-    return PayloadTooLarge("Request body too large", f"Maximum request body is {max_bytes // 2**20} MB")
-
-
 async def _parse_multipart(request: Request, max_bytes: int) -> list[tuple[str, str | UploadFile]]:
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != MULTIPART:
         raise UnsupportedMediaType("Request body must be multipart/form-data", "Send OpenAI's image edit form")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(max_bytes)
     parser = MultiPartParser(
         request.headers,
-        _capped(request, max_bytes),
+        capped_stream(request, max_bytes),
         max_files=MAX_FORM_FILES,
         max_fields=MAX_FORM_FIELDS,
         max_part_size=MAX_FIELD_BYTES,

@@ -26,12 +26,12 @@ from gateway.errors import (
     InvalidRequest,
     JobFinished,
     NotFound,
-    PayloadTooLarge,
     UnsupportedMediaType,
     code_status,
 )
 from gateway.http import openai_compat
 from gateway.http.auth import check_bearer
+from gateway.http.body import read_capped
 from gateway.http.limits import release_body_budget
 from gateway.http.openapi import openapi_endpoint
 from gateway.http.playground import Playground
@@ -82,18 +82,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise UnsupportedMediaType("Request body must be JSON", "Send Content-Type: application/json")
-    declared = request.headers.get("content-length")
-    too_large = PayloadTooLarge("Request body too large", f"Maximum request body is {max_bytes // 2**20} MB")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise too_large
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    chunks.clear()
+    body = await read_capped(request, max_bytes)
     if len(body) > MAX_JSON_STRUCTURE and _structure_count(body) > MAX_JSON_STRUCTURE:
         raise InvalidRequest(
             "Request body has too many JSON values", f"At most {MAX_JSON_STRUCTURE} objects, arrays and separators"
