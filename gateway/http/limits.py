@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 from typing import Any
@@ -27,7 +26,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from gateway.errors import Overloaded, RequestTimeout, error_body
+from gateway.errors import Overloaded, RequestTimeout
+from gateway.http.responses import raw_error_response
 from gateway.observability import REQUEST_ID_HEADER, new_request_id
 
 log = logging.getLogger("gateway")
@@ -217,16 +217,13 @@ class GatewayConfig(uvicorn.Config):
 
 
 def _over_capacity_response() -> bytes:
-    body = json.dumps(
-        error_body("overloaded", "Too many open connections", "Retry on a new connection later"),
-        separators=(",", ":"),
-    ).encode()
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nretry-after: {OVER_CAP_RETRY_AFTER_S}\r\n"
-        f"{REQUEST_ID_HEADER.lower()}: {new_request_id()}\r\nconnection: close\r\n\r\n"
-    )  # answered before any request is read: a fresh id, so this answer too can be quoted in a report
-    return head.encode("latin-1") + body
+    # Answered before any request is read: a fresh id, so this answer too can be quoted in a report.
+    refused = Overloaded(
+        "Too many open connections",
+        "Retry on a new connection later",
+        headers={"Retry-After": str(OVER_CAP_RETRY_AFTER_S), REQUEST_ID_HEADER: new_request_id()},
+    )
+    return raw_error_response(refused)
 
 
 class GuardedH11Protocol(H11Protocol):

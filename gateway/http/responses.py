@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from http import HTTPStatus
+
 from starlette.responses import JSONResponse
 
 from gateway.errors import ApiError, error_body, status_and_code
@@ -11,3 +14,14 @@ def error_response(exc: ApiError) -> JSONResponse:
     """Render `exc` as the JSON error response the spec documents, with any headers it carries."""
     status, code = status_and_code(exc)
     return JSONResponse(error_body(code, exc.message, exc.details), status_code=status, headers=dict(exc.headers))
+
+
+def raw_error_response(exc: ApiError) -> bytes:
+    """`exc` as a whole HTTP/1.1 response, for an answer written to a connection before any request is read (the
+    connection cap): the same status, body and headers as `error_response`, and the connection closed."""
+    status, code = status_and_code(exc)
+    body = json.dumps(error_body(code, exc.message, exc.details), separators=(",", ":")).encode()
+    headers = {"content-type": "application/json", "content-length": str(len(body))}
+    headers |= {name.lower(): value for name, value in exc.headers.items()} | {"connection": "close"}
+    head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (head + "\r\n").encode("latin-1") + body

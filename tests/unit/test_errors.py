@@ -39,7 +39,7 @@ from gateway.errors import (
     error_body,
     status_and_code,
 )
-from gateway.http.responses import error_response
+from gateway.http.responses import error_response, raw_error_response
 
 EXPECTED = [
     (InvalidRequest, 400, "invalid_request"),
@@ -144,3 +144,16 @@ def test_message_and_details_are_kept() -> None:
     assert exc.message == "Invalid field 'steps'"
     assert exc.details == "'steps' must be an integer between 1 and 150"
     assert "InvalidRequest" in repr(exc)
+
+
+def test_a_connection_level_answer_is_the_renderers_status_body_and_headers() -> None:
+    """The connection cap's raw 503 comes from the same table and body as every other error response."""
+    refused = Overloaded("Too many open connections", "Retry later", headers={"Retry-After": "1"})
+    head, _, body = raw_error_response(refused).partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    rendered = error_response(refused)
+    assert status_line == f"HTTP/1.1 {rendered.status_code} Service Unavailable"
+    assert json.loads(body) == json.loads(rendered.body)
+    assert headers["retry-after"] == "1" and headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
