@@ -18,6 +18,7 @@ from gateway.diffusion.img2img import Img2ImgPipeline, TextEmbeddingCache
 from gateway.diffusion.manifest import load_manifests
 from gateway.errors import ApiError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.http.limits import InboundLimitsMiddleware
+from gateway.http.middleware import MetricsMiddleware, RequestIdMiddleware
 from gateway.http.ratelimit import RateLimitMiddleware, api_key_or_address, make_limiter, make_work_limiter
 from gateway.http.responses import error_response
 from gateway.http.routes import Handlers, Services, routes
@@ -30,13 +31,7 @@ from gateway.jobs.stores import open_job_store
 from gateway.media import netguard, work
 from gateway.media.netguard import OutboundPolicy
 from gateway.media.storage import make_storage
-from gateway.observability import (
-    Metrics,
-    MetricsMiddleware,
-    RequestIdMiddleware,
-    current_request_id,
-    triton_stats_source,
-)
+from gateway.observability import Metrics, current_request_id, triton_stats_source
 from gateway.settings import Settings
 from gateway.triton.client import Engine
 from gateway.triton.pool import make_triton

@@ -33,6 +33,7 @@ from gateway.http import openai_compat
 from gateway.http.auth import check_bearer
 from gateway.http.body import read_capped
 from gateway.http.limits import release_body_budget
+from gateway.http.middleware import metrics_endpoint
 from gateway.http.openapi import openapi_endpoint
 from gateway.http.playground import Playground
 from gateway.http.schema import PARAMETER_LIMITS, parse_image_to_image
@@ -42,7 +43,7 @@ from gateway.jobs.model import FAILED, TERMINAL, Job, owner_of
 from gateway.jobs.naming import parse_name
 from gateway.jobs.runner import JobManager, JobUpdate
 from gateway.media.storage import Storage
-from gateway.observability import current_request_id, metrics_endpoint, stage
+from gateway.observability import current_request_id, stage
 from gateway.settings import Settings
 from gateway.triton.client import Engine
 

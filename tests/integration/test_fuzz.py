@@ -30,17 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.errors import ERROR_TABLE
+from gateway.http.middleware import MetricsMiddleware, RequestIdMiddleware, metrics_endpoint
 from gateway.http.openapi import component_schema, openapi_document, openapi_endpoint
 from gateway.http.schema import FIELDS
 from gateway.media import codecs
-from gateway.observability import (
-    REQUEST_ID_PATTERN,
-    Metrics,
-    MetricsMiddleware,
-    RequestIdMiddleware,
-    metrics_endpoint,
-    triton_stats_source,
-)
+from gateway.observability import REQUEST_ID_PATTERN, Metrics, triton_stats_source
 from gateway.settings import Settings
 from gateway.triton.client import TritonEngine
 from tests.helpers import ThreadedUvicorn, data_uri, free_port, make_image

@@ -20,18 +20,15 @@ from starlette.routing import Route
 
 from gateway.app import create_app
 from gateway.errors import InvalidRequest
+from gateway.http.middleware import MetricsMiddleware, RequestIdMiddleware, metrics_endpoint, route_template
 from gateway.http.ratelimit import RateLimitMiddleware, api_key_or_address
 from gateway.observability import (
     REQUEST_ID_HEADER,
     Metrics,
-    MetricsMiddleware,
-    RequestIdMiddleware,
     TritonBatchCollector,
     accept_request_id,
     configure_logging,
     current_request_id,
-    metrics_endpoint,
-    route_template,
     triton_stats_source,
 )
 from gateway.settings import Settings
