@@ -27,7 +27,6 @@ from gateway.errors import (
     JobFinished,
     NotFound,
     UnsupportedMediaType,
-    code_status,
 )
 from gateway.http import openai_compat
 from gateway.http.auth import check_bearer
@@ -36,6 +35,7 @@ from gateway.http.limits import release_body_budget
 from gateway.http.middleware import metrics_endpoint
 from gateway.http.openapi import openapi_endpoint
 from gateway.http.playground import Playground
+from gateway.http.responses import stored_error_response
 from gateway.http.schema import PARAMETER_LIMITS, parse_image_to_image
 from gateway.http.views import job_view, secret_view
 from gateway.jobs.create import Caller, CreateJob, request_hash
@@ -165,8 +165,7 @@ class Handlers:
         if not job.finished:
             job = await self._wait_or_cancel(request, job)
         if job.status == FAILED and job.error is not None:
-            body = {"error": {"code": job.error.code, "message": job.error.message, "details": job.error.details}}
-            return JSONResponse(body, status_code=code_status(job.error.code), headers=location)
+            return stored_error_response(job.error.code, job.error.message, job.error.details, location)
         return JSONResponse(await self._view(job), headers=location)
 
     async def _wait_or_cancel(self, request: Request, job: Job) -> Job:
