@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up everything they need on a fresh machine.
-.PHONY: serve test lint bootstrap demo-model
+.PHONY: serve test lint docs bootstrap demo-model
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -8,11 +8,12 @@ bootstrap:
 serve: bootstrap
 	.venv/bin/python -m gateway --allow-anonymous $(ARGS)
 
-## Run lint and the whole test suite (unit + integration against a real Triton).
+## Run lint, the docs build and the whole test suite (unit + integration against a real Triton).
 test: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/python -m mypy
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --site-dir site
 	.venv/bin/python -m pytest $(ARGS)
 
 ## Static checks only: ruff (lint + format) and mypy --strict over gateway/ and export/ (see pyproject.toml).
@@ -20,3 +21,7 @@ lint: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/python -m mypy
+
+## The manual (docs/) as a site in site/; --strict: a broken link or anchor between pages is an error.
+docs: bootstrap
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --site-dir site

@@ -3,7 +3,7 @@
 Validation (`parse_image_to_image`) and the OpenAPI document's component schemas (`openapi.py`, through
 `model_json_schema`) both derive from these models, so the two cannot drift. Limits and defaults stay module
 constants, and `PARAMETER_LIMITS` is read back from the request model's JSON schema, so `GET /v1/models`
-and the README quote the numbers the validator enforces.
+and docs/api.md quote the numbers the validator enforces (tests/unit/test_docs.py holds the page to them).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ and gateway at their native size, and compared with diffusers on the same weight
   differs from torch by more than a fixed 1e-4 (export.validate measures it in levels of 255).
 
 2026-12-07, 2 cores: both passed in 9 min 15 s; export peaks 4.92 GB (SD 1.5 single file) and 6.06 GB (SD 2.1
-768-v folder). The README's export memory table has these and the SDXL figure."""
+768-v folder). docs/export.md's export memory table has these and the SDXL figure."""
 
 from __future__ import annotations
 
