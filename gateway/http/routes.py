@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -24,7 +23,6 @@ from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import (
     ApiError,
     InvalidRequest,
-    JobFinished,
     NotFound,
     UnsupportedMediaType,
 )
@@ -39,9 +37,10 @@ from gateway.http.responses import stored_error_response
 from gateway.http.schema import PARAMETER_LIMITS, parse_image_to_image
 from gateway.http.views import job_view, secret_view
 from gateway.jobs.create import Caller, CreateJob, request_hash
-from gateway.jobs.model import FAILED, TERMINAL, Job, owner_of
+from gateway.jobs.follow import follow, wait_or_cancel
+from gateway.jobs.model import FAILED, Job, owner_of
 from gateway.jobs.naming import parse_name
-from gateway.jobs.runner import JobManager, JobUpdate
+from gateway.jobs.runner import JobManager
 from gateway.media.storage import Storage
 from gateway.observability import current_request_id, stage
 from gateway.settings import Settings
@@ -50,7 +49,6 @@ from gateway.triton.client import Engine
 log = logging.getLogger("gateway")
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
-DISCONNECT_POLL_S = 0.25
 SSE_HEARTBEAT_S = 15.0
 # JSON structure bytes (`{`, `[`, `,`) a body may hold: parsing costs Python objects per value (an empty `{}` is
 # 64 bytes for 2 bytes of body), so past this a body is refused before it is parsed. A valid request has a few
@@ -169,21 +167,8 @@ class Handlers:
         return JSONResponse(await self._view(job), headers=location)
 
     async def _wait_or_cancel(self, request: Request, job: Job) -> Job:
-        """Wait for a synchronous job; a client that disconnects cancels it (no more UNet steps are sent)."""
-        waiter = asyncio.ensure_future(self.s.jobs.wait(job.id))
-        try:
-            while True:
-                done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return waiter.result()
-                if await request.is_disconnected():
-                    log.info("client gone: canceling job %s", job.id)
-                    with contextlib.suppress(JobFinished):
-                        await self.s.jobs.cancel(job.id, job.owner)
-                    return await waiter
-        finally:
-            if not waiter.done():
-                waiter.cancel()
+        """Wait for a synchronous job; a client that disconnects cancels it (jobs.follow)."""
+        return await wait_or_cancel(self.s.jobs, job, request.is_disconnected)
 
     async def openai_image_edits(self, request: Request) -> Response:
         """OpenAI's image edits (gateway/http/openai_compat.py) around the native synchronous route's use case;
@@ -220,34 +205,16 @@ class Handlers:
 
     async def job_events(self, request: Request) -> Response:
         """Server-sent events: the job view on every change (progress steps, status), until it finishes."""
-        jobs = self.s.jobs
-        job = await jobs.get(request.path_params["job_id"], self._owner(request))
-        queue = jobs.subscribe(job.id)
-
-        def event(view: dict[str, Any]) -> bytes:
-            return f"event: job\ndata: {json.dumps(view, separators=(',', ':'))}\n\n".encode()
+        job = await self.s.jobs.get(request.path_params["job_id"], self._owner(request))
 
         async def stream() -> AsyncIterator[bytes]:
-            try:
-                current = await jobs.get(job.id, job.owner)
-                view = await self._view(current)
-                while True:
-                    yield event(view)
-                    if view["status"] in TERMINAL:
-                        return
-                    try:
-                        update = await asyncio.wait_for(queue.get(), timeout=SSE_HEARTBEAT_S)
-                    except TimeoutError:
+            async with contextlib.aclosing(follow(self.s.jobs, job, heartbeat_s=SSE_HEARTBEAT_S)) as updates:
+                async for update in updates:
+                    if update.heartbeat:
                         yield b": keep-alive\n\n"
-                        update = JobUpdate(None, None)
-                    if update.job is not None:
-                        current = update.job
-                    elif update.progress is None:  # changed elsewhere (another replica): read it again
-                        current = await jobs.get(job.id, job.owner)
-                    progress = update.progress if update.progress is not None else await jobs.progress(current)
-                    view = job_view(current, progress)
-            finally:
-                jobs.unsubscribe(job.id, queue)
+                    else:
+                        view = json.dumps(job_view(update.job, update.progress), separators=(",", ":"))
+                        yield f"event: job\ndata: {view}\n\n".encode()
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
