@@ -14,7 +14,6 @@ OpenCLIP under `cond_stage_model.model`, SDXL both under `conditioner.embedders.
 from __future__ import annotations
 
 import gc
-import json
 import re
 import shutil
 import tempfile
@@ -23,9 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from export.errors import ExportError
+from export.errors import ExportError, one_line
 from export.published import config_folder
-from export.weights import save_module
+from export.weights import build_module, save_module
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -97,13 +96,12 @@ def checkpoint_family(path: Path, *, allow_pickle: bool, family: str | None = No
 
 
 # Each component's keys in a family's file.
-COMPONENT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
-    "sd1": {"text_encoder": (SD1_TEXT_PREFIX,)},
-    "sd2": {"text_encoder": (SD2_TEXT_PREFIX,)},
-    "sdxl": {"text_encoder": (SDXL_TEXT_PREFIXES[0],), "text_encoder_2": (SDXL_TEXT_PREFIXES[1],)},
+_MODEL_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX}
+COMPONENT_PREFIXES: dict[str, dict[str, str]] = {
+    "sd1": {"text_encoder": SD1_TEXT_PREFIX, **_MODEL_PREFIXES},
+    "sd2": {"text_encoder": SD2_TEXT_PREFIX, **_MODEL_PREFIXES},
+    "sdxl": {"text_encoder": SDXL_TEXT_PREFIXES[0], "text_encoder_2": SDXL_TEXT_PREFIXES[1], **_MODEL_PREFIXES},
 }
-for _components in COMPONENT_PREFIXES.values():
-    _components.update({"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,)})
 # Files of a --config folder that are weights (not copied: the single file's weights replace them).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".onnx_data", ".h5")
 
@@ -129,26 +127,16 @@ def _load_component(component: str, state: dict[str, Any], config_dir: Path) -> 
     """One diffusers/transformers module from its original-layout weights: diffusers' single-file key conversion,
     assigned into a module built on the meta device, so the module's weights are the file's own (mapped, in the
     file's dtype: nothing is copied until it is written)."""
-    import diffusers
     import torch
-    import transformers
     from diffusers.loaders import single_file_utils as convert
 
-    module: Any
-    if component in ("unet", "vae"):
-        model_class = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
-        config = model_class.load_config(config_dir, subfolder=component, local_files_only=True)
-        with torch.device("meta"):
-            module = model_class.from_config(config)  # type: ignore[no-untyped-call]  # diffusers is untyped here
-        if component == "unet":
-            weights = convert.convert_ldm_unet_checkpoint(state, config)
-        else:
-            weights = convert.convert_ldm_vae_checkpoint(state, config)
+    with torch.device("meta"):
+        module = build_module(config_dir / component)
+    if component == "unet":
+        weights = convert.convert_ldm_unet_checkpoint(state, module.config)
+    elif component == "vae":
+        weights = convert.convert_ldm_vae_checkpoint(state, module.config)
     else:
-        architecture = json.loads((config_dir / component / "config.json").read_text())["architectures"][0]
-        model_class = getattr(transformers, architecture)
-        with torch.device("meta"):
-            module = model_class(model_class.config_class.from_pretrained(config_dir / component))
         open_clip = next((p for p in OPEN_CLIP_PREFIXES if p + "positional_embedding" in state), None)
         if open_clip is not None:
             weights = convert.convert_open_clip_checkpoint(module, state, prefix=open_clip)
@@ -175,16 +163,15 @@ def convert_checkpoint(path: Path, family: str, config_dir: Path | None, out_dir
         shutil.copytree(config_dir, out_dir, ignore=shutil.ignore_patterns(*(f"*{s}" for s in WEIGHT_SUFFIXES)))
     try:
         with _tensors(path) as (keys, read):
-            for component, prefixes in COMPONENT_PREFIXES[family].items():
-                state = {key: read(key) for key in keys if key.startswith(prefixes)}
+            for component, prefix in COMPONENT_PREFIXES[family].items():
+                state = {key: read(key) for key in keys if key.startswith(prefix)}
                 module = _load_component(component, state, config_dir)
                 del state
                 save_module(module, out_dir / component)
                 del module
                 gc.collect()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"cannot load {path} with the configs in {config_dir}: {message}") from exc
+        raise ExportError(f"cannot load {path} with the configs in {config_dir}: {one_line(exc)}") from exc
     return out_dir
 
 

@@ -14,13 +14,12 @@ file, so the SD 1.5 export peaks under twice its UNet's fp32 weights.
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from export.errors import ExportError
+from export.errors import ExportError, one_line
 from export.weights import SAFETENSORS_DTYPE_NAMES
 
 COMPONENTS: tuple[str, ...] = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
@@ -34,11 +33,15 @@ EXTERNAL_DATA_ALIGNMENT = 64 * 1024
 COPY_CHUNK = 16 * 1024 * 1024
 # The latent size graphs are traced at, at most (export_component): 256 px for SD.
 TRACE_LATENT = 32
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
 def is_sdxl(pipeline: Any) -> bool:
     return getattr(pipeline, "text_encoder_2", None) is not None
+
+
+def vae_scale_factor(vae_config: Any) -> int:
+    """Pixels per latent along each side: the VAE halves its input once per block but the last."""
+    return int(2 ** (len(vae_config.block_out_channels) - 1))
 
 
 def pipeline_components(pipeline: Any) -> tuple[str, ...]:
@@ -81,15 +84,15 @@ def _per_sample_unet_config(unet_config: Any, float_dtype: str) -> Any:
 
 
 def stored_dtype(model_dir: Path) -> str:
-    """The dtype the folder's UNet weights are stored in ("float32", "float16", "bfloat16"), from a safetensors
-    header; "float32" when there is none to read."""
+    """The dtype the folder's UNet weights are stored in ("float32", "float16", "bfloat16"), from its
+    safetensors header; "float32" when there is none, or it mixes dtypes."""
+    from safetensors import safe_open
+
     files = sorted((model_dir / "unet").glob("*.safetensors"))
     if not files:
         return "float32"
-    with files[0].open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size)) if 0 < size <= MAX_SAFETENSORS_HEADER else {}
-    dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    with safe_open(str(files[0]), framework="pt") as handle:
+        dtypes = {handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118  # not iterable
     stored = {name: dtype for dtype, name in SAFETENSORS_DTYPE_NAMES.items()}
     return stored.get(dtypes.pop(), "float32") if len(dtypes) == 1 else "float32"
 
@@ -189,7 +192,7 @@ def _trace_sized(pipeline: Any, component: str, dummy: dict[str, Any]) -> dict[s
     so the size traced at does not change it (the real-size tests serve at the native size)."""
     cap = TRACE_LATENT
     if component == "vae_encoder":  # its input is the image
-        cap *= 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        cap *= vae_scale_factor(pipeline.vae.config)
     return {k: v[..., :cap, :cap].contiguous() if getattr(v, "ndim", 0) == 4 else v for k, v in dummy.items()}
 
 
@@ -227,8 +230,7 @@ def export_component(pipeline: Any, component: str, out_dir: Path) -> Path:
                 dynamo=False,  # the TorchScript exporter, as optimum uses (torch >= 2.9 defaults to dynamo)
             )
     except (RuntimeError, ValueError, TypeError) as exc:
-        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"{component}: the ONNX export failed: {message}") from exc
+        raise ExportError(f"{component}: the ONNX export failed: {one_line(exc)}") from exc
     merge_external_data(path)
     return path
 

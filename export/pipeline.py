@@ -138,11 +138,10 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
             them (before the check's onnxruntime session loads: export.validate.check_component)."""
 
             def stage(s: dict[str, Any]) -> None:
-                pipeline = s["pipeline"]
-                to_export_dtype(pipeline, module_of(component))
+                pipeline, module = s["pipeline"], module_of(component)
+                to_export_dtype(pipeline, module)
                 path = export_component(pipeline, component, work_dir / "onnx")
                 s.setdefault("onnx", {})[component] = path
-                module = module_of(component)
                 last_use = all(module_of(c) != module for c in later)
                 release = (lambda: release_weights(pipeline, module)) if last_use else None
                 if request.validate:

@@ -199,24 +199,13 @@ def build_published_random(folder: Path, family: str, *, seed: int = 0, dtype: s
     """A random-weight pipeline at `family`'s published configs (SD 1.5, SD 2.1 768-v or SDXL base: the real
     depths and widths), built and written one module at a time so that only one is ever in memory (the SDXL
     UNet alone is 10 GB in fp32); `dtype` "float16" writes it as those models are published."""
-    import diffusers
     import torch
-    import transformers
 
-    from export.weights import save_module
+    from export.weights import build_module, save_module
 
     config_folder(family, folder)
     torch.manual_seed(seed)
-    for name, value in PUBLISHED[family].items():
-        module: Any
-        if name in ("unet", "vae"):
-            model_class = getattr(diffusers, value["_class_name"])
-            module = model_class.from_config(model_class.load_config(folder / name))
-        elif name.startswith("text_encoder"):
-            model_class = getattr(transformers, value["architectures"][0])
-            module = model_class(model_class.config_class.from_pretrained(folder / name))
-        else:
-            continue
-        save_module(module.to(getattr(torch, dtype)), folder / name)
-        del module
+    for name in PUBLISHED[family]:
+        if name in ("unet", "vae") or name.startswith("text_encoder"):
+            save_module(build_module(folder / name).to(getattr(torch, dtype)), folder / name)
     return folder

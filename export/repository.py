@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from export.errors import ExportError
-from export.onnx_export import COMPONENTS, is_sdxl, move_component, pipeline_components
+from export.onnx_export import COMPONENTS, is_sdxl, move_component, pipeline_components, vae_scale_factor
 
 # 2 added SDXL (`family`, `text_encoders`, `sdxl`) and distilled defaults (`turbo`); a version-1 manifest is an SD
 # one and still loads.
@@ -262,10 +262,10 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The pipeline manifest: everything the gateway needs, read from the model's own configs."""
     vae_cfg, unet_cfg = pipeline.vae.config, pipeline.unet.config
-    vae_scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+    pixels_per_latent = vae_scale_factor(vae_cfg)
     unet_downsamples = len(unet_cfg.down_block_types) - 1
     # The traced UNet has fixed up-sampling sizes, so latents must divide by every UNet down-sampling.
-    grid = vae_scale_factor * 2**unet_downsamples
+    grid = pixels_per_latent * 2**unet_downsamples
     components = {}
     for component in pipeline_components(pipeline):
         inputs, outputs = specs[component]
@@ -288,8 +288,8 @@ def build_manifest(
         "backend": options.backend,
         "runtime": options.served_by,
         "dtype": dtype,
-        "native_resolution": int(unet_cfg.sample_size) * vae_scale_factor,
-        "vae_scale_factor": vae_scale_factor,
+        "native_resolution": int(unet_cfg.sample_size) * pixels_per_latent,
+        "vae_scale_factor": pixels_per_latent,
         "grid": grid,
         "latent_channels": int(unet_cfg.in_channels),
         "scaling_factor": float(vae_cfg.scaling_factor),

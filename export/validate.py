@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from export.onnx_export import vae_scale_factor
+
 # The tiny test models' absolute bound (observed ~1e-6): the tests hold it, the export does not use it.
 FP32_ATOL = 1e-4
 # One level of 255 in the decoder's [-1, 1] output.
@@ -70,7 +72,7 @@ def _inputs(pipeline: Any, batch: int, latent_hw: tuple[int, int], seed: int) ->
     """Random inputs for every component, of the shapes the gateway sends."""
     rng = np.random.default_rng(seed)
     h, w = latent_hw
-    factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(pipeline.vae.config)
     tokenizer = pipeline.tokenizer or pipeline.tokenizer_2
     max_len = tokenizer.model_max_length
     unet_cfg = pipeline.unet.config

@@ -48,6 +48,20 @@ def write_safetensors(state: dict[str, Any], path: Path, metadata: dict[str, str
     return path
 
 
+def build_module(folder: Path) -> Any:
+    """A diffusers model or transformers text encoder from a folder's `config.json` alone, with freshly made
+    weights: random, or, under `torch.device("meta")`, none (a shell to assign a checkpoint's tensors into)."""
+    import diffusers
+    import transformers
+
+    config = json.loads((folder / "config.json").read_text())
+    if "_class_name" in config:  # diffusers
+        model_class = getattr(diffusers, config["_class_name"])
+        return model_class.from_config(model_class.load_config(folder))
+    model_class = getattr(transformers, config["architectures"][0])
+    return model_class(model_class.config_class.from_pretrained(folder))
+
+
 def save_module(module: Any, folder: Path) -> Path:
     """A diffusers model or transformers text encoder as its folder: its config and one streamed weights file."""
     folder.mkdir(parents=True, exist_ok=True)
