@@ -23,6 +23,7 @@ from gateway.http.ratelimit import RateLimitMiddleware, api_key_or_address, make
 from gateway.http.responses import error_response
 from gateway.http.routes import Handlers, Services, routes
 from gateway.http.views import job_view
+from gateway.jobs.admission import Admission
 from gateway.jobs.create import CreateJob
 from gateway.jobs.execute import DecodedInputs, JobExecutor
 from gateway.jobs.model import Job
@@ -67,7 +68,11 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_response(InternalError("Internal server error", f"Request {incident}"))
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette:
+# The app type, for entry points that name it without knowing the framework (asgi.py).
+App = Starlette
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None) -> App:
     handlers = Handlers(settings)
     metrics = Metrics(
         triton_stats_source(
@@ -125,15 +130,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
             events=events,
             on_event=metrics.on_job_event,
         )
+        admission = Admission(pipelines=pipelines, http=http, policy=policy, fetch_timeout_s=settings.fetch_timeout_s)
         create_job = CreateJob(
-            pipelines=pipelines,
+            admission=admission,
             store=store,
             jobs=jobs,
             storage=storage,
             decoded=decoded,
-            http=http,
-            policy=policy,
-            fetch_timeout_s=settings.fetch_timeout_s,
             work_limiter=work_limiter,
             max_active_jobs_per_key=settings.max_active_jobs_per_key,
             max_running_jobs=settings.max_running_jobs,

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 
-from starlette.applications import Starlette
-
-from gateway.app import create_app
+from gateway.app import App, create_app
 from gateway.observability import configure_logging
 from gateway.settings import Settings
 
 APP_FACTORY = "gateway.asgi:create_app_from_env"
 
 
-def create_app_from_env() -> Starlette:
+def create_app_from_env() -> App:
     """One worker's app: Settings from `IMAGEN_*`, the gateway's log handler installed in this process."""
     settings = Settings.from_env(os.environ)
     configure_logging(settings.log_level)

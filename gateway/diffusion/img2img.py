@@ -10,6 +10,7 @@ steps of concurrent requests even when they are at different points of their sch
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,16 +31,28 @@ class GenerationCanceled(Exception):
     """Raised between denoising steps when the caller asked to stop (job canceled, client gone)."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """The request's knobs the recipe reads as they were sent. The job's spec extends this class, so a knob
+    added here (and on the wire model) reaches the recipe through admission and the job store unchanged."""
+
+    strength: float
+    steps: int
+    guidance_scale: float
+
+
+def sampling_knobs(source: object) -> dict[str, Any]:
+    """`Sampling`'s fields read off `source` (a request, a job's spec), by name."""
+    return {field.name: getattr(source, field.name) for field in dataclasses.fields(Sampling)}
+
+
 @dataclass(frozen=True)
-class Generation:
-    """What one request asks of the pipeline (validated upstream)."""
+class Generation(Sampling):
+    """What one request asks of the pipeline (validated upstream): the knobs, and what the job derives."""
 
     prompt: str
     negative_prompt: str
     image: np.ndarray  # [1, 3, H, W] float32 in [-1, 1], H and W multiples of the manifest's grid
-    strength: float
-    steps: int
-    guidance_scale: float
     seeds: Sequence[int]  # one per output image
     scheduler_config: Mapping[str, Any] | None = None  # the request's scheduler; None: the model's own
 

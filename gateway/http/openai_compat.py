@@ -1,7 +1,7 @@
 """OpenAI-compatible `POST /v1/images/edits`: OpenAI's multipart form in, OpenAI's response and error shapes out.
 
-Only a translation: the form becomes the native `ImageToImageRequest` (validated by `schema.parse_image_to_image`,
-the one validator) and goes through the same `CreateJob` as `POST /v1/image-to-image`, so jobs, keys, the body
+Only a translation: the form becomes the native request's fields (the upload as bytes), which go through the
+same admission and `CreateJob` as `POST /v1/image-to-image`'s body, so jobs, keys, the body
 budget, rate and work limits and metrics are the native route's. Native errors are rewritten into OpenAI's shape
 in one place (`openai_error_response`): OpenAI's names (`n` for `num_images`) and a `param` naming the field.
 
@@ -26,10 +26,9 @@ from pydantic.config import JsonDict
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from gateway.diffusion.img2img import Img2ImgPipeline
-from gateway.diffusion.styles import StylePreset
 from gateway.errors import (
     ApiError,
     ImageDimensionsTooLarge,
@@ -44,14 +43,8 @@ from gateway.errors import (
     status_and_code,
 )
 from gateway.http.body import capped_stream
-from gateway.http.schema import (
-    DEFAULT_MODEL,
-    MAX_NEGATIVE_PROMPT_CHARS,
-    MAX_PROMPT_CHARS,
-    ImageToImageRequest,
-    parse_image_to_image,
-)
 from gateway.jobs.model import COMPLETED, FAILED, Job
+from gateway.jobs.request import DEFAULT_MODEL, MAX_NEGATIVE_PROMPT_CHARS, MAX_PROMPT_CHARS
 from gateway.media import codecs
 from gateway.media.storage import Storage
 from gateway.media.work import run_image_work
@@ -247,6 +240,19 @@ def openai_error_response(exc: ApiError) -> JSONResponse:
     return openai_error(status, code, exc.message, exc.details, param=_param(exc), headers=exc.headers)
 
 
+class OpenAIErrors:
+    """OpenAI's error shape, registered for the OpenAI-compatible route in the route table."""
+
+    def render(self, exc: ApiError) -> Response:
+        return openai_error_response(exc)
+
+    def render_stored(self, code: str, message: str, details: str | None, headers: Mapping[str, str]) -> Response:
+        return openai_error(code_status(code), code, message, details, headers=headers)
+
+
+OPENAI_ERRORS = OpenAIErrors()
+
+
 # --- the form ------------------------------------------------------------------------------------------
 
 
@@ -365,35 +371,31 @@ async def check_size(form: ImageEditForm, pipelines: Mapping[str, Img2ImgPipelin
         )
 
 
-async def native_body(form: ImageEditForm) -> dict[str, Any]:
-    """The native JSON body of this form (the image as base64): what the native route would have read."""
-    body: dict[str, Any] = {"image": (await run_image_work(base64.b64encode, form.image)).decode("ascii")}
+def native_fields(form: ImageEditForm) -> dict[str, Any]:
+    """The native request's fields of this form, the upload as bytes: what admission parses for either route."""
+    fields: dict[str, Any] = {"image": form.image}
     for name in PASSED_THROUGH:
         value = getattr(form, name)
         if value is not None:
-            body[name] = value
+            fields[name] = value
     if form.n is not None:
-        body["num_images"] = form.n
-    return body
+        fields["num_images"] = form.n
+    return fields
 
 
 @dataclass(frozen=True)
 class ImageEdit:
-    """A read edit request: the form (for the answer), its native body (for the request hash) and request."""
+    """A read edit request: the form (for the answer) and the native request's fields (for admission)."""
 
     form: ImageEditForm
-    body: dict[str, Any]
-    request: ImageToImageRequest
+    fields: dict[str, Any]
 
 
-async def read_edit(
-    request: Request, max_bytes: int, pipelines: Mapping[str, Img2ImgPipeline], styles: Mapping[str, StylePreset]
-) -> ImageEdit:
-    """The form, checked, as the native request the native route's validator makes of its body."""
+async def read_edit(request: Request, max_bytes: int, pipelines: Mapping[str, Img2ImgPipeline]) -> ImageEdit:
+    """The form, checked, as the native request's fields."""
     form = await read_edit_form(request, max_bytes)
     await check_size(form, pipelines)
-    body = await native_body(form)
-    return ImageEdit(form, body, parse_image_to_image(body, styles=styles))
+    return ImageEdit(form, native_fields(form))
 
 
 # --- the response ---------------------------------------------------------------------------------------
@@ -406,14 +408,13 @@ async def _read_all(storage: Storage, name: str) -> bytes:
     return b"".join([chunk async for chunk in found.chunks])
 
 
-async def render_edit(job: Job, response_format: ResponseFormat, storage: Storage) -> JSONResponse:
+async def render_edit(job: Job, response_format: ResponseFormat, storage: Storage) -> Response:
     """A finished job in OpenAI's shape: its images as URLs or base64, or its error in OpenAI's error shape."""
     headers = {"Location": f"/v1/image-to-image/{job.id}"}
     if job.status == FAILED and job.error is not None:
-        status = code_status(job.error.code)
-        return openai_error(status, job.error.code, job.error.message, job.error.details, headers=headers)
+        return OPENAI_ERRORS.render_stored(job.error.code, job.error.message, job.error.details, headers)
     if job.status != COMPLETED:
-        return openai_error_response(JobFinished(f"Job {job.status}", f"Job {job.id} ended {job.status}"))
+        raise JobFinished(f"Job {job.status}", f"Job {job.id} ended {job.status}")
     data = [
         ImageData(b64_json=base64.b64encode(await _read_all(storage, image.name)).decode("ascii"))
         if response_format == "b64_json"

@@ -1,4 +1,5 @@
-"""The OpenAPI 3.1 document served at `GET /openapi.json`: routes written here, schemas generated from `schema`.
+"""The OpenAPI 3.1 document served at `GET /openapi.json`: the route table (`ENDPOINTS`, each route with its
+operation; `routes.routes()` serves the same table) written here, schemas generated from `schema`.
 
 Every component schema is the `model_json_schema` of a wire model in `gateway.http.schema`, the same models
 that validate requests and describe responses, so the document cannot drift from the code; the error codes
@@ -23,11 +24,13 @@ from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import ERROR_TABLE
 from gateway.http import openai_compat
 from gateway.http import schema as wire
+from gateway.http.routetable import Endpoint, Operation
 from gateway.http.schema import JOB_STATUSES, SPEC_RESPONSE_FIELDS, error_codes_by_status
 from gateway.media import codecs
 
 __all__ = [
     "COMPONENTS",
+    "ENDPOINTS",
     "JOB_STATUSES",
     "REF_TEMPLATE",
     "SPEC_RESPONSE_FIELDS",
@@ -273,291 +276,351 @@ def openai_error_responses(*codes: str) -> dict[str, Any]:
     return out
 
 
+JOB_JSON = _json(_ref("JobView"))
+JOB_NOT_FOUND = {
+    "404": _error(
+        "In the error shape: `not_found` (no such job for this API key; another key's job is not found either)"
+    )
+}
+IMAGE_CONTENT = {
+    media: {"schema": {"type": "string", "contentMediaType": media}}
+    for media in ("image/png", "image/jpeg", "image/webp")
+}
+
+
+def _playground_page(operation_id: str) -> Operation:
+    return _operation(
+        operation_id,
+        "The playground: a page that calls this API from the browser (the key stays in the browser)",
+        _merge(
+            {"200": _response("The page", PLAYGROUND_HTML, "Content-Security-Policy")},
+            error_responses(*ANY_REQUEST),
+        ),
+        public=True,
+    )
+
+
+# The route table: `routes.routes()` serves these, in this order (it is the routing order), and the document's
+# paths are their operations.
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        "POST",
+        "/v1/image-to-image",
+        lambda s: s.handlers.image_to_image,
+        _operation(
+            "createImageToImage",
+            "Transform an image (synchronous, or asynchronous with a webhook)",
+            _merge(
+                {
+                    "200": {
+                        **_response(
+                            "The finished job (synchronous request): `completed`, or `canceled` if the "
+                            "client went away",
+                            JOB_JSON,
+                            "Location",
+                        ),
+                        "links": JOB_LINKS,
+                    },
+                    "202": {
+                        **_response(
+                            "Accepted (a `webhook_url` was given, or `Prefer: respond-async`): the job is `queued` or "
+                            "`processing`; poll `Location` or wait for the webhook",
+                            JOB_JSON,
+                            "Location",
+                        ),
+                        "links": JOB_LINKS,
+                    },
+                },
+                error_responses(*CREATE_ERRORS),
+            ),
+            parameters=[
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x21-\\x7e]+$"},
+                    "description": "A retried POST with the same key and body returns the same job instead of "
+                    "running twice; the same key with another body is 409 `idempotency_conflict`.",
+                },
+                {
+                    "name": "Prefer",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "`respond-async` (RFC 7240) answers 202 at once even without a `webhook_url`.",
+                },
+            ],
+            body={
+                "required": True,
+                "content": {"application/json": {"schema": _ref("ImageToImageRequest"), "examples": REQUEST_EXAMPLES}},
+            },
+        ),
+    ),
+    Endpoint(  # before `GET /v1/images/{name}`, whose pattern matches this path too (routes.OwnPathRoute)
+        "POST",
+        openai_compat.EDITS_PATH,
+        lambda s: s.handlers.openai_image_edits,
+        _operation(
+            "createImageEdit",
+            "OpenAI-compatible image edit (OpenAI's multipart form and response; synchronous): the same jobs as "
+            "`POST /v1/image-to-image`",
+            _merge(
+                {
+                    "200": _response(
+                        "OpenAI's `ImagesResponse`: `data[]` with `url` or `b64_json`; `Location` is the job",
+                        _json(_ref("ImagesResponse")),
+                        "Location",
+                    )
+                },
+                openai_error_responses(*EDIT_ERRORS),
+            ),
+            body={
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": _ref("ImageEditRequest"),
+                        "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp"}},
+                    }
+                },
+            },
+        ),
+        errors=openai_compat.OPENAI_ERRORS,
+    ),
+    Endpoint(
+        "GET",
+        "/v1/image-to-image/{job_id}",
+        lambda s: s.handlers.get_job,
+        _operation(
+            "getJob",
+            "Poll a job (only the API key that created it can read it)",
+            _merge({"200": _response("The job", JOB_JSON)}, JOB_NOT_FOUND, error_responses(*JOB_ERRORS)),
+            parameters=[JOB_ID],
+        ),
+    ),
+    Endpoint(
+        "POST",
+        "/v1/image-to-image/{job_id}/cancel",
+        lambda s: s.handlers.cancel_job,
+        _operation(
+            "cancelJob",
+            "Cancel a queued or running job (it stops between denoising steps and ends `canceled`)",
+            _merge(
+                {"200": _response("The job, now canceled", JOB_JSON)},
+                JOB_NOT_FOUND,
+                error_responses(*JOB_ERRORS, "job_finished"),
+            ),
+            parameters=[JOB_ID],
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/image-to-image/{job_id}/events",
+        lambda s: s.handlers.job_events,
+        _operation(
+            "jobEvents",
+            "Server-sent events: an `event: job` with the job view on each change, until the job finishes",
+            _merge(
+                {
+                    "200": _response(
+                        "An event stream; each `data:` line is a JobView (`: keep-alive` comments between)",
+                        {"text/event-stream": {"schema": SSE_JOB_EVENT}},
+                    )
+                },
+                JOB_NOT_FOUND,
+                error_responses(*JOB_ERRORS),
+            ),
+            parameters=[JOB_ID],
+        ),
+    ),
+    Endpoint(
+        "POST",
+        "/v1/image-to-image/{job_id}/webhook/redeliver",
+        lambda s: s.handlers.redeliver_webhook,
+        _operation(
+            "redeliverWebhook",
+            "Send the job's final webhook event again (the same `webhook-id`, a new timestamp and signature), "
+            "through the outbox",
+            _merge(
+                {"202": _response("The job, its webhook pending again", JOB_JSON)},
+                JOB_NOT_FOUND,
+                error_responses(*JOB_ERRORS, "nothing_to_redeliver"),
+            ),
+            parameters=[JOB_ID],
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/webhook-secret",
+        lambda s: s.handlers.webhook_secret,
+        _operation(
+            "getWebhookSecret",
+            "This API key's Standard Webhooks secret (`whsec_...`), created on first need; verify deliveries "
+            "with `standardwebhooks.Webhook(secret).verify(body, headers)`",
+            _merge({"200": _response("The secret", _json(_ref("WebhookSecret")))}, error_responses(*AUTHENTICATED)),
+        ),
+    ),
+    Endpoint(
+        "POST",
+        "/v1/webhook-secret/rotate",
+        lambda s: s.handlers.rotate_webhook_secret,
+        _operation(
+            "rotateWebhookSecret",
+            "Issue a new secret for this API key; the previous one keeps signing beside it (several "
+            "`v1,` signatures in `webhook-signature`) until `previous_expires_at`. Concurrent rotations make one.",
+            _merge({"200": _response("The new secret", _json(_ref("WebhookSecret")))}, error_responses(*AUTHENTICATED)),
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/images/{name}",
+        lambda s: s.handlers.get_image,
+        _operation(
+            "getImage",
+            "A stored image: an output (a capability URL: anyone with it may fetch it until retention deletes "
+            "it), or a job's stored input (`{job_id}_input.*`: only with the API key that created the job)",
+            _merge(
+                {
+                    "200": _response(
+                        "The image, streamed (`X-Content-Type-Options: nosniff`; cached at most for the "
+                        "retention: public for outputs, private for inputs)",
+                        IMAGE_CONTENT,
+                        "Cache-Control",
+                        "X-Content-Type-Options",
+                    ),
+                    "404": _error("In the error shape: `not_found` (no such image, or an input of another key's job)"),
+                },
+                error_responses(*AUTHENTICATED, "store_unavailable"),
+            ),
+            optional_auth=True,
+            parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/models",
+        lambda s: s.handlers.list_models,
+        _operation(
+            "listModels",
+            "Served pipelines and parameter limits",
+            _merge({"200": _response("The models", _json(_ref("ModelList")))}, error_responses(*AUTHENTICATED)),
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/styles",
+        lambda s: s.handlers.list_styles,
+        _operation(
+            "listStyles",
+            "Style presets",
+            _merge({"200": _response("The styles", _json(_ref("StyleList")))}, error_responses(*AUTHENTICATED)),
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/healthz",
+        lambda s: s.handlers.healthz,
+        _operation(
+            "healthz",
+            "The process is alive",
+            _merge({"200": _response("Alive", _json(_ref("Status")))}, error_responses(*ANY_REQUEST)),
+            public=True,
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/readyz",
+        lambda s: s.handlers.readyz,
+        _operation(
+            "readyz",
+            "Triton and every model of every manifest are ready",
+            _merge(
+                {
+                    "200": _response("Ready", _json(_ref("Status"))),
+                    "503": _response(
+                        'Not ready (`{"status": "not_ready"}`), or `overloaded` in the error shape (too many '
+                        "open connections, with Retry-After)",
+                        _json({"anyOf": [_ref("Status"), _ref("Error")]}),
+                        "Retry-After",
+                    ),
+                },
+                error_responses(*ANY_REQUEST),
+            ),
+            public=True,
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/metrics",
+        lambda s: s.metrics,
+        _operation(
+            "metrics",
+            "Prometheus metrics (text exposition format; OpenMetrics when asked for in Accept)",
+            _merge(
+                {
+                    "200": _response(
+                        "The metrics",
+                        {
+                            "text/plain": {"schema": {"type": "string"}},
+                            "application/openmetrics-text": {"schema": {"type": "string"}},
+                        },
+                    )
+                },
+                error_responses(*ANY_REQUEST),
+            ),
+            public=True,
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/openapi.json",
+        lambda s: s.openapi,
+        _operation(
+            "openapi",
+            "This document",
+            _merge(
+                {"200": _response("OpenAPI 3.1", {"application/json": {"schema": {"type": "object"}}})},
+                error_responses(*ANY_REQUEST),
+            ),
+            public=True,
+        ),
+    ),
+    Endpoint("GET", "/", lambda s: s.playground.index, _playground_page("home")),
+    Endpoint("GET", "/playground", lambda s: s.playground.index, _playground_page("playground")),
+    Endpoint(
+        "GET",
+        "/playground/{asset}",
+        lambda s: s.playground.asset,
+        _operation(
+            "playgroundAsset",
+            "A file of the playground page (its script and style sheet)",
+            _merge(
+                {
+                    "200": _response(
+                        "The file",
+                        {
+                            "text/javascript": {"schema": {"type": "string"}},
+                            "text/css": {"schema": {"type": "string"}},
+                        },
+                        "Content-Security-Policy",
+                    ),
+                    "404": _error("In the error shape: `not_found` (no such file)"),
+                },
+                error_responses(*ANY_REQUEST),
+            ),
+            public=True,
+            parameters=[{"name": "asset", "in": "path", "required": True, "schema": {"type": "string"}}],
+        ),
+    ),
+)
+
+
 def _paths() -> dict[str, Any]:
-    job_json = _json(_ref("JobView"))
-    job_not_found = {
-        "404": _error(
-            "In the error shape: `not_found` (no such job for this API key; another key's job is not found either)"
-        )
-    }
-    create = _operation(
-        "createImageToImage",
-        "Transform an image (synchronous, or asynchronous with a webhook)",
-        _merge(
-            {
-                "200": {
-                    **_response(
-                        "The finished job (synchronous request): `completed`, or `canceled` if the client went away",
-                        job_json,
-                        "Location",
-                    ),
-                    "links": JOB_LINKS,
-                },
-                "202": {
-                    **_response(
-                        "Accepted (a `webhook_url` was given, or `Prefer: respond-async`): the job is `queued` or "
-                        "`processing`; poll `Location` or wait for the webhook",
-                        job_json,
-                        "Location",
-                    ),
-                    "links": JOB_LINKS,
-                },
-            },
-            error_responses(*CREATE_ERRORS),
-        ),
-        parameters=[
-            {
-                "name": "Idempotency-Key",
-                "in": "header",
-                "required": False,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x21-\\x7e]+$"},
-                "description": "A retried POST with the same key and body returns the same job instead of running "
-                "twice; the same key with another body is 409 `idempotency_conflict`.",
-            },
-            {
-                "name": "Prefer",
-                "in": "header",
-                "required": False,
-                "schema": {"type": "string"},
-                "description": "`respond-async` (RFC 7240) answers 202 at once even without a `webhook_url`.",
-            },
-        ],
-        body={
-            "required": True,
-            "content": {"application/json": {"schema": _ref("ImageToImageRequest"), "examples": REQUEST_EXAMPLES}},
-        },
-    )
-    image_content = {
-        media: {"schema": {"type": "string", "contentMediaType": media}}
-        for media in ("image/png", "image/jpeg", "image/webp")
-    }
-    edits = _operation(
-        "createImageEdit",
-        "OpenAI-compatible image edit (OpenAI's multipart form and response; synchronous): the same jobs as "
-        "`POST /v1/image-to-image`",
-        _merge(
-            {
-                "200": _response(
-                    "OpenAI's `ImagesResponse`: `data[]` with `url` or `b64_json`; `Location` is the job",
-                    _json(_ref("ImagesResponse")),
-                    "Location",
-                )
-            },
-            openai_error_responses(*EDIT_ERRORS),
-        ),
-        body={
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": _ref("ImageEditRequest"),
-                    "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp"}},
-                }
-            },
-        },
-    )
-    return {
-        "/v1/image-to-image": {"post": create},
-        openai_compat.EDITS_PATH: {"post": edits},
-        "/v1/image-to-image/{job_id}": {
-            "get": _operation(
-                "getJob",
-                "Poll a job (only the API key that created it can read it)",
-                _merge({"200": _response("The job", job_json)}, job_not_found, error_responses(*JOB_ERRORS)),
-                parameters=[JOB_ID],
-            )
-        },
-        "/v1/image-to-image/{job_id}/cancel": {
-            "post": _operation(
-                "cancelJob",
-                "Cancel a queued or running job (it stops between denoising steps and ends `canceled`)",
-                _merge(
-                    {"200": _response("The job, now canceled", job_json)},
-                    job_not_found,
-                    error_responses(*JOB_ERRORS, "job_finished"),
-                ),
-                parameters=[JOB_ID],
-            )
-        },
-        "/v1/image-to-image/{job_id}/events": {
-            "get": _operation(
-                "jobEvents",
-                "Server-sent events: an `event: job` with the job view on each change, until the job finishes",
-                _merge(
-                    {
-                        "200": _response(
-                            "An event stream; each `data:` line is a JobView (`: keep-alive` comments between)",
-                            {"text/event-stream": {"schema": SSE_JOB_EVENT}},
-                        )
-                    },
-                    job_not_found,
-                    error_responses(*JOB_ERRORS),
-                ),
-                parameters=[JOB_ID],
-            )
-        },
-        "/v1/image-to-image/{job_id}/webhook/redeliver": {
-            "post": _operation(
-                "redeliverWebhook",
-                "Send the job's final webhook event again (the same `webhook-id`, a new timestamp and signature), "
-                "through the outbox",
-                _merge(
-                    {"202": _response("The job, its webhook pending again", job_json)},
-                    job_not_found,
-                    error_responses(*JOB_ERRORS, "nothing_to_redeliver"),
-                ),
-                parameters=[JOB_ID],
-            )
-        },
-        "/v1/webhook-secret": {
-            "get": _operation(
-                "getWebhookSecret",
-                "This API key's Standard Webhooks secret (`whsec_...`), created on first need; verify deliveries "
-                "with `standardwebhooks.Webhook(secret).verify(body, headers)`",
-                _merge({"200": _response("The secret", _json(_ref("WebhookSecret")))}, error_responses(*AUTHENTICATED)),
-            )
-        },
-        "/v1/webhook-secret/rotate": {
-            "post": _operation(
-                "rotateWebhookSecret",
-                "Issue a new secret for this API key; the previous one keeps signing beside it (several "
-                "`v1,` signatures in `webhook-signature`) until `previous_expires_at`. Concurrent rotations make one.",
-                _merge(
-                    {"200": _response("The new secret", _json(_ref("WebhookSecret")))}, error_responses(*AUTHENTICATED)
-                ),
-            )
-        },
-        "/v1/images/{name}": {
-            "get": _operation(
-                "getImage",
-                "A stored image: an output (a capability URL: anyone with it may fetch it until retention deletes "
-                "it), or a job's stored input (`{job_id}_input.*`: only with the API key that created the job)",
-                _merge(
-                    {
-                        "200": _response(
-                            "The image, streamed (`X-Content-Type-Options: nosniff`; cached at most for the "
-                            "retention: public for outputs, private for inputs)",
-                            image_content,
-                            "Cache-Control",
-                            "X-Content-Type-Options",
-                        ),
-                        "404": _error(
-                            "In the error shape: `not_found` (no such image, or an input of another key's job)"
-                        ),
-                    },
-                    error_responses(*AUTHENTICATED, "store_unavailable"),
-                ),
-                optional_auth=True,
-                parameters=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-            )
-        },
-        "/v1/models": {
-            "get": _operation(
-                "listModels",
-                "Served pipelines and parameter limits",
-                _merge({"200": _response("The models", _json(_ref("ModelList")))}, error_responses(*AUTHENTICATED)),
-            )
-        },
-        "/v1/styles": {
-            "get": _operation(
-                "listStyles",
-                "Style presets",
-                _merge({"200": _response("The styles", _json(_ref("StyleList")))}, error_responses(*AUTHENTICATED)),
-            )
-        },
-        "/healthz": {
-            "get": _operation(
-                "healthz",
-                "The process is alive",
-                _merge({"200": _response("Alive", _json(_ref("Status")))}, error_responses(*ANY_REQUEST)),
-                public=True,
-            )
-        },
-        "/readyz": {
-            "get": _operation(
-                "readyz",
-                "Triton and every model of every manifest are ready",
-                _merge(
-                    {
-                        "200": _response("Ready", _json(_ref("Status"))),
-                        "503": _response(
-                            'Not ready (`{"status": "not_ready"}`), or `overloaded` in the error shape (too many '
-                            "open connections, with Retry-After)",
-                            _json({"anyOf": [_ref("Status"), _ref("Error")]}),
-                            "Retry-After",
-                        ),
-                    },
-                    error_responses(*ANY_REQUEST),
-                ),
-                public=True,
-            )
-        },
-        "/metrics": {
-            "get": _operation(
-                "metrics",
-                "Prometheus metrics (text exposition format; OpenMetrics when asked for in Accept)",
-                _merge(
-                    {
-                        "200": _response(
-                            "The metrics",
-                            {
-                                "text/plain": {"schema": {"type": "string"}},
-                                "application/openmetrics-text": {"schema": {"type": "string"}},
-                            },
-                        )
-                    },
-                    error_responses(*ANY_REQUEST),
-                ),
-                public=True,
-            )
-        },
-        "/openapi.json": {
-            "get": _operation(
-                "openapi",
-                "This document",
-                _merge(
-                    {"200": _response("OpenAPI 3.1", {"application/json": {"schema": {"type": "object"}}})},
-                    error_responses(*ANY_REQUEST),
-                ),
-                public=True,
-            )
-        },
-        **{
-            path: {
-                "get": _operation(
-                    operation_id,
-                    "The playground: a page that calls this API from the browser (the key stays in the browser)",
-                    _merge(
-                        {"200": _response("The page", PLAYGROUND_HTML, "Content-Security-Policy")},
-                        error_responses(*ANY_REQUEST),
-                    ),
-                    public=True,
-                )
-            }
-            for path, operation_id in (("/", "home"), ("/playground", "playground"))
-        },
-        "/playground/{asset}": {
-            "get": _operation(
-                "playgroundAsset",
-                "A file of the playground page (its script and style sheet)",
-                _merge(
-                    {
-                        "200": _response(
-                            "The file",
-                            {
-                                "text/javascript": {"schema": {"type": "string"}},
-                                "text/css": {"schema": {"type": "string"}},
-                            },
-                            "Content-Security-Policy",
-                        ),
-                        "404": _error("In the error shape: `not_found` (no such file)"),
-                    },
-                    error_responses(*ANY_REQUEST),
-                ),
-                public=True,
-                parameters=[{"name": "asset", "in": "path", "required": True, "schema": {"type": "string"}}],
-            )
-        },
-    }
+    """The documented entries of the route table, grouped by path."""
+    paths: dict[str, Any] = {}
+    for endpoint in ENDPOINTS:
+        if endpoint.include_in_schema:
+            paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = endpoint.operation
+    return paths
 
 
 @functools.cache

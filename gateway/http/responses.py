@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
+from typing import Protocol
 
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from gateway.errors import ApiError, code_status, error_body, status_and_code
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class ErrorDialect(Protocol):
+    """How a family of routes renders errors: ours (`NATIVE_ERRORS`), or a compatible API's own shape
+    (`openai_compat.OPENAI_ERRORS`); a route-table entry names its dialect (`routetable.Endpoint.errors`)."""
+
+    def render(self, exc: ApiError) -> Response: ...
+
+    def render_stored(self, code: str, message: str, details: str | None, headers: Mapping[str, str]) -> Response:
+        """A failed job's stored error, with the status the error table gives its code."""
+        ...
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -21,6 +36,31 @@ def stored_error_response(code: str, message: str, details: str | None, headers:
     """A failed job's stored error as its synchronous caller gets it: the same shape, and the status the table
     gives its code."""
     return JSONResponse(error_body(code, message, details), status_code=code_status(code), headers=dict(headers))
+
+
+class NativeErrors:
+    """The spec's error shape: `{"error": {"code", "message", "details"}}`."""
+
+    def render(self, exc: ApiError) -> Response:
+        return error_response(exc)
+
+    def render_stored(self, code: str, message: str, details: str | None, headers: Mapping[str, str]) -> Response:
+        return stored_error_response(code, message, details, headers)
+
+
+NATIVE_ERRORS = NativeErrors()
+
+
+def rendering_errors(endpoint: Endpoint, dialect: ErrorDialect) -> Endpoint:
+    """`endpoint` with every `ApiError` it raises answered in `dialect` (the app's handlers answer in ours)."""
+
+    async def rendered(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ApiError as exc:
+            return dialect.render(exc)
+
+    return rendered
 
 
 def raw_error_response(exc: ApiError) -> bytes:

@@ -21,7 +21,6 @@ from starlette.types import Scope
 from gateway.diffusion.img2img import Img2ImgPipeline
 from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import (
-    ApiError,
     InvalidRequest,
     NotFound,
     UnsupportedMediaType,
@@ -31,15 +30,15 @@ from gateway.http.auth import check_bearer
 from gateway.http.body import read_capped
 from gateway.http.limits import release_body_budget
 from gateway.http.middleware import metrics_endpoint
-from gateway.http.openapi import openapi_endpoint
+from gateway.http.openapi import ENDPOINTS, openapi_endpoint
 from gateway.http.playground import Playground
-from gateway.http.responses import stored_error_response
-from gateway.http.schema import PARAMETER_LIMITS, parse_image_to_image
+from gateway.http.responses import NATIVE_ERRORS, rendering_errors
 from gateway.http.views import job_view, secret_view
-from gateway.jobs.create import Caller, CreateJob, request_hash
+from gateway.jobs.create import Caller, CreateJob
 from gateway.jobs.follow import follow, wait_or_cancel
 from gateway.jobs.model import FAILED, Job, owner_of
 from gateway.jobs.naming import parse_name
+from gateway.jobs.request import DEFAULT_MODEL, PARAMETER_LIMITS
 from gateway.jobs.runner import JobManager
 from gateway.media.storage import Storage
 from gateway.observability import current_request_id, stage
@@ -106,11 +105,6 @@ def idempotency_key(request: Request) -> str | None:
     return key
 
 
-def wants_async(request: Request, webhook_url: str | None) -> bool:
-    """Asynchronous when a webhook is given, or when asked with `Prefer: respond-async` (RFC 7240)."""
-    return webhook_url is not None or "respond-async" in request.headers.get("prefer", "").lower()
-
-
 class Handlers:
     """The route handlers, bound to the lifespan's services once they exist."""
 
@@ -142,19 +136,11 @@ class Handlers:
         return await self._respond(request, job, asynchronous)
 
     async def _create(self, request: Request, owner: str) -> tuple[Job, bool]:
-        raw = await read_json(request, self.settings.max_body_bytes)
-        with stage("parse"):
-            req = parse_image_to_image(raw, styles=STYLE_PRESETS)
-        with stage("hash"):
-            digest = request_hash(raw)
-        caller = Caller(
-            owner=owner,
-            request_hash=digest,
-            idempotency_key=idempotency_key(request),
-            asynchronous=wants_async(request, req.webhook_url),
-            request_id=current_request_id(),
-        )
-        return await self.s.create_job(req, caller), caller.asynchronous
+        fields = await read_json(request, self.settings.max_body_bytes)
+        prefers_async = "respond-async" in request.headers.get("prefer", "").lower()  # RFC 7240
+        caller = Caller(owner, idempotency_key(request), prefers_async, current_request_id())
+        job = await self.s.create_job(fields, caller)
+        return job, prefers_async or job.spec.webhook_url is not None  # a webhook makes any request asynchronous
 
     async def _respond(self, request: Request, job: Job, asynchronous: bool) -> Response:
         location = {"Location": f"/v1/image-to-image/{job.id}"}
@@ -163,7 +149,7 @@ class Handlers:
         if not job.finished:
             job = await self._wait_or_cancel(request, job)
         if job.status == FAILED and job.error is not None:
-            return stored_error_response(job.error.code, job.error.message, job.error.details, location)
+            return NATIVE_ERRORS.render_stored(job.error.code, job.error.message, job.error.details, location)
         return JSONResponse(await self._view(job), headers=location)
 
     async def _wait_or_cancel(self, request: Request, job: Job) -> Job:
@@ -172,28 +158,20 @@ class Handlers:
 
     async def openai_image_edits(self, request: Request) -> Response:
         """OpenAI's image edits (gateway/http/openai_compat.py) around the native synchronous route's use case;
-        every error this handler answers is in OpenAI's shape."""
+        its errors are in OpenAI's shape (the route table registers `openai_compat.OPENAI_ERRORS` for it)."""
+        owner = self._owner(request)
         try:
-            owner = self._owner(request)
-            try:
-                job, response_format = await self._create_edit(request, owner)
-            finally:
-                release_body_budget(request)  # as the native route: the wait holds neither body nor image
-            if not job.finished:
-                job = await self._wait_or_cancel(request, job)
-            return await openai_compat.render_edit(job, response_format, self.s.storage)
-        except ApiError as exc:
-            return openai_compat.openai_error_response(exc)
+            job, response_format = await self._create_edit(request, owner)
+        finally:
+            release_body_budget(request)  # as the native route: the wait holds neither body nor image
+        if not job.finished:
+            job = await self._wait_or_cancel(request, job)
+        return await openai_compat.render_edit(job, response_format, self.s.storage)
 
     async def _create_edit(self, request: Request, owner: str) -> tuple[Job, openai_compat.ResponseFormat]:
-        edit = await openai_compat.read_edit(request, self.settings.max_body_bytes, self.s.pipelines, STYLE_PRESETS)
-        caller = Caller(
-            owner=owner,
-            request_hash=request_hash(edit.body),
-            idempotency_key=idempotency_key(request),
-            request_id=current_request_id(),
-        )
-        return await self.s.create_job(edit.request, caller), edit.form.response_format
+        edit = await openai_compat.read_edit(request, self.settings.max_body_bytes, self.s.pipelines)
+        caller = Caller(owner, idempotency_key(request), request_id=current_request_id())
+        return await self.s.create_job(edit.fields, caller), edit.form.response_format
 
     async def get_job(self, request: Request) -> Response:
         job = await self.s.jobs.get(request.path_params["job_id"], self._owner(request))
@@ -265,7 +243,7 @@ class Handlers:
         return JSONResponse(
             {
                 "object": "list",
-                "default": "imagen-v2",
+                "default": DEFAULT_MODEL,
                 "limits": {k: dict(v) for k, v in PARAMETER_LIMITS.items()},
                 "data": [p.manifest.describe() for _, p in sorted(self.s.pipelines.items())],
             }
@@ -305,30 +283,25 @@ class OwnPathRoute(Route):
 OWN_PATHS = frozenset({openai_compat.EDITS_PATH})
 
 
+@dataclass(frozen=True)
+class HandlerSources:
+    """Everything a route-table entry (`openapi.ENDPOINTS`) picks its endpoint from."""
+
+    handlers: Handlers
+    playground: Playground
+    metrics: Callable[[Request], Any]
+    openapi: Callable[[Request], Any]
+
+
 def routes(handlers: Handlers) -> list[BaseRoute]:
-    h = handlers
-    playground = Playground()
-    table: list[tuple[str, Callable[[Request], Any], str]] = [
-        ("/v1/image-to-image", h.image_to_image, "POST"),
-        ("/v1/image-to-image/{job_id}", h.get_job, "GET"),
-        ("/v1/image-to-image/{job_id}/cancel", h.cancel_job, "POST"),
-        ("/v1/image-to-image/{job_id}/events", h.job_events, "GET"),
-        ("/v1/image-to-image/{job_id}/webhook/redeliver", h.redeliver_webhook, "POST"),
-        ("/v1/webhook-secret", h.webhook_secret, "GET"),
-        ("/v1/webhook-secret/rotate", h.rotate_webhook_secret, "POST"),
-        (openai_compat.EDITS_PATH, h.openai_image_edits, "POST"),  # before `{name}`, which would match it too
-        ("/v1/images/{name}", h.get_image, "GET"),
-        ("/v1/models", h.list_models, "GET"),
-        ("/v1/styles", h.list_styles, "GET"),
-        ("/healthz", h.healthz, "GET"),
-        ("/readyz", h.readyz, "GET"),
-        ("/metrics", metrics_endpoint, "GET"),
-        ("/openapi.json", openapi_endpoint, "GET"),
-        ("/", playground.index, "GET"),
-        ("/playground", playground.index, "GET"),
-        ("/playground/{asset}", playground.asset, "GET"),
-    ]
+    """The Starlette routes of the route table, in its order; the OpenAPI document's paths come from the same table."""
+    sources = HandlerSources(handlers, Playground(), metrics=metrics_endpoint, openapi=openapi_endpoint)
     return [
-        (OwnPathRoute if path in OWN_PATHS else Route)(path, endpoint, methods=[method])
-        for path, endpoint, method in table
+        (OwnPathRoute if e.path in OWN_PATHS else Route)(
+            e.path,
+            e.handler(sources) if e.errors is None else rendering_errors(e.handler(sources), e.errors),
+            methods=[e.method],
+            include_in_schema=e.include_in_schema,
+        )
+        for e in ENDPOINTS
     ]

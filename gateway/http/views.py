@@ -2,69 +2,60 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.http import schema
-from gateway.jobs.model import Job
+from gateway.jobs.model import Job, JobSpec
 from gateway.jobs.runner import Progress
 from gateway.jobs.webhooks import SigningSecrets
 
 
+def _wire(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+
+
+# The view's fields that echo the job's spec, by name: a field declared on both shows with no change here.
+_ECHOED = tuple(name for name in schema.JobView.model_fields if name in {f.name for f in dataclasses.fields(JobSpec)})
+
+
 def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
     """The public JSON of a job; built through `schema.JobView`, so it cannot drift from the OpenAPI document."""
-    spec = job.spec
-    view = schema.JobView(
-        id=job.id,
-        status=str(job.status),  # type: ignore[arg-type]  # a JobStatus value; the model checks it
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        model=spec.model,
-        strength=spec.strength,
-        steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        seed=spec.seed,
-        style=spec.style,
-        num_images=spec.num_images,
-        webhook_url=spec.webhook_url,
-        created_at=job.created_at,
-        completed_at=job.completed_at,
-        original_image=schema.ImageRef(url=job.input.url, width=job.input.width, height=job.input.height),
-        processed_size=schema.Size(width=spec.processed_size.width, height=spec.processed_size.height),
-        effective_steps=spec.effective_steps,
-        scheduler=spec.scheduler,
-        output_format=spec.output_format,  # type: ignore[arg-type]  # an OutputFormat value; the model checks it
-        output_quality=spec.output_quality,
-        images=[
-            schema.OutputImage(
-                url=i.url,
-                width=i.width,
-                height=i.height,
-                seed=i.seed,
-                content_type=i.content_type,  # type: ignore[arg-type]  # a storage content type; checked
-                sha256=i.sha256,
-            )
-            for i in job.images
-        ],
-        progress=None
-        if progress is None
-        else schema.Progress(
-            step=progress.step, total_steps=progress.total_steps, queue_position=progress.queue_position
-        ),
-        error=None
-        if job.error is None
-        else schema.ErrorObject(code=job.error.code, message=job.error.message, details=job.error.details),
-        webhook=None
-        if job.webhook is None
-        else schema.WebhookState(
-            url=job.webhook.url,
-            status=str(job.webhook.status),  # type: ignore[arg-type]
-            attempts=[  # those of the event `status` is about (`start` while it runs, then `completed`)
-                schema.WebhookAttempt(at=a.at, status_code=a.status_code, error=a.error)
-                for a in job.webhook.attempts
-                if a.event == job.webhook.event
+    hook = job.webhook
+    view = schema.JobView.model_validate(
+        {
+            **{name: _wire(getattr(job.spec, name)) for name in _ECHOED},
+            "id": job.id,
+            "status": str(job.status),
+            "created_at": job.created_at,
+            "completed_at": job.completed_at,
+            "original_image": {"url": job.input.url, "width": job.input.width, "height": job.input.height},
+            "images": [
+                {
+                    "url": i.url,
+                    "width": i.width,
+                    "height": i.height,
+                    "seed": i.seed,
+                    "content_type": i.content_type,
+                    "sha256": i.sha256,
+                }
+                for i in job.images
             ],
-        ),
+            "progress": None if progress is None else _wire(progress),
+            "error": _wire(job.error),
+            "webhook": None
+            if hook is None
+            else {
+                "url": hook.url,
+                "status": str(hook.status),
+                "attempts": [  # those of the event `status` is about (`start` while it runs, then `completed`)
+                    {"at": a.at, "status_code": a.status_code, "error": a.error}
+                    for a in hook.attempts
+                    if a.event == hook.event
+                ],
+            },
+        }
     )
     return view.model_dump(mode="json")
 

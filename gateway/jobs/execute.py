@@ -9,11 +9,11 @@ from typing import Any
 
 from PIL import Image
 
-from gateway.diffusion.img2img import Generation, Img2ImgPipeline
+from gateway.diffusion.img2img import Generation, Img2ImgPipeline, sampling_knobs
 from gateway.diffusion.sampling import image_seeds
-from gateway.diffusion.schedulers import scheduler_class, scheduler_name
 from gateway.diffusion.styles import STYLE_PRESETS, apply_style
-from gateway.errors import InternalError, InvalidRequest, ModelNotFound
+from gateway.errors import InternalError, InvalidRequest
+from gateway.jobs.admission import resolve_pipeline
 from gateway.jobs.model import Job, OutputImage
 from gateway.jobs.naming import output_name
 from gateway.media import codecs
@@ -21,34 +21,6 @@ from gateway.media.storage import CONTENT_TYPES, Storage
 from gateway.media.work import run_image_work
 
 DECODED_CACHE_SIZE = 32
-
-
-def resolve_pipeline(pipelines: Mapping[str, Img2ImgPipeline], model: str) -> Img2ImgPipeline:
-    pipeline = pipelines.get(model)
-    if pipeline is None:
-        available = ", ".join(sorted(pipelines)) or "none"
-        raise ModelNotFound(f"Model '{model}' not found", f"Available models: {available}")
-    return pipeline
-
-
-def resolve_scheduler(pipeline: Img2ImgPipeline, requested: str | None) -> str | None:
-    """The short name of the scheduler a request runs on `pipeline` (its own when `requested` is None).
-
-    `requested` is a short name or a diffusers class name; one this model cannot run is a 400 listing those
-    it can (the same list `GET /v1/models` shows).
-    """
-    if requested is None:
-        return scheduler_name(str(pipeline.scheduler_config.get("_class_name")))
-    choices = pipeline.scheduler_choices
-    class_name = scheduler_class(requested)
-    name = None if class_name is None else scheduler_name(class_name)
-    if name is None or name not in choices:
-        raise InvalidRequest(
-            "Invalid field 'scheduler'",
-            f"'scheduler' must be one of: {', '.join(choices)} (or their diffusers class names) "
-            f"for model '{pipeline.manifest.name}'",
-        )
-    return name
 
 
 def scheduler_config(pipeline: Img2ImgPipeline, name: str | None) -> Mapping[str, Any] | None:
@@ -110,12 +82,10 @@ class JobExecutor:
         # 3. Denoise.
         result = await pipeline(
             Generation(
+                **sampling_knobs(spec),
                 prompt=prompt,
                 negative_prompt=negative,
                 image=tensor,
-                strength=spec.strength,
-                steps=spec.steps,
-                guidance_scale=spec.guidance_scale,
                 seeds=seeds,
                 scheduler_config=scheduler_config(pipeline, spec.scheduler),
             ),

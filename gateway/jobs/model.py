@@ -17,6 +17,8 @@ from enum import StrEnum
 
 from pydantic import TypeAdapter
 
+from gateway.diffusion.img2img import Sampling
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -72,15 +74,13 @@ class Size:
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """What to run: the validated request without its image, with the seed resolved and the size fixed."""
+class JobSpec(Sampling):
+    """What to run: the admitted request without its image, with the seed resolved and the size fixed. The
+    recipe's knobs (`Sampling`) are its own fields, so the stored JSON stays one flat object."""
 
     prompt: str
     negative_prompt: str | None
     model: str
-    strength: float
-    steps: int
-    guidance_scale: float
     seed: int
     style: str | None
     num_images: int

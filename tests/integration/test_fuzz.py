@@ -32,7 +32,7 @@ from gateway.app import create_app
 from gateway.errors import ERROR_TABLE
 from gateway.http.middleware import MetricsMiddleware, RequestIdMiddleware, metrics_endpoint
 from gateway.http.openapi import component_schema, openapi_document, openapi_endpoint
-from gateway.http.schema import FIELDS
+from gateway.jobs.request import FIELDS
 from gateway.media import codecs
 from gateway.observability import REQUEST_ID_PATTERN, Metrics, triton_stats_source
 from gateway.settings import Settings

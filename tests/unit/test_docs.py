@@ -55,7 +55,7 @@ def _parameter_rows() -> dict[str, tuple[str, str]]:
 
 
 def test_the_api_page_quotes_the_limits_and_defaults_the_validator_enforces() -> None:
-    from gateway.http.schema import PARAMETER_LIMITS
+    from gateway.jobs.request import PARAMETER_LIMITS
 
     rows = _parameter_rows()
     assert set(PARAMETER_LIMITS) <= set(rows), sorted(set(PARAMETER_LIMITS) - set(rows))

@@ -7,7 +7,6 @@ native resolution and grid, for `size`) and the app, which answers the native bo
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,7 +39,7 @@ from gateway.http.openai_compat import (
     read_edit,
 )
 from gateway.http.ratelimit import RateLimitMiddleware
-from gateway.http.schema import MAX_NUM_IMAGES, parse_image_to_image
+from gateway.jobs.request import MAX_NUM_IMAGES, parse_image_to_image
 from gateway.media.codecs import decode_image, fit_to_grid
 from gateway.settings import Settings
 from tests.helpers import make_image
@@ -56,11 +55,12 @@ PIPELINES = cast(
 
 async def _endpoint(request: Request) -> Response:
     try:
-        edit = await read_edit(request, MAX_BODY, PIPELINES, STYLE_PRESETS)
+        edit = await read_edit(request, MAX_BODY, PIPELINES)
+        parse_image_to_image(edit.fields, styles=STYLE_PRESETS)  # admission's first step, as CreateJob runs it
     except ApiError as exc:
         return openai_error_response(exc)
-    body = dict(edit.body)
-    assert base64.b64decode(body.pop("image")) == edit.form.image
+    body = dict(edit.fields)
+    assert body.pop("image") == edit.form.image  # the upload's bytes, as they came
     return JSONResponse({"native": body, "response_format": edit.form.response_format})
 
 

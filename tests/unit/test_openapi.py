@@ -16,7 +16,6 @@ from starlette.routing import Route
 
 from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import ERROR_TABLE
-from gateway.http import schema as protocol
 from gateway.http.openapi import (
     COMPONENTS,
     JOB_STATUSES,
@@ -28,6 +27,7 @@ from gateway.http.openapi import (
     openapi_endpoint,
 )
 from gateway.http.schema import JobView, WireJsonSchema
+from gateway.jobs import request as protocol
 from gateway.settings import Settings
 from tests.helpers import SPEC_EXAMPLE
 from tests.unit.test_protocol import COMPLETED_VIEW, FAILED_VIEW, QUEUED_VIEW
@@ -142,6 +142,23 @@ def test_every_app_route_is_documented_and_every_documented_route_exists(tmp_pat
     not_served = documented - served
     pending_jobs = {r for r in JOB_ROUTES if r not in served}
     assert not_served <= WIRED_SEPARATELY | pending_jobs, not_served
+
+
+def test_document_paths_are_the_documented_routes_that_routes_builds(tmp_path: Path) -> None:
+    """One table gives both (`openapi.ENDPOINTS`): no route without its operation, no operation without a route."""
+    from gateway.http.routes import Handlers, routes
+
+    settings = Settings(model_repository=tmp_path, storage_dir=tmp_path, jobs_db=tmp_path / "jobs.sqlite3")
+    served = [
+        (route.path, method.lower())
+        for route in routes(Handlers(settings))
+        if isinstance(route, Route) and route.include_in_schema
+        for method in route.methods or set()
+        if method != "HEAD"  # Starlette adds HEAD to every GET
+    ]
+    documented = [(path, method) for path, item in openapi_document()["paths"].items() for method in item]
+    assert sorted(served) == sorted(documented)
+    assert len(served) == len(set(served)) > 10
 
 
 def test_request_schema_follows_the_protocol(document: dict[str, Any]) -> None:
@@ -364,7 +381,7 @@ def test_links_name_operations_of_the_document(document: dict[str, Any]) -> None
 
 def test_request_examples_are_valid_requests(document: dict[str, Any]) -> None:
     """The examples schemathesis sends first (and a reader copies) pass the request schema and the validator."""
-    from gateway.http.schema import parse_image_to_image
+    from gateway.jobs.request import parse_image_to_image
     from gateway.media.codecs import decode_image, parse_image_field
 
     media = document["paths"]["/v1/image-to-image"]["post"]["requestBody"]["content"]["application/json"]

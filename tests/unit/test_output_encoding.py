@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from gateway.errors import InvalidRequest
-from gateway.jobs.create import _output_quality
+from gateway.jobs.admission import output_quality
 from gateway.jobs.model import OutputImage, job_from_json, job_to_json
 from gateway.jobs.naming import output_name
 from gateway.media import codecs
@@ -149,12 +149,12 @@ def test_jobs_stored_before_the_fields_read_back_as_png() -> None:
 
 def test_the_use_case_refuses_bad_formats_with_400_for_any_caller() -> None:
     """A caller of `CreateJob` other than the native wire schema (another route's model) still gets a 400."""
-    assert _output_quality("jpeg", None) == 90 and _output_quality("png", None) is None
+    assert output_quality("jpeg", None) == 90 and output_quality("png", None) is None
     for fmt, quality, field in (
         ("gif", None, "output_format"),
         ("png", 80, "output_quality"),
         ("webp", 0, "output_quality"),
     ):
         with pytest.raises(InvalidRequest) as info:
-            _output_quality(fmt, quality)
+            output_quality(fmt, quality)
         assert info.value.message == f"Invalid field '{field}'"

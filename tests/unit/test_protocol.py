@@ -11,8 +11,9 @@ from pydantic import ValidationError
 
 from gateway.diffusion.styles import STYLE_PRESETS, StylePreset, apply_style
 from gateway.errors import ERROR_TABLE, InvalidRequest, error_body
-from gateway.http import schema as protocol
-from gateway.http.schema import ErrorBody, ErrorObject, ImageToImageRequest, JobView, parse_image_to_image
+from gateway.http.schema import ErrorBody, ErrorObject, JobView
+from gateway.jobs import request as protocol
+from gateway.jobs.request import ImageToImageRequest, parse_image_to_image
 from gateway.media import codecs
 from tests.helpers import SPEC_EXAMPLE
 

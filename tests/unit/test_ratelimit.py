@@ -431,7 +431,7 @@ def test_the_middleware_keeps_a_passed_limiter_even_when_it_is_empty() -> None:
 
 
 def test_work_cost_is_images_times_effective_steps_doubled_with_guidance() -> None:
-    from gateway.jobs.create import work_cost
+    from gateway.jobs.admission import work_cost
 
     assert work_cost(4, 150, 1.0, 7.5) == 1200  # the costliest request the schema allows
     assert work_cost(1, 30, 0.7, 7.5) == 2 * 21  # int(30 * 0.7) = 21 steps, guidance doubles the batch
@@ -465,6 +465,7 @@ async def test_create_job_answers_429_with_a_retry_after_from_the_cost() -> None
     from types import SimpleNamespace
     from typing import cast
 
+    from gateway.jobs.admission import Admission
     from gateway.jobs.create import Caller, CreateJob
     from tests.unit.fakes import InMemoryJobStore
 
@@ -474,31 +475,24 @@ async def test_create_job_answers_429_with_a_retry_after_from_the_cost() -> None
 
     clock = Clock()
     limiter = TokenBucketLimiter(per_minute=60, burst=100, clock=clock)
-    create = CreateJob(
+    admission = Admission(
         pipelines=cast(Any, {"m": SimpleNamespace(manifest=None, scheduler_config={"_class_name": "PNDMScheduler"})}),
+        http=cast(Any, None),
+        policy=cast(Any, None),
+        fetch_timeout_s=1.0,
+    )
+    create = CreateJob(
+        admission=admission,
         store=InMemoryJobStore(),
         jobs=cast(Any, Jobs()),
         storage=cast(Any, None),
         decoded=cast(Any, None),
-        http=cast(Any, None),
-        policy=cast(Any, None),
-        fetch_timeout_s=1.0,
         work_limiter=limiter,
     )
-    costly = SimpleNamespace(
-        model="m",
-        webhook_url=None,
-        num_images=4,
-        steps=150,
-        strength=1.0,
-        guidance_scale=7.5,
-        scheduler=None,
-        output_format="png",
-        output_quality=None,
-    )
+    costly = {"image": "aGVsbG8=", "prompt": "a cat", "model": "m", "num_images": 4, "steps": 150, "strength": 1.0}
     limiter.acquire("owner-a", 75)  # 25 left: the costly request needs a full bucket (its cost exceeds the burst)
     with pytest.raises(RateLimited) as refused:
-        await create(cast(Any, costly), Caller(owner="owner-a", request_hash="h"))
+        await create(costly, Caller(owner="owner-a"))
     assert status_and_code(refused.value) == (429, "rate_limited")
     assert refused.value.headers["Retry-After"] == "75"  # 75 tokens short at one a second
     assert "1200 UNet samples" in (refused.value.details or "")

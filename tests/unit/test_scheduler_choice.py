@@ -26,8 +26,9 @@ from gateway.diffusion.schedulers import (
     swap_scheduler_config,
 )
 from gateway.errors import InvalidRequest
+from gateway.jobs.admission import resolve_scheduler
 from gateway.jobs.create import request_hash
-from gateway.jobs.execute import resolve_scheduler, scheduler_config
+from gateway.jobs.execute import scheduler_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 

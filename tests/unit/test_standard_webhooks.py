@@ -10,9 +10,9 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import InvalidRequest, NotFound, NothingToRedeliver
-from gateway.http.schema import parse_image_to_image
 from gateway.jobs import webhooks
 from gateway.jobs.model import COMPLETED, WebhookEvent, WebhookStatus
+from gateway.jobs.request import parse_image_to_image
 from tests.unit.fakes import FakeExecutor, InMemoryJobStore, make_job
 from tests.unit.test_job_runner import SECRET, MakeRig, eventually, fast_retries, make_rig
 

@@ -1,0 +1,177 @@
+"""Admission: every rule a request must pass before it becomes a job, in one place, returning the `JobSpec`
+everything downstream runs (as TGI's router has one `validate()`).
+
+Both routes only parse their wire format into the request's fields (the native JSON body as it is; the OpenAI
+form renamed, its upload as bytes) and hand them to `CreateJob`, which runs admission in two calls around its
+own gates, so that a refused request costs the least work:
+
+    parse (fields -> typed request, 400)  ->  idempotent replay, the fleet's queue (503), the key's cap (429)
+    -> admit (model, scheduler, output, webhook, cost -> the key's work budget (429), image, seed, size)
+
+A new request field is declared on the wire model (`jobs/request.py`, and `http/schema.py:JobView` when the
+job echoes it), checked and copied here, and read by the recipe (`diffusion/img2img.py`): a knob the recipe
+takes as given joins `Sampling`, which `JobSpec` extends, and reaches the recipe with no other change.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import httpx
+from PIL import Image
+
+from gateway.diffusion.img2img import Img2ImgPipeline, sampling_knobs
+from gateway.diffusion.sampling import MAX_SEED, do_classifier_free_guidance, img2img_effective_steps
+from gateway.diffusion.schedulers import scheduler_class, scheduler_name
+from gateway.diffusion.styles import STYLE_PRESETS, StylePreset
+from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.jobs.model import JobSpec, Size
+from gateway.jobs.request import ImageToImageRequest, parse_image_to_image
+from gateway.media import codecs, netguard
+from gateway.media.fetch import fetch_image
+from gateway.media.netguard import OutboundPolicy
+from gateway.media.work import run_image_work
+from gateway.observability import stage
+
+
+def resolve_pipeline(pipelines: Mapping[str, Img2ImgPipeline], model: str) -> Img2ImgPipeline:
+    pipeline = pipelines.get(model)
+    if pipeline is None:
+        available = ", ".join(sorted(pipelines)) or "none"
+        raise ModelNotFound(f"Model '{model}' not found", f"Available models: {available}")
+    return pipeline
+
+
+def resolve_scheduler(pipeline: Img2ImgPipeline, requested: str | None) -> str | None:
+    """The short name of the scheduler a request runs on `pipeline` (its own when `requested` is None).
+
+    `requested` is a short name or a diffusers class name; one this model cannot run is a 400 listing those
+    it can (the same list `GET /v1/models` shows).
+    """
+    if requested is None:
+        return scheduler_name(str(pipeline.scheduler_config.get("_class_name")))
+    choices = pipeline.scheduler_choices
+    class_name = scheduler_class(requested)
+    name = None if class_name is None else scheduler_name(class_name)
+    if name is None or name not in choices:
+        raise InvalidRequest(
+            "Invalid field 'scheduler'",
+            f"'scheduler' must be one of: {', '.join(choices)} (or their diffusers class names) "
+            f"for model '{pipeline.manifest.name}'",
+        )
+    return name
+
+
+def output_quality(output_format: str, quality: int | None) -> int | None:
+    """The quality the outputs are encoded at (the format's default filled in). The wire model already refuses
+    bad values; this keeps a request built any other way to a 400 as well."""
+    if output_format not in codecs.OUTPUT_FORMATS:
+        raise InvalidRequest(
+            "Invalid field 'output_format'", f"'output_format' must be one of: {', '.join(codecs.OUTPUT_FORMATS)}"
+        )
+    try:
+        return codecs.output_quality(output_format, quality)
+    except ValueError as exc:
+        raise InvalidRequest("Invalid field 'output_quality'", str(exc)) from None
+
+
+def work_cost(num_images: int, steps: int, strength: float, guidance_scale: float) -> int:
+    """UNet samples a job asks for: images x effective steps (`int(steps * strength)`), twice with classifier-free
+    guidance (guidance_scale > 1 doubles the UNet batch)."""
+    per_image = img2img_effective_steps(steps, strength) * (2 if do_classifier_free_guidance(guidance_scale) else 1)
+    return max(0, num_images) * per_image
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An admitted request: the spec to run, and its image as received (stored for re-runs) and decoded."""
+
+    spec: JobSpec
+    data: bytes
+    source_url: str | None  # the caller's URL when the image was fetched
+    image: Image.Image
+    cost: int  # UNet samples (`work_cost`), as charged to the key's budget
+
+
+Charge = Callable[[int], Awaitable[None]]
+
+
+class Admission:
+    """The request rules of this deployment: its pipelines, styles and outbound policy."""
+
+    def __init__(
+        self,
+        *,
+        pipelines: Mapping[str, Img2ImgPipeline],
+        http: httpx.AsyncClient,
+        policy: OutboundPolicy,
+        fetch_timeout_s: float,
+        styles: Mapping[str, StylePreset] = STYLE_PRESETS,
+    ) -> None:
+        self.pipelines = pipelines
+        self.http = http
+        self.policy = policy
+        self.fetch_timeout_s = fetch_timeout_s
+        self.styles = styles
+
+    def parse(self, fields: object) -> ImageToImageRequest:
+        """Types, ranges, styles and the cross-field rules: a 400 naming the first bad field, before anything."""
+        with stage("parse"):
+            return parse_image_to_image(fields, styles=self.styles)
+
+    async def admit(self, request: ImageToImageRequest, *, asynchronous: bool, charge: Charge) -> Admitted:
+        """The rules that need the deployment, cheapest first; `charge(cost)` takes the work from the key's
+        budget (raising when it is spent) before any image work."""
+        # 1. The model (404 before any image work) and the scheduler it can run (400).
+        pipeline = resolve_pipeline(self.pipelines, request.model)
+        manifest = pipeline.manifest
+        scheduler = resolve_scheduler(pipeline, request.scheduler)
+        # 2. The output encoding, the format's default quality filled in.
+        quality = output_quality(request.output_format, request.output_quality)
+        # 3. The webhook target, refused now rather than at delivery time.
+        if request.webhook_url is not None:
+            await netguard.check_url(request.webhook_url, self.policy, timeout_s=self.fetch_timeout_s)
+        # 4. The work, charged to the key's budget once the request is known to be valid.
+        cost = work_cost(request.num_images, request.steps, request.strength, request.guidance_scale)
+        await charge(cost)
+        # 5. The image: the bytes given, or fetched; decoded, checked, and sized to the model's grid.
+        data, source_url = await self._image_bytes(request.image)
+        image = await run_image_work(codecs.decode_image, data)
+        width, height = codecs.fit_to_grid(image.width, image.height, manifest.native_resolution, manifest.grid)
+        # 6. The spec: the seed drawn when absent (a re-run must give the same pixels), the steps diffusers runs.
+        spec = JobSpec(
+            **sampling_knobs(request),
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            model=request.model,
+            seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
+            style=request.style,
+            num_images=request.num_images,
+            webhook_url=request.webhook_url,
+            asynchronous=asynchronous or request.webhook_url is not None,
+            processed_size=Size(width, height),
+            effective_steps=img2img_effective_steps(request.steps, request.strength),
+            scheduler=scheduler,
+            output_format=request.output_format,
+            output_quality=quality,
+        )
+        return Admitted(spec=spec, data=data, source_url=source_url, image=image, cost=cost)
+
+    async def _image_bytes(self, field: str | bytes) -> tuple[bytes, str | None]:
+        if isinstance(field, bytes):  # an upload: already read, within the body cap
+            if len(field) > codecs.MAX_IMAGE_BYTES:
+                raise codecs.image_too_large(codecs.MAX_IMAGE_BYTES)
+            return field, None
+        source = await run_image_work(codecs.parse_image_field, field)  # ~30 ms of base64 for 10 MB
+        if source.url is not None:
+            data = await fetch_image(
+                source.url,
+                client=self.http,
+                max_bytes=codecs.MAX_IMAGE_BYTES,
+                timeout_s=self.fetch_timeout_s,
+                policy=self.policy,
+            )
+            return data, source.url
+        return source.data or b"", None  # parse_image_field gives a URL or non-empty bytes
