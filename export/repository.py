@@ -24,6 +24,7 @@ from typing import Any
 
 from export.errors import ExportError
 from export.onnx_export import COMPONENTS, is_sdxl, move_component, pipeline_components, vae_scale_factor
+from export.tensorrt import write_tensorrt_parts
 
 # 2 added SDXL (`family`, `text_encoders`, `sdxl`) and distilled defaults (`turbo`); a version-1 manifest is an SD
 # one and still loads.
@@ -412,8 +413,6 @@ def stage_pipeline(
     )
     (staging / f"{name}{MANIFEST_SUFFIX}").write_text(json.dumps(manifest, indent=2) + "\n")
     if options.backend in ("tensorrt", "onnxruntime"):
-        from export.tensorrt import write_tensorrt_parts
-
         write_tensorrt_parts(staging, manifest, options)
     return manifest
 

@@ -1,7 +1,8 @@
 """The OpenAPI 3.1 document served at `GET /openapi.json`: the route table (`ENDPOINTS`, each route with its
 operation; `routes.routes()` serves the same table) written here, schemas generated from `schema`.
 
-Every component schema is the `model_json_schema` of a wire model in `gateway.http.schema`, the same models
+Every component schema is the `model_json_schema` of a wire model in `gateway.http.schema` (the request's lives in
+`gateway.jobs.request`, where admission parses with it, and is re-exported there), the same models
 that validate requests and describe responses, so the document cannot drift from the code; the error codes
 come from `errors.ERROR_TABLE` and the style names from `styles`. A unit test checks it against the app's
 routes and the OpenAPI 3.1 meta-schema, and the fuzz test checks live responses against it.

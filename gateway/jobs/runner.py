@@ -1,4 +1,5 @@
-"""The job runner: workers that take jobs from the store, cancellation, progress, webhooks, recovery, retention.
+"""The job runner: this process's dispatcher and workers, and `JobManager`, which runs them with the webhook
+outbox (`outbox.py`) and maintenance (`maintenance.py`: recovery, takeover of expired leases, retention).
 
 The store is the queue, so any number of replicas share the work: a dispatcher claims the oldest queued job
 whenever one of this process's `max_running_jobs` slots is free (their UNet steps reach Triton together and
@@ -23,41 +24,34 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from gateway.diffusion.img2img import GenerationCanceled
 from gateway.errors import (
     ApiError,
     BackendUnavailable,
-    Interrupted,
     JobFinished,
     NotFound,
-    NothingToRedeliver,
     Overloaded,
-    RunAttemptsExhausted,
     StoreUnavailable,
-    status_and_code,
 )
 from gateway.jobs import webhooks
 from gateway.jobs.events import EventKind, JobEvent, JobEvents, LocalEvents
+from gateway.jobs.maintenance import Maintenance, job_error
 from gateway.jobs.model import (
     CANCELED,
     COMPLETED,
     FAILED,
     PROCESSING,
     QUEUED,
-    DeliveryAttempt,
     Job,
     JobError,
     JobStatus,
     OutputImage,
     WebhookEvent,
-    WebhookStatus,
-    now_iso,
 )
-from gateway.jobs.retention import StorageSweeper
-from gateway.jobs.store import JobStore, StaleJob, Transition, transition
+from gateway.jobs.outbox import EventHook, Outbox, Retrying, Spawn
+from gateway.jobs.store import JobStore, StaleJob, transition
 from gateway.media.storage import Storage
 from gateway.observability import request_context
 from gateway.settings import Settings
@@ -65,13 +59,9 @@ from gateway.settings import Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-EventHook = Callable[[str, Any], None]  # (event, value) -> None, for metrics
 STORE_RETRY_FIRST_S = 0.05
 LISTENER_QUEUE_SIZE = 256
 BACKEND_RETRY_MAX_S = 30.0
-RETENTION_MAX_INTERVAL_S = 60.0
-RECLAIM_BATCH = 100  # expired leases taken over per pass
-MAX_DELIVERIES = 16  # webhook POSTs in flight per process
 PROGRESS_CACHE_SIZE = 10_000  # live progress of jobs running on other replicas, as heard on the bus
 
 
@@ -109,18 +99,7 @@ class _Running:
     published_at: float = 0.0  # when progress last went on the bus
 
 
-def _job_error(exc: ApiError) -> JobError:
-    _, code = status_and_code(exc)
-    return JobError(code=code, message=exc.message, details=exc.details)
-
-
 _INTERNAL = JobError(code="internal_error", message="Internal server error", details=None)
-
-
-def _if_lease_expired(job: Job, *, change: Transition, now: float) -> Job | None:
-    if job.status == PROCESSING and job.lease is not None and job.lease.expires_at >= now:
-        return None  # renewed since it was read: its worker lives
-    return change(job)
 
 
 def final_progress(job: Job) -> Progress:
@@ -128,7 +107,16 @@ def final_progress(job: Job) -> Progress:
     return Progress(total if job.status == COMPLETED else job.steps_done, total, None)
 
 
-class JobManager:
+def _webhook_body(render: Renderer, job: Job) -> bytes:
+    """A delivery's body: the job at its final progress, or at step 0 for its `start` event."""
+    progress = final_progress(job) if job.finished else Progress(0, job.spec.effective_steps, None)
+    return render(job, progress)
+
+
+class Workers:
+    """This process's dispatcher and workers, and what follows a job from here: progress, waiters, listeners,
+    cancel. A final state wakes the outbox (`wake_outbox`), whoever wrote it."""
+
     def __init__(
         self,
         store: JobStore,
@@ -136,133 +124,44 @@ class JobManager:
         storage: Storage,
         settings: Settings,
         *,
-        poster: webhooks.Poster,
-        render: Renderer,
-        webhook_secret: str | None = None,
-        events: JobEvents | None = None,
-        on_event: EventHook | None = None,
-        worker_id: str | None = None,
+        events: JobEvents,
+        on_event: EventHook,
+        worker_id: str,
+        retrying: Retrying,
+        spawn: Spawn,
+        wake_outbox: Callable[[], None],
     ) -> None:
         self.store = store
         self.execute = execute
         self.storage = storage
         self.settings = settings
-        self.poster = poster
-        # Per-key signing secrets in the store; a configured `webhook_secret` seeds their first values.
-        self.secrets = webhooks.SecretKeeper(store, seed=webhook_secret, overlap_s=settings.webhook_secret_overlap_s)
-        self.render = render
-        self.events: JobEvents = events or LocalEvents()
-        self.on_event: EventHook = on_event or (lambda event, value: None)
-        self.worker_id = worker_id or f"gw-{uuid.uuid4().hex[:12]}"
+        self.events = events
+        self.on_event = on_event
+        self.worker_id = worker_id
+        self.retrying = retrying
+        self.spawn = spawn
+        self.wake_outbox = wake_outbox
         self._running: dict[str, _Running] = {}
         self._slots = asyncio.Semaphore(settings.max_running_jobs)
         self._work = asyncio.Event()  # set when a job may be waiting (created, released, a slot freed)
-        self._outbox = asyncio.Event()  # set when a webhook may be due
-        self._deliveries = asyncio.Semaphore(MAX_DELIVERIES)
         self._done: dict[str, asyncio.Event] = {}
-        self._delivering: set[str] = set()
         self._listeners: dict[str, set[asyncio.Queue[JobUpdate]]] = {}
         self._remote: OrderedDict[str, tuple[int, int]] = OrderedDict()  # job id -> (step, total) from the bus
         self._recent_cancels: OrderedDict[str, bool] = OrderedDict()  # cancels heard for jobs not running here
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._queued_estimate = 0  # the store's queue length as of the last count (metrics)
-        self._sweeper = StorageSweeper(  # objects no job owns, temp files: at start, then every sweep interval
-            store, storage, grace_s=settings.storage_orphan_grace_s, interval_s=settings.storage_sweep_interval_s
-        )
 
-    # --- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.spawn(self._dispatch_loop())
 
-    async def start(self) -> None:
-        """Listen to the bus, recover what a dead process left, then start the loops.
-
-        With an exclusive store (SQLite: one process, locked at open) every unfinished job found at start is an
-        orphan: a cancel it was asked for is honoured, a synchronous one (its caller is gone) fails
-        `interrupted`, one that already crashed `max_run_attempts` runs fails `run_attempts_exhausted`, the rest
-        run again. With a shared store, a dead replica's jobs are found by their expired leases instead
-        (`_reclaim_loop`), whoever looks first.
-        """
-        await self.events.start(self._on_bus_event)
-        if self.store.exclusive:
-            for job in await self._retrying("recovery", "-", self.store.unfinished):
-                await self._recover(job, caller_gone=True)
-        self._spawn(self._dispatch_loop())
-        self._spawn(self._delivery_loop())
-        self._spawn(self._reclaim_loop())
-        self._spawn(self._retention_loop())
-
-    async def _recover(self, job: Job, *, caller_gone: bool, expired_before: float | None = None) -> None:
-        """Take over an orphaned job. A synchronous one is failed `interrupted` only when its caller is known
-        gone (its process died with the store's only process); on a shared store its caller may still wait on
-        another replica, so it runs again. With `expired_before`, only while its lease is still expired (its
-        owner may have renewed it since it was read)."""
-        change: Transition
-        if job.cancel_requested:
-            change = functools.partial(Job.ended, status=CANCELED)
-        elif caller_gone and not job.spec.asynchronous:
-            interrupted = _job_error(
-                Interrupted(
-                    "The gateway restarted while this synchronous request ran",
-                    "Retry the request; use webhook_url for work that must survive restarts",
-                )
-            )
-            change = functools.partial(Job.ended, status=FAILED, error=interrupted)
-        elif job.status == PROCESSING and job.run_attempts >= self.settings.max_run_attempts:
-            exhausted = _job_error(
-                RunAttemptsExhausted(
-                    "The job failed repeatedly",
-                    f"Its worker stopped {job.run_attempts} times while running this job; it is not retried",
-                )
-            )
-            change = functools.partial(Job.ended, status=FAILED, error=exhausted)
-        else:
-            change = Job.requeued
-        if expired_before is not None:
-            change = functools.partial(_if_lease_expired, change=change, now=expired_before)
-        stored, applied = await self._retrying("recovery", job.id, lambda: transition(self.store, job, change))
-        if not applied:
-            return
-        if stored.finished:
-            log.info("recovery: job %s ends %s", stored.id, stored.status)
-            await self._after_final(stored)
-        else:
-            log.info("recovery: job %s queued again (run %d so far)", stored.id, stored.run_attempts)
-            await self._publish(JobEvent(stored.id, EventKind.CREATED))
-
-    async def stop(self) -> None:
-        """Stop the loops; jobs they held stay `processing` in the store and are taken over (at the next start
-        with SQLite, when their lease expires with a shared store)."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await self.events.close()
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _retrying(self, what: str, job_id: str, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a store operation until the store answers: backoff doubles up to `store_retry_max_s`."""
-        delay = STORE_RETRY_FIRST_S
-        while True:
-            try:
-                return await op()
-            except StoreUnavailable as exc:
-                log.warning(
-                    "job %s: %s: store unavailable (%s); retrying in %.2f s", job_id, what, exc.__cause__, delay
-                )
-                self.on_event("store_retry", what)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.store_retry_max_s)
+    def running_here(self, job_id: str) -> bool:
+        return job_id in self._running
 
     # --- the bus -----------------------------------------------------------------------------------------
 
     async def _publish(self, event: JobEvent) -> None:
         await self.events.publish(event)
 
-    def _on_bus_event(self, event: JobEvent) -> None:
+    def on_bus_event(self, event: JobEvent) -> None:
         """Events from every replica, this one included."""
         if event.kind == EventKind.CREATED:
             self._work.set()
@@ -286,7 +185,7 @@ class JobManager:
             self._remote.pop(event.job_id, None)
             self._release_waiters(event.job_id)
             self._notify_changed(event.job_id)
-            self._outbox.set()
+            self.wake_outbox()
 
     # --- submission and queries --------------------------------------------------------------------------
 
@@ -367,7 +266,7 @@ class JobManager:
         if stored.finished:
             if not applied:  # it finished between our read and our write
                 raise JobFinished("Job already finished", f"Job '{job_id}' is {stored.status}")
-            await self._after_final(stored)
+            await self.after_final(stored)
             return stored
         running = self._running.get(job_id)
         if running is not None:
@@ -418,7 +317,7 @@ class JobManager:
             await self._slots.acquire()
             try:
                 self._work.clear()
-                job = await self._retrying(
+                job = await self.retrying(
                     "claim", "-", lambda: self.store.claim_next(self.worker_id, self._lease_until(), time.time())
                 )
             except BaseException:
@@ -433,8 +332,8 @@ class JobManager:
             # Registered at once: a cancel arriving from now on finds it running here.
             self._running[job.id] = _Running(cancel=job.cancel_requested or self._recent_cancels.pop(job.id, False))
             if job.webhook is not None and job.webhook.event == WebhookEvent.START:
-                self._outbox.set()  # its `start` event is due
-            self._spawn(self._process(job))
+                self.wake_outbox()  # its `start` event is due
+            self.spawn(self._process(job))
             self._work.set()  # there may be more: claim again while slots are free
 
     async def _process(self, job: Job) -> None:
@@ -467,7 +366,7 @@ class JobManager:
             now = time.monotonic()
             if done >= total or now - running.published_at >= self.settings.progress_publish_interval_s:
                 running.published_at = now  # other replicas hear at most a few steps per second of each job
-                self._spawn(self._publish(JobEvent(job.id, EventKind.PROGRESS, progress.step, total)))
+                self.spawn(self._publish(JobEvent(job.id, EventKind.PROGRESS, progress.step, total)))
 
         status: JobStatus = COMPLETED
         images: tuple[OutputImage, ...] = ()
@@ -480,9 +379,9 @@ class JobManager:
             if job.spec.asynchronous and job.run_attempts <= self.settings.job_retries:
                 await self._retry_later(job)
                 return
-            status, error = FAILED, _job_error(exc)
+            status, error = FAILED, job_error(exc)
         except ApiError as exc:
-            status, error = FAILED, _job_error(exc)
+            status, error = FAILED, job_error(exc)
         except Exception:
             log.exception("job %s failed (request %s)", job.id, job.request_id)
             status, error = FAILED, _INTERNAL
@@ -519,15 +418,15 @@ class JobManager:
     async def _retry_later(self, job: Job) -> None:
         delay = min(BACKEND_RETRY_MAX_S, 2.0**job.run_attempts)
         log.warning("job %s: backend unavailable, retry %d in %.0f s", job.id, job.run_attempts, delay)
-        stored = await self._retrying(
+        stored = await self.retrying(
             "release", job.id, lambda: self.store.release(job.id, self.worker_id, time.time() + delay)
         )
         if stored is None:
             return
         if stored.finished:  # canceled while it ran
-            await self._after_final(stored)
+            await self.after_final(stored)
         else:
-            self._spawn(self._wake_later(delay))
+            self.spawn(self._wake_later(delay))
 
     async def _wake_later(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
@@ -549,21 +448,21 @@ class JobManager:
             return current.finished_by(self.worker_id, status, images=images, error=error, steps_done=steps_done)
 
         try:
-            stored, applied = await self._retrying("finish", job.id, lambda: transition(self.store, job, change))
+            stored, applied = await self.retrying("finish", job.id, lambda: transition(self.store, job, change))
         except StaleJob:  # deleted under us (retention cannot, while it runs): nothing to record
             stored, applied = job, False
         if not applied:
             log.warning("job %s: finished elsewhere as %s; result dropped", job.id, stored.status)
             await self._delete(images)
             return
-        await self._after_final(stored)
+        await self.after_final(stored)
 
     async def _delete(self, images: tuple[OutputImage, ...]) -> None:
         for image in images:
             with contextlib.suppress(Exception):
                 await self.storage.delete(image.name)
 
-    async def _after_final(self, job: Job) -> None:
+    async def after_final(self, job: Job) -> None:
         """Effects of a final state, run once by whoever wrote it: metrics, local listeners and waiters, the
         bus (waiters and listeners on other replicas), the webhook outbox."""
         log.info("job %s: %s", job.id, job.status)
@@ -571,145 +470,141 @@ class JobManager:
         self._notify(job, final_progress(job))
         self._release_waiters(job.id)
         if job.webhook is not None:
-            self._outbox.set()
+            self.wake_outbox()
         await self._publish(JobEvent(job.id, EventKind.FINAL))
 
-    # --- recovery of a dead replica's jobs ---------------------------------------------------------------
 
-    async def _reclaim_loop(self) -> None:
-        """Take over jobs whose lease expired (their replica died), every half lease."""
+class JobManager:
+    """The job system of one process, as the rest of the gateway sees it: the workers, the webhook outbox and
+    maintenance over one store, started and stopped together, sharing one bus, one task set and one store
+    retry."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        execute: Executor,
+        storage: Storage,
+        settings: Settings,
+        *,
+        poster: webhooks.Poster,
+        render: Renderer,
+        webhook_secret: str | None = None,
+        events: JobEvents | None = None,
+        on_event: EventHook | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        # Per-key signing secrets in the store; a configured `webhook_secret` seeds their first values.
+        self.secrets = webhooks.SecretKeeper(store, seed=webhook_secret, overlap_s=settings.webhook_secret_overlap_s)
+        self.events: JobEvents = events or LocalEvents()
+        self.on_event: EventHook = on_event or (lambda event, value: None)
+        self.worker_id = worker_id or f"gw-{uuid.uuid4().hex[:12]}"
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.outbox = Outbox(
+            store,
+            settings,
+            worker_id=self.worker_id,
+            poster=poster,
+            body=functools.partial(_webhook_body, render),
+            secrets=self.secrets,
+            on_event=self.on_event,
+            retrying=self._retrying,
+            spawn=self._spawn,
+        )
+        self.workers = Workers(
+            store,
+            execute,
+            storage,
+            settings,
+            events=self.events,
+            on_event=self.on_event,
+            worker_id=self.worker_id,
+            retrying=self._retrying,
+            spawn=self._spawn,
+            wake_outbox=self.outbox.wake,
+        )
+        self.maintenance = Maintenance(
+            store,
+            storage,
+            settings,
+            worker_id=self.worker_id,
+            events=self.events,
+            after_final=self.workers.after_final,
+            running_here=self.workers.running_here,
+            retrying=self._retrying,
+            spawn=self._spawn,
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen to the bus, recover what a dead process left (an exclusive store's orphans; a shared store's
+        are found by their expired leases, by whichever replica looks first), then start the loops."""
+        await self.events.start(self.workers.on_bus_event)
+        await self.maintenance.recover_at_start()
+        self.workers.start()
+        self.outbox.start()
+        self.maintenance.start()
+
+    async def stop(self) -> None:
+        """Stop the loops; jobs they held stay `processing` in the store and are taken over (at the next start
+        with SQLite, when their lease expires with a shared store)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.events.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _retrying(self, what: str, job_id: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a store operation until the store answers: backoff doubles up to `store_retry_max_s`."""
+        delay = STORE_RETRY_FIRST_S
         while True:
-            await asyncio.sleep(self.settings.job_lease_s / 2)
             try:
-                now = time.time()
-                for job in await self.store.expired_leases(now, RECLAIM_BATCH):
-                    if job.id in self._running:
-                        continue  # ours and alive: its renewals failed for a while; the next one restores it
-                    log.warning("job %s: lease of %s expired; taking it over", job.id, job.lease)
-                    await self._recover(job, caller_gone=False, expired_before=now)
-            except StoreUnavailable:
-                continue
-            except Exception:
-                log.exception("reclaiming expired leases failed")
+                return await op()
+            except StoreUnavailable as exc:
+                log.warning(
+                    "job %s: %s: store unavailable (%s); retrying in %.2f s", job_id, what, exc.__cause__, delay
+                )
+                self.on_event("store_retry", what)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.store_retry_max_s)
 
-    # --- webhooks: an outbox in the store ----------------------------------------------------------------
+    # --- what the rest of the gateway calls --------------------------------------------------------------
 
-    async def _delivery_loop(self) -> None:
-        """Claim due webhook deliveries (one replica at a time per job, by lease) and send them; retries are
-        due again at their backoff time, so they survive restarts and move between replicas."""
-        while True:
-            await self._deliveries.acquire()
-            try:
-                self._outbox.clear()
-                now = time.time()
-                until = now + self.settings.webhook_timeout_s * 2 + self.settings.job_poll_interval_s
-                job = await self.store.claim_delivery(self.worker_id, until, now)
-            except StoreUnavailable:
-                job = None
-            except BaseException:
-                self._deliveries.release()
-                raise
-            if job is None:
-                self._deliveries.release()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._outbox.wait(), self.settings.job_poll_interval_s)
-                continue
-            self._spawn(self._deliver(job))
-            self._outbox.set()  # there may be more due
+    async def check_admission(self) -> None:
+        await self.workers.check_admission()
 
-    async def _deliver(self, job: Job) -> None:
-        """One delivery attempt, recorded (which releases the outbox lease)."""
-        if job.id in self._delivering:  # the outbox lease makes this rare: an expired lease re-claimed by us
-            self._deliveries.release()
-            return
-        self._delivering.add(job.id)
-        try:
-            await self._attempt_delivery(job)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("job %s: webhook delivery failed", job.id)
-        finally:
-            self._delivering.discard(job.id)
-            self._deliveries.release()
+    async def enqueue_new(self, job: Job) -> None:
+        await self.workers.enqueue_new(job)
+
+    async def get(self, job_id: str, owner: str) -> Job:
+        return await self.workers.get(job_id, owner)
+
+    async def progress(self, job: Job) -> Progress:
+        return await self.workers.progress(job)
+
+    async def wait(self, job_id: str) -> Job:
+        return await self.workers.wait(job_id)
+
+    async def cancel(self, job_id: str, owner: str) -> Job:
+        return await self.workers.cancel(job_id, owner)
+
+    def subscribe(self, job_id: str) -> asyncio.Queue[JobUpdate]:
+        return self.workers.subscribe(job_id)
+
+    def unsubscribe(self, job_id: str, queue: asyncio.Queue[JobUpdate]) -> None:
+        self.workers.unsubscribe(job_id, queue)
 
     async def redeliver(self, job_id: str, owner: str) -> Job:
-        """Send the job's final event again (same `webhook-id`, new timestamp and signature) through the outbox:
-        it survives restarts and one replica sends it."""
-        job = await self.get(job_id, owner)
-        stored, applied = await transition(self.store, job, Job.redelivery_requested)
-        if not applied:
-            if not stored.finished:
-                raise NothingToRedeliver("Job not finished", f"Job '{job_id}' is {stored.status}: no final event yet")
-            raise NothingToRedeliver(
-                "Nothing to redeliver",
-                f"Job '{job_id}' has no webhook for its final event (see webhook_url and webhook_events)",
-            )
-        self._outbox.set()
-        return stored
-
-    async def _attempt_delivery(self, job: Job) -> None:
-        hook = job.webhook
-        if hook is None:
-            return
-        event = hook.event
-        progress = final_progress(job) if job.finished else Progress(0, job.spec.effective_steps, None)
-        body = self.render(job, progress)
-        signing = await self._retrying("webhook secret", job.id, lambda: self.secrets.signing(job.owner))
-        headers = webhooks.signed_headers(signing, webhooks.event_id(job.id, event), body)
-        try:
-            code = await self.poster(hook.url, body, headers)
-            result = DeliveryAttempt(now_iso(), code, None, event)
-        except Exception as exc:  # any transport failure is one failed attempt
-            result = DeliveryAttempt(now_iso(), None, f"{type(exc).__name__}: {exc}"[:300], event)
-        next_at = time.time() + webhooks.backoff_s(hook.tries + 1, self.settings.webhook_backoff_s)
-        max_attempts = self.settings.webhook_max_attempts
-
-        def change(current: Job) -> Job | None:
-            return current.with_delivery(result, max_attempts, next_at)
-
-        current, applied = await self._retrying("webhook", job.id, lambda: transition(self.store, job, change))
-        if not applied:
-            return
-        if current.webhook is None or current.webhook.event != event:  # superseded: the next event may be due
-            self.on_event("webhook", "delivered" if result.ok else "failed")
-            self._outbox.set()
-            return
-        settled = current.webhook.status == WebhookStatus.FAILED
-        self.on_event("webhook", "delivered" if result.ok else ("failed" if settled else "retry"))
-        if not result.ok and not settled:
-            self._spawn(self._wake_outbox_later(next_at - time.time()))
-
-    async def _wake_outbox_later(self, delay_s: float) -> None:
-        await asyncio.sleep(max(0.0, delay_s))
-        self._outbox.set()
-
-    # --- retention ---------------------------------------------------------------------------------------
+        """Send the job's final event again through the outbox (another key's job does not exist here)."""
+        return await self.outbox.redeliver(await self.workers.get(job_id, owner))
 
     async def purge_expired(self) -> int:
-        """Delete finished jobs older than the retention period, with their stored images."""
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.retention_s)
-        expired = await self.store.expired(cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
-        for job in expired:
-            for name in job.stored_names:
-                await self.storage.delete(name)
-            await self.store.delete(job.id)
-        return len(expired)
-
-    async def _retention_loop(self) -> None:
-        """One replica at a time purges (a named lock lasting twice the interval)."""
-        interval = max(1.0, min(RETENTION_MAX_INTERVAL_S, self.settings.retention_s / 10))
-        while True:
-            try:
-                now = time.time()
-                held = await self.store.acquire_lock("retention", self.worker_id, now + 2 * interval, now)
-                # An exclusive store has one process: a lock its previous (dead) process left must not delay
-                # the clean-up at start.
-                if held or self.store.exclusive:
-                    removed = await self.purge_expired()
-                    if removed:
-                        log.info("retention: removed %d expired jobs and their images", removed)
-                    await self._sweeper.run_if_due()
-            except Exception:
-                log.exception("retention clean-up failed")
-            await asyncio.sleep(interval)
+        return await self.maintenance.purge_expired()

@@ -110,7 +110,7 @@ async def scenario(plan: Plan) -> None:
 
         def busy() -> bool:
             queued = any(not j.finished for j in store.all())
-            return len(manager._tasks) > LOOPS or bool(manager._running) or queued
+            return len(manager._tasks) > LOOPS or bool(manager.workers._running) or queued
 
         async def quiet() -> None:  # webhook delivered, re-queue timers fired: only the manager's loops left
             while busy():  # noqa: ASYNC110 (polls state)

@@ -193,7 +193,7 @@ async def test_jobs_created_on_one_replica_run_on_both_once_each(make_cluster: M
 
     for r in (a, b):
         tracking(r.executor)
-        r.manager.execute = r.executor.__call__  # type: ignore[method-assign]
+        r.manager.workers.execute = r.executor.__call__  # type: ignore[method-assign]
         await r.manager.start()
     ids = [f"j{i:02}" for i in range(20)]
     for job_id in ids:
@@ -231,7 +231,7 @@ async def test_cancel_sent_to_another_replica_stops_the_job_before_its_next_step
     await b.manager.start()
     cluster.bus.drop = bus_drops
     cancel = asyncio.create_task(b.manager.cancel("x", "o"))
-    await eventually(lambda: "x" in a.manager._running and a.manager._running["x"].cancel)
+    await eventually(lambda: "x" in a.manager.workers._running and a.manager.workers._running["x"].cancel)
     assert not cancel.done()  # B waits for A's worker
     held_a.release.set()
     answer = await asyncio.wait_for(cancel, DEADLINE_S)
@@ -279,7 +279,7 @@ async def test_progress_of_a_job_running_elsewhere(make_cluster: MakeCluster) ->
     assert last == JobUpdate(None, None)  # the final state elsewhere: read the job again
     assert (await other.manager.progress(final)).step == 4
     other.manager.unsubscribe("p", updates)
-    assert other.manager._remote == {} and other.manager._listeners == {}
+    assert other.manager.workers._remote == {} and other.manager.workers._listeners == {}
 
 
 async def test_waiters_on_another_replica_finish_with_the_bus_dropping_everything(
@@ -300,7 +300,7 @@ async def test_waiters_on_another_replica_finish_with_the_bus_dropping_everythin
     final = await asyncio.wait_for(waiter, DEADLINE_S)  # the poll fallback: job_poll_interval_s
     assert final.status == COMPLETED and b.executor.calls == []
     assert [e.kind for _, e in cluster.bus.published if e.job_id == "s"][-1] == EventKind.FINAL  # sent, dropped
-    assert b.manager._done == {}
+    assert b.manager.workers._done == {}
 
 
 async def test_a_synchronous_waiter_on_another_replica_returns_when_the_job_ends(make_cluster: MakeCluster) -> None:
@@ -404,13 +404,13 @@ async def test_retention_runs_on_one_replica_at_a_time(make_cluster: MakeCluster
     await cluster.storage.put(old.input.name, b"x", "image/png")
     purges: Counter[str] = Counter()
     for r in cluster.replicas:
-        inner = r.manager.purge_expired
+        inner = r.manager.maintenance.purge_expired
 
         async def purge(name: str = r.name, inner: Callable[[], Any] = inner) -> int:
             purges[name] += 1
             return await inner()
 
-        r.manager.purge_expired = purge  # type: ignore[method-assign]
+        r.manager.maintenance.purge_expired = purge  # type: ignore[method-assign]
     await asyncio.gather(*(r.manager.start() for r in cluster.replicas))
     await eventually(lambda: cluster.store.calls["acquire_lock"] == 3)
     await asyncio.sleep(0.05)
@@ -468,7 +468,7 @@ async def test_a_stalled_replicas_dropped_result_leaves_the_new_owners_images(ma
     assert done.status == COMPLETED and done.run_attempts >= 2  # (A's own reclaim loop may re-queue it too)
     assert done.images and all(image.name in cluster.storage.objects for image in done.images)
     held_a.release.set()  # A's run ends; its finish loses the compare-and-set
-    await eventually(lambda: "z" not in a.manager._running)
+    await eventually(lambda: "z" not in a.manager.workers._running)
     assert cluster.store.peek("z") == done
     missing = [image.name for image in done.images if image.name not in cluster.storage.objects]
     assert missing == [], f"the completed job's images were deleted by the replica that lost the job: {missing}"

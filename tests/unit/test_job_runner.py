@@ -120,7 +120,7 @@ class Rig:
 
     async def idle(self) -> None:
         """Nothing running in memory, nothing unfinished in the store (the store is the queue)."""
-        await eventually(lambda: not self.manager._running and all(j.finished for j in self.store.all()))
+        await eventually(lambda: not self.manager.workers._running and all(j.finished for j in self.store.all()))
         assert [j.id for j in self.store.all() if not j.finished] == []
 
     async def more_jobs_complete(self, n: int = 3) -> None:
@@ -252,8 +252,9 @@ async def test_waiting_leaves_no_per_job_state_behind(make_rig: MakeRig) -> None
     assert (await rig.final("a")).status == COMPLETED  # waiting on a finished job answers at once
     await rig.idle()
     # A finished job must not keep a waiter's Event in the manager (one leaked entry per job otherwise).
-    assert rig.manager._done == {}
-    assert rig.manager._delivering == set() and rig.manager._listeners == {} and rig.manager._remote == {}
+    assert rig.manager.workers._done == {}
+    workers = rig.manager.workers
+    assert rig.manager.outbox._delivering == set() and workers._listeners == {} and workers._remote == {}
 
 
 # --- store faults at every call site ------------------------------------------------------------------------
@@ -402,7 +403,7 @@ async def test_store_fault_in_renewal_after_a_lost_lease(make_rig: MakeRig) -> N
     store.fail_when(first(1, lambda m, a: m == "get"))
     await eventually(lambda: store.failures["get"] == 1)
     gate.set()
-    await eventually(lambda: "a" not in rig.manager._running)
+    await eventually(lambda: "a" not in rig.manager.workers._running)
     assert store.peek("a") == stolen  # nothing written over the other replica's job
     assert rig.storage.objects == {}, "the dropped result's images were left in storage"
     # The other replica ends it.
@@ -754,8 +755,8 @@ async def test_manager_over_the_pipeline_backend_errors_and_cancel(tmp_path: Pat
     calls_before = 1 << 30
     triton.gate_if = lambda model, n: model.endswith("unet") and triton.unet_calls - calls_before == 3
     rig = make_rig(executor=FakeExecutor(), job_retries=0)
-    rig.manager.execute = executor
-    rig.manager.storage = storage
+    rig.manager.workers.execute = executor
+    rig.manager.workers.storage = storage
     await rig.manager.start()
     sync = make_job("sync", spec=make_spec(asynchronous=False))
     broken = make_job("broken")
