@@ -15,15 +15,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.config import (
-    BENCH_ROOT,
     DEFAULT_SIZES,
     MODEL_SIZES,
+    PROJECT_ROOT,
     RESULTS_DIR,
     WORK_DIR,
     BenchConfig,
     full_config,
     quick_config,
 )
+
+# The manual's benchmarks page: each run rewrites its results block (report.write, between the markers).
+DOCS_PAGE = PROJECT_ROOT / "docs" / "benchmarks.md"
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, BenchConfig]:
@@ -45,7 +48,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, BenchConfig]:
     parser.add_argument("--port-base", type=int, help="first of the loopback ports used (default 19400)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR, help="results folder")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="exported models, logs (git-ignored)")
-    parser.add_argument("--no-readme", action="store_true", help="do not update the table in benchmarks/README.md")
+    parser.add_argument("--no-readme", action="store_true", help="do not update the table in docs/benchmarks.md")
     parser.add_argument("--no-peers", action="store_true", help="this service and its limit only (no torch/ORT peers)")
     args = parser.parse_args(argv)
     sizes = tuple(s.strip() for s in args.models.split(",") if s.strip())
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     results = runner.run(config, work_dir=args.work_dir)
     raw = args.work_dir / "last-run-raw.json"  # kept even if the report step fails
     raw.write_text(json.dumps(results, default=str))
-    written = report.write(results, args.output, readme=None if args.no_readme else BENCH_ROOT / "README.md")
+    written = report.write(results, args.output, readme=None if args.no_readme else DOCS_PAGE)
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
     print()

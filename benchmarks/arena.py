@@ -12,7 +12,7 @@ Triton stub keeps between calls) and the peak. The options, each a documented on
              of two;
   on-nopattern  the arena without memory patterns (`enable_mem_pattern` off): no per-shape pre-planned block.
 
-Results (median per-row seconds, GiB) go to stdout as a table and to `--output` as JSON (benchmarks/README.md
+Results (median per-row seconds, GiB) go to stdout as a table and to `--output` as JSON (docs/benchmarks.md
 "CPU memory: the arena" has the committed figures).
 """
 

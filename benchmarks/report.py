@@ -8,12 +8,16 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from benchmarks.config import PROJECT_ROOT
+
 SYSTEMS = ("service", "naive", "ort_peer", "limit")
 LABELS = {"service": "this service", "naive": "naive peer (diffusers torch)", "ort_peer": "ORT peer (optimum)",
           "limit": "limit (best schedule of the same ONNX files, in-process)"}  # fmt: skip
 PEERS = ("naive", "ort_peer")
 METRICS = ("images_per_s", "p50_s", "p95_s", "p99_s", "errors", "mean_unet_batch", "queue_share")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+# A markdown link or image in the results table: `[title](file)` or `![title](file)`.
+_LINK = re.compile(r"!?\[([^\]]*)\]\(([^)\s]+)\)")
 
 
 def spread(values: list[float | None]) -> dict[str, float] | None:
@@ -377,6 +381,14 @@ def machine_slug(results: dict[str, Any]) -> str:
     return slug or "unknown"
 
 
+def _as_paths(table: str, out_dir: Path) -> str:
+    """The table for the docs page (docs/benchmarks.md): each link to a result file becomes its repository path as a
+    code span, `benchmarks/results/<file>`, since `mkdocs build --strict` refuses links out of docs/."""
+    folder = out_dir.resolve()
+    shown = folder.relative_to(PROJECT_ROOT).as_posix() if folder.is_relative_to(PROJECT_ROOT) else folder.as_posix()
+    return _LINK.sub(lambda m: f"{m[1]}: `{shown}/{m[2]}`", table)
+
+
 def write(results: dict[str, Any], out_dir: Path, *, readme: Path | None = None) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     build(results)
@@ -395,8 +407,7 @@ def write(results: dict[str, Any], out_dir: Path, *, readme: Path | None = None)
         if README_START in text and README_END in text:
             head, rest = text.split(README_START, 1)
             _, tail = rest.split(README_END, 1)
-            linked = table.replace("](", "](results/")
-            readme.write_text(f"{head}{README_START}\n{linked}\n{README_END}{tail}")
+            readme.write_text(f"{head}{README_START}\n{_as_paths(table, out_dir)}\n{README_END}{tail}")
     return {"json": json_path, "markdown": md_path, **{k: out_dir / v for k, v in plots.items()}}
 
 

@@ -7,7 +7,7 @@
 #
 # Output goes to /data/models by default. The exporter stages each pipeline in a folder *beside* the repository
 # and moves it in with renames, so the volume must be mounted one level above the repository (/data), never at
-# the repository itself: see docker/README.md, "Why /data/models".
+# the repository itself: see docs/deployment.md, "Why /data/models".
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

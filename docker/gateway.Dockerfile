@@ -5,7 +5,7 @@
 #
 # It reads the pipeline manifests and tokenizer.json files from the model repository, so the folder Triton serves
 # must be mounted here too (read-only) at IMAGEN_MODEL_REPOSITORY. The repository sits one level below the mount
-# point (/data/models, not /data): see docker/README.md, "Why /data/models".
+# point (/data/models, not /data): see docs/deployment.md, "Why /data/models".
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -153,7 +153,7 @@ EVENT_LOOPS = ("uvloop", "asyncio")
 
 def run_event_loop(settings: Settings, main: Coroutine[Any, Any, None]) -> None:
     """Run `main` on the configured event loop (`IMAGEN_EVENT_LOOP`; uvloop measured no cheaper here than asyncio,
-    benchmarks/README.md, so asyncio is the default and uvloop a choice for other hosts to measure)."""
+    docs/benchmarks.md, so asyncio is the default and uvloop a choice for other hosts to measure)."""
     if settings.event_loop == "uvloop":
         import uvloop
 

@@ -87,7 +87,7 @@ class Settings:
     text_cache_size: int = 256
     # Gateway processes sharing the port (`python -m gateway --workers N`); more than one needs a shared job store.
     workers: int = 1
-    # The event loop each gateway process runs: "asyncio" or "uvloop" (measured no cheaper here: benchmarks/README.md).
+    # The event loop each gateway process runs: "asyncio" or "uvloop" (measured no cheaper here: docs/benchmarks.md).
     event_loop: str = "asyncio"
     # Outbound HTTP (image URLs, webhooks): hosts or CIDRs exempt from the private-address block (tests, private
     # deployments). Everything else must resolve to public addresses only.

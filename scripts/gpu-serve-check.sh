@@ -1,7 +1,7 @@
 #!/bin/sh
 # The device run of the torch runtime (scripts/gpu_serve_check.py): an SD 1.5-shaped random pipeline exported with
 # `--runtime torch`, served by the bundled Triton on the GPU, its UNet driven at 1, 4, 16 and 32 concurrent images
-# against diffusers at batch 1. Writes gpu-serve-check.json (or --out PATH); benchmarks/README.md, "GPU serving
+# against diffusers at batch 1. Writes gpu-serve-check.json (or --out PATH); docs/gpu.md, "GPU serving
 # check", explains it. Made to finish within 6 minutes on one GPU (this wrapper stops it at 360 s, leaving the
 # JSON of what was measured), so that with the machine's start it stays within 8 minutes of device time.
 #

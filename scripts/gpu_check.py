@@ -12,7 +12,7 @@ SDPA attention:
   onnxruntime-gpu is installed; skipped with the reason otherwise.
 
 Needs torch (CUDA build for `--device cuda`) and diffusers (plus its small dependencies); onnx and onnxruntime
-for the exported part. Writes one JSON (benchmarks/README.md, "GPU device check", explains it), rewritten after
+for the exported part. Writes one JSON (docs/gpu.md, "GPU device check", explains it), rewritten after
 every section, so a run cut short still leaves what it measured. `--tiny --device cpu` runs the same code on toy
 sizes in seconds (the test of this script). Stops measuring new batches once `--budget-s` is spent.
 """

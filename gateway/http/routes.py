@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import numpy as np
@@ -145,7 +146,7 @@ class Handlers:
     async def _respond(self, request: Request, job: Job, asynchronous: bool) -> Response:
         location = {"Location": f"/v1/image-to-image/{job.id}"}
         if asynchronous and not job.finished:
-            return JSONResponse(await self._view(job), status_code=202, headers=location)
+            return JSONResponse(await self._view(job), status_code=HTTPStatus.ACCEPTED, headers=location)
         if not job.finished:
             job = await self._wait_or_cancel(request, job)
         if job.status == FAILED and job.error is not None:
@@ -208,7 +209,7 @@ class Handlers:
 
     async def redeliver_webhook(self, request: Request) -> Response:
         job = await self.s.jobs.redeliver(request.path_params["job_id"], self._owner(request))
-        return JSONResponse(await self._view(job), status_code=202)
+        return JSONResponse(await self._view(job), status_code=HTTPStatus.ACCEPTED)
 
     async def get_image(self, request: Request) -> Response:
         """Streamed, never whole in memory. Outputs are capability URLs (unguessable names, any holder may fetch
@@ -267,7 +268,9 @@ class Handlers:
     async def readyz(self, request: Request) -> Response:
         models = [m for p in self.s.pipelines.values() for m in p.manifest.models]
         ready = bool(models) and await self.s.engine.models_ready(models)
-        return JSONResponse({"status": "ready" if ready else "not_ready"}, status_code=200 if ready else 503)
+        # A probe's answer, not an error: Kubernetes reads the status alone (the body is the `Status` schema).
+        status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
+        return JSONResponse({"status": "ready" if ready else "not_ready"}, status_code=status)
 
 
 class OwnPathRoute(Route):

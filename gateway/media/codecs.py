@@ -33,7 +33,7 @@ IMAGE_URL_SCHEMES = ("http", "https")
 DECOMPRESSION_BOMB_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
 PNG_COMPRESS_LEVEL = 6  # zlib level; with Z_RLE below it hardly matters (zlib's RLE path ignores most of it)
 # zlib strategy Z_RLE: filtered image rows compress as well with runs as with LZ77 matches, at a fraction of the
-# time (benchmarks/README.md, "PNG encoder settings": 2-6x faster than the default strategy, bytes within 1 %
+# time (docs/benchmarks.md, "PNG encoder settings": 2-6x faster than the default strategy, bytes within 1 %
 # on smooth and noisy outputs and 2-7 % smaller on flat ones). Huffman-only is as fast but doubles flat images.
 PNG_COMPRESS_TYPE = zlib.Z_RLE
 # Decode work per image: libjpeg decodes every scan of a progressive JPEG over the whole image, so a small file

@@ -34,7 +34,7 @@ RETRY_AFTER_S = 1  # image work is short (tens of ms per image): a second is ple
 # The CPU of image work is charged to a stage (`gateway.observability.stage`) named for what the function does;
 # output encoders (`tensor_to_png`, other formats) are `encode`, anything else is charged under its own name.
 # Threads, not processes: a process pool sized to the cores cost 57-62 ms of gateway CPU per image against 38
-# (pickling the image both ways), measured in benchmarks/README.md.
+# (pickling the image both ways), measured in docs/benchmarks.md.
 STAGES = {"parse_image_field": "base64", "decode_image": "decode", "image_to_tensor": "resize"}
 ENCODE_STAGE = "encode"
 

@@ -49,7 +49,7 @@ def test_the_python_runners_cpu_arena_is_on_unless_turned_off(flag: list[str], v
 
 @pytest.mark.parametrize(("flag", "value"), [([], "0"), (["--mem-pattern"], "1")])
 def test_memory_patterns_are_off_unless_asked_for(flag: list[str], value: str) -> None:
-    """Off: faster and less held with the arena on CPU (benchmarks/README.md); the runner reads the parameter."""
+    """Off: faster and less held with the arena on CPU (docs/benchmarks.md); the runner reads the parameter."""
     args = parse_args(["--tiny", *flag])
     options = ServingOptions(mem_pattern=args.mem_pattern)
     config = render_config("m_unet", [TensorSpec("sample", "FP32", (-1, 4, -1, -1))], [], options, "model.onnx")
