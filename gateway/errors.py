@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import ClassVar
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
@@ -173,11 +173,6 @@ def status_and_code(exc: ApiError) -> tuple[int, str]:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
     raise TypeError(f"{type(exc).__name__} is not an ApiError")  # unreachable for ApiError instances
-
-
-def error_body(code: str, message: str, details: str | None) -> dict[str, Any]:
-    """Build the spec's error shape; `details` is always present (null only when nothing useful to add)."""
-    return {"error": {"code": code, "message": message, "details": details}}
 
 
 def code_status(code: str) -> int:

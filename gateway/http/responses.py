@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.errors import ApiError, code_status, error_body, status_and_code
+from gateway.errors import ApiError, code_status, status_and_code
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def error_body(code: str, message: str, details: str | None) -> dict[str, Any]:
+    """Build the spec's error shape; `details` is always present (null only when nothing useful to add)."""
+    return {"error": {"code": code, "message": message, "details": details}}
 
 
 class ErrorDialect(Protocol):

@@ -36,10 +36,9 @@ from gateway.errors import (
     Unauthorized,
     UnsupportedMediaType,
     UrlNotAllowed,
-    error_body,
     status_and_code,
 )
-from gateway.http.responses import error_response, raw_error_response
+from gateway.http.responses import error_body, error_response, raw_error_response
 
 EXPECTED = [
     (InvalidRequest, 400, "invalid_request"),

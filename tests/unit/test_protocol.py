@@ -10,7 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.diffusion.styles import STYLE_PRESETS, StylePreset, apply_style
-from gateway.errors import ERROR_TABLE, InvalidRequest, error_body
+from gateway.errors import ERROR_TABLE, InvalidRequest
+from gateway.http.responses import error_body
 from gateway.http.schema import ErrorBody, ErrorObject, JobView
 from gateway.jobs import request as protocol
 from gateway.jobs.request import ImageToImageRequest, parse_image_to_image
