@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import InternalError
+from gateway.errors import ERROR_TABLE, InternalError
 from gateway.http.responses import error_response
 from gateway.observability import (
     KNOWN_METHODS,
@@ -31,6 +31,8 @@ from gateway.observability import (
 )
 
 _REQUEST_ID_HEADER_BYTES = REQUEST_ID_HEADER.lower().encode("latin-1")
+# Logged for a request the app ended without a response start (none of ours does): the internal error's status.
+UNANSWERED_STATUS, _ = ERROR_TABLE[InternalError]
 
 
 # --- route templates ------------------------------------------------------------------------------------------
@@ -110,12 +112,12 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception:
             if status is None:
-                status = 500
                 failed = error_response(InternalError("Internal server error", f"Request {request_id}"))
+                status = failed.status_code
                 await failed(scope, receive, send_with_id)
             self._log(scope, status, started, request_id)
             raise  # leave the context set: the outer error handler's log line still carries the id
-        self._log(scope, status or 500, started, request_id)
+        self._log(scope, status or UNANSWERED_STATUS, started, request_id)
         unbind_request_id(token)
 
     def _log(self, scope: Scope, status: int, started: float, request_id: str) -> None:

@@ -139,7 +139,7 @@ class Handlers:
     async def _create(self, request: Request, owner: str) -> tuple[Job, bool]:
         fields = await read_json(request, self.settings.max_body_bytes)
         prefers_async = "respond-async" in request.headers.get("prefer", "").lower()  # RFC 7240
-        caller = Caller(owner, idempotency_key(request), prefers_async, current_request_id())
+        caller = Caller(owner, idempotency_key(request), asynchronous=prefers_async, request_id=current_request_id())
         job = await self.s.create_job(fields, caller)
         return job, prefers_async or job.spec.webhook_url is not None  # a webhook makes any request asynchronous
 
