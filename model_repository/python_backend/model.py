@@ -46,7 +46,8 @@ def session_options(params: dict[str, str]) -> Any:
     options.enable_cpu_mem_arena = params.get("cpu_mem_arena", "0") == "1"
     # Memory patterns pre-plan one block per input shape on top of the arena; without them the arena alone reuses
     # its chunks (the 512 px UNet on 2 cores: 0.93 s a row at 2 rows and 3.4 GiB held, against 1.34 s and 5.6 GiB
-    # with them; docs/benchmarks.md, "CPU memory"). Absent, as in configs written before the export set it: onnxruntime's on.
+    # with them; docs/benchmarks.md, "CPU memory"). Absent, as in configs written before the export set it:
+    # onnxruntime's on.
     options.enable_mem_pattern = params.get("mem_pattern", "1") == "1"
     return options
 
