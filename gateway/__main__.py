@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ from gateway.diffusion.manifest import load_manifests
 from gateway.http.limits import GatewayConfig
 from gateway.jobs.sqlite import StoreInUse, check_not_in_use
 from gateway.observability import configure_logging
-from gateway.settings import PROJECT_ROOT, Settings, add_cli_arguments, is_postgres_url
+from gateway.settings import PROJECT_ROOT, Settings, SettingsError, add_cli_arguments, is_postgres_url
 from gateway.triton.server import TritonNotFound, TritonServer, TritonStartError
 
 log = logging.getLogger("gateway")
@@ -89,6 +90,17 @@ def cli_environment(args: argparse.Namespace) -> dict[str, str]:
         for name, value in vars(args).items()
         if value is not None and name in fields
     }
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding `host` serves this machine only: a loopback address or `localhost` (any other name may
+    resolve anywhere, so it counts as public)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def server_config(settings: Settings, app: Any, **options: Any) -> GatewayConfig:
@@ -182,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         help="gateway processes sharing the port (IMAGEN_WORKERS, default 1; more than 1 needs PostgreSQL)",
     )
     args = parser.parse_args(argv)
-    settings = Settings.from_env(os.environ).with_cli(args)
+    try:
+        settings = Settings.from_env(os.environ).with_cli(args)
+    except SettingsError as exc:  # a placeholder or short secret, an unsendable key: named, never shown
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return 2
     if settings.event_loop not in EVENT_LOOPS:
         print(f"gateway: error: IMAGEN_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}", file=sys.stderr)
         return 2
@@ -217,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "gateway: error: no API keys configured. Set IMAGEN_API_KEYS (comma-separated) or IMAGEN_API_KEYS_FILE, "
             "or pass --allow-anonymous for local development.",
+            file=sys.stderr,
+        )
+        return 2
+    if settings.allow_anonymous and not is_loopback_host(settings.host) and not settings.allow_anonymous_public:
+        print(
+            f"gateway: error: anonymous access on {settings.host} would serve anyone who can reach it. Bind a "
+            "loopback address (--host 127.0.0.1), configure API keys, or pass --allow-anonymous-public "
+            "(IMAGEN_ALLOW_ANONYMOUS_PUBLIC=1) to force it.",
             file=sys.stderr,
         )
         return 2

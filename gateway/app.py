@@ -19,7 +19,13 @@ from gateway.diffusion.manifest import load_manifests
 from gateway.errors import ApiError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.http.limits import InboundLimitsMiddleware
 from gateway.http.middleware import MetricsMiddleware, RequestIdMiddleware
-from gateway.http.ratelimit import RateLimitMiddleware, api_key_or_address, make_limiter, make_work_limiter
+from gateway.http.ratelimit import (
+    RateLimitMiddleware,
+    api_key_or_address,
+    make_limiter,
+    make_webhook_control_limiter,
+    make_work_limiter,
+)
 from gateway.http.responses import error_response
 from gateway.http.routes import Handlers, Services, routes
 from gateway.http.views import job_view
@@ -82,6 +88,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> App:
     )
     limiter = make_limiter(settings, registry=metrics.registry)  # shared through Redis when configured
     work_limiter = make_work_limiter(settings, registry=metrics.registry)  # UNet samples per key, charged by CreateJob
+    webhook_control = make_webhook_control_limiter(settings, registry=metrics.registry)  # redeliver, rotate
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -96,7 +103,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> App:
         storage = make_storage(settings)  # a folder, or an S3-compatible bucket shared by every replica
         http = netguard.make_client()  # no redirects, no proxies from the environment: netguard decides
         policy = OutboundPolicy.from_settings(settings)
-        decoded = DecodedInputs()
+        decoded = DecodedInputs(settings.decoded_cache_bytes)
         work.configure(settings)  # image work's own bounded thread pool, and the decode bound per image
 
         async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
@@ -121,7 +128,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> App:
         store, events = await open_job_store(settings.jobs_db)
         jobs = JobManager(
             store,
-            JobExecutor(pipelines, storage, decoded),
+            JobExecutor(
+                pipelines,
+                storage,
+                decoded,
+                storage_outage_s=settings.storage_outage_s,
+                storage_retry_max_s=settings.store_retry_max_s,
+            ),
             storage,
             settings,
             poster=post,
@@ -129,6 +142,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> App:
             render=render,
             events=events,
             on_event=metrics.on_job_event,
+            run_elsewhere=decoded.drop,  # another replica claimed the job: its kept input is not needed here
         )
         admission = Admission(pipelines=pipelines, http=http, policy=policy, fetch_timeout_s=settings.fetch_timeout_s)
         create_job = CreateJob(
@@ -148,6 +162,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> App:
             storage=storage,
             jobs=jobs,
             create_job=create_job,
+            webhook_control=webhook_control,
         )
         await jobs.start()
         log.info("serving pipelines: %s", ", ".join(sorted(manifests)) or "none")
@@ -161,6 +176,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> App:
             await triton.close()
             await limiter.aclose()
             await work_limiter.aclose()
+            await webhook_control.aclose()
 
     # Outermost first: request ids on every response (429s and 500s included), metrics count 429s too.
     middleware = [

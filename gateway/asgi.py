@@ -1,10 +1,11 @@
-"""The ASGI app factory for several gateway processes: `python -m gateway --workers N` (or IMAGEN_WORKERS=N).
+"""The ASGI app factory of the gateway's worker processes: `python -m gateway --workers N` (or IMAGEN_WORKERS=N).
 
 uvicorn starts each worker process afresh and imports `gateway.asgi:create_app_from_env` in it (`factory=True`),
 so a worker gets its settings from the environment alone: the launcher writes its command-line overrides into
-the environment (`IMAGEN_*`) before it starts the workers. Usable directly too:
-
-    uvicorn --factory gateway.asgi:create_app_from_env --workers 4 --host 0.0.0.0 --port 8080
+the environment (`IMAGEN_*`) before it starts the workers. Start it through the launcher only: it runs uvicorn
+with the connection cap and request-head deadline (`gateway.http.limits.GuardedH11Protocol`) and without
+uvicorn's access log, which would write every path, image capability URLs included. A bare
+`uvicorn --factory gateway.asgi:create_app_from_env` has neither.
 """
 
 from __future__ import annotations

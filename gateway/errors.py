@@ -8,6 +8,7 @@ module imports no web framework: jobs, media, diffusion and triton use it withou
 from __future__ import annotations
 
 from collections.abc import Mapping
+from http import HTTPStatus
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -173,6 +174,20 @@ def status_and_code(exc: ApiError) -> tuple[int, str]:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
     raise TypeError(f"{type(exc).__name__} is not an ApiError")  # unreachable for ApiError instances
+
+
+# Every 503 says when to try again (RFC 9110 15.6.4): an error without a `Retry-After` of its own gets this one.
+DEFAULT_RETRY_AFTER_S = 2
+RETRY_AFTER = "Retry-After"
+
+
+def response_headers(status: int, headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers an error is answered with, in any dialect: its own, plus `Retry-After` on a 503 without one,
+    so a client backs off from an outage (a store or Triton down, a full queue) instead of hammering it."""
+    out = dict(headers)
+    if status == HTTPStatus.SERVICE_UNAVAILABLE and not any(name.lower() == "retry-after" for name in out):
+        out[RETRY_AFTER] = str(DEFAULT_RETRY_AFTER_S)
+    return out
 
 
 def code_status(code: str) -> int:

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from typing import Any, ParamSpec, TextIO, TypeVar
+from typing import Any, Generic, ParamSpec, TextIO, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -267,6 +267,39 @@ class TritonBatchCollector:
         yield mean
 
 
+# Probes and scrapes (`/readyz`, `/metrics`) need no key; each answer stands for this long, so however many
+# arrive, Triton gets at most one readiness or statistics round per process per interval.
+PROBE_CACHE_S = 1.0
+
+
+class Coalesced(Generic[R]):
+    """An async call answered at most once per `ttl_s`, concurrent callers sharing the call in flight: 600
+    unauthenticated `/readyz` requests were ~5,400 Triton calls. A failure is not kept (the next caller retries)."""
+
+    def __init__(self, call: Callable[[], Awaitable[R]], ttl_s: float = PROBE_CACHE_S) -> None:
+        self.call = call
+        self.ttl_s = ttl_s
+        self.calls = 0
+        self._lock = asyncio.Lock()
+        self._value: tuple[float, R] | None = None
+
+    def _fresh(self) -> R | None:
+        if self._value is not None and time.monotonic() - self._value[0] < self.ttl_s:
+            return self._value[1]
+        return None
+
+    async def __call__(self) -> R:
+        if (value := self._fresh()) is not None:
+            return value
+        async with self._lock:
+            if (value := self._fresh()) is not None:
+                return value
+            self.calls += 1
+            result = await self.call()
+            self._value = (time.monotonic(), result)
+            return result
+
+
 def triton_stats_source(
     statistics: Callable[[str], Awaitable[Mapping[str, Any]]], models: Callable[[], Iterable[str]]
 ) -> Callable[[], Awaitable[TritonCounts]]:
@@ -292,7 +325,7 @@ def triton_stats_source(
         found = await asyncio.gather(*(one(m) for m in dict.fromkeys(models())))
         return dict(item for item in found if item is not None)
 
-    return source
+    return Coalesced(source)
 
 
 # replica address -> {"in_flight": n, "calls": n, "failures": n, "healthy": 0 or 1}, read at each scrape.

@@ -6,9 +6,10 @@ import argparse
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TypeGuard
+from urllib.parse import urlsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository" / "models"
@@ -18,6 +19,50 @@ _TRUE = {"1", "true", "yes", "on"}
 # RFC 6750 b64token: the only characters a bearer token can carry in an Authorization header.
 API_KEY_PATTERN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 COMMENT_PREFIX = "#"
+# API keys and the webhook secret seed shorter than this are refused at start-up (`IMAGEN_MIN_SECRET_LENGTH`).
+# The docs generate `secrets.token_urlsafe(32)` keys (43 characters) and `secrets.token_hex(32)` seeds (64).
+MIN_SECRET_LENGTH = 32
+# Placeholders (the Kubernetes example Secrets' `CHANGE_ME...`, the README's `YOUR_API_KEY`): a secret that
+# contains one, compared without case, `-`, `_`, `.` or spaces, is refused at start-up whatever its length.
+PLACEHOLDER_MARKERS = ("changeme", "yourapikey", "replaceme")
+GENERATE_HINT = 'generate one with python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+class SettingsError(ValueError):
+    """A setting the gateway refuses to start with; the message names the variable, never a secret value."""
+
+
+def is_placeholder(value: str) -> bool:
+    folded = re.sub(r"[-_.\s]", "", value).lower()
+    return any(marker in folded for marker in PLACEHOLDER_MARKERS)
+
+
+def check_secret(value: str, where: str, what: str, min_length: int) -> None:
+    """Refuse a placeholder or a secret shorter than `min_length`, naming `where` and never the value."""
+    if is_placeholder(value):
+        raise SettingsError(f"{where}: {what} is a placeholder value, not a secret; {GENERATE_HINT}")
+    if len(value) < min_length:
+        raise SettingsError(
+            f"{where}: {what} is shorter than {min_length} characters (IMAGEN_MIN_SECRET_LENGTH); {GENERATE_HINT}"
+        )
+
+
+_URL_SECRET_PARAM = re.compile(r"((?:^|&)[^=&]*(?:pass|secret|token|key|cred)[^=&]*=)[^&]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (or a user part without one, a token) and secret-looking query values masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    query = _URL_SECRET_PARAM.sub(r"\1***", parts.query)
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -32,7 +77,7 @@ def job_store_location(value: str) -> Path | str:
     return value.strip() if is_postgres_url(value) else Path(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -64,7 +109,11 @@ class Settings:
     storage_url: str | None = None
     s3_endpoint_url: str | None = None
     api_keys: frozenset[str] = field(default_factory=frozenset)
+    # The shortest API key or webhook secret seed `from_env` accepts (placeholders are refused at any length).
+    min_secret_length: int = MIN_SECRET_LENGTH
     allow_anonymous: bool = False
+    # Anonymous access on an address other than loopback: refused at start-up unless this forces it.
+    allow_anonymous_public: bool = False
     max_body_bytes: int = 20 * 1024 * 1024
     # Inbound limits (gateway/http/limits.py): request-body bytes read and parsed at once in a process (a body
     # waits up to `body_budget_wait_s` for room, then 503 `overloaded`), the time a whole body may take (408),
@@ -109,6 +158,11 @@ class Settings:
     job_lease_s: float = 30.0
     # Store errors (locked, full disk) are retried by workers with exponential backoff capped here.
     store_retry_max_s: float = 5.0
+    # How long a running job waits for the image storage to come back (its reads and writes retried with backoff up
+    # to `store_retry_max_s` apart) before it fails `store_unavailable`; `decoded_cache_bytes`: just-accepted jobs'
+    # model inputs kept in memory for their first run (jobs/execute.py:DecodedInputs).
+    storage_outage_s: float = 60.0
+    decoded_cache_bytes: int = 64 * 2**20
     # Fallback polls for what the event bus may have missed: idle workers look for work, waiters re-read their
     # job, the outbox looks for due webhooks, at this interval. Progress goes on the bus at most this often per job.
     job_poll_interval_s: float = 1.0
@@ -137,14 +191,38 @@ class Settings:
     # a per-key budget of UNet samples (num_images x effective steps x 2 with guidance) per minute with a burst
     # (429 `rate_limited`); 0 disables either. The burst should cover the costliest request (4 x 150 x 2 = 1200).
     max_active_jobs_per_key: int = 32
+    # Open event streams (`GET .../events`) per key and process (429 beyond it), so one key cannot hold every
+    # connection slot; 0: no cap.
+    max_event_streams_per_key: int = 16
     work_per_minute: float = 12000.0
     work_burst: int = 2400
+    # Per-key budget of webhook control calls (redeliver and secret rotation share it): each redelivery makes the
+    # gateway POST to a URL of the caller's choosing, so it is bounded like the work a job asks for. 0 disables.
+    webhook_control_per_minute: float = 10.0
+    webhook_control_burst: int = 10
     # Redis shared by the replicas (redis://host:6379/0): the rate limit then holds in total across them.
     redis_url: str | None = None
 
     @property
     def base_url(self) -> str:
         return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def __repr__(self) -> str:
+        """Every field, secrets masked: the API keys as a count, the webhook secret as `***`, and the password of
+        every URL (job store, Redis, S3 endpoint...). AWS credentials are never settings (boto reads AWS_*)."""
+        shown = []
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if spec.name == "api_keys":
+                text = f"<{len(value)} keys>"
+            elif spec.name == "webhook_secret":
+                text = "None" if value is None else "'***'"
+            elif isinstance(value, str) and "://" in value:
+                text = repr(redact_url(value))
+            else:
+                text = repr(value)
+            shown.append(f"{spec.name}={text}")
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -195,6 +273,8 @@ class Settings:
             ("max_run_attempts", int),
             ("job_lease_s", float),
             ("store_retry_max_s", float),
+            ("storage_outage_s", float),
+            ("decoded_cache_bytes", int),
             ("job_poll_interval_s", float),
             ("progress_publish_interval_s", float),
             ("retention_s", float),
@@ -210,22 +290,34 @@ class Settings:
             ("rate_limit_per_minute", float),
             ("rate_limit_burst", int),
             ("max_active_jobs_per_key", int),
+            ("max_event_streams_per_key", int),
             ("work_per_minute", float),
             ("work_burst", int),
+            ("webhook_control_per_minute", float),
+            ("webhook_control_burst", int),
             ("redis_url", str),
+            ("min_secret_length", int),
         ):
             raw = get(name.upper())
             if raw is not None:
                 values[name] = convert(raw)
-        for name in ("allow_anonymous", "export_demo"):
+        for name in ("allow_anonymous", "allow_anonymous_public", "export_demo"):
             raw = get(name.upper())
             if raw is not None:
                 values[name] = raw.strip().lower() in _TRUE
         allow = get("OUTBOUND_ALLOW")
         if allow is not None:
             values["outbound_allow"] = tuple(h.strip() for h in allow.split(",") if h.strip())
+        min_length = values.get("min_secret_length", MIN_SECRET_LENGTH)
+        if not isinstance(min_length, int) or min_length < 0:
+            raise SettingsError(f"IMAGEN_MIN_SECRET_LENGTH must be 0 or more, not {min_length}")
         keys_file = get("API_KEYS_FILE")
-        values["api_keys"] = load_api_keys(get("API_KEYS"), Path(keys_file) if keys_file else None)
+        values["api_keys"] = load_api_keys(
+            get("API_KEYS"), Path(keys_file) if keys_file else None, min_length=min_length
+        )
+        webhook_secret = values.get("webhook_secret")
+        if isinstance(webhook_secret, str):
+            check_secret(webhook_secret, "IMAGEN_WEBHOOK_SECRET", "the webhook secret seed", min_length)
         return cls(**values)  # type: ignore[arg-type]
 
     def with_cli(self, args: argparse.Namespace) -> Settings:
@@ -252,6 +344,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="accept requests without an API key, for local development (IMAGEN_ALLOW_ANONYMOUS=1)",
     )
     parser.add_argument(
+        "--allow-anonymous-public",
+        action="store_const",
+        const=True,
+        help="allow --allow-anonymous on a non-loopback --host too (IMAGEN_ALLOW_ANONYMOUS_PUBLIC=1)",
+    )
+    parser.add_argument(
         "--no-export-demo",
         dest="export_demo",
         action="store_const",
@@ -261,26 +359,28 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", help="uvicorn/gateway log level (default info)")
 
 
-def load_api_keys(env_value: str | None, keys_file: Path | None) -> frozenset[str]:
+def load_api_keys(env_value: str | None, keys_file: Path | None, *, min_length: int = 0) -> frozenset[str]:
     """Union of a comma-separated env value and a file with one key per line.
 
     In the file, blank lines and lines starting with `#` are ignored. A key that could never be sent as a
-    bearer token (spaces, non-ASCII...) raises ValueError at startup, naming where it is but not the key.
+    bearer token (spaces, non-ASCII...), a placeholder (`CHANGE_ME`...) or a key shorter than `min_length`
+    raises SettingsError (a ValueError) at startup, naming the variable and where it is but not the key.
     A missing file raises FileNotFoundError: a configured key file that is absent is a deployment error.
     """
     found: list[tuple[str, str]] = []
     if env_value:
-        found.extend((key.strip(), f"env entry {i + 1}") for i, key in enumerate(env_value.split(",")))
+        found.extend((key.strip(), f"IMAGEN_API_KEYS env entry {i + 1}") for i, key in enumerate(env_value.split(",")))
     if keys_file is not None:
         for number, line in enumerate(keys_file.read_text(encoding="utf-8").splitlines(), start=1):
             stripped = line.strip()
             if not stripped.startswith(COMMENT_PREFIX):
-                found.append((stripped, f"{keys_file}:{number}"))
+                found.append((stripped, f"IMAGEN_API_KEYS_FILE {keys_file}:{number}"))
     keys: set[str] = set()
     for key, where in found:
         if not key:
             continue
         if not API_KEY_PATTERN.fullmatch(key):
-            raise ValueError(f"API key at {where} is not a valid bearer token (RFC 6750 b64token)")
+            raise SettingsError(f"API key at {where} is not a valid bearer token (RFC 6750 b64token)")
+        check_secret(key, where, "the API key", min_length)
         keys.add(key)
     return frozenset(keys)

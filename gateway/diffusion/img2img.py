@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gateway.diffusion import sampling as math
-from gateway.diffusion.manifest import Component, PipelineManifest, SdxlConditioning
+from gateway.diffusion.manifest import Component, ExpectedOutput, PipelineManifest, SdxlConditioning
 from gateway.diffusion.schedulers import make_scheduler, scheduler_choices
 from gateway.errors import BackendError
-from gateway.observability import stage
+from gateway.observability import current_request_id, stage
 from gateway.triton.client import Engine
+
+log = logging.getLogger(__name__)
 
 
 class GenerationCanceled(Exception):
@@ -153,6 +156,67 @@ async def run_in_chunks(
     return {name: np.concatenate([part[name] for part in parts]) for name in outputs}
 
 
+INVALID_OUTPUT_MESSAGE = "The inference backend returned an invalid result"
+
+
+def output_problem(array: np.ndarray | None, expected: ExpectedOutput) -> str | None:
+    """What is wrong with one output against what it must be, or None when it may be used."""
+    if array is None:
+        return "missing"
+    if array.dtype != expected.dtype:
+        return f"dtype {array.dtype}, expected {expected.dtype}"
+    shape = expected.shape
+    if shape is None:
+        ok = array.ndim >= 1 and array.shape[0] == expected.rows
+        want = f"{expected.rows} rows"
+    else:
+        ok = array.ndim == len(shape) and all(e is None or a == e for a, e in zip(array.shape, shape, strict=True))
+        want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
+    if not ok:
+        return f"shape {list(array.shape)}, expected {want}"
+    if expected.finite and not np.all(np.isfinite(array)):
+        return "NaN or infinity"
+    return None
+
+
+class CheckedEngine:
+    """`engine` whose every answer for `component` is checked against what the manifest and the recipe expect
+    (`PipelineManifest.expected_outputs`) before anything uses it: one call at a time, so each chunk of a split
+    call is checked against its own rows before the chunks are joined. An answer that is not what was asked for
+    raises `BackendError` (502 `backend_error`) naming the model and output; the mismatch itself is logged."""
+
+    def __init__(self, engine: Engine, manifest: PipelineManifest, component: Component) -> None:
+        self.engine, self.manifest, self.component = engine, manifest, component
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        answer = await self.engine.infer(model, inputs, outputs)
+        shapes = {role: tuple(inputs[name].shape) for role, name in self.component.inputs.items() if name in inputs}
+        expected = self.manifest.expected_outputs(self.component, shapes)
+        role_of = {name: role for role, name in self.component.outputs.items()}
+        for name in outputs:
+            problem = output_problem(answer.get(name), expected[role_of[name]])
+            if problem is not None:
+                request_id = current_request_id()
+                log.warning("triton model %s answered an unusable %s: %s", model, name, problem)
+                raise BackendError(
+                    INVALID_OUTPUT_MESSAGE,
+                    f"Model '{model}' returned an invalid '{name}' output "
+                    f"({f'request {request_id}' if request_id else 'no request id'}; the cause is in the gateway log)",
+                )
+        return {name: answer[name] for name in outputs}
+
+    async def models_ready(self, models: Sequence[str]) -> bool:
+        return await self.engine.models_ready(models)
+
+    async def statistics(self, model: str) -> dict[str, Any]:
+        return await self.engine.statistics(model)
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """The UNet's inputs besides sample and timestep, for the whole (guidance-doubled) batch, by role."""
@@ -189,10 +253,12 @@ class Img2ImgPipeline:
     async def _run_component(self, component: Component, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One Triton call, or one per chunk of the model's max_batch_size rows when the inputs carry more (a
         guided request of 4 images is 8 UNet rows; a calibrated CPU UNet may take 2); inputs and outputs by
-        manifest role."""
+        manifest role. Every answer is checked (`CheckedEngine`: dtype, rows, shape, finite where needed) before
+        it is used or cached."""
         feeds = {component.inputs[role]: array for role, array in inputs.items()}
         names = list(component.outputs.values())
-        out = await run_in_chunks(self.engine, component.model, feeds, names, component.max_batch_size)
+        engine = CheckedEngine(self.engine, self.manifest, component)
+        out = await run_in_chunks(engine, component.model, feeds, names, component.max_batch_size)
         return {role: out[name] for role, name in component.outputs.items()}
 
     async def _run(self, component_name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from gateway.diffusion.sampling import img2img_scheduler_config
 from gateway.diffusion.schedulers import scheduler_choices, scheduler_name
@@ -21,10 +23,32 @@ MANIFEST_SUFFIX = ".pipeline.json"
 SUPPORTED_MANIFEST_VERSIONS = (1, 2)
 SUPPORTED_MANIFEST_VERSION = max(SUPPORTED_MANIFEST_VERSIONS)
 FAMILIES = ("sd", "sdxl")
+# The Triton datatypes an output the recipe reads may have, as numpy dtypes (a manifest declares each output's
+# `datatype`; the export serves FP32 outputs, fp16 models included).
+OUTPUT_DTYPES: Mapping[str, str] = {"FP32": "float32", "FP16": "float16", "FP64": "float64"}
 
 
 class ManifestError(ValueError):
     """A manifest that this gateway cannot serve."""
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One output as the manifest declares it: Triton datatype and shape (-1: any size; the batch axis is -1)."""
+
+    datatype: str = "FP32"
+    shape: tuple[int, ...] | None = None  # None: not declared
+
+
+@dataclass(frozen=True)
+class ExpectedOutput:
+    """What one output of one Triton call must be before the recipe uses it (`PipelineManifest.expected_outputs`):
+    its dtype, its shape (None where any size goes; `shape` None: only the batch axis is known), finite or not."""
+
+    dtype: np.dtype[Any]
+    rows: int
+    shape: tuple[int | None, ...] | None
+    finite: bool = False
 
 
 @dataclass(frozen=True)
@@ -34,6 +58,8 @@ class Component:
     outputs: Mapping[str, str]
     # The most rows one Triton call may carry (the model's max_batch_size); None (older manifests): unbounded.
     max_batch_size: int | None = None
+    # role -> the output's declared datatype and shape; a role absent: FP32, shape unknown.
+    output_specs: Mapping[str, OutputSpec] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,6 +116,43 @@ class PipelineManifest:
         parts = [t.component for t in self.texts] + [self.vae_encoder, self.unet, self.vae_decoder]
         return tuple(dict.fromkeys(c.model for c in parts))
 
+    def expected_outputs(
+        self, component: Component, input_shapes: Mapping[str, tuple[int, ...]]
+    ) -> dict[str, ExpectedOutput]:
+        """Role -> what `component` must answer to inputs of these shapes (by role): the declared datatype, as
+        many rows as were sent, and the shape the recipe needs: a text encoder's hidden states [rows, tokens,
+        width] and pooled [rows, width] (finite: they are cached), the VAE encoder's [rows, 2 x latent channels,
+        H / scale, W / scale], the UNet's its sample's shape, the decoder's [rows, 3, h x scale, w x scale]; a
+        size the recipe does not fix (a text width) is the declared one when the manifest declares it."""
+        f = self.vae_scale_factor
+        rows = next(iter(input_shapes.values()))[0] if input_shapes else 0
+        text_models = {t.component.model for t in self.texts} | {self.text_encoder.model}
+        sample, latent, ids = (input_shapes.get(r) for r in ("sample", "latent_sample", "input_ids"))
+        expected = {}
+        for role in component.outputs:
+            spec = component.output_specs.get(role, OutputSpec())
+            finite = False
+            recipe: tuple[int | None, ...] | None = None
+            if component.model == self.unet.model and sample is not None:
+                recipe = tuple(sample)
+            elif component.model == self.vae_encoder.model and sample is not None and len(sample) == 4:
+                recipe = (rows, 2 * self.latent_channels, sample[2] // f, sample[3] // f)
+            elif component.model == self.vae_decoder.model and latent is not None and len(latent) == 4:
+                recipe = (rows, 3, latent[2] * f, latent[3] * f)
+            elif component.model in text_models:
+                tokens = ids[1] if ids is not None and len(ids) == 2 else None
+                recipe = (rows, None) if role == "text_embeds" else (rows, tokens, None)
+                finite = True
+            shape, declared = recipe, spec.shape
+            if declared is not None and (shape is None or len(shape) == len(declared)):
+                # The recipe's sizes first; the declaration fills those it leaves open (-1 in it: any size).
+                known = shape or (None,) * len(declared)
+                shape = tuple(k if k is not None or d < 0 else d for k, d in zip(known, declared, strict=True))
+            if shape is not None:
+                shape = (rows, *shape[1:])
+            expected[role] = ExpectedOutput(np.dtype(OUTPUT_DTYPES[spec.datatype]), rows, shape, finite)
+        return expected
+
     def describe(self) -> dict[str, Any]:
         """The public view for `GET /v1/models`."""
         return {
@@ -107,12 +170,22 @@ class PipelineManifest:
         }
 
 
+def _output_spec(raw: Mapping[str, Any]) -> OutputSpec:
+    datatype = str(raw.get("datatype", "FP32"))
+    if datatype not in OUTPUT_DTYPES:
+        supported = ", ".join(OUTPUT_DTYPES)
+        raise ValueError(f"output {raw.get('name')!r} has datatype {datatype!r} (supported: {supported})")
+    shape = raw.get("shape")
+    return OutputSpec(datatype, None if shape is None else tuple(int(d) for d in shape))
+
+
 def _component(raw: Mapping[str, Any]) -> Component:
     return Component(
         model=str(raw["model"]),
         inputs={role: str(spec["name"]) for role, spec in raw["inputs"].items()},
         outputs={role: str(spec["name"]) for role, spec in raw["outputs"].items()},
         max_batch_size=None if raw.get("max_batch_size") is None else int(raw["max_batch_size"]),
+        output_specs={role: _output_spec(spec) for role, spec in raw["outputs"].items()},
     )
 
 

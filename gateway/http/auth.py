@@ -31,17 +31,28 @@ def _match_key(token: str, keys: frozenset[str]) -> str | None:
     return matched
 
 
+def known_key(authorization_header: str | None, keys: frozenset[str]) -> str | None:
+    """The configured key this header presents, else None (never raises: for keying limits, not for access)."""
+    token = _bearer_token(authorization_header)
+    return None if token is None else _match_key(token, keys)
+
+
 def check_bearer(authorization_header: str | None, keys: frozenset[str], allow_anonymous: bool) -> str | None:
     """Return the caller's API key, or None for an anonymous caller when `allow_anonymous` is set.
 
-    With `allow_anonymous`, a missing, malformed or unknown token is let through as anonymous (None) rather
-    than rejected, so clients that always send a token keep working; a valid key is still returned so usage
-    can be attributed. Without it: no usable token -> "Missing bearer token", unknown -> "Invalid API key".
+    A presented key that is not one of `keys` is always refused ("Invalid API key"): with keys configured, a
+    mistyped key must not become the shared anonymous user, who would see other anonymous callers' jobs. With
+    `allow_anonymous`, a request without an Authorization header is anonymous, and so is any token when no key is
+    configured at all (there is no key to mistype; SDKs always send one). Without it: no header or no usable
+    token -> "Missing bearer token".
     """
     token = _bearer_token(authorization_header)
     matched = None if token is None else _match_key(token, keys)
-    if matched is not None or allow_anonymous:
+    if matched is not None:
         return matched
-    if token is None:
+    presented = bool(authorization_header and authorization_header.strip())
+    if allow_anonymous and (not presented or not keys):
+        return None
+    if token is None:  # no header, or one that is not `Bearer <token>`
         raise Unauthorized("Missing bearer token", AUTH_DETAILS)
     raise Unauthorized("Invalid API key", AUTH_DETAILS)

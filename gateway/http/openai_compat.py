@@ -40,6 +40,7 @@ from gateway.errors import (
     NotFound,
     UnsupportedMediaType,
     code_status,
+    response_headers,
     status_and_code,
 )
 from gateway.http.body import capped_stream
@@ -231,7 +232,7 @@ def openai_error(
         message=text, type="server_error" if status >= 500 else "invalid_request_error", param=param, code=code
     )
     body = OpenAIErrorBody(error=error).model_dump(mode="json")
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+    return JSONResponse(body, status_code=status, headers=response_headers(status, headers or {}))
 
 
 def openai_error_response(exc: ApiError) -> JSONResponse:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Mapping
+from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
 
@@ -124,8 +125,11 @@ CODE_NOTES: Mapping[str, str] = MappingProxyType(
         "unauthorized": "missing or unknown bearer key",
     }
 )
-# Codes answered with `Retry-After`.
-RETRY_AFTER_CODES = frozenset({"rate_limited", "too_many_jobs", "overloaded"})
+# Codes answered with `Retry-After`: the per-key limits, and every 503 (`errors.response_headers`).
+RETRY_AFTER_CODES = frozenset(
+    {"rate_limited", "too_many_jobs"}
+    | {code for status, code in ERROR_TABLE.values() if status == HTTPStatus.SERVICE_UNAVAILABLE}
+)
 # Any request, before it reaches an operation: the connection cap (`overloaded`) and a bug (`internal_error`).
 ANY_REQUEST = ("overloaded", "internal_error")
 AUTHENTICATED = ("unauthorized", *ANY_REQUEST)
@@ -428,7 +432,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                     )
                 },
                 JOB_NOT_FOUND,
-                error_responses(*JOB_ERRORS),
+                error_responses(*JOB_ERRORS, "rate_limited"),
             ),
             parameters=[JOB_ID],
         ),
@@ -444,7 +448,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             _merge(
                 {"202": _response("The job, its webhook pending again", JOB_JSON)},
                 JOB_NOT_FOUND,
-                error_responses(*JOB_ERRORS, "nothing_to_redeliver"),
+                error_responses(*JOB_ERRORS, "nothing_to_redeliver", "rate_limited"),
             ),
             parameters=[JOB_ID],
         ),
@@ -468,7 +472,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             "rotateWebhookSecret",
             "Issue a new secret for this API key; the previous one keeps signing beside it (several "
             "`v1,` signatures in `webhook-signature`) until `previous_expires_at`. Concurrent rotations make one.",
-            _merge({"200": _response("The new secret", _json(_ref("WebhookSecret")))}, error_responses(*AUTHENTICATED)),
+            _merge(
+                {"200": _response("The new secret", _json(_ref("WebhookSecret")))},
+                error_responses(*AUTHENTICATED, "rate_limited"),
+            ),
         ),
     ),
     Endpoint(
@@ -539,7 +546,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                     "200": _response("Ready", _json(_ref("Status"))),
                     "503": _response(
                         'Not ready (`{"status": "not_ready"}`), or `overloaded` in the error shape (too many '
-                        "open connections, with Retry-After)",
+                        "open connections); either with Retry-After",
                         _json({"anyOf": [_ref("Status"), _ref("Error")]}),
                         "Retry-After",
                     ),

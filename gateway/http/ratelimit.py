@@ -66,7 +66,7 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import RateLimited
-from gateway.http.auth import check_bearer
+from gateway.http.auth import known_key
 from gateway.http.responses import error_response
 from gateway.settings import Settings
 
@@ -86,6 +86,7 @@ log = logging.getLogger(__name__)
 
 
 WORK_KEY_PREFIX = "imagen:worklimit:v1:"
+WEBHOOK_CONTROL_KEY_PREFIX = "imagen:webhookcontrol:v1:"
 
 
 class Limiter(Protocol):
@@ -346,6 +347,37 @@ def make_work_limiter(settings: Settings, *, registry: CollectorRegistry | None 
     return TokenBucketLimiter(per_minute, burst)
 
 
+def make_webhook_control_limiter(settings: Settings, *, registry: CollectorRegistry | None = None) -> Limiter:
+    """The per-key budget of webhook control calls (redeliver, rotate: `IMAGEN_WEBHOOK_CONTROL_PER_MINUTE`/
+    `_BURST`; 0 disables), shared through Redis when `settings.redis_url` is set, as the other buckets."""
+    per_minute, burst = settings.webhook_control_per_minute, settings.webhook_control_burst
+    if settings.redis_url and per_minute > 0 and burst > 0:
+        return RedisTokenBucketLimiter(
+            settings.redis_url,
+            per_minute,
+            burst,
+            key_prefix=WEBHOOK_CONTROL_KEY_PREFIX,
+            registry=registry,
+            metric_prefix="imagen_webhook_control_limit",
+        )
+    return TokenBucketLimiter(per_minute, burst)
+
+
+async def charge_webhook_control(limiter: Limiter, owner: str) -> None:
+    """One webhook control call of `owner`, or 429 `rate_limited` with `Retry-After` when its budget is spent."""
+    if not limiter.enabled:
+        return
+    wait_s = await limiter.take(owner)
+    if wait_s > 0:
+        seconds = retry_after_s(wait_s)
+        raise RateLimited(
+            "Webhook control limit exceeded",
+            f"At most {limiter.per_minute:g} redeliveries and secret rotations a minute per API key (bursts of "
+            f"{limiter.burst}); retry in {seconds} s",
+            headers={"Retry-After": str(seconds)},
+        )
+
+
 def retry_after_s(wait_s: float) -> int:
     """`Retry-After` in whole seconds, rounded up so a client that waits exactly that long gets a token."""
     return max(1, math.ceil(wait_s - 1e-9))
@@ -373,7 +405,7 @@ def api_key_or_address(api_keys: frozenset[str]) -> KeyFn:
     """
 
     def key_fn(scope: Scope) -> str:
-        key = check_bearer(_header(scope, b"authorization"), api_keys, allow_anonymous=True)
+        key = known_key(_header(scope, b"authorization"), api_keys)
         if key is not None:
             return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
         return "addr:" + client_address(scope)

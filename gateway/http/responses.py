@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.errors import ApiError, code_status, status_and_code
+from gateway.errors import ApiError, code_status, response_headers, status_and_code
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -34,13 +34,16 @@ class ErrorDialect(Protocol):
 def error_response(exc: ApiError) -> JSONResponse:
     """Render `exc` as the JSON error response the spec documents, with any headers it carries."""
     status, code = status_and_code(exc)
-    return JSONResponse(error_body(code, exc.message, exc.details), status_code=status, headers=dict(exc.headers))
+    body = error_body(code, exc.message, exc.details)
+    return JSONResponse(body, status_code=status, headers=response_headers(status, exc.headers))
 
 
 def stored_error_response(code: str, message: str, details: str | None, headers: Mapping[str, str]) -> JSONResponse:
     """A failed job's stored error as its synchronous caller gets it: the same shape, and the status the table
     gives its code."""
-    return JSONResponse(error_body(code, message, details), status_code=code_status(code), headers=dict(headers))
+    status = code_status(code)
+    body = error_body(code, message, details)
+    return JSONResponse(body, status_code=status, headers=response_headers(status, headers))
 
 
 class NativeErrors:
@@ -74,6 +77,7 @@ def raw_error_response(exc: ApiError) -> bytes:
     status, code = status_and_code(exc)
     body = json.dumps(error_body(code, exc.message, exc.details), separators=(",", ":")).encode()
     headers = {"content-type": "application/json", "content-length": str(len(body))}
-    headers |= {name.lower(): value for name, value in exc.headers.items()} | {"connection": "close"}
+    headers |= {name.lower(): value for name, value in response_headers(status, exc.headers).items()}
+    headers |= {"connection": "close"}
     head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     return (head + "\r\n").encode("latin-1") + body

@@ -24,15 +24,19 @@ from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import (
     InvalidRequest,
     NotFound,
+    RateLimited,
+    Unauthorized,
     UnsupportedMediaType,
+    response_headers,
 )
 from gateway.http import openai_compat
-from gateway.http.auth import check_bearer
+from gateway.http.auth import AUTH_DETAILS, check_bearer
 from gateway.http.body import read_capped
 from gateway.http.limits import release_body_budget
 from gateway.http.middleware import metrics_endpoint
 from gateway.http.openapi import ENDPOINTS, openapi_endpoint
 from gateway.http.playground import Playground
+from gateway.http.ratelimit import Limiter, charge_webhook_control
 from gateway.http.responses import NATIVE_ERRORS, rendering_errors
 from gateway.http.views import job_view, secret_view
 from gateway.jobs.create import Caller, CreateJob
@@ -42,7 +46,7 @@ from gateway.jobs.naming import parse_name
 from gateway.jobs.request import DEFAULT_MODEL, PARAMETER_LIMITS
 from gateway.jobs.runner import JobManager
 from gateway.media.storage import Storage
-from gateway.observability import current_request_id, stage
+from gateway.observability import Coalesced, current_request_id, stage
 from gateway.settings import Settings
 from gateway.triton.client import Engine
 
@@ -50,6 +54,7 @@ log = logging.getLogger("gateway")
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 SSE_HEARTBEAT_S = 15.0
+SSE_HEARTBEAT_S_INT = int(SSE_HEARTBEAT_S)  # a refused stream's Retry-After: streams end or beat that often
 # JSON structure bytes (`{`, `[`, `,`) a body may hold: parsing costs Python objects per value (an empty `{}` is
 # 64 bytes for 2 bytes of body), so past this a body is refused before it is parsed. A valid request has a few
 # dozen values; prompts with commas count too and stay far below.
@@ -74,6 +79,7 @@ class Services:
     storage: Storage
     jobs: JobManager
     create_job: CreateJob
+    webhook_control: Limiter  # per-key budget of redeliveries and rotations
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -112,6 +118,8 @@ class Handlers:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.services: Services | None = None
+        self._readiness = Coalesced(self._ready)
+        self._streams: dict[str, int] = {}  # owner -> open event streams
 
     @property
     def s(self) -> Services:
@@ -175,40 +183,76 @@ class Handlers:
         return await self.s.create_job(edit.fields, caller), edit.form.response_format
 
     async def get_job(self, request: Request) -> Response:
-        job = await self.s.jobs.get(request.path_params["job_id"], self._owner(request))
+        owner = self._owner(request)  # the key first: an unknown one is 401 before any lookup
+        job = await self.s.jobs.get(request.path_params["job_id"], owner)
         return JSONResponse(await self._view(job))
 
     async def cancel_job(self, request: Request) -> Response:
-        job = await self.s.jobs.cancel(request.path_params["job_id"], self._owner(request))
+        owner = self._owner(request)
+        job = await self.s.jobs.cancel(request.path_params["job_id"], owner)
         return JSONResponse(await self._view(job))
 
     async def job_events(self, request: Request) -> Response:
         """Server-sent events: the job view on every change (progress steps, status), until it finishes."""
-        job = await self.s.jobs.get(request.path_params["job_id"], self._owner(request))
+        owner = self._owner(request)
+        job = await self.s.jobs.get(request.path_params["job_id"], owner)
+        self._check_streams(owner)
 
         async def stream() -> AsyncIterator[bytes]:
-            async with contextlib.aclosing(follow(self.s.jobs, job, heartbeat_s=SSE_HEARTBEAT_S)) as updates:
-                async for update in updates:
-                    if update.heartbeat:
-                        yield b": keep-alive\n\n"
-                    else:
-                        view = json.dumps(job_view(update.job, update.progress), separators=(",", ":"))
-                        yield f"event: job\ndata: {view}\n\n".encode()
+            self._streams[owner] = self._streams.get(owner, 0) + 1
+            try:
+                async with contextlib.aclosing(follow(self.s.jobs, job, heartbeat_s=SSE_HEARTBEAT_S)) as updates:
+                    async for update in updates:
+                        if update.heartbeat:
+                            yield b": keep-alive\n\n"
+                        else:
+                            view = json.dumps(job_view(update.job, update.progress), separators=(",", ":"))
+                            yield f"event: job\ndata: {view}\n\n".encode()
+            finally:
+                left = self._streams[owner] - 1
+                if left:
+                    self._streams[owner] = left
+                else:
+                    del self._streams[owner]
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
 
+    def _check_streams(self, owner: str) -> None:
+        """One key may hold at most `max_event_streams_per_key` event streams in this process, so it cannot take
+        every connection slot (a stream counts from its first byte to its end)."""
+        cap = self.settings.max_event_streams_per_key
+        if cap > 0 and self._streams.get(owner, 0) >= cap:
+            raise RateLimited(
+                "Too many event streams",
+                f"At most {cap} open event streams per API key; close one, or poll the job instead",
+                headers={"Retry-After": str(SSE_HEARTBEAT_S_INT)},
+            )
+
+    def _keyed_owner(self, request: Request) -> str:
+        """The owner of a request that must come with an API key: the anonymous callers share one owner, so a
+        secret of theirs would be every anonymous caller's to read and rotate."""
+        key = self._auth(request)
+        if key is None:
+            raise Unauthorized("An API key is required", f"Webhook secrets belong to an API key; {AUTH_DETAILS}")
+        return owner_of(key)
+
     async def webhook_secret(self, request: Request) -> Response:
-        secrets = await self.s.jobs.secrets.current(self._owner(request))
+        owner = self._keyed_owner(request)
+        secrets = await self.s.jobs.secrets.current(owner)
         return JSONResponse(secret_view(secrets, time.time()))
 
     async def rotate_webhook_secret(self, request: Request) -> Response:
-        secrets = await self.s.jobs.secrets.rotate(self._owner(request))
+        owner = self._keyed_owner(request)
+        await charge_webhook_control(self.s.webhook_control, owner)
+        secrets = await self.s.jobs.secrets.rotate(owner)
         return JSONResponse(secret_view(secrets, time.time()))
 
     async def redeliver_webhook(self, request: Request) -> Response:
-        job = await self.s.jobs.redeliver(request.path_params["job_id"], self._owner(request))
+        owner = self._owner(request)
+        await charge_webhook_control(self.s.webhook_control, owner)
+        job = await self.s.jobs.redeliver(request.path_params["job_id"], owner)
         return JSONResponse(await self._view(job), status_code=HTTPStatus.ACCEPTED)
 
     async def get_image(self, request: Request) -> Response:
@@ -230,7 +274,8 @@ class Handlers:
             raise missing
         max_age = max(0, int(self.settings.retention_s))
         headers = {
-            "Cache-Control": f"{'private' if is_input else 'public'}, max-age={max_age}",
+            # Private for outputs too: their URLs are capabilities, which a shared cache must not hand to others.
+            "Cache-Control": f"private, max-age={max_age}",
             "X-Content-Type-Options": "nosniff",
         }
         if is_input:
@@ -265,12 +310,16 @@ class Handlers:
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readyz(self, request: Request) -> Response:
+    async def _ready(self) -> bool:
         models = [m for p in self.s.pipelines.values() for m in p.manifest.models]
-        ready = bool(models) and await self.s.engine.models_ready(models)
+        return bool(models) and await self.s.engine.models_ready(models)
+
+    async def readyz(self, request: Request) -> Response:
+        ready = await self._readiness()  # one Triton round per interval, however many probes arrive
         # A probe's answer, not an error: Kubernetes reads the status alone (the body is the `Status` schema).
         status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
-        return JSONResponse({"status": "ready" if ready else "not_ready"}, status_code=status)
+        headers = response_headers(status, {})  # a 503 says when to look again, as every 503 here does
+        return JSONResponse({"status": "ready" if ready else "not_ready"}, status_code=status, headers=headers)
 
 
 class OwnPathRoute(Route):

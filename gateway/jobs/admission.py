@@ -91,7 +91,8 @@ class Admitted:
     spec: JobSpec
     data: bytes
     source_url: str | None  # the caller's URL when the image was fetched
-    image: Image.Image
+    input_size: Size  # the image as sent (upright)
+    model_input: Image.Image  # RGB at `spec.processed_size`: what the recipe reads (the original is not kept)
     cost: int  # UNet samples (`work_cost`), as charged to the key's budget
 
 
@@ -136,10 +137,13 @@ class Admission:
         # 4. The work, charged to the key's budget once the request is known to be valid.
         cost = work_cost(request.num_images, request.steps, request.strength, request.guidance_scale)
         await charge(cost)
-        # 5. The image: the bytes given, or fetched; decoded, checked, and sized to the model's grid.
+        # 5. The image: the bytes given, or fetched; decoded, checked, sized to the model's grid and resized to it.
         data, source_url = await self._image_bytes(request.image)
         image = await run_image_work(codecs.decode_image, data)
         width, height = codecs.fit_to_grid(image.width, image.height, manifest.native_resolution, manifest.grid)
+        input_size = Size(image.width, image.height)
+        model_input = await run_image_work(codecs.resize_for_model, image, (width, height))
+        del image  # a 2048 px original is 12 MiB; only the resized input is kept for the first run
         # 6. The spec: the seed drawn when absent (a re-run must give the same pixels), the steps diffusers runs.
         spec = JobSpec(
             **sampling_knobs(request),
@@ -157,7 +161,14 @@ class Admission:
             output_format=request.output_format,
             output_quality=quality,
         )
-        return Admitted(spec=spec, data=data, source_url=source_url, image=image, cost=cost)
+        return Admitted(
+            spec=spec,
+            data=data,
+            source_url=source_url,
+            input_size=input_size,
+            model_input=model_input,
+            cost=cost,
+        )
 
     async def _image_bytes(self, field: str | bytes) -> tuple[bytes, str | None]:
         if isinstance(field, bytes):  # an upload: already read, within the body cap

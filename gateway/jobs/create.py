@@ -190,10 +190,9 @@ class CreateJob:
         extension, content_type = _STORED_FORMATS[codecs.sniff_format(admitted.data) or "PNG"]
         stored = input_name(job_id, extension)
         await self.storage.put(stored, admitted.data, content_type)
-        self.decoded.put(job_id, admitted.image)
+        self.decoded.put(job_id, admitted.model_input)
         # 7. The job record, written before any work starts.
         created_at = now_iso()
-        image = admitted.image
         job = Job(
             id=job_id,
             owner=caller.owner,
@@ -202,8 +201,8 @@ class CreateJob:
             input=InputImage(
                 url=admitted.source_url or self.storage.url_for(stored),
                 name=stored,
-                width=image.width,
-                height=image.height,
+                width=admitted.input_size.width,
+                height=admitted.input_size.height,
             ),
             created_at=created_at,
             updated_at=created_at,

@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
+import logging
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from PIL import Image
 
 from gateway.diffusion.img2img import Generation, Img2ImgPipeline, sampling_knobs
 from gateway.diffusion.sampling import image_seeds
 from gateway.diffusion.styles import STYLE_PRESETS, apply_style
-from gateway.errors import InternalError, InvalidRequest
+from gateway.errors import InternalError, InvalidRequest, StoreUnavailable
 from gateway.jobs.admission import resolve_pipeline
 from gateway.jobs.model import Job, OutputImage
-from gateway.jobs.naming import output_name
+from gateway.jobs.naming import new_output_token, output_name
 from gateway.media import codecs
 from gateway.media.storage import CONTENT_TYPES, Storage
 from gateway.media.work import run_image_work
+from gateway.settings import Settings
 
-DECODED_CACHE_SIZE = 32
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Model inputs kept for the first run (RGB at the processed size: 3 MiB at 1024 px), `IMAGEN_DECODED_CACHE_BYTES`.
+DEFAULT_DECODED_CACHE_BYTES = Settings.decoded_cache_bytes
+# A stored object read or written while the storage is down: retried from this delay, doubled up to the settings'
+# `store_retry_max_s`, for at most `storage_outage_s` before the job fails `store_unavailable`.
+STORAGE_RETRY_FIRST_S = 0.1
 
 
 def scheduler_config(pipeline: Img2ImgPipeline, name: str | None) -> Mapping[str, Any] | None:
@@ -34,19 +46,45 @@ def scheduler_config(pipeline: Img2ImgPipeline, name: str | None) -> Mapping[str
 
 
 class DecodedInputs:
-    """Decoded inputs of just-accepted jobs, so the first run does not decode twice (bounded: misses re-decode)."""
+    """Model inputs of just-accepted jobs (RGB at the processed size, what the recipe reads), so the first run
+    neither reads the stored input back nor decodes and resizes it again.
 
-    def __init__(self, size: int = DECODED_CACHE_SIZE) -> None:
-        self._size = size
+    Bounded in bytes, least recently put evicted first (a miss only costs a re-read), and an entry leaves as soon
+    as any replica runs its job: `take` here, `drop` when another replica reports the job's progress. Without the
+    byte bound, 32 decoded 2048 px originals held 540 MiB.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_DECODED_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._images: OrderedDict[str, Image.Image] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._images)
+
+    @staticmethod
+    def _size(image: Image.Image) -> int:
+        return image.width * image.height * len(image.getbands())
+
     def put(self, job_id: str, image: Image.Image) -> None:
+        self.drop(job_id)
+        size = self._size(image)
+        if size > self.max_bytes:
+            return  # larger than the whole budget: read back from storage when the job runs
         self._images[job_id] = image
-        while len(self._images) > self._size:
-            self._images.popitem(last=False)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, evicted = self._images.popitem(last=False)
+            self.bytes -= self._size(evicted)
 
     def take(self, job_id: str) -> Image.Image | None:
-        return self._images.pop(job_id, None)
+        image = self._images.pop(job_id, None)
+        if image is not None:
+            self.bytes -= self._size(image)
+        return image
+
+    def drop(self, job_id: str) -> None:
+        self.take(job_id)
 
 
 class JobExecutor:
@@ -57,10 +95,31 @@ class JobExecutor:
         pipelines: Mapping[str, Img2ImgPipeline],
         storage: Storage,
         decoded: DecodedInputs,
+        *,
+        storage_outage_s: float = Settings.storage_outage_s,
+        storage_retry_max_s: float = Settings.store_retry_max_s,
     ) -> None:
         self.pipelines = pipelines
         self.storage = storage
         self.decoded = decoded
+        self.storage_outage_s = storage_outage_s
+        self.storage_retry_max_s = storage_retry_max_s
+
+    async def _stored(self, what: str, job_id: str, op: Callable[[], Awaitable[T]]) -> T:
+        """`op` on the image storage, retried with backoff while the storage is unavailable, for at most
+        `storage_outage_s`: an outage of a few seconds delays the job instead of failing it (its images are
+        already computed), a longer one fails it `store_unavailable`."""
+        deadline = time.monotonic() + self.storage_outage_s
+        delay = STORAGE_RETRY_FIRST_S
+        while True:
+            try:
+                return await op()
+            except StoreUnavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("job %s: storage unavailable (%s); retrying in %.1f s", job_id, what, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, self.storage_retry_max_s)
 
     async def __call__(
         self, job: Job, *, on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
@@ -68,14 +127,15 @@ class JobExecutor:
         spec = job.spec
         # 1. The model, and the input as first decoded (or read back from storage after a restart).
         pipeline = resolve_pipeline(self.pipelines, spec.model)
+        size = (spec.processed_size.width, spec.processed_size.height)
         image = self.decoded.take(job.id)
         if image is None:
-            found = await self.storage.get(job.input.name)
+            found = await self._stored("read input", job.id, lambda: self.storage.get(job.input.name))
             if found is None:
                 raise InternalError("Job input is missing", f"Stored input {job.input.name} not found")
             image = await run_image_work(codecs.decode_image, found[0], wait=True)
-        # 2. The tensor at the processed size, the styled prompts, one seed per image.
-        size = (spec.processed_size.width, spec.processed_size.height)
+        # 2. The tensor at the processed size (a cached input is already resized), the styled prompts, one seed per
+        # image.
         tensor = await run_image_work(codecs.image_to_tensor, image, size, wait=True)
         prompt, negative = apply_style(spec.prompt, spec.negative_prompt, STYLE_PRESETS.get(spec.style or ""))
         seeds = image_seeds(spec.seed, spec.num_images)
@@ -95,13 +155,14 @@ class JobExecutor:
         # 4. Encode (the request's format, no metadata) and store each image, with the digest of its bytes.
         images = []
         extension = codecs.OUTPUT_EXTENSIONS[spec.output_format]
+        token = new_output_token()  # the outputs' names are capabilities: not derivable from the job id
         for i, sample in enumerate(result.images):
-            name = output_name(job.id, i, job.run_attempts, extension)
+            name = output_name(job.id, i, extension=extension, token=token)
             content_type = CONTENT_TYPES[extension]
             data = await run_image_work(
                 codecs.encode_output, sample, spec.output_format, spec.output_quality, wait=True
             )
-            await self.storage.put(name, data, content_type)
+            await self._stored("store output", job.id, functools.partial(self.storage.put, name, data, content_type))
             images.append(
                 OutputImage(
                     name=name,

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 from gateway.errors import ApiError, Interrupted, RunAttemptsExhausted, StoreUnavailable, status_and_code
 from gateway.jobs.events import EventKind, JobEvent, JobEvents
-from gateway.jobs.model import CANCELED, FAILED, PROCESSING, Job, JobError
+from gateway.jobs.model import CANCELED, FAILED, PROCESSING, Job, JobError, Lease
 from gateway.jobs.outbox import Retrying, Spawn
 from gateway.jobs.retention import StorageSweeper
 from gateway.jobs.store import JobStore, Transition, transition
@@ -37,9 +37,12 @@ def job_error(exc: ApiError) -> JobError:
     return JobError(code=code, message=exc.message, details=exc.details)
 
 
-def _if_lease_expired(job: Job, *, change: Transition, now: float) -> Job | None:
-    if job.status == PROCESSING and job.lease is not None and job.lease.expires_at >= now:
-        return None  # renewed since it was read: its worker lives
+def _if_lease_unchanged(job: Job, *, change: Transition, seen: Lease | None) -> Job | None:
+    """`change`, only while the job still runs under the (expired) lease it was found with: a renewal or a new
+    claim since then changes the lease, and its worker lives. No clock is read here: the store judged the
+    expiry by its own (the database's, for a shared store)."""
+    if job.status != PROCESSING or job.lease != seen:
+        return None
     return change(job)
 
 
@@ -82,11 +85,11 @@ class Maintenance:
         self.spawn(self._reclaim_loop())
         self.spawn(self._retention_loop())
 
-    async def _recover(self, job: Job, *, caller_gone: bool, expired_before: float | None = None) -> None:
+    async def _recover(self, job: Job, *, caller_gone: bool, lease_expired: bool = False) -> None:
         """Take over an orphaned job. A synchronous one is failed `interrupted` only when its caller is known
         gone (its process died with the store's only process); on a shared store its caller may still wait on
-        another replica, so it runs again. With `expired_before`, only while its lease is still expired (its
-        owner may have renewed it since it was read)."""
+        another replica, so it runs again. With `lease_expired` (found by `expired_leases`), only while it still
+        runs under the lease it was found with (its owner may have renewed it since it was read)."""
         change: Transition
         if job.cancel_requested:
             change = functools.partial(Job.ended, status=CANCELED)
@@ -108,8 +111,8 @@ class Maintenance:
             change = functools.partial(Job.ended, status=FAILED, error=exhausted)
         else:
             change = Job.requeued
-        if expired_before is not None:
-            change = functools.partial(_if_lease_expired, change=change, now=expired_before)
+        if lease_expired:
+            change = functools.partial(_if_lease_unchanged, change=change, seen=job.lease)
         stored, applied = await self.retrying("recovery", job.id, lambda: transition(self.store, job, change))
         if not applied:
             return
@@ -125,12 +128,11 @@ class Maintenance:
         while True:
             await asyncio.sleep(self.settings.job_lease_s / 2)
             try:
-                now = time.time()
-                for job in await self.store.expired_leases(now, RECLAIM_BATCH):
+                for job in await self.store.expired_leases(RECLAIM_BATCH):  # expired by the store's clock
                     if self.running_here(job.id):
                         continue  # ours and alive: its renewals failed for a while; the next one restores it
                     log.warning("job %s: lease of %s expired; taking it over", job.id, job.lease)
-                    await self._recover(job, caller_gone=False, expired_before=now)
+                    await self._recover(job, caller_gone=False, lease_expired=True)
             except StoreUnavailable:
                 continue
             except Exception:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -134,12 +135,25 @@ class DeliveryAttempt:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+def new_claim_id() -> str:
+    return secrets.token_hex(8)
+
+
 @dataclass(frozen=True)
 class Lease:
-    """Which worker runs a job, until when (epoch seconds); renewed while it runs."""
+    """Which worker runs a job, until when (epoch seconds, the store's clock); renewed while it runs.
+
+    `claim` names one claim (one run): minted at each claim, required by renew, release and finish, so a stale run
+    of the same worker (frozen, its job taken over and claimed again by the same process) is refused. Rows
+    written before issue 22 read back with `claim` "": such a lease is held by nobody (never renewed or
+    finished) and is taken over once it expires."""
 
     owner: str
     expires_at: float
+    claim: str = ""
+
+    def held_by(self, worker: str, claim: str) -> bool:
+        return bool(self.claim) and self.claim == claim and self.owner == worker
 
 
 @dataclass(frozen=True)
@@ -195,6 +209,7 @@ class Job:
     steps_done: int = 0  # as of the last store write (live progress is in memory, never written per step)
     lease: Lease | None = None
     not_before: float = 0.0  # epoch seconds before which no worker claims it (a retry's delay)
+    finished_claim: str | None = None  # the claim whose run wrote the final state (None: ended by anyone else)
     version: int = 0  # bumped by every store write: the compare-and-set token
 
     @property
@@ -208,30 +223,35 @@ class Job:
 
     # --- transitions: each returns the new job, or None when it does not apply to this state ---------------
 
+    def held_by(self, worker: str, claim: str) -> bool:
+        """Processing under this very claim of `worker` (not only the worker: a stale run of it is refused)."""
+        return self.status == PROCESSING and self.lease is not None and self.lease.held_by(worker, claim)
+
     def claimed(self, worker: str, lease_until: float) -> Job | None:
-        """queued -> processing under `worker`'s lease (a canceled or finished job is not picked up)."""
+        """queued -> processing under `worker`'s lease, with a new claim id (a canceled or finished job is not
+        picked up)."""
         if self.status != QUEUED:
             return None
         return dataclasses.replace(
             self,
             status=PROCESSING,
             run_attempts=self.run_attempts + 1,
-            lease=Lease(worker, lease_until),
+            lease=Lease(worker, lease_until, new_claim_id()),
             webhook=self.webhook.started() if self.webhook else None,
         )
 
-    def renewed(self, worker: str, lease_until: float) -> Job | None:
-        if self.status != PROCESSING or self.lease is None or self.lease.owner != worker:
+    def renewed(self, worker: str, claim: str, lease_until: float) -> Job | None:
+        if not self.held_by(worker, claim):
             return None
-        return dataclasses.replace(self, lease=Lease(worker, lease_until))
+        return dataclasses.replace(self, lease=Lease(worker, lease_until, claim))
 
-    def released(self, worker: str, not_before: float = 0.0) -> Job | None:
-        """processing -> queued (a retry, not before `not_before`); a job whose cancel was requested meanwhile
-        ends canceled."""
-        if self.status != PROCESSING or self.lease is None or self.lease.owner != worker:
+    def released(self, worker: str, claim: str, not_before: float = 0.0) -> Job | None:
+        """processing -> queued (a retry, not before `not_before`), by the claim holding it; a job whose cancel
+        was requested meanwhile ends canceled."""
+        if not self.held_by(worker, claim):
             return None
         if self.cancel_requested:
-            return self.finished_as(CANCELED)
+            return dataclasses.replace(self.finished_as(CANCELED), finished_claim=claim)
         return dataclasses.replace(self, status=QUEUED, lease=None, not_before=not_before)
 
     def requeued(self) -> Job | None:
@@ -257,16 +277,19 @@ class Job:
     def finished_by(
         self,
         worker: str,
+        claim: str,
         status: JobStatus,
         *,
         images: tuple[OutputImage, ...] = (),
         error: JobError | None = None,
         steps_done: int | None = None,
     ) -> Job | None:
-        """processing -> a final state, only by the worker holding the lease (a lost lease loses the result)."""
-        if self.status != PROCESSING or self.lease is None or self.lease.owner != worker:
+        """processing -> a final state, only by the claim holding the lease (a lost lease loses the result); the
+        job remembers the claim (`finished_claim`), so a retried finish whose first write committed knows it."""
+        if not self.held_by(worker, claim):
             return None
-        return self.finished_as(status, images=images, error=error, steps_done=steps_done)
+        done = self.finished_as(status, images=images, error=error, steps_done=steps_done)
+        return dataclasses.replace(done, finished_claim=claim)
 
     def finished_as(
         self,

@@ -10,6 +10,9 @@ has its own column, written from the same `Job` in the same statement. Rules:
   (`SELECT ... FOR UPDATE`, with `SKIP LOCKED` where the store picks the row), compute the new job with the
   pure transition of `Job` in Python, and write it in the same transaction: the SQL never re-implements a
   state change, and concurrent replicas never get the same job nor wait on each other's locks.
+- Job lease times are the database's clock, never a replica's: `claim`, `renew` and `claim_next` read
+  `clock_timestamp()` once the row is locked and add the lease's duration; `expired_leases` compares with
+  `now()`. A replica whose clock runs ahead does not take live leases over.
 - Idempotency is a unique index on (owner, idempotency_key): `INSERT ... ON CONFLICT DO NOTHING`, then the
   winner is read, so concurrent retries on different replicas create one job.
 - psycopg's and the pool's exceptions become `StoreUnavailable` in `_transaction`, and nowhere else.
@@ -173,6 +176,16 @@ def _load(row: Row | None) -> Job | None:
 async def _one(cur: Cursor, query: str, args: tuple[Any, ...] = ()) -> Job | None:
     await cur.execute(query.encode(), args)
     return _load(await cur.fetchone())
+
+
+async def _db_clock(cur: Cursor) -> float:
+    """The database server's clock, epoch seconds, read now (`clock_timestamp()`, not the transaction's start:
+    read after a row lock was granted, a wait for it does not shorten the lease)."""
+    await cur.execute(b"SELECT extract(epoch FROM clock_timestamp())::float8")
+    row = await cur.fetchone()
+    if row is None:  # one row, always
+        raise _unavailable()
+    return float(row[0])
 
 
 async def migrate(conn: AsyncConnection[Row]) -> list[int]:
@@ -343,12 +356,14 @@ class PostgresJobStore:
             (before, WebhookStatus.PENDING),
         )
 
-    async def expired_leases(self, now: float, limit: int) -> list[Job]:
-        # A processing job without a lease (none should exist) can be finished by nobody: an orphan too.
+    async def expired_leases(self, limit: int) -> list[Job]:
+        # A processing job without a lease (none should exist) can be finished by nobody: an orphan too. `now()`
+        # is the database's clock (this statement's transaction's start), the one `claim`/`renew` lease by.
         return await self._select(
-            f"{_SELECT} WHERE status = %s AND (lease_expires_at IS NULL OR lease_expires_at < %s)"
+            f"{_SELECT} WHERE status = %s"
+            " AND (lease_expires_at IS NULL OR lease_expires_at < extract(epoch FROM now())::float8)"
             " ORDER BY created_at, seq LIMIT %s",
-            (PROCESSING, now, limit),
+            (PROCESSING, limit),
         )
 
     async def count_queued(self) -> int:
@@ -398,6 +413,18 @@ class PostgresJobStore:
             proposed = None if job is None else change(job)
             return None if proposed is None else await self._write(cur, proposed)
 
+    async def _lease(
+        self, query: str, args: tuple[Any, ...], lease_s: float, change: Callable[[Job, float], Job | None]
+    ) -> Job | None:
+        """Lock the first row `query` (`... FOR UPDATE [SKIP LOCKED]`) finds, then apply `change(job, lease_until)`
+        with `lease_until` `lease_s` past the database's clock, and write it, in one transaction."""
+        async with self._transaction() as cur:
+            job = await _one(cur, query, args)
+            if job is None:
+                return None
+            proposed = change(job, await _db_clock(cur) + lease_s)
+            return None if proposed is None else await self._write(cur, proposed)
+
     async def _take(self, query: str, args: tuple[Any, ...], change: Callable[[Job], Job | None]) -> Job | None:
         """Lock the first row `query` (`... FOR UPDATE SKIP LOCKED LIMIT 1`) finds, apply `change`, write."""
         async with self._transaction() as cur:
@@ -405,21 +432,29 @@ class PostgresJobStore:
             proposed = None if job is None else change(job)
             return None if proposed is None else await self._write(cur, proposed)
 
-    async def claim(self, job_id: str, worker: str, lease_until: float) -> Job | None:
-        return await self._conditional(job_id, lambda job: job.claimed(worker, lease_until))
+    async def claim(self, job_id: str, worker: str, lease_s: float) -> Job | None:
+        return await self._lease(
+            f"{_SELECT} WHERE id = %s FOR UPDATE", (job_id,), lease_s, lambda job, until: job.claimed(worker, until)
+        )
 
-    async def renew(self, job_id: str, worker: str, lease_until: float) -> Job | None:
-        return await self._conditional(job_id, lambda job: job.renewed(worker, lease_until))
+    async def renew(self, job_id: str, worker: str, claim: str, lease_s: float) -> Job | None:
+        return await self._lease(
+            f"{_SELECT} WHERE id = %s FOR UPDATE",
+            (job_id,),
+            lease_s,
+            lambda job, until: job.renewed(worker, claim, until),
+        )
 
-    async def release(self, job_id: str, worker: str, not_before: float = 0.0) -> Job | None:
-        return await self._conditional(job_id, lambda job: job.released(worker, not_before))
+    async def release(self, job_id: str, worker: str, claim: str, not_before: float = 0.0) -> Job | None:
+        return await self._conditional(job_id, lambda job: job.released(worker, claim, not_before))
 
-    async def claim_next(self, worker: str, lease_until: float, now: float) -> Job | None:
-        return await self._take(
+    async def claim_next(self, worker: str, lease_s: float, now: float) -> Job | None:
+        return await self._lease(
             f"{_SELECT} q WHERE status = %s AND not_before <= %s ORDER BY {_ACTIVE_OF_OWNER}, created_at, seq"
             " LIMIT 1 FOR UPDATE SKIP LOCKED",
             (QUEUED, now, QUEUED, PROCESSING),
-            lambda job: job.claimed(worker, lease_until),
+            lease_s,
+            lambda job, until: job.claimed(worker, until),
         )
 
     async def claim_delivery(self, worker: str, lease_until: float, now: float) -> Job | None:

@@ -93,9 +93,10 @@ Renderer = Callable[[Job, Progress], bytes]
 
 @dataclass
 class _Running:
+    claim: str  # the claim id of this run's lease: renew, release and finish name it
     step: int = 0
     cancel: bool = False  # asked to stop (a cancel here, on the bus, or seen on the lease renewal)
-    lost: bool = False  # the lease went to someone else: stop, and write nothing
+    lost: bool = False  # the lease went to someone else (another claim, ours included): stop, and write nothing
     published_at: float = 0.0  # when progress last went on the bus
 
 
@@ -130,9 +131,11 @@ class Workers:
         retrying: Retrying,
         spawn: Spawn,
         wake_outbox: Callable[[], None],
+        run_elsewhere: Callable[[str], None] = lambda job_id: None,
     ) -> None:
         self.store = store
         self.execute = execute
+        self.run_elsewhere = run_elsewhere  # another replica runs (or ended) this job: drop what was kept for it
         self.storage = storage
         self.settings = settings
         self.events = events
@@ -168,6 +171,7 @@ class Workers:
         elif event.kind == EventKind.PROGRESS:
             if event.job_id in self._running:
                 return  # ours: local listeners already heard every step
+            self.run_elsewhere(event.job_id)
             self._remote[event.job_id] = (event.step, event.total)
             self._remote.move_to_end(event.job_id)
             while len(self._remote) > PROGRESS_CACHE_SIZE:
@@ -182,6 +186,7 @@ class Workers:
                 while len(self._recent_cancels) > PROGRESS_CACHE_SIZE:
                     self._recent_cancels.popitem(last=False)
         elif event.kind == EventKind.FINAL:
+            self.run_elsewhere(event.job_id)
             self._remote.pop(event.job_id, None)
             self._release_waiters(event.job_id)
             self._notify_changed(event.job_id)
@@ -307,9 +312,6 @@ class Workers:
 
     # --- running -----------------------------------------------------------------------------------------
 
-    def _lease_until(self) -> float:
-        return time.time() + self.settings.job_lease_s
-
     async def _dispatch_loop(self) -> None:
         """Claim the oldest queued job whenever a slot is free; sleep until woken (or the poll interval) when the
         store has none. One claim query per wake-up per process, whatever the number of slots."""
@@ -318,7 +320,7 @@ class Workers:
             try:
                 self._work.clear()
                 job = await self.retrying(
-                    "claim", "-", lambda: self.store.claim_next(self.worker_id, self._lease_until(), time.time())
+                    "claim", "-", lambda: self.store.claim_next(self.worker_id, self.settings.job_lease_s, time.time())
                 )
             except BaseException:
                 self._slots.release()
@@ -329,15 +331,20 @@ class Workers:
                     await asyncio.wait_for(self._work.wait(), self.settings.job_poll_interval_s)
                 continue
             self._queued_estimate = max(0, self._queued_estimate - 1)
+            stale = self._running.get(job.id)
+            if stale is not None:  # an earlier run of ours (it stalled, the job was taken over): it lost the job
+                stale.lost = True
             # Registered at once: a cancel arriving from now on finds it running here.
-            self._running[job.id] = _Running(cancel=job.cancel_requested or self._recent_cancels.pop(job.id, False))
+            running = self._running[job.id] = _Running(
+                job.lease.claim if job.lease else "",  # this claim's id ("" is held by no one: never happens)
+                cancel=job.cancel_requested or self._recent_cancels.pop(job.id, False),
+            )
             if job.webhook is not None and job.webhook.event == WebhookEvent.START:
                 self.wake_outbox()  # its `start` event is due
-            self.spawn(self._process(job))
+            self.spawn(self._process(job, running))
             self._work.set()  # there may be more: claim again while slots are free
 
-    async def _process(self, job: Job) -> None:
-        running = self._running[job.id]
+    async def _process(self, job: Job, running: _Running) -> None:
         running.cancel = running.cancel or self._recent_cancels.pop(job.id, False)
         try:
             with request_context(job.request_id):  # every log line of this run names the creating request
@@ -347,7 +354,8 @@ class Workers:
         except Exception:  # a bug must cost one job at most, never the worker
             log.exception("worker %s: unexpected error on job %s", self.worker_id, job.id)
         finally:
-            self._running.pop(job.id, None)
+            if self._running.get(job.id) is running:  # not a later run's entry (this one was stale)
+                del self._running[job.id]
             self._slots.release()
             self._gauges()
 
@@ -357,6 +365,7 @@ class Workers:
         self._notify(job, Progress(0, total, None))
         self._gauges()
         renewer = asyncio.create_task(self._keep_lease(job.id, running))
+        claim = running.claim
 
         def on_step(done: int, _calls: int) -> None:
             # Shown against effective_steps (what diffusers counts); PNDM makes one extra UNet call.
@@ -377,7 +386,7 @@ class Workers:
             status = CANCELED
         except BackendUnavailable as exc:
             if job.spec.asynchronous and job.run_attempts <= self.settings.job_retries:
-                await self._retry_later(job)
+                await self._retry_later(job, claim)
                 return
             status, error = FAILED, job_error(exc)
         except ApiError as exc:
@@ -397,32 +406,35 @@ class Workers:
             log.warning("job %s: lease lost while running; its result is dropped", job.id)
             await self._delete(images)
             return
-        await self._finish(job, status, images=images, error=error, steps_done=running.step)
+        await self._finish(job, claim, status, images=images, error=error, steps_done=running.step)
 
     async def _keep_lease(self, job_id: str, running: _Running) -> None:
-        """Renew the lease at a third of its length; learn of a cancel requested elsewhere on the way."""
-        while True:
+        """Renew this run's lease (its claim) at a third of its length; learn of a cancel requested elsewhere on
+        the way. A renewal refused because another claim holds the job (another replica's, or a later one of
+        this process) means the job is lost to this run."""
+        while not running.lost:
             await asyncio.sleep(self.settings.job_lease_s / 3)
             try:
-                renewed = await self.store.renew(job_id, self.worker_id, self._lease_until())
+                renewed = await self.store.renew(job_id, self.worker_id, running.claim, self.settings.job_lease_s)
                 if renewed is None:
                     current = await self.store.get(job_id)
-                    running.lost = current is None or current.lease is None or current.lease.owner != self.worker_id
-                    if running.lost:
-                        return
+                    running.lost = running.lost or current is None or not current.held_by(self.worker_id, running.claim)
                 elif renewed.cancel_requested:
                     running.cancel = True
             except StoreUnavailable:
                 continue  # the lease is long enough to survive a missed renewal
 
-    async def _retry_later(self, job: Job) -> None:
+    async def _retry_later(self, job: Job, claim: str) -> None:
         delay = min(BACKEND_RETRY_MAX_S, 2.0**job.run_attempts)
         log.warning("job %s: backend unavailable, retry %d in %.0f s", job.id, job.run_attempts, delay)
         stored = await self.retrying(
-            "release", job.id, lambda: self.store.release(job.id, self.worker_id, time.time() + delay)
+            "release", job.id, lambda: self.store.release(job.id, self.worker_id, claim, time.time() + delay)
         )
-        if stored is None:
-            return
+        if stored is None:  # lost meanwhile, or released by this claim already (a retry whose answer was lost)
+            current = await self.retrying("release", job.id, lambda: self.store.get(job.id))
+            if current is None or not (current.finished and current.finished_claim == claim):
+                return
+            stored = current  # canceled by this very release: its effects are still ours to run
         if stored.finished:  # canceled while it ran
             await self.after_final(stored)
         else:
@@ -435,22 +447,28 @@ class Workers:
     async def _finish(
         self,
         job: Job,
+        claim: str,
         status: JobStatus,
         *,
         images: tuple[OutputImage, ...],
         error: JobError | None,
         steps_done: int,
     ) -> None:
-        """Write the final state (retried until the store answers); the worker's result wins over a cancel
-        that arrives after the last step, and a job someone else finished keeps that state."""
+        """Write the final state by this run's claim (retried until the store answers); the worker's result wins
+        over a cancel that arrives after the last step, and a job someone else finished keeps that state. A retry
+        that finds the job finished by this very claim learns that its earlier write committed (only its answer
+        was lost): the images are the job's, kept."""
 
         def change(current: Job) -> Job | None:
-            return current.finished_by(self.worker_id, status, images=images, error=error, steps_done=steps_done)
+            return current.finished_by(self.worker_id, claim, status, images=images, error=error, steps_done=steps_done)
 
         try:
             stored, applied = await self.retrying("finish", job.id, lambda: transition(self.store, job, change))
         except StaleJob:  # deleted under us (retention cannot, while it runs): nothing to record
             stored, applied = job, False
+        if not applied and stored.finished and stored.finished_claim == claim:
+            log.info("job %s: its final write had committed (the answer was lost)", job.id)
+            applied = True
         if not applied:
             log.warning("job %s: finished elsewhere as %s; result dropped", job.id, stored.status)
             await self._delete(images)
@@ -492,7 +510,10 @@ class JobManager:
         events: JobEvents | None = None,
         on_event: EventHook | None = None,
         worker_id: str | None = None,
+        run_elsewhere: Callable[[str], None] | None = None,
     ) -> None:
+        """`run_elsewhere(job_id)`: told when the bus reports a job this process does not run progressing or ended
+        (app.py drops the job's kept input: `DecodedInputs.drop`)."""
         self.store = store
         self.settings = settings
         # Per-key signing secrets in the store; a configured `webhook_secret` seeds their first values.
@@ -523,6 +544,7 @@ class JobManager:
             retrying=self._retrying,
             spawn=self._spawn,
             wake_outbox=self.outbox.wake,
+            run_elsewhere=run_elsewhere or (lambda job_id: None),
         )
         self.maintenance = Maintenance(
             store,

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -45,6 +46,7 @@ T = TypeVar("T")
 # How long one statement waits for a lock held by another connection before it reports the store unavailable
 # (the runner then retries with backoff, so a longer lock delays jobs but loses none).
 BUSY_TIMEOUT_S = 5.0
+DB_FILE_MODE = 0o600  # the job store holds secrets and prompts: owner only
 SCHEMA_VERSION = 5
 
 _CREATE_V1 = """
@@ -149,6 +151,16 @@ def _lock_exclusively(path: Path) -> int:
     return fd
 
 
+def _owner_only(path: Path) -> None:
+    """The file (and its WAL and shared-memory files, which SQLite creates with the file's mode) readable by this
+    user only: it holds every key's webhook secrets and every job's prompt. Created so when missing; an existing
+    file is narrowed to it."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, DB_FILE_MODE))
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with suppress(FileNotFoundError):
+            os.chmod(name, DB_FILE_MODE)
+
+
 def check_not_in_use(path: Path) -> None:
     """Raise StoreInUse now if another process holds the store (the launcher's early, one-line refusal; the
     lock the store takes when it opens remains the guarantee)."""
@@ -164,6 +176,7 @@ class SqliteJobStore:
     def __init__(self, path: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_exclusively(path)
+        _owner_only(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstore")
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=busy_timeout_s)
         try:
@@ -300,14 +313,16 @@ class SqliteJobStore:
     async def _conditional(self, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
         return await self._claim_first("SELECT data, version FROM jobs WHERE id = ?", (job_id,), change)
 
-    async def claim(self, job_id: str, worker: str, lease_until: float) -> Job | None:
-        return await self._conditional(job_id, lambda job: job.claimed(worker, lease_until))
+    # Lease times are the process's clock: one process uses this store (see `_lock_exclusively`).
 
-    async def renew(self, job_id: str, worker: str, lease_until: float) -> Job | None:
-        return await self._conditional(job_id, lambda job: job.renewed(worker, lease_until))
+    async def claim(self, job_id: str, worker: str, lease_s: float) -> Job | None:
+        return await self._conditional(job_id, lambda job: job.claimed(worker, time.time() + lease_s))
 
-    async def release(self, job_id: str, worker: str, not_before: float = 0.0) -> Job | None:
-        return await self._conditional(job_id, lambda job: job.released(worker, not_before))
+    async def renew(self, job_id: str, worker: str, claim: str, lease_s: float) -> Job | None:
+        return await self._conditional(job_id, lambda job: job.renewed(worker, claim, time.time() + lease_s))
+
+    async def release(self, job_id: str, worker: str, claim: str, not_before: float = 0.0) -> Job | None:
+        return await self._conditional(job_id, lambda job: job.released(worker, claim, not_before))
 
     async def _claim_first(self, select: str, args: tuple[Any, ...], change: Callable[[Job], Job | None]) -> Job | None:
         """Read the first row `select` finds and compare-and-set it in one write transaction (one process and
@@ -321,12 +336,12 @@ class SqliteJobStore:
 
         return await self._call(run)
 
-    async def claim_next(self, worker: str, lease_until: float, now: float) -> Job | None:
+    async def claim_next(self, worker: str, lease_s: float, now: float) -> Job | None:
         return await self._claim_first(
             "SELECT data, version FROM jobs q WHERE status = ? AND not_before <= ? ORDER BY"
             " (SELECT COUNT(*) FROM jobs r WHERE r.owner = q.owner AND r.status IN (?, ?)), created_at, rowid LIMIT 1",
             (QUEUED, now, QUEUED, PROCESSING),
-            lambda job: job.claimed(worker, lease_until),
+            lambda job: job.claimed(worker, time.time() + lease_s),
         )
 
     async def claim_delivery(self, worker: str, lease_until: float, now: float) -> Job | None:
@@ -339,11 +354,11 @@ class SqliteJobStore:
             lambda job: job.delivery_claimed(worker, lease_until, now),
         )
 
-    async def expired_leases(self, now: float, limit: int) -> list[Job]:
+    async def expired_leases(self, limit: int) -> list[Job]:
         return await self._select(
             "SELECT data, version FROM jobs WHERE status = ? AND lease_expires_at < ?"
             " ORDER BY created_at, rowid LIMIT ?",
-            (PROCESSING, now, limit),
+            (PROCESSING, time.time(), limit),
         )
 
     async def count_queued(self) -> int:

@@ -6,14 +6,21 @@ processes can share one store (PostgreSQL); SQLite implements the same contract 
 Every write is a compare-and-set on the job's `version`: `update(job)` succeeds only if the stored row still
 has `job.version`, so the loser of a race learns it (`StaleJob`) and re-decides from the winner's copy.
 Leases (`claim_next`/`claim`, `renew`, `release`) say which worker runs a job until when; a job whose lease
-expired (its replica died) is found by `expired_leases` and taken over. Webhook deliveries are an outbox on the
-job row (`claim_delivery`); singleton chores such as retention take a named lock (`acquire_lock`). Each owner's
-webhook signing secrets are a row of their own (`webhook_secrets`, `put_webhook_secrets`: compare-and-set on
-their version, so concurrent rotations have one winner).
+expired (its replica died) is found by `expired_leases` and taken over. Each claim mints a random claim id
+(`Lease.claim`), and `renew`, `release` and the finish (`Job.finished_by`) require it, not only the worker's
+name: a stale run of the same process (frozen, its job taken over and claimed again by that process) is refused.
+Lease times are the store's clock, never the caller's: the caller passes a duration (`lease_s`), and
+`expires_at` and `expired_leases` are computed from the database's clock on PostgreSQL (replicas' clocks may
+disagree; a replica whose clock runs ahead must not see live leases as expired), the process's on SQLite (one
+process). Webhook deliveries are an outbox on the job row (`claim_delivery`); singleton chores such as retention
+take a named lock (`acquire_lock`). Each owner's webhook signing secrets are a row of their own
+(`webhook_secrets`, `put_webhook_secrets`: compare-and-set on their version, so concurrent rotations have one
+winner).
 
 Stores raise `StoreUnavailable` (never their driver's exceptions) when the engine does not answer, so the
-runner can retry with backoff without knowing which engine it talks to. Times are epoch seconds (`now` is
-passed in, so the caller's clock decides and tests can move it).
+runner can retry with backoff without knowing which engine it talks to. Times are epoch seconds; apart from
+the job leases above, `now` is passed in (`not_before`, webhook deliveries, locks), so the caller's clock decides
+and tests can move it.
 """
 
 from __future__ import annotations
@@ -56,30 +63,34 @@ class JobStore(Protocol):
         Raise StaleJob (carrying the stored copy) otherwise."""
         ...
 
-    async def claim(self, job_id: str, worker: str, lease_until: float) -> Job | None:
-        """queued -> processing under `worker`'s lease; None if the job is not queued (canceled, taken)."""
+    async def claim(self, job_id: str, worker: str, lease_s: float) -> Job | None:
+        """queued -> processing under a new claim of `worker` (`Job.claimed`: the lease's `claim` id), expiring
+        `lease_s` from now by the store's clock; None if the job is not queued (canceled, taken)."""
         ...
 
-    async def renew(self, job_id: str, worker: str, lease_until: float) -> Job | None:
-        """Extend `worker`'s lease; None when it no longer holds it. The returned copy carries
-        `cancel_requested`, so a worker learns of a cancel sent to another replica at its next renewal."""
+    async def renew(self, job_id: str, worker: str, claim: str, lease_s: float) -> Job | None:
+        """Extend the lease of `worker`'s claim `claim` to `lease_s` from now (the store's clock); None when that
+        claim no longer holds it. The returned copy carries `cancel_requested`, so a worker learns of a cancel sent
+        to another replica at its next renewal."""
         ...
 
-    async def release(self, job_id: str, worker: str, not_before: float = 0.0) -> Job | None:
-        """processing -> queued (a retry, claimable from `not_before`), by the lease holder; a job whose cancel was
-        requested meanwhile ends canceled instead. None when `worker` no longer holds it."""
+    async def release(self, job_id: str, worker: str, claim: str, not_before: float = 0.0) -> Job | None:
+        """processing -> queued (a retry, claimable from `not_before`), by the claim holding the lease; a job whose
+        cancel was requested meanwhile ends canceled instead. None when that claim no longer holds it."""
         ...
 
-    async def claim_next(self, worker: str, lease_until: float, now: float) -> Job | None:
-        """A queued job with `not_before <= now`, moved to processing under `worker`'s lease (`Job.claimed`);
+    async def claim_next(self, worker: str, lease_s: float, now: float) -> Job | None:
+        """A queued job with `not_before <= now` (the caller's clock, as `release` set it), moved to processing
+        under a new claim of `worker` (`Job.claimed`), its lease expiring `lease_s` from now by the store's clock;
         None when there is none. Fair between owners: the job of the owner with the fewest active (queued +
         processing) jobs, oldest first among equals: one owner's jobs go in creation order, and a key with a
         full queue does not keep a lighter key's job waiting behind all of its jobs. Concurrent callers (other replicas)
         never get the same job and never wait on each other's row locks (PostgreSQL: `FOR UPDATE SKIP LOCKED`)."""
         ...
 
-    async def expired_leases(self, now: float, limit: int) -> list[Job]:
-        """Up to `limit` processing jobs whose lease expired before `now`, oldest first (a dead replica's)."""
+    async def expired_leases(self, limit: int) -> list[Job]:
+        """Up to `limit` processing jobs whose lease expired by the store's clock, oldest first (a dead
+        replica's, or a lease written before claim ids, which nobody can renew)."""
         ...
 
     async def count_queued(self) -> int:

@@ -312,14 +312,21 @@ def fit_to_grid(width: int, height: int, native: int, grid: int) -> tuple[int, i
     return snap(width), snap(height)
 
 
-def image_to_tensor(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """Resize (Pillow LANCZOS, as diffusers) to `size` = (w, h); return float32 `[1, 3, H, W]` in [-1, 1].
-
-    Values are x/255 then 2x-1, exactly diffusers' `VaeImageProcessor.preprocess` for a PIL input.
-    """
+def resize_for_model(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """RGB at `size` = (w, h), resized with Pillow's LANCZOS as diffusers does: the pixels the model reads."""
     rgb = img if img.mode == "RGB" else img.convert("RGB")
     if rgb.size != tuple(size):
         rgb = rgb.resize(size, resample=Image.Resampling.LANCZOS)
+    return rgb
+
+
+def image_to_tensor(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Resize (Pillow LANCZOS, as diffusers) to `size` = (w, h); return float32 `[1, 3, H, W]` in [-1, 1].
+
+    Values are x/255 then 2x-1, exactly diffusers' `VaeImageProcessor.preprocess` for a PIL input. An image
+    already at `size` (`resize_for_model`'s) is not resized again: the same tensor either way.
+    """
+    rgb = resize_for_model(img, size)
     array = np.asarray(rgb, dtype=np.float32) / 255.0
     array = 2.0 * array - 1.0
     return np.ascontiguousarray(array.transpose(2, 0, 1)[np.newaxis], dtype=np.float32)

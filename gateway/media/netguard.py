@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import functools
 import ipaddress
+import logging
 import re
 import socket
 import threading
@@ -42,6 +43,8 @@ from gateway.errors import UrlNotAllowed
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -149,6 +152,16 @@ def _embedded_ipv4(ip: IPAddress) -> tuple[str, ipaddress.IPv4Address] | None:
     if ip in _SIX_TO_FOUR and ip.sixtofour is not None:
         return "a 6to4", ip.sixtofour
     return None
+
+
+def _kind_of_address(ip: IPAddress, reason: str) -> str:
+    """`reason` (`refusal_reason(ip)`) without the address it may name: what a client is told of the address a
+    name resolves to (the name's address is the deployment's business; a literal's is the client's own)."""
+    embedded = _embedded_ipv4(ip)
+    if embedded is None:
+        return reason
+    kind, v4 = embedded
+    return f"{kind} form of {refusal_reason(v4) or 'a non-public address'}"
 
 
 def _normalise_host(name: str) -> str:
@@ -423,7 +436,9 @@ async def resolve_checked(url: str | httpx.URL, policy: OutboundPolicy) -> Resol
             continue
         if literal is not None:
             raise _not_allowed(f"Address {_shown_literal(host, ip)} is {reason}")
-        raise _not_allowed(f"Host '{host}' resolves to {ip}, {reason}")
+        # The address stays in the log: the client is told what kind of address, never which one.
+        log.info("outbound URL refused: host %r resolves to %s, %s", host, ip, reason)
+        raise _not_allowed(f"Host '{host}' resolves to {_kind_of_address(ip, reason)}")
     return ResolvedTarget(
         url=parsed,
         host=host,

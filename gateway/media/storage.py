@@ -61,9 +61,13 @@ from gateway.observability import staged
 if TYPE_CHECKING:
     from gateway.settings import Settings
 
+_INPUT_SUFFIX = re.compile(r"_input\.[a-z]+$")  # jobs/naming.py's input names
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}\.(png|jpg|webp)$")
 CONTENT_TYPES: Mapping[str, str] = MappingProxyType({"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"})
-FILE_MODE = 0o644  # mkstemp creates 0600; stored images may be served by another process (nginx, a CDN agent)
+# Stored files: outputs readable by the owner and its group (a process that serves them may join the group;
+# their names are capabilities), stored inputs by the owner only (the caller's upload, served to its key alone).
+FILE_MODE = 0o640
+INPUT_FILE_MODE = 0o600
 SERVED_AT = "/v1/images/"  # the gateway's route for stored objects
 _TEMP_PREFIX = ".tmp-"  # a leading dot never matches NAME_PATTERN, so partial files are never served
 
@@ -314,7 +318,7 @@ class LocalStorage:
         try:
             fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=self.root)
             with os.fdopen(fd, "wb") as handle:
-                os.fchmod(handle.fileno(), FILE_MODE)
+                os.fchmod(handle.fileno(), INPUT_FILE_MODE if _INPUT_SUFFIX.search(name) else FILE_MODE)
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -72,7 +72,10 @@ def translate_triton_errors(model: str) -> Iterator[None]:
     except InferenceServerException as exc:
         status = str(exc.status() or "")
         log.warning("triton call to %s failed: %s %s", model, status, exc.message())
-        if status in _UNAVAILABLE_STATUSES:
+        # An answer over MAX_RECEIVE_BYTES is RESOURCE_EXHAUSTED too, but it is not "busy": it would be as big on
+        # every replica and every retry, so it is the request's failure.
+        oversized = "larger than max" in str(exc.message() or "")
+        if status in _UNAVAILABLE_STATUSES and not oversized:
             raise BackendUnavailable(
                 BACKEND_UNAVAILABLE_MESSAGE, f"Model '{model}' could not be reached; retry later ({_request_ref()})"
             ) from exc
@@ -81,11 +84,19 @@ def translate_triton_errors(model: str) -> Iterator[None]:
         ) from exc
 
 
+# The most one Triton answer may hold. The largest the recipe asks for is the VAE decoder's: at most 4 images
+# (jobs.request.MAX_NUM_IMAGES) x 3 x 2048 x 2048 (media.codecs.MAX_IMAGE_SIDE) float32 = 192 MiB; the guided
+# UNet's answer (8 x 4 x 256 x 256 float32, 8 MiB) and the text encoders' are far smaller. Twice the decoder's
+# (4 x 2 x 3 x 2048 x 2048 x 4 bytes = 384 MiB) leaves room for framing; a bigger answer is refused by gRPC
+# (RESOURCE_EXHAUSTED) instead of being buffered up to gRPC's 2 GiB. tests/unit/test_triton_outputs.py holds
+# it to those constants (this layer cannot import them).
+MAX_RECEIVE_BYTES = 4 * 2 * 3 * 2048 * 2048 * 4
+
 # gRPC's default reconnect backoff grows to minutes while Triton is down; keep it short so the gateway serves
 # again within seconds of Triton coming back, without a restart.
 _CHANNEL_ARGS = [
     ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),

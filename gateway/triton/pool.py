@@ -14,8 +14,11 @@ it is as many replicas as the name has addresses (a Kubernetes headless Service)
   error (a bad request, a model failure) is the answer: it would fail the same everywhere.
 - **Ejection.** A try failing UNAVAILABLE takes that replica out at once (NOT_FOUND takes it out for that model);
   a background task probes every replica every `health_interval_s` (server live, every model the pool has been
-  asked about ready) and puts it back, or takes it out, accordingly. With no replica in, a call fails at once
-  with `BackendUnavailable` (the job runner retries later).
+  asked about ready) and puts it back after one good probe, or takes it out after `PROBE_FAILURES_TO_EJECT`
+  failed probes in a row (not live, no answer, a timeout): one probe lost to a busy server or a network blip does
+  not take a serving replica out. A live server answering that a model is not ready takes the replica out for
+  that model at once (an answer, not a failed probe). With no replica in, a call fails at once with
+  `BackendUnavailable` (the job runner retries later).
 - `models_ready` (`/readyz`) probes every replica now: true while at least one serves every model asked about.
   `statistics(model)` sums the replicas' entries (`model_stats`, as `/metrics` reads them) and keeps each
   replica's under `replicas`. `replica_metrics()` feeds the per-replica series of `/metrics`.
@@ -49,6 +52,10 @@ DEFAULT_GRPC_PORT = 8001
 PROBE_TIMEOUT_S = 2.0
 RESOLVE_TIMEOUT_S = 5.0
 STATS_TIMEOUT_S = 1.5
+# Failed health probes in a row that take a replica out: 2, so one lost probe (a 2 s timeout while the server is
+# saturated, a blip) is forgiven, and a replica that stopped answering is out within two rounds of
+# `health_interval_s` (a call failing UNAVAILABLE takes it out at once, without waiting for probes).
+PROBE_FAILURES_TO_EJECT = 2
 _UNREACHABLE = "StatusCode.UNAVAILABLE"
 _MODEL_MISSING = "StatusCode.NOT_FOUND"
 
@@ -157,7 +164,8 @@ class Replica:
     in_flight: int = 0
     calls: int = 0
     failures: int = 0
-    live: bool = True  # optimistic until the first probe says otherwise
+    live: bool = True  # optimistic until probes say otherwise
+    failed_probes: int = 0  # consecutive failed health probes (reset by a good one)
     ready: dict[str, bool] = field(default_factory=dict)  # model -> ready, as last probed (absent: unknown)
     retired: bool = False  # no longer named by the URL: closed once its last call ends
 
@@ -358,14 +366,25 @@ class TritonPool:
             log.debug("probe of %s failed: %r", replica.address, exc)
             live, results = False, []
         if live:
+            replica.failed_probes = 0
             ready = dict(zip(models, results, strict=True))
             newly_missing = [m for m, ok in ready.items() if not ok and replica.ready.get(m, True)]
             if newly_missing:
                 log.warning("triton replica %s: models not ready: %s", replica.address, ", ".join(newly_missing))
             replica.ready = ready
-        else:
-            replica.ready = dict.fromkeys(models, False)
-        self._set_live(replica, live, "health check failed")
+            self._set_live(replica, True, "health check passed")
+            return
+        replica.failed_probes += 1
+        if replica.live and replica.failed_probes < PROBE_FAILURES_TO_EJECT:
+            log.info(
+                "triton replica %s: health check failed (%d of %d in a row before it is taken out)",
+                replica.address,
+                replica.failed_probes,
+                PROBE_FAILURES_TO_EJECT,
+            )
+            return  # kept in, as last probed
+        replica.ready = dict.fromkeys(models, False)
+        self._set_live(replica, False, f"{replica.failed_probes} health checks failed in a row")
 
     async def _probe_all(self) -> None:
         await asyncio.gather(*(self._probe(r) for r in list(self._replicas.values())))

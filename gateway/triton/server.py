@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -95,14 +95,74 @@ def _prepare_backends(dist: TritonDistribution, into: Path) -> Path:
     return into
 
 
-def _environment(dist: TritonDistribution, python_env: Path | None) -> dict[str, str]:
-    """The model runtime's `bin` first on PATH (the stub's embedded Python finds its environment through it)
-    and the loader paths the binary needs."""
-    env = dict(os.environ)
+# What tritonserver and its model stubs get from the gateway's environment: an allow-list, so the gateway's secrets
+# (IMAGEN_API_KEYS, the webhook secret, AWS_* credentials, the job database's URL, proxy URLs with passwords)
+# never reach a model process. The names: the basics of a process (home, user, locale, time zone, temporary
+# folder), Python's output switches (PYTHONPATH is not one: the gateway's path must not leak into the model
+# runtime), an offline Hugging Face cache, and the knobs of the runtimes the models use (CUDA, the NVIDIA
+# container runtime, cuDNN/cuBLAS, OpenMP/MKL/OpenBLAS threads, onnxruntime, PyTorch, allocators). PATH and
+# LD_LIBRARY_PATH are inherited and extended (`_environment`).
+INHERITED_ENV = frozenset(
+    {
+        "PATH",
+        "LD_LIBRARY_PATH",
+        "LD_PRELOAD",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "TMP",
+        "TEMP",
+        "PYTHONUNBUFFERED",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONIOENCODING",
+        "PYTHONUTF8",
+        "PYTHONHASHSEED",
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "XDG_CACHE_HOME",
+        "TRITON_CACHE_DIR",
+        "GLIBC_TUNABLES",
+    }
+)
+INHERITED_ENV_PREFIXES = (
+    "LC_",
+    "CUDA_",
+    "NVIDIA_",
+    "CUDNN_",
+    "CUBLAS_",
+    "CUBLASLT_",
+    "NCCL_",
+    "OMP_",
+    "KMP_",
+    "GOMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "ORT_",
+    "TORCH_",
+    "TORCHINDUCTOR_",
+    "PYTORCH_",
+    "MALLOC_",
+)
+
+
+def _inherited(name: str) -> bool:
+    return name in INHERITED_ENV or name.startswith(INHERITED_ENV_PREFIXES)
+
+
+def _environment(
+    dist: TritonDistribution, python_env: Path | None, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """tritonserver's whole environment: the allow-listed part of `environ` (the gateway's own by default), the
+    model runtime's `bin` first on PATH (the stub's embedded Python finds its environment through it) and the
+    loader paths the binary needs."""
+    env = {name: value for name, value in (os.environ if environ is None else environ).items() if _inherited(name)}
     bin_dir = python_env / "bin" if python_env is not None else Path(sys.executable).parent
-    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
-    env.pop("PYTHONPATH", None)  # the gateway's path must not leak into the model runtime
-    env.pop("VIRTUAL_ENV", None)
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", os.defpath)])
     lib_dirs = [str(sysconfig.get_config_var("LIBDIR")), str(dist.libs)]
     if env.get("LD_LIBRARY_PATH"):
         lib_dirs.append(env["LD_LIBRARY_PATH"])

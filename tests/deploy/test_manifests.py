@@ -32,7 +32,10 @@ K8S = DOCKER / "k8s"
 COMPOSE = DOCKER / "compose.yaml"
 # The cluster version the manifests target (kubectl 1.32's).
 KUBERNETES_VERSION = "1.32"
-TARGETS = ["base", "overlays/cpu", "overlays/gpu", "overlays/gpu-tensorrt"]
+# The overlays, and the example of an operator's own overlay (docker/k8s/examples/cluster-ranges).
+TARGETS = ["base", "overlays/cpu", "overlays/gpu", "overlays/gpu-tensorrt", "examples/cluster-ranges"]
+# The Secrets the operator creates before `kubectl apply -k` (never part of a kustomization), as an example.
+EXAMPLE_SECRETS = K8S / "examples" / "secrets.example.yaml"
 NAMESPACE = "imagen"
 GATEWAY, TRITON = "imagen-gateway", "imagen-triton"
 WORKLOADS = {"Deployment", "Job", "StatefulSet", "DaemonSet"}
@@ -84,6 +87,14 @@ def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
 
 def secret_keys(secret: dict[str, Any]) -> set[str]:
     return set(secret.get("data") or {}) | set(secret.get("stringData") or {})
+
+
+@cache
+def example_secrets() -> dict[str, dict[str, Any]]:
+    """The Secrets the workloads read by name, as docker/k8s/examples/secrets.example.yaml shows them."""
+    docs = [d for d in yaml.safe_load_all(EXAMPLE_SECRETS.read_text()) if d]
+    assert docs and all(d["kind"] == "Secret" for d in docs)
+    return {d["metadata"]["name"]: d for d in docs}
 
 
 def env_value(objects: tuple[dict[str, Any], ...], workload: dict[str, Any], ctr: dict[str, Any], name: str) -> str:
@@ -159,10 +170,11 @@ def test_every_object_is_in_the_namespace_and_names_are_unique(target: str) -> N
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_reference_of_a_workload_exists(target: str) -> None:
-    """ConfigMaps, Secrets (and their keys), PVCs, ServiceAccounts and volumes named by a pod template are in
-    the render: the configMapGenerator's hashed names included."""
+    """ConfigMaps, PVCs, ServiceAccounts and volumes named by a pod template are in the render (the
+    configMapGenerator's hashed names included); the Secrets (and their keys) it names are the ones the operator
+    creates, as docker/k8s/examples/secrets.example.yaml shows."""
     objects = render(target)
-    configmaps, secrets = by_kind(objects, "ConfigMap"), by_kind(objects, "Secret")
+    configmaps, secrets = by_kind(objects, "ConfigMap"), example_secrets()
     claims, accounts = by_kind(objects, "PersistentVolumeClaim"), by_kind(objects, "ServiceAccount")
     workloads = [o for o in objects if o["kind"] in WORKLOADS]
     assert workloads
@@ -203,12 +215,44 @@ def test_every_reference_of_a_workload_exists(target: str) -> None:
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_the_secrets_are_a_template_with_placeholders_only(target: str) -> None:
-    """Never a real secret in the repository: every value in the rendered Secrets carries the placeholder."""
-    for secret in by_kind(render(target), "Secret").values():
+def test_no_secret_and_no_placeholder_is_rendered(target: str) -> None:
+    """Issue 22, point 5: `kubectl apply -k` never overwrites the operator's Secrets with placeholders."""
+    objects = render(target)
+    assert not by_kind(objects, "Secret"), "a Secret in the render: every apply would overwrite the real one"
+    assert PLACEHOLDER not in json.dumps(objects), f"{PLACEHOLDER} in the render of {target}"
+    assert not [o for o in objects if o["kind"] in {"SealedSecret", "ExternalSecret"}]
+
+
+def test_the_example_secrets_are_placeholders_outside_every_kustomization() -> None:
+    """Never a real secret in the repository: the example holds placeholders only, no kustomization lists it,
+    it has exactly the names and keys the gateway reads, and the manual creates those, from files."""
+    for secret in example_secrets().values():
         assert "data" not in secret, "use stringData placeholders, not base64 data"
+        assert secret["metadata"]["namespace"] == NAMESPACE
         for key, value in secret["stringData"].items():
             assert PLACEHOLDER in value, f"Secret {secret['metadata']['name']}: {key} is not a placeholder"
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text())  # comments may name the example; entries may not
+        assert "secrets.example" not in json.dumps(spec) and not spec.get("secretGenerator"), kustomization
+    gateway = one(render("base"), "Deployment", GATEWAY)
+    read: dict[str, set[str]] = {}
+    for entry in container(gateway, "gateway")["env"]:
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            read.setdefault(ref["name"], set()).add(ref["key"])
+    for volume in pod_spec(gateway)["volumes"]:
+        if "secret" in volume:
+            read.setdefault(volume["secret"]["secretName"], set())
+    assert set(read) == set(example_secrets())
+    for name, keys in read.items():
+        assert keys <= secret_keys(example_secrets()[name]), name
+    manual = (PROJECT_ROOT / "docs" / "deployment.md").read_text()
+    for name, secret in example_secrets().items():
+        assert f"kubectl -n {NAMESPACE} create secret generic {name}" in manual, name
+        for key in secret_keys(secret):
+            assert f"--from-file={key}" in manual, key
+    first_command = manual.index(f"\nkubectl -n {NAMESPACE} create secret generic")
+    assert first_command < manual.index("\nkubectl apply -k "), "the Secrets first, then the apply"
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -233,7 +277,7 @@ def test_the_gateway_is_hardened_probed_and_reads_its_settings(target: str) -> N
     # The settings the scale-out needs, from a Secret where they are secrets.
     secret_env = {e["name"] for e in ctr["env"] if "secretKeyRef" in e.get("valueFrom", {})}
     assert {"IMAGEN_WEBHOOK_SECRET", "IMAGEN_JOBS_DB", "IMAGEN_REDIS_URL", "AWS_SECRET_ACCESS_KEY"} <= secret_env
-    jobs_db = one(objects, "Secret", "imagen-gateway-secrets")["stringData"]["IMAGEN_JOBS_DB"]
+    jobs_db = example_secrets()["imagen-gateway-secrets"]["stringData"]["IMAGEN_JOBS_DB"]
     assert jobs_db.startswith("postgresql://"), "several replicas need the PostgreSQL job store"
     assert env_value(objects, gateway, ctr, "IMAGEN_STORAGE_URL").startswith("s3://")
     assert env_value(objects, gateway, ctr, "IMAGEN_WORKERS") == "1"
@@ -243,7 +287,7 @@ def test_the_gateway_is_hardened_probed_and_reads_its_settings(target: str) -> N
     mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
     volume = {v["name"]: v for v in spec["volumes"]}[mounts[str(keys_file.parent)]]
     items = volume["secret"].get("items")
-    files = {i["path"] for i in items} if items else secret_keys(one(objects, "Secret", volume["secret"]["secretName"]))
+    files = {i["path"] for i in items} if items else secret_keys(example_secrets()[volume["secret"]["secretName"]])
     assert keys_file.name in files
     # The model repository: the claim is mounted one level above IMAGEN_MODEL_REPOSITORY, read-only.
     repository = Path(env_value(objects, gateway, ctr, "IMAGEN_MODEL_REPOSITORY"))
@@ -316,7 +360,8 @@ def test_every_service_and_policy_selects_pods(target: str) -> None:
     for service in by_kind(objects, "Service").values():
         assert any(labels_match(service["spec"]["selector"], t) for t in templates), service["metadata"]["name"]
     for policy in by_kind(objects, "NetworkPolicy").values():
-        assert any(labels_match(policy["spec"]["podSelector"]["matchLabels"], t) for t in templates)
+        selector = policy["spec"]["podSelector"].get("matchLabels", {})  # {}: every pod (the default deny)
+        assert any(labels_match(selector, t) for t in templates), policy["metadata"]["name"]
 
 
 def test_gpu_overlay_puts_triton_on_a_gpu_and_the_rest_does_not() -> None:

@@ -28,7 +28,7 @@ from gateway.settings import PROJECT_ROOT, Settings
 from gateway.triton.server import TritonServer
 from tests.helpers import ThreadedUvicorn, free_port
 
-API_KEY = "test-key-0123456789"
+API_KEY = "test-key-0123456789-0123456789abcdef"
 TRITON_ENV = PROJECT_ROOT / ".venv-triton"
 
 

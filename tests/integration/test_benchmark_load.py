@@ -20,7 +20,7 @@ from tests.integration.gateways import SubprocessGateway, start_gateway
 
 pytestmark = pytest.mark.integration
 
-KEY = "load-bench-key-0000"
+KEY = "load-bench-key-0000-0123456789abcdef"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Two denoising steps of the tiny model: the command is under test, not the service's speed.
 FAST = ["--steps", "2", "--strength", "1.0", "--warmup", "1", "--no-progress"]

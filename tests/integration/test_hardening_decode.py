@@ -33,7 +33,7 @@ from tests.unit.test_codecs import many_scan_jpeg
 
 pytestmark = pytest.mark.integration
 
-API_KEY = "hardening-decode-key-0000"
+API_KEY = "hardening-decode-key-0000-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ANSWER_WITHIN_S = 1.0
 CPU_PER_REFUSAL_S = 1.0

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 PNG = make_image(128, 128, seed=31)
 IMAGE = data_uri(PNG)
-API_KEY = "disk-key-0000"
+API_KEY = "disk-key-0000-0123456789abcdefghijk"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ASYNC = {**AUTH, "Prefer": "respond-async"}
 FINAL = {"completed", "failed", "canceled"}

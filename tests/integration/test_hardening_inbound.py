@@ -32,8 +32,8 @@ from tests.helpers import data_uri, make_image
 from tests.integration.conftest import Repository
 from tests.integration.gateways import SubprocessGateway, subprocess_gateway
 
-KEY_A = "hardening-key-a-0123456789"
-KEY_B = "hardening-key-b-0123456789"
+KEY_A = "hardening-key-a-0123456789-abcdef"
+KEY_B = "hardening-key-b-0123456789-abcdef"
 A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}
 KEYS = f"{KEY_A},{KEY_B}"
@@ -320,7 +320,7 @@ def test_images_streamed_private_inputs_and_no_metadata_in_outputs(gw: Subproces
             response = client.get(url)
             assert response.status_code == 200
             assert response.headers["x-content-type-options"] == "nosniff"
-            assert response.headers["cache-control"] == "public, max-age=3600"
+            assert response.headers["cache-control"] == "private, max-age=3600"  # a capability: no shared cache
             data = response.content
             for marker in (b"eXIf", b"tEXt", b"iTXt", b"zTXt", b"Exif", b"SecretCameraMaker", b"secret comment"):
                 assert marker not in data, marker

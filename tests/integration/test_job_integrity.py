@@ -38,7 +38,7 @@ pytestmark = pytest.mark.integration
 
 IMAGE = data_uri(make_image(128, 128, seed=23))
 FINAL = {"completed", "failed", "canceled"}
-API_KEY = "integrity-key-0000"
+API_KEY = "integrity-key-0000-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 

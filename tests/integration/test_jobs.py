@@ -262,7 +262,12 @@ def test_admission_limit_gives_503_with_retry_after_and_accepted_jobs_complete(
 
 def _start_gateway(port: int, triton: TritonServer, repository: Repository, folder: Path) -> SubprocessGateway:
     return start_gateway(
-        triton, repository, folder, port=port, IMAGEN_MAX_RUNNING_JOBS="1", IMAGEN_API_KEYS="restart-key-0000"
+        triton,
+        repository,
+        folder,
+        port=port,
+        IMAGEN_MAX_RUNNING_JOBS="1",
+        IMAGEN_API_KEYS="restart-key-0000-0123456789abcdef",
     )
 
 
@@ -270,7 +275,7 @@ def test_jobs_survive_a_killed_gateway(
     triton: TritonServer, repository: Repository, receiver: Receiver, tmp_path: Path
 ) -> None:
     port = free_port()
-    auth = {"Authorization": "Bearer restart-key-0000"}
+    auth = {"Authorization": "Bearer restart-key-0000-0123456789abcdef"}
     gateway = _start_gateway(port, triton, repository, tmp_path)
     ids = []
     try:

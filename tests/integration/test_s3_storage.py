@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.jobs.naming import input_name, output_name
+from gateway.jobs.naming import StoredName, input_name, parse_name
 from gateway.triton.server import TritonServer
 from tests.fixtures_s3 import S3Bucket, s3_bucket, s3_server  # noqa: F401 (pytest fixtures)
 from tests.helpers import SPEC_EXAMPLE, data_uri, make_image
@@ -23,7 +23,7 @@ from tests.integration.gateways import SubprocessGateway, start_gateway
 
 pytestmark = pytest.mark.integration
 
-API_KEY = "s3-storage-key-0000"
+API_KEY = "s3-storage-key-0000-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PREFIX = "replicas/images"
 FINAL = {"completed", "failed", "canceled"}
@@ -78,7 +78,8 @@ def test_two_replicas_share_images_through_the_bucket(
         assert job["status"] == "completed" and len(job["images"]) == SPEC_EXAMPLE["num_images"]
         job_id = job["id"]
         stored_input = input_name(job_id, "jpg")
-        outputs = [output_name(job_id, i) for i in range(len(job["images"]))]
+        outputs = [image["url"].rsplit("/", 1)[1] for image in job["images"]]
+        assert all(parse_name(name) == StoredName(job_id, is_input=False) for name in outputs)
 
         # In the bucket, under the prefix: the input byte for byte, and the PNGs; nothing on local disk.
         assert bucket.object_keys() == sorted(f"{PREFIX}/{name}" for name in [stored_input, *outputs])

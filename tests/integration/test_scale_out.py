@@ -46,7 +46,7 @@ from tests.integration.gateways import SubprocessGateway, start_gateway
 
 pytestmark = pytest.mark.integration
 
-API_KEY = "scale-out-key-0000"
+API_KEY = "scale-out-key-0000-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ASYNC = {**AUTH, "Prefer": "respond-async"}
 IMAGE = data_uri(make_image(128, 128, seed=31))
@@ -371,7 +371,13 @@ def test_load_on_both_gateways_completes_and_images_are_served_by_the_other(clus
     after = cluster.unet_inferences()
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)  # both Tritons served
     keys = [item["Key"] for item in cluster.s3.client().list_objects_v2(Bucket=cluster.bucket).get("Contents", [])]
-    assert all(any(key.endswith(f"{job_id}_0.png") for key in keys) for job_id in jobs), keys
+    stored = {job["images"][0]["url"].rsplit("/", 1)[1] for job in jobs.values()}  # `<job id>_0_<token>.png`
+    assert all(any(key.endswith(name) for key in keys) for name in stored), keys
+    assert all(
+        name.startswith(f"{job_id}_0_")
+        for job_id, job in jobs.items()
+        for name in [job["images"][0]["url"].rsplit("/", 1)[1]]
+    )
     print(f"\nscale-out load: 12 jobs on 2 gateways in {elapsed:.1f} s; UNet rows per Triton {before} -> {after}")
 
 

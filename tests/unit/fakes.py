@@ -2,8 +2,9 @@
 
 They are faithful to the contracts the real objects keep (compare-and-set on `version`, claim/renew leases,
 `infer(model, inputs, outputs)` shapes), and add what the tests need to provoke races and failures: injected
-`StoreUnavailable` on chosen calls, a yield to the event loop inside every store call, pauses that hold a call
-at a chosen point, and per-call gates in the Triton client and the executor.
+`StoreUnavailable` on chosen calls (before their effect, or after it: a lost reply), a yield to the event loop
+inside every store call, pauses that hold a call at a chosen point, and per-call gates in the Triton client and
+the executor.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class InMemoryJobStore:
     without yielding, as SQLite's transaction on the store's thread does. With `yields=True` each call yields
     to the event loop before and after its effect (a thread round trip does), so other tasks interleave.
     Faults: `fail_nth("claim", 2)` makes the 2nd call of `claim` raise; `fail_when(rule)` raises while
-    `rule(method, args)` is true. `calls` counts calls (failed ones included), `writes` logs every write.
+    `rule(method, args)` is true; `lose_reply_when(rule)` lets an `update` commit, then raises (a lost answer).
+    `calls` counts calls (failed ones included), `writes` logs every write. Lease times are `clock()`'s
+    (`time.time`, the process's clock, as SQLite's).
     """
 
     METHODS = (
@@ -111,6 +114,8 @@ class InMemoryJobStore:
         self._nth: dict[str, set[int]] = {}
         self._rules: list[FaultRule] = []
         self._pauses: dict[str, Pause] = {}
+        self._lost_replies: list[FaultRule] = []
+        self.clock: Callable[[], float] = time.time  # the store's clock: lease times (as SQLite's, the process's)
         self.closed = False
 
     # -- fault injection --
@@ -123,9 +128,15 @@ class InMemoryJobStore:
     def fail_when(self, rule: FaultRule) -> None:
         self._rules.append(rule)
 
+    def lose_reply_when(self, rule: FaultRule) -> None:
+        """A write (`update`) for which `rule(method, (job,))` is true commits, then raises StoreUnavailable to
+        its caller, as a commit whose answer the network lost (once per rule: the rule is dropped once it fires)."""
+        self._lost_replies.append(rule)
+
     def clear_faults(self) -> None:
         self._nth.clear()
         self._rules.clear()
+        self._lost_replies.clear()
 
     def pause_after(self, method: str) -> Pause:
         """The next call of `method` applies its effect, then waits for `release` (once)."""
@@ -192,6 +203,11 @@ class InMemoryJobStore:
             raise StaleJob(current)
         stored = self._store("update", job)
         await self._leave("update")
+        for rule in list(self._lost_replies):
+            if rule("update", (job,)):
+                self._lost_replies.remove(rule)
+                self.failures["update"] += 1
+                raise StoreUnavailable("The job store is unavailable", "injected: the commit's answer was lost")
         return stored
 
     async def _conditional(self, method: str, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
@@ -201,22 +217,22 @@ class InMemoryJobStore:
         await self._leave(method)
         return stored
 
-    async def claim(self, job_id: str, worker: str, lease_until: float) -> Job | None:
+    async def claim(self, job_id: str, worker: str, lease_s: float) -> Job | None:
         await self._enter("claim", job_id, worker)
-        return await self._conditional("claim", job_id, lambda job: job.claimed(worker, lease_until))
+        return await self._conditional("claim", job_id, lambda job: job.claimed(worker, self.clock() + lease_s))
 
-    async def renew(self, job_id: str, worker: str, lease_until: float) -> Job | None:
-        await self._enter("renew", job_id, worker)
-        return await self._conditional("renew", job_id, lambda job: job.renewed(worker, lease_until))
+    async def renew(self, job_id: str, worker: str, claim: str, lease_s: float) -> Job | None:
+        await self._enter("renew", job_id, worker, claim)
+        return await self._conditional("renew", job_id, lambda job: job.renewed(worker, claim, self.clock() + lease_s))
 
-    async def release(self, job_id: str, worker: str, not_before: float = 0.0) -> Job | None:
-        await self._enter("release", job_id, worker)
-        return await self._conditional("release", job_id, lambda job: job.released(worker, not_before))
+    async def release(self, job_id: str, worker: str, claim: str, not_before: float = 0.0) -> Job | None:
+        await self._enter("release", job_id, worker, claim)
+        return await self._conditional("release", job_id, lambda job: job.released(worker, claim, not_before))
 
     def _oldest(self, keep: Callable[[Job], bool], key: Callable[[Job], str]) -> Job | None:
         return min((j for j in self._jobs.values() if keep(j)), key=key, default=None)
 
-    async def claim_next(self, worker: str, lease_until: float, now: float) -> Job | None:
+    async def claim_next(self, worker: str, lease_s: float, now: float) -> Job | None:
         await self._enter("claim_next", worker)
         active: dict[str, int] = {}
         for j in self._jobs.values():
@@ -228,7 +244,7 @@ class InMemoryJobStore:
             default=None,
         )
         return await self._conditional(
-            "claim_next", first.id if first else "", lambda job: job.claimed(worker, lease_until)
+            "claim_next", first.id if first else "", lambda job: job.claimed(worker, self.clock() + lease_s)
         )
 
     async def claim_delivery(self, worker: str, lease_until: float, now: float) -> Job | None:
@@ -240,7 +256,8 @@ class InMemoryJobStore:
             "claim_delivery", first.id if first else "", lambda job: job.delivery_claimed(worker, lease_until, now)
         )
 
-    async def expired_leases(self, now: float, limit: int) -> list[Job]:
+    async def expired_leases(self, limit: int) -> list[Job]:
+        now = self.clock()
         found = await self._select(
             "expired_leases", lambda j: j.status == PROCESSING and j.lease is not None and j.lease.expires_at < now
         )

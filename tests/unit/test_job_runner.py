@@ -36,12 +36,14 @@ from gateway.jobs.model import (
     DeliveryAttempt,
     Job,
     Lease,
+    OutputImage,
     WebhookState,
     WebhookStatus,
     now_iso,
 )
 from gateway.jobs.naming import output_name
 from gateway.jobs.runner import JobManager
+from gateway.jobs.store import transition
 from gateway.settings import Settings
 from tests.helpers import make_image
 from tests.unit.fakes import (
@@ -412,6 +414,106 @@ async def test_store_fault_in_renewal_after_a_lost_lease(make_rig: MakeRig) -> N
     await rig.more_jobs_complete()
 
 
+async def test_a_finish_whose_answer_was_lost_keeps_the_jobs_images(make_rig: MakeRig) -> None:
+    """Issue 22, point 8: the final write commits but its answer is lost (StoreUnavailable to the worker, once).
+    The retry finds the job already completed, by this very claim: the write it retried did commit, so the
+    images are the job's and stay; the final state's effects (waiters, the webhook) still run once."""
+    store = InMemoryJobStore(yields=True)
+    store.lose_reply_when(lambda m, args: m == "update" and args[0].finished)
+    rig = make_rig(store=store)
+    await rig.manager.start()
+    await rig.submit(make_job("a", webhook="http://hook.test/a", spec=make_spec(num_images=2)))
+    final = await rig.settled("a")
+    assert store.failures["update"] == 1  # the commit's answer was lost once
+    assert final.status == COMPLETED and [image.name for image in final.images] == [
+        output_name("a", 0),
+        output_name("a", 1),
+    ]
+    missing = [image.name for image in final.images if image.name not in rig.storage.objects]
+    assert missing == [] and rig.storage.deleted == [], f"the completed job's own images were deleted: {missing}"
+    assert len(rig.posts_for("a")) == 1 and rig.posts_for("a")[0]["images"] == [i.name for i in final.images]
+    await rig.more_jobs_complete()
+
+
+class PerRunExecutor(FakeExecutor):
+    """Run n of any job (1-based, in call order) waits for `gates[n]` when there is one, then stops if asked to,
+    else stores one image named after the job's run (`output_name(..., run)`): each run its own names."""
+
+    def __init__(self, gates: dict[int, asyncio.Event]) -> None:
+        super().__init__()
+        self.gates = gates
+        self.ended: list[int] = []
+
+    async def __call__(
+        self, job: Job, *, on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
+    ) -> tuple[OutputImage, ...]:
+        self.calls.append(job.id)
+        n = len(self.calls)
+        try:
+            on_step(0, 2)
+            gate = self.gates.get(n)
+            if gate is not None:
+                await gate.wait()
+            if should_stop():
+                raise GenerationCanceled()
+            on_step(2, 2)
+            name = output_name(job.id, 0, job.run_attempts)
+            assert self.storage is not None
+            await self.storage.put(name, b"png", "image/png")
+            return (OutputImage(name=name, url=f"http://example.test/{name}", width=16, height=16, seed=0),)
+        finally:
+            self.ended.append(n)
+
+
+@pytest.mark.parametrize("frozen", ["running", "finishing"])
+async def test_a_frozen_run_cannot_overwrite_the_live_run_of_the_same_worker(make_rig: MakeRig, frozen: str) -> None:
+    """Issue 22, point 3: a process froze while running a job (mid-run, or in its final write); its lease expired,
+    another replica took the job over and this same process claimed it again. The lease names the claim, not
+    only the process: the stale first run can neither renew nor finish, so it stops without writing and without
+    touching the live run's images, and the live run keeps its place here (progress, cancel) and its result."""
+    store = InMemoryJobStore(yields=True, exclusive=False)  # a shared store: the takeover is another replica's
+    gate_1, gate_2 = asyncio.Event(), asyncio.Event()
+    executor = PerRunExecutor({1: gate_1, 2: gate_2} if frozen == "running" else {2: gate_2})
+    rig = make_rig(store=store, executor=executor, max_running_jobs=2)
+    frozen_write = [True]
+    if frozen == "finishing":  # run 1's final write does not get through while its process is frozen
+        store.fail_when(lambda m, a: m == "update" and frozen_write[0] and a[0].finished)
+    await rig.manager.start()
+    await rig.submit(make_job("z"))
+    if frozen == "running":
+        await eventually(lambda: executor.calls == ["z"])
+    else:
+        await eventually(lambda: store.failures["update"] >= 1)
+    # Another replica found the lease expired (this process was frozen past it) and took the job over.
+    current = store.peek("z")
+    assert current is not None and current.status == PROCESSING
+    _, applied = await transition(store, current, Job.requeued)
+    assert applied
+    await eventually(lambda: len(executor.calls) == 2)  # this same process claimed it again: the live run
+    live = store.peek("z")
+    assert live is not None and live.status == PROCESSING and live.run_attempts == 2
+    # The process thaws: the stale run goes on from where it froze.
+    gate_1.set()
+    frozen_write[0] = False
+
+    def stale_run_ended() -> bool:  # it wrote over the live run, or it dropped its own images
+        dropped = output_name("z", 0, 1) not in rig.storage.objects
+        return 1 in executor.ended and (store.peek("z") != live or dropped)
+
+    await eventually(stale_run_ended)
+    for _ in range(20):  # the stale run's last steps (its store calls yield)
+        await asyncio.sleep(0)
+    assert store.peek("z") == live, "the stale run wrote over the live run's job"
+    assert rig.manager.workers.running_here("z"), "the live run lost its place here (its progress and cancel)"
+    gate_2.set()
+    final = await rig.final("z")
+    assert final.status == COMPLETED and final.run_attempts == 2
+    assert [image.name for image in final.images] == [output_name("z", 0, 2)], "the stale run's result won"
+    assert all(image.name in rig.storage.objects for image in final.images), "the live run's images were deleted"
+    assert set(rig.storage.objects) == {output_name("z", 0, 2)}  # the stale run's images are gone
+    await rig.idle()
+
+
 async def test_cancel_surfaces_store_errors_and_can_be_retried(make_rig: MakeRig) -> None:
     store = InMemoryJobStore()
     gate = asyncio.Event()
@@ -723,8 +825,9 @@ async def test_job_executor_runs_the_pipeline_over_triton(tmp_path: Path) -> Non
     await _stored_input(storage, job)
     steps: list[tuple[int, int]] = []
     images = await executor(job, on_step=lambda d, t: steps.append((d, t)), should_stop=lambda: False)
-    assert [i.name for i in images] == [output_name("a", 0), output_name("a", 1)]
-    assert [i.seed for i in images] == [42, 43] and images[0].url == storage.url_for(output_name("a", 0))
+    token = images[0].name.removeprefix("a_0_").removesuffix(".png")  # one random token per run (naming.py)
+    assert [i.name for i in images] == [output_name("a", i, token=token) for i in (0, 1)] and len(token) == 32
+    assert [i.seed for i in images] == [42, 43] and images[0].url == storage.url_for(images[0].name)
     assert all(storage.objects[i.name][0].startswith(b"\x89PNG") for i in images)
     assert triton.unet_calls == 2 and steps == [(0, 2), (1, 2), (2, 2)]
     models = [model for model, _ in triton.calls]

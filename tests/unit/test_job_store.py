@@ -27,10 +27,13 @@ from gateway.jobs.model import (
     DeliveryAttempt,
     Job,
     JobStatus,
+    Lease,
     OutputImage,
     Size,
     WebhookEvent,
     WebhookStatus,
+    job_from_json,
+    job_to_json,
     now_iso,
     owner_of,
 )
@@ -52,6 +55,12 @@ def _image(job_id: str) -> OutputImage:
     return OutputImage(name=f"{job_id}_0.png", url="http://x/a.png", width=16, height=16, seed=1)
 
 
+def _claim(job: Job | None) -> str:
+    """The claim id of the lease `job` was claimed under (renew, release and finish name it)."""
+    assert job is not None and job.lease is not None and job.lease.claim
+    return job.lease.claim
+
+
 # --- the contract ------------------------------------------------------------------------------------------
 
 
@@ -65,7 +74,7 @@ async def test_scheduler_and_output_format_round_trip(store: JobStore) -> None:
         name="fmt_0.webp", url="http://x/fmt_0.webp", width=16, height=16, seed=1, content_type="image/webp",
         sha256="ab" * 32,
     )  # fmt: skip
-    done = claimed.finished_by("w", COMPLETED, images=(image,))
+    done = claimed.finished_by("w", _claim(claimed), COMPLETED, images=(image,))
     assert done is not None
     await store.update(done)
     got = await store.get("fmt")
@@ -79,7 +88,7 @@ async def test_round_trip_and_queries(store: JobStore) -> None:
     assert a.version == 1 and await store.get("a") == a
     claimed = await store.claim("a", "w", LEASE)
     assert claimed is not None
-    done = await store.update(claimed.finished_by("w", COMPLETED, images=(_image("a"),), steps_done=2))  # type: ignore[arg-type]
+    done = await store.update(claimed.finished_by("w", _claim(claimed), COMPLETED, images=(_image("a"),), steps_done=2))  # type: ignore[arg-type]
     got = await store.get("a")
     assert got == done and got is not None
     assert got.status == COMPLETED and got.images == (_image("a"),) and got.lease is None and got.steps_done == 2
@@ -143,7 +152,8 @@ async def test_claim_only_from_queued_and_once(store: JobStore) -> None:
     await store.create(make_job("a"))
     claimed = await store.claim("a", "w1", LEASE)
     assert claimed is not None and claimed.status == PROCESSING and claimed.run_attempts == 1
-    assert claimed.lease is not None and claimed.lease.owner == "w1" and claimed.lease.expires_at == LEASE
+    assert claimed.lease is not None and claimed.lease.owner == "w1" and len(claimed.lease.claim) == 16
+    assert abs(claimed.lease.expires_at - (time.time() + LEASE)) < 60  # `lease_s` from now, by the store's clock
     assert claimed.version == 2
     assert await store.claim("a", "w2", LEASE) is None  # taken
     assert await store.claim("a", "w1", LEASE) is None  # even by the same worker
@@ -156,20 +166,23 @@ async def test_claim_only_from_queued_and_once(store: JobStore) -> None:
 
 async def test_renew_only_by_the_holder(store: JobStore) -> None:
     await store.create(make_job("a"))
-    assert await store.renew("a", "w1", LEASE) is None  # queued: nobody holds it
+    assert await store.renew("a", "w1", "", LEASE) is None  # queued: nobody holds it
     claimed = await store.claim("a", "w1", 1.0)
-    assert claimed is not None
-    assert await store.renew("a", "w2", LEASE) is None
-    renewed = await store.renew("a", "w1", LEASE)
-    assert renewed is not None and renewed.lease is not None and renewed.lease.expires_at == LEASE
+    assert claimed is not None and claimed.lease is not None
+    claim = _claim(claimed)
+    assert await store.renew("a", "w2", claim, LEASE) is None
+    assert await store.renew("a", "w1", "0" * 16, LEASE) is None  # the worker, but not this claim
+    renewed = await store.renew("a", "w1", claim, LEASE)
+    assert renewed is not None and renewed.lease is not None and renewed.lease.claim == claim
+    assert renewed.lease.expires_at > claimed.lease.expires_at + LEASE / 2  # `lease_s` from now
     assert renewed.version == claimed.version + 1
     asked = await store.update(renewed.cancel_requested_now())  # type: ignore[arg-type]
-    again = await store.renew("a", "w1", LEASE + 1)
+    again = await store.renew("a", "w1", claim, LEASE + 1)
     assert again is not None and again.cancel_requested  # the renewal tells the worker of the cancel
-    finished = await store.update(again.finished_by("w1", CANCELED))  # type: ignore[arg-type]
+    finished = await store.update(again.finished_by("w1", claim, CANCELED))  # type: ignore[arg-type]
     assert asked.version < again.version < finished.version
-    assert await store.renew("a", "w1", LEASE) is None  # finished
-    assert await store.renew("missing", "w1", LEASE) is None
+    assert await store.renew("a", "w1", claim, LEASE) is None  # finished
+    assert await store.renew("missing", "w1", claim, LEASE) is None
 
 
 async def test_transition_rereads_a_stale_copy(store: JobStore) -> None:
@@ -178,7 +191,10 @@ async def test_transition_rereads_a_stale_copy(store: JobStore) -> None:
     assert stale is not None
     # Another actor writes meanwhile: a cancel request.
     await store.update(stale.cancel_requested_now())  # type: ignore[arg-type]
-    stored, applied = await transition(store, stale, lambda j: j.finished_by("w", COMPLETED, images=(_image("a"),)))
+    claim = _claim(stale)
+    stored, applied = await transition(
+        store, stale, lambda j: j.finished_by("w", claim, COMPLETED, images=(_image("a"),))
+    )
     assert applied and stored.status == COMPLETED and stored.cancel_requested  # decided on the fresh copy
     assert stored.version == stale.version + 2
     # A verdict "does not apply" on a stale copy is confirmed on a fresh one: here the fresh one applies.
@@ -201,13 +217,57 @@ async def test_versions_strictly_increase(store: JobStore) -> None:
     versions = [job.version]
     job = await store.claim("a", "w", LEASE)  # type: ignore[assignment]
     versions.append(job.version)
-    job = await store.renew("a", "w", LEASE)  # type: ignore[assignment]
+    job = await store.renew("a", "w", _claim(job), LEASE)  # type: ignore[assignment]
     versions.append(job.version)
-    job = await store.update(job.finished_by("w", COMPLETED))  # type: ignore[arg-type]
+    job = await store.update(job.finished_by("w", _claim(job), COMPLETED))  # type: ignore[arg-type]
     versions.append(job.version)
     job = await store.update(job.with_delivery(DeliveryAttempt(now_iso(), 500, None), 2))  # type: ignore[arg-type]
     versions.append(job.version)
     assert versions == sorted(set(versions)) == list(range(1, 6))
+
+
+async def test_a_stale_claim_of_the_same_worker_is_refused_after_a_takeover_and_reclaim(store: JobStore) -> None:
+    """Issue 22: the lease names the claim, not only the worker. A process froze while running a job (its lease
+    expired), the job was taken over and the same process claimed it again: the first claim's renew, release and
+    finish are refused (a stale run must not renew the live run's lease, requeue it or write its result over it),
+    and the live claim's go through."""
+    await store.create(make_job("a"))
+    first = await store.claim("a", "w", -1.0)  # expired a second ago: its process froze
+    stale = _claim(first)
+    [orphan] = await store.expired_leases(10)
+    await store.update(orphan.requeued())  # type: ignore[arg-type]  (another replica's takeover)
+    again = await store.claim("a", "w", LEASE)  # the same worker wins it back: a new claim
+    live = _claim(again)
+    assert live != stale and again is not None and again.lease is not None and again.lease.owner == "w"
+    assert again.run_attempts == 2
+    assert await store.renew("a", "w", stale, LEASE) is None
+    assert await store.release("a", "w", stale) is None
+    assert first is not None
+    stored, applied = await transition(store, first, lambda j: j.finished_by("w", stale, COMPLETED))
+    assert not applied and stored == again == await store.get("a")  # nothing written
+    renewed = await store.renew("a", "w", live, LEASE)
+    assert renewed is not None and renewed.lease is not None and renewed.lease.claim == live
+    done, applied = await transition(store, first, lambda j: j.finished_by("w", live, COMPLETED))
+    assert applied and done.status == COMPLETED and done.finished_claim == live and done.lease is None
+    assert await store.release("a", "w", live) is None  # finished
+
+
+async def test_a_lease_written_before_claim_ids_reads_back_held_by_nobody(store: JobStore) -> None:
+    """A row written before issue 22 has a lease without a claim id: it reads back (the claim is ""), nobody can
+    renew, release or finish it, and it is taken over once expired, as before."""
+    created = await store.create(make_job("old"))
+    data = json.loads(job_to_json(dataclasses.replace(created, status=PROCESSING, lease=Lease("w", 1.0))))
+    del data["lease"]["claim"]
+    assert "finished_claim" in data
+    del data["finished_claim"]
+    job = job_from_json(json.dumps(data), version=created.version)
+    assert job.lease == Lease("w", 1.0, "") and job.finished_claim is None
+    stored = await store.update(job)
+    assert (await store.get("old")) == stored
+    assert await store.renew("old", "w", "", LEASE) is None
+    assert await store.release("old", "w", "") is None
+    assert stored.finished_by("w", "", COMPLETED) is None
+    assert [j.id for j in await store.expired_leases(10)] == ["old"]
 
 
 # --- SQLite only -----------------------------------------------------------------------------------------
@@ -219,7 +279,7 @@ async def test_count_active_counts_one_owners_queued_and_processing_jobs(store: 
     await store.create(make_job("b1", owner="B"))
     claimed = await store.claim("a1", "w", LEASE)
     assert claimed is not None and await store.count_active("A") == 3  # one processing, two queued
-    await store.update(claimed.finished_by("w", COMPLETED, images=(), steps_done=1))  # type: ignore[arg-type]
+    await store.update(claimed.finished_by("w", _claim(claimed), COMPLETED, images=(), steps_done=1))  # type: ignore[arg-type]
     assert await store.count_active("A") == 2 and await store.count_active("B") == 1
     assert await store.count_active("nobody") == 0
 
@@ -291,7 +351,7 @@ async def test_webhook_events_round_trip_and_start_is_due_while_processing(store
     got = await store.get("a")
     assert got is not None and got.webhook is not None and got.webhook.events == both
     assert await store.claim_delivery("d", LEASE, 100.0) is None  # nothing is due while queued
-    await store.claim("a", "w", LEASE)
+    claim = _claim(await store.claim("a", "w", LEASE))
     await store.claim("b", "w", LEASE)
     start = await store.claim_delivery("d", LEASE, 100.0)
     assert start is not None and start.id == "a" and start.webhook is not None
@@ -301,7 +361,7 @@ async def test_webhook_events_round_trip_and_start_is_due_while_processing(store
     assert sent is not None
     done = await store.update(sent)
     assert done.webhook is not None and done.webhook.status == WebhookStatus.DELIVERED
-    finished = done.finished_by("w", COMPLETED, images=(_image("a"),))
+    finished = done.finished_by("w", claim, COMPLETED, images=(_image("a"),))
     assert finished is not None
     final = await store.update(finished)
     assert final.webhook is not None and (final.webhook.event, final.webhook.status) == ("completed", "pending")

@@ -123,8 +123,10 @@ async def test_release_requeues_not_before_and_queue_position(store: PostgresJob
     taken = await store.claim_next("w", LEASE, now=0.0)
     assert taken is not None and taken.id == "a" and await store.queue_position(taken) is None
     assert await store.queue_position(job_c) == 2
-    assert await store.release("a", "other") is None  # not the holder
-    released = await store.release("a", "w", not_before=50.0)
+    claim = taken.lease.claim  # type: ignore[union-attr]
+    assert await store.release("a", "other", claim) is None  # not the holder
+    assert await store.release("a", "w", "0" * 16) is None  # the worker, but not this claim
+    released = await store.release("a", "w", claim, not_before=50.0)
     assert released is not None and released.status == QUEUED and released.lease is None
     assert released.not_before == 50.0 and await store.queue_position(released) == 1
     assert (await store.claim_next("w", LEASE, now=49.0)).id == "b"  # type: ignore[union-attr]
@@ -157,27 +159,55 @@ async def test_create_retried_after_a_lost_commit_returns_the_job(store: Postgre
 
 
 async def test_expired_leases(store: PostgresJobStore) -> None:
-    for second, (job_id, lease) in enumerate([("dead1", 5.0), ("alive", 50.0), ("dead2", 7.0)], start=1):
+    # Lease durations: negative ones expired that long ago (by the database's clock, as every lease time).
+    for second, (job_id, lease_s) in enumerate([("dead1", -5.0), ("alive", 50.0), ("dead2", -3.0)], start=1):
         await store.create(make_job(job_id, created_at=_ts(second)))
-        await store.claim(job_id, "w", lease)
+        await store.claim(job_id, "w", lease_s)
     await store.create(make_job("queued", created_at=_ts(9)))
     done = await store.create(make_job("done", created_at=_ts(0)))
     await store.update(done.finished_as(COMPLETED))
-    assert [j.id for j in await store.expired_leases(now=10.0, limit=10)] == ["dead1", "dead2"]
-    assert [j.id for j in await store.expired_leases(now=10.0, limit=1)] == ["dead1"]
-    assert await store.expired_leases(now=5.0, limit=10) == []  # expired *before* now
+    assert [j.id for j in await store.expired_leases(limit=10)] == ["dead1", "dead2"]
+    assert [j.id for j in await store.expired_leases(limit=1)] == ["dead1"]
     # Taking an orphan over is a compare-and-set like any write: one replica wins.
-    [orphan] = await store.expired_leases(now=6.0, limit=10)
+    [orphan] = await store.expired_leases(limit=1)
     requeued = await store.update(orphan.requeued())  # type: ignore[arg-type]
     with pytest.raises(StaleJob):
         await store.update(orphan.requeued())  # type: ignore[arg-type]
-    assert requeued.status == QUEUED and [j.id for j in await store.expired_leases(now=10.0, limit=10)] == ["dead2"]
+    assert requeued.status == QUEUED and [j.id for j in await store.expired_leases(limit=10)] == ["dead2"]
+
+
+async def test_lease_times_are_the_database_clock(
+    replicas: tuple[PostgresJobStore, PostgresJobStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22: a replica whose clock runs 20 s ahead must not see a live lease as expired (it would take running
+    jobs over until they fail `run_attempts_exhausted`), nor lease by its own clock: the store computes
+    `expires_at` and the expiry from the database's clock."""
+    a, b = replicas
+    await a.create(make_job("live"))
+    claimed = await a.claim("live", "w-a", 10.0)  # A's clock is right: a live 10 s lease
+    assert claimed is not None and claimed.lease is not None
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 20.0)  # B's clock, from here on, is 20 s ahead
+    assert await b.expired_leases(limit=10) == []  # B sees A's lease as live
+    await b.create(make_job("b-job"))
+    taken = await b.claim_next("w-b", 10.0, now=time.time())
+    assert taken is not None and taken.id == "b-job" and taken.lease is not None
+    assert abs(taken.lease.expires_at - (real() + 10.0)) < 5.0  # 10 s from the database's now, not B's
+    renewed = await b.renew("live", "w-a", claimed.lease.claim, 10.0)
+    assert renewed is not None and renewed.lease is not None and renewed.lease.expires_at < real() + 15.0
+    assert await a.expired_leases(limit=10) == await b.expired_leases(limit=10) == []
+    # Both agree a lease expired once it did by the database's clock.
+    await b.renew("live", "w-a", claimed.lease.claim, -1.0)
+    assert (
+        [j.id for j in await a.expired_leases(limit=10)] == [j.id for j in await b.expired_leases(limit=10)] == ["live"]
+    )
 
 
 async def _finished_with_webhook(store: PostgresJobStore, job_id: str, *, second: int = 1) -> Job:
     await store.create(make_job(job_id, webhook="http://hook.test/x", created_at=_ts(second)))
     claimed = await store.claim(job_id, "w", LEASE)
-    return await store.update(claimed.finished_by("w", COMPLETED))  # type: ignore[union-attr,arg-type]
+    claim = claimed.lease.claim  # type: ignore[union-attr]
+    return await store.update(claimed.finished_by("w", claim, COMPLETED))  # type: ignore[union-attr,arg-type]
 
 
 async def test_claim_delivery_is_exclusive(replicas: tuple[PostgresJobStore, PostgresJobStore]) -> None:

@@ -127,7 +127,7 @@ def test_the_cli_reaches_the_workers_app_factory_through_the_environment(
     clean_env["IMAGEN_JOBS_DB"] = POSTGRES
     clean_env["IMAGEN_LOG_LEVEL"] = "warning"  # env and CLI mixed: both reach the worker
     keys = tmp_path / "keys.txt"
-    keys.write_text("# keys\nkey-one\n")
+    keys.write_text("# keys\nkey-one-0123456789abcdefghijklmnop\n")
     clean_env["IMAGEN_API_KEYS_FILE"] = str(keys)
     repo = tmp_path / "models"
     monkeypatch.setattr(launcher, "load_manifests", lambda path: {"imagen-v2": object()})
@@ -196,7 +196,7 @@ def test_the_cli_reaches_the_workers_app_factory_through_the_environment(
     assert worker.public_base_url == "https://imagen.example"
     assert worker.export_demo is False
     assert worker.log_level == "warning"
-    assert worker.api_keys == frozenset({"key-one"})
+    assert worker.api_keys == frozenset({"key-one-0123456789abcdefghijklmnop"})
     assert launcher.shared_job_store(worker.jobs_db)
 
 
@@ -226,3 +226,34 @@ def test_a_setting_that_cannot_reach_the_workers_is_refused(
     err = capsys.readouterr().err
     assert "cannot reach worker processes" in err
     assert "port" in err and "workers" in err
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True), ("localhost", True),
+     ("0.0.0.0", False), ("::", False), ("10.0.0.5", False), ("gateway.internal", False)],
+)  # fmt: skip
+def test_loopback_hosts(host: str, loopback: bool) -> None:
+    assert launcher.is_loopback_host(host) is loopback
+
+
+def test_anonymous_access_on_a_public_address_is_refused_unless_forced(
+    clean_env: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 22, point 4: --allow-anonymous on 0.0.0.0 would serve the shared anonymous user to the network."""
+    monkeypatch.setattr(launcher, "load_manifests", lambda path: {"imagen-v2": object()})
+    served: list[Settings] = []
+
+    async def fake_serve(settings: Settings) -> None:
+        served.append(settings)
+
+    monkeypatch.setattr(launcher, "serve", fake_serve)
+    assert launcher.main(["--allow-anonymous", "--host", "0.0.0.0", "--triton-url", "t:8001"]) == 2
+    assert "anonymous access on 0.0.0.0" in capsys.readouterr().err and not served
+    assert (
+        launcher.main(["--allow-anonymous", "--host", "0.0.0.0", "--allow-anonymous-public", "--triton-url", "t:8001"])
+        == 0
+    )
+    clean_env["IMAGEN_ALLOW_ANONYMOUS_PUBLIC"] = "1"
+    assert launcher.main(["--allow-anonymous", "--host", "0.0.0.0", "--triton-url", "t:8001"]) == 0
+    assert [s.allow_anonymous_public for s in served] == [True, True]

@@ -140,8 +140,14 @@ async def test_a_name_resolving_to_each_address(address: str, fragment: str | No
         with pytest.raises(UrlNotAllowed) as info:
             await resolve_checked(url, OutboundPolicy(resolver=dns))
         details = refused_details(info)
-        assert details.startswith(f"Host 'evil.example' resolves to {ipaddress.ip_address(address)}, ")
-        assert fragment in details
+        assert details.startswith("Host 'evil.example' resolves to ")
+        assert str(ipaddress.ip_address(address)) not in details  # the kind of address, never which one
+        embedded = netguard._embedded_ipv4(ipaddress.ip_address(address))
+        if embedded is None:
+            assert fragment in details
+        else:  # the kind of the IPv4 address inside, not that address
+            assert str(embedded[1]) not in details
+            assert details.endswith(f"{embedded[0]} form of {refusal_reason(embedded[1])}")
     assert dns.lookups == [("evil.example", 443)]
 
 
@@ -206,6 +212,31 @@ async def test_localhost_through_the_system_resolver() -> None:
         await resolve_checked("http://localhost:9/", OutboundPolicy())
     details = refused_details(info)
     assert details.startswith("Host 'localhost' resolves to ") and "a loopback address" in details
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("answers", [["10.1.2.3"], [PUBLIC_V4, "10.1.2.3"], ["::ffff:10.1.2.3"], ["64:ff9b::a01:203"]])
+async def test_a_refused_name_does_not_reveal_its_internal_address(
+    answers: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 22: `url_not_allowed` says the name resolves to a private address, never which one (that is the
+    deployment's internal topology); the log keeps the address for operators. Also through a redirect."""
+    dns = FakeDns({"intranet.example": answers})
+    with caplog.at_level("INFO", logger=netguard.__name__), pytest.raises(UrlNotAllowed) as info:
+        await resolve_checked("https://intranet.example/x.png", OutboundPolicy(resolver=dns))
+    details = refused_details(info)
+    assert details.startswith("Host 'intranet.example' resolves to ") and "a private address" in details
+    answer = f"{info.value.message} {details}"
+    assert "10." not in answer and "a01:203" not in answer and "ffff" not in answer, answer
+    assert "10.1.2.3" in caplog.text or "a01:203" in caplog.text  # the operator's log has it
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"Location": "https://intranet.example/x.png"})
+
+    handler, _ = recorder(respond)
+    with pytest.raises(UrlNotAllowed) as redirected:
+        await exchange(handler, "https://public.example/start", dns=dns)
+    assert "10." not in refused_details(redirected) and "a private address" in refused_details(redirected)
 
 
 @pytest.mark.asyncio
@@ -418,7 +449,7 @@ async def test_redirect_to_a_private_address_is_refused_before_it_is_requested()
     with pytest.raises(UrlNotAllowed) as info:
         await exchange(handler, "https://public.example/start", dns=dns)
     assert refused_details(info) == (
-        "Redirect to http://evil.example/steal refused: Host 'evil.example' resolves to 10.0.0.5, a private address"
+        "Redirect to http://evil.example/steal refused: Host 'evil.example' resolves to a private address"
     )
     assert [r.url.path for r in seen] == ["/start"]
     assert dns.lookups == [("public.example", 443), ("evil.example", 80)]  # each hop resolved once

@@ -166,9 +166,19 @@ def test_rejections(header: str | None, message: str) -> None:
     assert info.value.details
 
 
-@pytest.mark.parametrize("header", [None, "", "Basic abc", "Bearer wrong"])
-def test_anonymous_mode_lets_unknown_callers_through(header: str | None) -> None:
+@pytest.mark.parametrize("header", [None, ""])
+def test_anonymous_mode_lets_callers_without_a_key_through(header: str | None) -> None:
     assert check_bearer(header, KEYS, allow_anonymous=True) is None
+
+
+@pytest.mark.parametrize(
+    ("header", "message"), [("Bearer wrong", "Invalid API key"), ("Basic abc", "Missing bearer token")]
+)
+def test_a_presented_unknown_key_is_401_even_in_anonymous_mode(header: str, message: str) -> None:
+    """Issue 22, point 4: a mistyped key never becomes the shared anonymous user (who sees anonymous jobs)."""
+    with pytest.raises(Unauthorized) as info:
+        check_bearer(header, KEYS, allow_anonymous=True)
+    assert info.value.message == message
 
 
 def test_no_keys_configured_rejects_everyone_unless_anonymous() -> None:
@@ -403,8 +413,17 @@ def test_the_names_written_parse_back(extension: str) -> None:
         (naming.input_name(job_id, extension), True),
         (naming.output_name(job_id, 0, 1, extension), False),
         (naming.output_name(job_id, 12, 3, extension), False),
+        (naming.output_name(job_id, 3, extension=extension, token=naming.new_output_token()), False),
     ]:
         assert naming.parse_name(name) == naming.StoredName(job_id, is_input), name
+        assert storage.NAME_PATTERN.fullmatch(name), name
+
+
+def test_output_names_are_not_derivable_from_the_job_id() -> None:
+    """Issue 22, point 9: output URLs are capabilities; job ids are in logs and headers."""
+    job_id = "img_transform_012345678901234567890123"
+    first, second = (naming.output_name(job_id, 0, token=naming.new_output_token()) for _ in range(2))
+    assert first != second and first.startswith(f"{job_id}_0_") and len(first) - len(f"{job_id}_0_.png") == 32
 
 
 @pytest.mark.asyncio
@@ -416,12 +435,16 @@ async def test_the_sweep_removes_orphaned_outputs_of_every_format(tmp_path: Path
     done = await jobs.create(make_job("img_done"))
     _, applied = await transition(jobs, done, functools.partial(Job.ended, status=FAILED))
     assert applied
-    orphans = [naming.output_name("img_gone", 0, 1, extension), naming.output_name("img_done", 1, 2, extension)]
+    orphans = [
+        naming.output_name("img_gone", 0, 1, extension),
+        naming.output_name("img_done", 1, 2, extension),
+        naming.output_name("img_done", 2, extension=extension, token=naming.new_output_token()),
+    ]
     for name in orphans:
         await images.put(name, b"x", storage.CONTENT_TYPES[extension])
         _age(tmp_path / name, 7200)
     result = await retention.sweep_storage(jobs, images, older_than=time.time() - 3600)
-    assert result == retention.SweepResult(orphans=2, temp_files=0)
+    assert result == retention.SweepResult(orphans=3, temp_files=0)
     assert os.listdir(tmp_path) == []
 
 
@@ -483,3 +506,31 @@ async def test_s3_lists_old_objects_under_its_prefix_only(s3_bucket: S3Bucket) -
         assert await images.remove_temp_older_than(time.time()) == 0
     finally:
         await images.aclose()
+
+
+@pytest.mark.asyncio
+async def test_stored_inputs_are_owner_only_and_outputs_not_world_readable(tmp_path: Path) -> None:
+    """Issue 22, point 9: a caller's upload (EXIF and all) is not readable by other local users."""
+    store = LocalStorage(tmp_path, base_url=BASE)
+    await store.put(naming.input_name("img_a", "jpg"), b"in", "image/jpeg")
+    await store.put(naming.output_name("img_a", 0, token=naming.new_output_token()), b"out", "image/png")
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in os.listdir(tmp_path)}
+    assert modes.pop("img_a_input.jpg") == 0o600
+    assert list(modes.values()) == [0o640]
+
+
+def test_the_sqlite_job_store_is_owner_only(tmp_path: Path) -> None:
+    """Issue 22, point 9: the job store holds every key's webhook secrets; an existing 0644 file is narrowed."""
+    from gateway.jobs.sqlite import SqliteJobStore
+
+    path = tmp_path / "jobs.sqlite3"
+    path.touch(mode=0o644)
+    os.chmod(path, 0o644)
+    store = SqliteJobStore(path)
+    try:
+        for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):
+            if (tmp_path / name).exists():
+                assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        asyncio.run(store.close())

@@ -15,7 +15,7 @@ from gateway.errors import BackendError, BackendUnavailable
 from gateway.observability import Metrics, triton_stats_source
 from gateway.settings import Settings
 from gateway.triton.client import translate_triton_errors, triton_status
-from gateway.triton.pool import TritonPool, make_triton, parse_targets
+from gateway.triton.pool import PROBE_FAILURES_TO_EJECT, TritonPool, make_triton, parse_targets
 
 UNET = "m_unet"
 VAE = "m_vae"
@@ -326,12 +326,64 @@ async def test_ejection_and_readmission_by_health_checks(world: World) -> None:
     await pool.close()
 
 
+async def test_one_failed_probe_keeps_a_replica_in_and_failures_in_a_row_take_it_out(world: World) -> None:
+    """Issue 22: a lost probe (a timeout while the server is busy, a blip) between good ones is forgiven;
+    PROBE_FAILURES_TO_EJECT in a row take the replica out; one good probe puts it back."""
+    assert PROBE_FAILURES_TO_EJECT >= 2
+    pool = world.pool("10.0.0.1:1,10.0.0.2:1")
+    await call(pool)  # learns the model
+    await pool.refresh()
+    a = world.replicas["10.0.0.1:1"]
+    for _ in range(3):  # fail, good, fail, good...: never PROBE_FAILURES_TO_EJECT in a row
+        a.live = False
+        for _ in range(PROBE_FAILURES_TO_EJECT - 1):
+            await pool.refresh()
+        assert pool.replicas[a.address].live and pool.replicas[a.address].serves(UNET)
+        a.live = True
+        await pool.refresh()
+    before = len(a.calls)
+    for _ in range(4):
+        await call(pool)
+    assert len(a.calls) == before + 2  # still taking its turn
+    a.live = False
+    for _ in range(PROBE_FAILURES_TO_EJECT):
+        await pool.refresh()
+    assert not pool.replicas[a.address].live
+    assert pool.replica_metrics()[a.address]["healthy"] == 0.0
+    before = len(a.calls)
+    for _ in range(4):
+        await call(pool)
+    assert len(a.calls) == before  # out: no call tried it
+    a.live = True
+    await pool.refresh()
+    assert pool.replicas[a.address].live
+    await pool.close()
+
+
+async def test_a_probe_that_breaks_counts_as_failed(world: World) -> None:
+    pool = world.pool("10.0.0.1:1,10.0.0.2:1")
+    await pool.refresh()
+    a = world.replicas["10.0.0.1:1"]
+
+    async def breaks(*, timeout_s: float = 2.0) -> bool:
+        raise OSError("connection reset")
+
+    a.is_live = breaks  # type: ignore[method-assign]
+    await pool.refresh()
+    assert pool.replicas[a.address].live  # one failed probe: kept in
+    for _ in range(PROBE_FAILURES_TO_EJECT - 1):
+        await pool.refresh()
+    assert not pool.replicas[a.address].live
+    await pool.close()
+
+
 async def test_all_down_fails_fast(world: World) -> None:
     pool = world.pool("10.0.0.1:1,10.0.0.2:1", timeout_s=120.0)
     await pool.refresh()
     for replica in world.replicas.values():
         replica.live = False
-    await pool.refresh()
+    for _ in range(PROBE_FAILURES_TO_EJECT):
+        await pool.refresh()
     started = time.monotonic()
     with pytest.raises(BackendUnavailable):
         await call(pool)
