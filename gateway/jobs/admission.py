@@ -29,7 +29,7 @@ from gateway.diffusion.styles import STYLE_PRESETS, StylePreset
 from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.jobs.model import JobSpec, Size
 from gateway.jobs.request import ImageToImageRequest, parse_image_to_image
-from gateway.media import codecs, netguard
+from gateway.media import codecs, metadata, netguard
 from gateway.media.fetch import fetch_image
 from gateway.media.netguard import OutboundPolicy
 from gateway.media.work import run_image_work
@@ -142,6 +142,7 @@ class Admission:
         image = await run_image_work(codecs.decode_image, data)
         width, height = codecs.fit_to_grid(image.width, image.height, manifest.native_resolution, manifest.grid)
         input_size = Size(image.width, image.height)
+        data = await run_image_work(metadata.strip_metadata, data)  # the stored copy keeps no EXIF, GPS, comments
         model_input = await run_image_work(codecs.resize_for_model, image, (width, height))
         del image  # a 2048 px original is 12 MiB; only the resized input is kept for the first run
         # 6. The spec: the seed drawn when absent (a re-run must give the same pixels), the steps diffusers runs.

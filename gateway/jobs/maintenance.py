@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 RETENTION_MAX_INTERVAL_S = 60.0
 RECLAIM_BATCH = 100  # expired leases taken over per pass
+RETENTION_BATCH = 500  # expired jobs read and purged at a time
 
 
 def job_error(exc: ApiError) -> JobError:
@@ -139,14 +140,20 @@ class Maintenance:
                 log.exception("reclaiming expired leases failed")
 
     async def purge_expired(self) -> int:
-        """Delete finished jobs older than the retention period, with their stored images."""
+        """Delete finished jobs older than the retention period, with their stored images, `RETENTION_BATCH`
+        jobs at a time (a deleted job leaves the next batch's query)."""
         cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.retention_s)
-        expired = await self.store.expired(cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
-        for job in expired:
-            for name in job.stored_names:
-                await self.storage.delete(name)
-            await self.store.delete(job.id)
-        return len(expired)
+        before = cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        removed = 0
+        while True:
+            expired = await self.store.expired(before, RETENTION_BATCH)
+            for job in expired:
+                for name in job.stored_names:
+                    await self.storage.delete(name)
+                await self.store.delete(job.id)
+            removed += len(expired)
+            if len(expired) < RETENTION_BATCH:
+                return removed
 
     async def _retention_loop(self) -> None:
         """One replica at a time purges (a named lock lasting twice the interval)."""

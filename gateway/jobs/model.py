@@ -353,9 +353,12 @@ class Job:
 
     def redelivery_requested(self) -> Job | None:
         """The final event again, in a new round due now (same `webhook-id`); only for a final job whose
-        webhook asked for `completed`."""
+        webhook asked for `completed`, and not while a round of it is still pending (it would only restart it:
+        each call would make the gateway POST to the caller's URL again)."""
         hook = self.webhook
         if not self.finished or hook is None or WebhookEvent.COMPLETED not in hook.events:
+            return None
+        if hook.event == WebhookEvent.COMPLETED and hook.status == WebhookStatus.PENDING:
             return None
         return dataclasses.replace(self, webhook=hook.delivering(WebhookEvent.COMPLETED))
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 from gateway.errors import NothingToRedeliver, StoreUnavailable
 from gateway.jobs import webhooks
-from gateway.jobs.model import DeliveryAttempt, Job, WebhookStatus, now_iso
+from gateway.jobs.model import DeliveryAttempt, Job, WebhookEvent, WebhookStatus, now_iso
 from gateway.jobs.store import JobStore, transition
 from gateway.settings import Settings
 
@@ -118,6 +118,13 @@ class Outbox:
         if not applied:
             if not stored.finished:
                 raise NothingToRedeliver("Job not finished", f"Job '{job.id}' is {stored.status}: no final event yet")
+            hook = stored.webhook
+            if hook is not None and hook.event == WebhookEvent.COMPLETED and hook.status == WebhookStatus.PENDING:
+                raise NothingToRedeliver(
+                    "Delivery in progress",
+                    f"Job '{job.id}''s final event is still being delivered ({hook.tries} attempts so far): "
+                    "redeliver once it is delivered or has failed",
+                )
             raise NothingToRedeliver(
                 "Nothing to redeliver",
                 f"Job '{job.id}' has no webhook for its final event (see webhook_url and webhook_events)",

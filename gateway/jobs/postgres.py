@@ -349,11 +349,11 @@ class PostgresJobStore:
             (WebhookStatus.PENDING, *_FINAL),
         )
 
-    async def expired(self, before: str) -> list[Job]:
+    async def expired(self, before: str, limit: int) -> list[Job]:
         return await self._select(
             f"{_SELECT} WHERE completed_at IS NOT NULL AND completed_at < %s::timestamptz"
-            " AND (webhook_status IS NULL OR webhook_status != %s) ORDER BY completed_at, id",
-            (before, WebhookStatus.PENDING),
+            " AND (webhook_status IS NULL OR webhook_status != %s) ORDER BY completed_at, id LIMIT %s",
+            (before, WebhookStatus.PENDING, limit),
         )
 
     async def expired_leases(self, limit: int) -> list[Job]:

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from gateway.jobs.model import Job
 from gateway.jobs.naming import parse_name
 from gateway.jobs.store import JobStore
 from gateway.media.storage import Storage
+
+# Jobs the sweep remembers while it walks the storage (bounded: a bucket may hold millions of objects).
+SWEEP_JOBS_KEPT = 1024
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ class SweepResult:
 async def sweep_storage(store: JobStore, storage: Storage, *, older_than: float) -> SweepResult:
     """Remove what no job owns among objects last modified before `older_than` (a Unix time)."""
     temp_files = await storage.remove_temp_older_than(older_than)
-    jobs: dict[str, Job | None] = {}
+    jobs: OrderedDict[str, Job | None] = OrderedDict()  # the last jobs looked up: a job's objects come together
     orphans = 0
     async for name in storage.iter_older_than(older_than):
         stored = parse_name(name)
@@ -45,6 +49,8 @@ async def sweep_storage(store: JobStore, storage: Storage, *, older_than: float)
         job_id = stored.job_id
         if job_id not in jobs:
             jobs[job_id] = await store.get(job_id)
+            if len(jobs) > SWEEP_JOBS_KEPT:
+                jobs.popitem(last=False)
         job = jobs[job_id]
         if job is None or (job.finished and name not in job.stored_names):
             await storage.delete(name)

@@ -412,11 +412,11 @@ class SqliteJobStore:
             (WebhookStatus.PENDING, COMPLETED, FAILED, CANCELED),
         )
 
-    async def expired(self, before: str) -> list[Job]:
+    async def expired(self, before: str, limit: int) -> list[Job]:
         return await self._select(
             "SELECT data, version FROM jobs WHERE completed_at IS NOT NULL AND completed_at < ?"
-            " AND (webhook_status IS NULL OR webhook_status != ?)",
-            (before, WebhookStatus.PENDING),
+            " AND (webhook_status IS NULL OR webhook_status != ?) ORDER BY completed_at, id LIMIT ?",
+            (before, WebhookStatus.PENDING, limit),
         )
 
     async def webhook_secrets(self, owner: str) -> SigningSecrets | None:

@@ -124,8 +124,9 @@ class JobStore(Protocol):
         """Finished jobs whose webhook is still pending (restart recovery)."""
         ...
 
-    async def expired(self, before: str) -> list[Job]:
-        """Finished jobs completed before `before` whose webhook is settled (retention)."""
+    async def expired(self, before: str, limit: int) -> list[Job]:
+        """At most `limit` finished jobs completed before `before` whose webhook is settled, oldest first
+        (retention purges them a batch at a time: never every expired row in memory at once)."""
         ...
 
     async def webhook_secrets(self, owner: str) -> SigningSecrets | None:

@@ -334,6 +334,8 @@ def test_images_streamed_private_inputs_and_no_metadata_in_outputs(gw: Subproces
         assert owner.headers["cache-control"] == "private, max-age=3600"
         assert owner.headers["content-length"] == str(len(owner.content))
         assert owner.content.startswith(b"\xff\xd8")
+        for marker in (b"SecretCameraMaker", b"secret comment", b"2024:01:01"):  # issue 22: the copy keeps none
+            assert marker not in owner.content, marker
         other = client.get(input_url, headers=B)
         assert other.status_code == 404
         _assert_error_shape(other, "not_found")

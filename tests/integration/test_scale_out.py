@@ -16,14 +16,18 @@ The rate limit held in total across two gateways on one Redis is proven by tests
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +129,68 @@ def serve_receiver() -> tuple[Receiver, http.server.ThreadingHTTPServer]:
     return state, server
 
 
+# --- S3 that can go down: a pausable loopback proxy in front of moto (whose state a restart would lose) -----------
+
+
+class PausableProxy:
+    """A TCP proxy on a fixed loopback port: `pause()` shuts its listener and every connection through it (the
+    server looks down: connections refused), `resume()` listens again on the same port."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.resume()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def resume(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                if self._listener is not listener:
+                    return
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets |= {client, upstream}
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def pause(self) -> None:
+        listener, self._listener = self._listener, None
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for sock in [*([listener] if listener else []), *sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
 # --- the cluster ---------------------------------------------------------------------------------------------
 
 
@@ -144,6 +210,8 @@ class Cluster:
     receiver: Receiver
     env: dict[str, str]
     ports: dict[str, int]
+    redis: RedisServer
+    s3_proxy: PausableProxy
     gateways: dict[str, SubprocessGateway] = field(default_factory=dict)
 
     @property
@@ -247,8 +315,10 @@ def _cluster(
     redis: RedisServer,
 ) -> Iterator[Cluster]:
     ports = {"a": free_port(), "b": free_port()}
+    s3_proxy = PausableProxy(s3.url)  # the gateways' S3 endpoint, so the fault test can take S3 down
     env = {
         **s3.env(),
+        "IMAGEN_S3_ENDPOINT_URL": s3_proxy.url,
         "IMAGEN_API_KEYS": API_KEY,
         "IMAGEN_JOBS_DB": db_url,
         "IMAGEN_WEBHOOK_SECRET": WEBHOOK_SECRET,
@@ -262,7 +332,7 @@ def _cluster(
         "IMAGEN_RATE_LIMIT_PER_MINUTE": "0",  # proven with two gateways in test_redis_ratelimit.py
         "IMAGEN_LOG_LEVEL": "info",  # "job <id>: running" says which replica runs what
     }
-    cluster = Cluster([triton, second], repository, folder, db_url, bucket, s3, receiver, env, ports)
+    cluster = Cluster([triton, second], repository, folder, db_url, bucket, s3, receiver, env, ports, redis, s3_proxy)
     try:
         cluster.start("a")  # A migrates the schema; then the audit trigger, before any job exists
         cluster.sql(AUDIT_SQL)
@@ -271,6 +341,7 @@ def _cluster(
     finally:
         for gateway in cluster.gateways.values():
             gateway.stop()
+        s3_proxy.pause()
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -583,4 +654,119 @@ def test_kill_9_of_a_gateway_with_jobs_queued_and_running(cluster: Cluster) -> N
         f"\nscale-out kill -9: {len(orphans)} running jobs taken over in "
         f"{', '.join(f'{s:.1f}' for s in takeovers.values())} s (bound {bound_s:.1f} s); all {len(ids)} jobs "
         f"completed {finished_s:.1f} s after the kill"
+    )
+
+
+# --- issue 22: a bad day, fault by fault, while jobs keep coming ----------------------------------------------
+
+FAULT_S = 3.0  # how long each store stays down
+SETTLE_S = 2.0  # load without a fault between two faults
+SUBMIT_EVERY_S = 0.4
+SUBMIT_TIMEOUT_S = 15.0  # above the store's 5 s pool timeout: a 503 comes back, not a client timeout
+
+
+@dataclass
+class Load:
+    """Jobs submitted in the background, round robin over the gateways not currently frozen or killed."""
+
+    cluster: Cluster
+    accepted: list[str] = field(default_factory=list)
+    answers: Counter[str] = field(default_factory=Counter)
+    unadvised: list[str] = field(default_factory=list)  # 5xx answers without Retry-After
+    away: set[str] = field(default_factory=set)  # gateways not to send to (frozen, killed)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        turn = 0
+        with httpx.Client(timeout=SUBMIT_TIMEOUT_S) as http:
+            while not self.stop.is_set():
+                names = [n for n in ("a", "b") if n not in self.away]
+                name = names[turn % len(names)]
+                turn += 1
+                payload = body(seed=10_000 + turn, webhook_url=self.cluster.receiver.url)
+                try:
+                    answer = http.post(
+                        f"{self.cluster.gateways[name].url}/v1/image-to-image", json=payload, headers=ASYNC
+                    )
+                except httpx.HTTPError as exc:
+                    self.answers[type(exc).__name__] += 1
+                else:
+                    self.answers[str(answer.status_code)] += 1
+                    if answer.status_code == 202:
+                        self.accepted.append(answer.json()["id"])
+                    elif answer.status_code >= 500 and "retry-after" not in answer.headers:
+                        self.unadvised.append(f"{answer.status_code} {answer.text[:200]}")
+                self.stop.wait(SUBMIT_EVERY_S)
+
+
+def test_faults_in_turn_lose_no_job_image_or_webhook(cluster: Cluster, pg_server: PgCluster) -> None:  # noqa: F811
+    """PostgreSQL restarted, Redis and S3 down for a while, one gateway frozen past its lease, the other killed with
+    SIGKILL and restarted, each in turn while jobs arrive at both: every accepted job ends completed, its image is
+    served, one `completed` webhook id arrives per job, and no 5xx answer lacks `Retry-After`."""
+    if cluster.a.process.poll() is not None:  # the kill -9 test left A dead
+        cluster.start("a")
+    load = Load(cluster)
+
+    def frozen(name: str) -> None:
+        load.away.add(name)
+        cluster.gateways[name].process.send_signal(signal.SIGSTOP)
+        time.sleep(LEASE_S * 1.5)  # past its lease: the other gateway takes its running jobs over
+        cluster.gateways[name].process.send_signal(signal.SIGCONT)
+        load.away.discard(name)
+
+    def killed(name: str) -> None:
+        load.away.add(name)
+        cluster.gateways[name].kill()
+        cluster.start(name)
+        load.away.discard(name)
+
+    def down(stop: Callable[[], None], start: Callable[[], None]) -> None:
+        stop()
+        time.sleep(FAULT_S)
+        start()
+
+    faults: list[tuple[str, Callable[[], None]]] = [
+        ("postgresql restarted", lambda: down(pg_server.stop, pg_server.start)),
+        ("redis down", lambda: down(cluster.redis.stop, cluster.redis.start)),
+        ("s3 down", lambda: down(cluster.s3_proxy.pause, cluster.s3_proxy.resume)),
+        ("gateway b frozen past its lease", lambda: frozen("b")),
+        ("gateway a killed (SIGKILL) and restarted", lambda: killed("a")),
+    ]
+    submitter = threading.Thread(target=load.run, daemon=True)
+    started = time.monotonic()
+    submitter.start()
+    timings = []
+    try:
+        for name, fault in faults:
+            time.sleep(SETTLE_S)
+            began = time.monotonic()
+            fault()
+            timings.append(f"{name} {time.monotonic() - began:.1f} s")
+        time.sleep(SETTLE_S)
+    finally:
+        load.stop.set()
+        submitter.join(timeout=SUBMIT_TIMEOUT_S * 2)
+    assert len(load.accepted) >= 24, load.answers
+    jobs = poll_all(cluster.b, load.accepted)
+    ended = Counter(job["status"] if job["status"] != "failed" else job["error"]["code"] for job in jobs.values())
+    assert ended == Counter({"completed": len(jobs)}), ended
+    assert not load.unadvised, load.unadvised
+    with httpx.Client(timeout=30) as http:
+        for job in jobs.values():
+            image = http.get(through(cluster.b, job["images"][0]["url"]))
+            assert image.status_code == 200 and image.content.startswith(b"\x89PNG"), job["id"]
+    deadline = time.monotonic() + JOB_DEADLINE_S
+    while not set(load.accepted) <= set(cluster.receiver.by_job()):
+        assert time.monotonic() < deadline, f"no webhook for {set(load.accepted) - set(cluster.receiver.by_job())}"
+        time.sleep(0.2)
+    duplicates = 0
+    for job_id in load.accepted:
+        deliveries = cluster.receiver.by_job()[job_id]
+        ids = {{k.lower(): v for k, v in headers.items()}[ID_HEADER.lower()] for headers, _ in deliveries}
+        assert ids == {f"{job_id}_completed"}, (job_id, ids)  # one event; a repeat (at-least-once) keeps its id
+        duplicates += len(deliveries) - 1
+    print(
+        f"\nfaults in turn ({'; '.join(timings)}), {time.monotonic() - started:.0f} s in all: "
+        f"{len(load.accepted)} jobs accepted, all completed with their images and webhooks "
+        f"({duplicates} repeated deliveries); answers {dict(load.answers)}"
     )

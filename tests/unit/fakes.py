@@ -300,12 +300,13 @@ class InMemoryJobStore:
             "undelivered", lambda j: j.finished and j.webhook is not None and j.webhook.status == WebhookStatus.PENDING
         )
 
-    async def expired(self, before: str) -> list[Job]:
+    async def expired(self, before: str, limit: int) -> list[Job]:
         def keep(j: Job) -> bool:
             settled = j.webhook is None or j.webhook.status != WebhookStatus.PENDING
             return j.completed_at is not None and j.completed_at < before and settled
 
-        return await self._select("expired", keep)
+        found = await self._select("expired", keep)
+        return sorted(found, key=lambda j: (j.completed_at or "", j.id))[:limit]
 
     async def webhook_secrets(self, owner: str) -> SigningSecrets | None:
         await self._enter("webhook_secrets", owner)

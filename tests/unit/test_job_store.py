@@ -96,13 +96,13 @@ async def test_round_trip_and_queries(store: JobStore) -> None:
     assert isinstance(got.status, JobStatus) and isinstance(got.spec.processed_size, Size)
     assert [j.id for j in await store.unfinished()] == ["b"]
     assert [j.id for j in await store.undelivered()] == ["a"]  # completed, webhook still pending
-    assert await store.expired(now_iso()) == []  # a pending webhook keeps a job alive
+    assert await store.expired(now_iso(), 10) == []  # a pending webhook keeps a job alive
     delivered = got.with_delivery(DeliveryAttempt(now_iso(), 204, None), max_attempts=3)
     assert delivered is not None
     await store.update(delivered)
     assert await store.undelivered() == []
     await asyncio.sleep(0.002)
-    assert [j.id for j in await store.expired(now_iso())] == ["a"]
+    assert [j.id for j in await store.expired(now_iso(), 10)] == ["a"]
     await store.delete("a")
     assert await store.get("a") is None
     assert await store.get("missing") is None

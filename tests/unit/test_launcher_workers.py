@@ -3,6 +3,7 @@ worker processes through the environment, which is all `gateway.asgi:create_app_
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -186,7 +187,10 @@ def test_the_cli_reaches_the_workers_app_factory_through_the_environment(
 
     monkeypatch.setattr(gateway.asgi, "create_app", fake_create_app)
     monkeypatch.setattr(os, "environ", env)
+    access = logging.getLogger(gateway.asgi.UVICORN_ACCESS_LOGGER)
+    monkeypatch.setattr(access, "disabled", False)
     assert factory() is app
+    assert access.disabled  # issue 22: uvicorn's access log would write image capability paths
     (worker,) = built
     assert worker.port == 9123
     assert worker.host == "0.0.0.0"

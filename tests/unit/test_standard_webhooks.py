@@ -129,3 +129,21 @@ async def test_after_a_rotation_both_secrets_sign_until_the_overlap_ends(make_ri
     Webhook(new).verify(after.body, dict(after.headers))
     with pytest.raises(WebhookVerificationError):
         Webhook(old).verify(after.body, dict(after.headers))
+
+
+def test_no_redelivery_while_a_round_of_the_final_event_is_pending() -> None:
+    """Issue 22, point 2: each redeliver call restarted the round, so 200 calls made 70 POSTs in 4 s."""
+    import dataclasses
+
+    from gateway.jobs.model import FAILED, DeliveryAttempt
+
+    ended = make_job("a", webhook="http://receiver.test/hook").ended(FAILED)
+    assert ended is not None and ended.webhook is not None and ended.webhook.status == WebhookStatus.PENDING
+    assert ended.redelivery_requested() is None  # its first round is still being delivered
+    delivered = ended.with_delivery(DeliveryAttempt("t", 204, None), max_attempts=3)
+    assert delivered is not None
+    again = delivered.redelivery_requested()
+    assert again is not None and again.webhook is not None and again.webhook.status == WebhookStatus.PENDING
+    assert again.redelivery_requested() is None
+    failed = dataclasses.replace(again, webhook=dataclasses.replace(again.webhook, status=WebhookStatus.FAILED))
+    assert failed.redelivery_requested() is not None  # a round that gave up may be asked for again
