@@ -330,37 +330,42 @@ def make_limiter(settings: Settings, *, registry: CollectorRegistry | None = Non
     return TokenBucketLimiter(per_minute, burst)
 
 
-def make_work_limiter(settings: Settings, *, registry: CollectorRegistry | None = None) -> Limiter:
-    """The per-key work budget (UNet samples per minute, `IMAGEN_WORK_PER_MINUTE`/`IMAGEN_WORK_BURST`; 0
-    disables): the same buckets as `make_limiter`, shared through Redis when `settings.redis_url` is set (own
-    key prefix and metrics, `imagen_work_limit_*`). Injected into `CreateJob`, which charges each job's cost."""
-    per_minute, burst = settings.work_per_minute, settings.work_burst
+def _per_key_budget(
+    settings: Settings,
+    per_minute: float,
+    burst: int,
+    key_prefix: str,
+    metric_prefix: str,
+    registry: CollectorRegistry | None,
+) -> Limiter:
+    """A per-key budget beside the request limit: shared through Redis when `settings.redis_url` is set (its own
+    key prefix and `<metric_prefix>_*` metrics), else local; 0 disables it."""
     if settings.redis_url and per_minute > 0 and burst > 0:
         return RedisTokenBucketLimiter(
-            settings.redis_url,
-            per_minute,
-            burst,
-            key_prefix=WORK_KEY_PREFIX,
-            registry=registry,
-            metric_prefix="imagen_work_limit",
+            settings.redis_url, per_minute, burst, key_prefix=key_prefix, registry=registry, metric_prefix=metric_prefix
         )
     return TokenBucketLimiter(per_minute, burst)
+
+
+def make_work_limiter(settings: Settings, *, registry: CollectorRegistry | None = None) -> Limiter:
+    """The per-key work budget (UNet samples per minute, `IMAGEN_WORK_PER_MINUTE`/`IMAGEN_WORK_BURST`):
+    injected into `CreateJob`, which charges each job's cost."""
+    return _per_key_budget(
+        settings, settings.work_per_minute, settings.work_burst, WORK_KEY_PREFIX, "imagen_work_limit", registry
+    )
 
 
 def make_webhook_control_limiter(settings: Settings, *, registry: CollectorRegistry | None = None) -> Limiter:
-    """The per-key budget of webhook control calls (redeliver, rotate: `IMAGEN_WEBHOOK_CONTROL_PER_MINUTE`/
-    `_BURST`; 0 disables), shared through Redis when `settings.redis_url` is set, as the other buckets."""
-    per_minute, burst = settings.webhook_control_per_minute, settings.webhook_control_burst
-    if settings.redis_url and per_minute > 0 and burst > 0:
-        return RedisTokenBucketLimiter(
-            settings.redis_url,
-            per_minute,
-            burst,
-            key_prefix=WEBHOOK_CONTROL_KEY_PREFIX,
-            registry=registry,
-            metric_prefix="imagen_webhook_control_limit",
-        )
-    return TokenBucketLimiter(per_minute, burst)
+    """The per-key budget of webhook control calls (redeliver and rotate together,
+    `IMAGEN_WEBHOOK_CONTROL_PER_MINUTE`/`_BURST`)."""
+    return _per_key_budget(
+        settings,
+        settings.webhook_control_per_minute,
+        settings.webhook_control_burst,
+        WEBHOOK_CONTROL_KEY_PREFIX,
+        "imagen_webhook_control_limit",
+        registry,
+    )
 
 
 async def charge_webhook_control(limiter: Limiter, owner: str) -> None:

@@ -309,7 +309,11 @@ async def test_connections_per_replica_are_bounded(redis_server: RedisServer, pr
     try:
         before = int(client.info("clients")["connected_clients"])
         registry = CollectorRegistry()
-        replicas = _replicas(redis_server.url, 1, 6000, 1000, key_prefix=prefix, max_connections=2, registry=registry)
+        # What is bounded here is the connections, not the latency: a timeout generous enough for a loaded CI host
+        # (the default 0.25 s made this flaky there), so every take is Redis's.
+        replicas = _replicas(
+            redis_server.url, 1, 6000, 1000, key_prefix=prefix, max_connections=2, registry=registry, timeout_s=10.0
+        )
         async with replicas as (limiter,):
             waits = await asyncio.gather(*(limiter.take(f"k{i % 5}") for i in range(200)))
             during = int(client.info("clients")["connected_clients"])
