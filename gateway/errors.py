@@ -7,6 +7,7 @@ module imports no web framework: jobs, media, diffusion and triton use it withou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from http import HTTPStatus
 from types import MappingProxyType
@@ -174,6 +175,18 @@ def status_and_code(exc: ApiError) -> tuple[int, str]:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
     raise TypeError(f"{type(exc).__name__} is not an ApiError")  # unreachable for ApiError instances
+
+
+def retry_after_s(wait_s: float) -> int:
+    """`Retry-After` in whole seconds, rounded up so a client that waits exactly that long gets a token."""
+    return max(1, math.ceil(wait_s - 1e-9))
+
+
+def rate_limited(message: str, rule: str, wait_s: float) -> RateLimited:
+    """429 `rate_limited` for a per-key budget that is spent: `rule` states the budget, and the wait until the
+    request fits, in whole seconds, ends the details and is the `Retry-After`."""
+    seconds = retry_after_s(wait_s)
+    return RateLimited(message, f"{rule}; retry in {seconds} s", headers={RETRY_AFTER: str(seconds)})
 
 
 # Every 503 says when to try again (RFC 9110 15.6.4): an error without a `Retry-After` of its own gets this one.

@@ -65,7 +65,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import RateLimited
+from gateway.errors import rate_limited
 from gateway.http.auth import known_key
 from gateway.http.responses import error_response
 from gateway.settings import Settings
@@ -374,18 +374,12 @@ async def charge_webhook_control(limiter: Limiter, owner: str) -> None:
         return
     wait_s = await limiter.take(owner)
     if wait_s > 0:
-        seconds = retry_after_s(wait_s)
-        raise RateLimited(
+        raise rate_limited(
             "Webhook control limit exceeded",
             f"At most {limiter.per_minute:g} redeliveries and secret rotations a minute per API key (bursts of "
-            f"{limiter.burst}); retry in {seconds} s",
-            headers={"Retry-After": str(seconds)},
+            f"{limiter.burst})",
+            wait_s,
         )
-
-
-def retry_after_s(wait_s: float) -> int:
-    """`Retry-After` in whole seconds, rounded up so a client that waits exactly that long gets a token."""
-    return max(1, math.ceil(wait_s - 1e-9))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -448,14 +442,13 @@ class RateLimitMiddleware:
         ):
             wait_s = await self.limiter.take(self.key_fn(scope))
             if wait_s > 0:
-                seconds = retry_after_s(wait_s)
                 limiter = self.limiter
                 response = error_response(
-                    RateLimited(
+                    rate_limited(
                         "Rate limit exceeded",
                         f"At most {limiter.per_minute:g} job creations per minute per API key "
-                        f"(bursts of {limiter.burst}); retry in {seconds} s",
-                        headers={"Retry-After": str(seconds)},
+                        f"(bursts of {limiter.burst})",
+                        wait_s,
                     )
                 )
                 await response(scope, receive, send)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.errors import IdempotencyKeyReused, RateLimited, TooManyJobs
+from gateway.errors import IdempotencyKeyReused, TooManyJobs, rate_limited, retry_after_s
 from gateway.jobs.admission import Admission, Admitted
 from gateway.jobs.execute import DecodedInputs
 from gateway.jobs.model import QUEUED, InputImage, Job, WebhookEvent, WebhookState, now_iso
@@ -47,10 +46,6 @@ class WorkLimiter(Protocol):
     def enabled(self) -> bool: ...
 
     async def take(self, key: str, cost: float = 1.0) -> float: ...
-
-
-def _retry_after(seconds: float) -> int:
-    return max(1, math.ceil(seconds - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -163,7 +158,7 @@ class CreateJob:
         active = await self.store.count_active(owner) + self._in_flight.get(owner, 1) - 1
         if active >= cap:
             # One of the key's jobs must finish first: about one job time (taken as 1 s) per round of workers.
-            retry = _retry_after(active / self.max_running_jobs)
+            retry = retry_after_s(active / self.max_running_jobs)
             raise TooManyJobs(
                 "Too many jobs for this API key",
                 f"At most {cap} queued and running jobs per API key; {active} are; retry in about {retry} s",
@@ -176,12 +171,11 @@ class CreateJob:
             return
         wait_s = await limiter.take(owner, cost)
         if wait_s > 0:
-            seconds = _retry_after(wait_s)
-            raise RateLimited(
+            raise rate_limited(
                 "Work budget exceeded",
                 f"This request costs {cost} UNet samples (images x effective steps, x2 with guidance); at most "
-                f"{limiter.per_minute:g} a minute per API key (bursts of {limiter.burst}); retry in {seconds} s",
-                headers={"Retry-After": str(seconds)},
+                f"{limiter.per_minute:g} a minute per API key (bursts of {limiter.burst})",
+                wait_s,
             )
 
     async def _accept(self, admitted: Admitted, webhook: WebhookState | None, caller: Caller, digest: str) -> Job:

@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from starlette.applications import Starlette
 
+from gateway.app import _api_error
 from gateway.diffusion.img2img import GenerationCanceled
 from gateway.diffusion.manifest import Component, PipelineManifest
-from gateway.errors import StoreUnavailable
+from gateway.errors import ApiError, StoreUnavailable
+from gateway.http.routes import Handlers, Services, routes
 from gateway.jobs.events import EventHandler, EventKind, JobEvent
 from gateway.jobs.model import (
     DEFAULT_WEBHOOK_EVENTS,
@@ -44,6 +47,7 @@ from gateway.jobs.naming import input_name, output_name
 from gateway.jobs.store import IdempotencyConflict, StaleJob
 from gateway.jobs.webhooks import SigningSecrets
 from gateway.media.storage import StoredStream
+from gateway.settings import Settings
 
 # --- the job store --------------------------------------------------------------------------------------
 
@@ -781,3 +785,15 @@ class SharedReceiver:
 
     def for_job(self, job_id: str) -> list[tuple[str, PostCall]]:
         return [(replica, call) for replica, call in self.calls if call.payload["id"] == job_id]
+
+
+# --- the routes over a few services ---------------------------------------------------------------------------
+
+
+def routes_app(settings: Settings, **parts: Any) -> tuple[Handlers, Starlette]:
+    """The real routes and error handlers, over the handlers' services given in `parts` (the others None, no
+    pipelines): for route tests whose handlers reach only those parts."""
+    handlers = Handlers(settings)
+    unset: dict[str, Any] = {f.name: None for f in dataclasses.fields(Services)} | {"pipelines": {}}
+    handlers.services = Services(**{**unset, "settings": settings, **parts})
+    return handlers, Starlette(routes=routes(handlers), exception_handlers={ApiError: _api_error})

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
-from starlette.applications import Starlette
 
-from gateway.app import _api_error
-from gateway.errors import ApiError
-from gateway.http.routes import Handlers, Services, routes
 from gateway.jobs.model import owner_of
 from gateway.settings import Settings
-from tests.unit.fakes import make_job
+from tests.unit.fakes import make_job, routes_app
 
 KEY, OTHER = "k" * 40, "o" * 40
 
@@ -30,18 +26,8 @@ async def test_past_the_cap_a_keys_stream_is_429_and_another_key_is_not_held_bac
         api_keys=frozenset({KEY, OTHER}),
         max_event_streams_per_key=2,
     )
-    handlers = Handlers(settings)
-    handlers.services = Services(
-        settings=settings,
-        engine=cast(Any, None),
-        pipelines={},
-        storage=cast(Any, None),
-        jobs=cast(Any, OneJob()),
-        create_job=cast(Any, None),
-        webhook_control=cast(Any, None),
-    )
+    handlers, app = routes_app(settings, jobs=OneJob())
     handlers._streams[owner_of(KEY)] = 2  # two streams of this key open in this process
-    app = Starlette(routes=routes(handlers), exception_handlers={ApiError: _api_error})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         refused = await http.get("/v1/image-to-image/img_a/events", headers={"Authorization": f"Bearer {KEY}"})
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"

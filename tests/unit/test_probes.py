@@ -6,15 +6,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
 
-from gateway.http.routes import Handlers, Services, routes
 from gateway.observability import Coalesced, triton_stats_source
 from gateway.settings import Settings
+from tests.unit.fakes import routes_app
 
 
 async def test_concurrent_and_repeated_calls_share_one_call_per_interval() -> None:
@@ -67,18 +66,8 @@ class CountingEngine:
 async def test_600_readiness_probes_make_one_triton_round(tmp_path: Path) -> None:
     engine = CountingEngine()
     settings = Settings(storage_dir=tmp_path, jobs_db=tmp_path / "jobs.sqlite3")
-    handlers = Handlers(settings)
     pipeline = SimpleNamespace(manifest=SimpleNamespace(models=["tiny_unet", "tiny_vae_decoder"]))
-    handlers.services = Services(
-        settings=settings,
-        engine=cast(Any, engine),
-        pipelines=cast(Any, {"tiny": pipeline}),
-        storage=cast(Any, None),
-        jobs=cast(Any, None),
-        create_job=cast(Any, None),
-        webhook_control=cast(Any, None),
-    )
-    app = Starlette(routes=routes(handlers))
+    _, app = routes_app(settings, engine=engine, pipelines={"tiny": pipeline})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         answers = await asyncio.gather(*(http.get("/readyz") for _ in range(600)))
     assert {a.status_code for a in answers} == {200} and engine.ready_calls == 1

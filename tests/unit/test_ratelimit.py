@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.app import create_app
-from gateway.errors import ERROR_TABLE, RateLimited, status_and_code
+from gateway.errors import ERROR_TABLE, RateLimited, retry_after_s, status_and_code
 from gateway.http.ratelimit import (
     REDIS_RETRY_AFTER_FAILURE_S,
     Limiter,
@@ -32,7 +32,6 @@ from gateway.http.ratelimit import (
     TokenBucketLimiter,
     api_key_or_address,
     make_limiter,
-    retry_after_s,
 )
 from gateway.settings import Settings
 from tests.fixtures_redis import RedisServer, running_redis

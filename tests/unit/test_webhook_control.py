@@ -8,18 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
 
 import httpx
 import pytest
 from starlette.applications import Starlette
 
-from gateway.app import _api_error
-from gateway.errors import ApiError, RateLimited, status_and_code
+from gateway.errors import RateLimited, status_and_code
 from gateway.http.ratelimit import TokenBucketLimiter, charge_webhook_control
-from gateway.http.routes import Handlers, Services, routes
 from gateway.jobs.webhooks import SigningSecrets
 from gateway.settings import Settings
+from tests.unit.fakes import routes_app
 
 KEY = "k" * 40
 
@@ -38,17 +36,8 @@ class FakeJobs:
 
 def _app(tmp_path: Path, jobs: FakeJobs, per_minute: float, burst: int) -> Starlette:
     settings = Settings(storage_dir=tmp_path, jobs_db=tmp_path / "jobs.sqlite3", api_keys=frozenset({KEY}))
-    handlers = Handlers(settings)
-    handlers.services = Services(
-        settings=settings,
-        engine=cast(Any, None),
-        pipelines={},
-        storage=cast(Any, None),
-        jobs=cast(Any, jobs),
-        create_job=cast(Any, None),
-        webhook_control=TokenBucketLimiter(per_minute, burst),
-    )
-    return Starlette(routes=routes(handlers), exception_handlers={ApiError: _api_error})
+    _, app = routes_app(settings, jobs=jobs, webhook_control=TokenBucketLimiter(per_minute, burst))
+    return app
 
 
 async def test_rotations_past_the_burst_are_429_with_retry_after(tmp_path: Path) -> None:
