@@ -1,6 +1,8 @@
 """`python -m benchmarks [--quick] [--models tiny,medium,large]`: run every system, write JSON + markdown + plots.
 
 `python -m benchmarks load --url URL [...]`: the same load generator against any running service (`benchmarks.load`).
+
+`python -m benchmarks lora [--quick]`: what the per-row LoRA branches cost the UNet (`benchmarks.lora`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import arena
 
         return arena.main(argv[1:])
+    if argv[:1] == ["lora"]:  # what the per-row LoRA branches cost the UNet (benchmarks/lora.py)
+        from benchmarks import lora
+
+        return lora.main(argv[1:])
     if argv[:1] == ["ab"]:  # one gateway setting against another (benchmarks/ab.py)
         from benchmarks import ab
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from export.errors import ExportError
+from export.lora import DEFAULT_LORA_RANK, LoraShape
 from export.pipeline import DEFAULT_REPOSITORY, ExportRequest, run_export
 from export.published import ARCH_FAMILIES, PUBLISHED_SIZE
 from export.repository import BACKENDS, RUNTIMES, ServingOptions
@@ -96,6 +97,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="python backend: onnxruntime memory patterns on (off by default: slower and more memory held on CPU)",
     )
+    parser.add_argument(
+        "--lora-slots",
+        type=int,
+        default=0,
+        help="per-request LoRA: the UNet and text encoders get low-rank branches over this many adapter slots "
+        "per model instance (0: none, the graphs as without LoRA)",
+    )
+    parser.add_argument(
+        "--lora-rank", type=int, default=DEFAULT_LORA_RANK, help="--lora-slots: the highest adapter rank served"
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check")
     parser.add_argument(
         "--calibrate",
@@ -138,6 +149,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--calibrate times onnxruntime sessions; it does not apply to --runtime torch")
     elif args.no_cuda_graphs or args.torch_compile:
         parser.error("--no-cuda-graphs and --torch-compile only apply to --runtime torch")
+    if args.lora_slots < 0 or args.lora_rank < 1:
+        parser.error("--lora-slots must be >= 0 and --lora-rank >= 1")
+    if args.lora_slots and args.backend != "python":
+        parser.error(
+            "--lora-slots: the LoRA bank lives in the python runner (--backend python, with either --runtime); "
+            "see docs/lora.md for TensorRT"
+        )
     if not args.trt_cache_dir.startswith("/"):
         parser.error("--trt-cache-dir must be an absolute path (as Triton's container sees it)")
     return args
@@ -180,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             ort_tensorrt=not args.no_ort_tensorrt,
         ),
         fp16=args.fp16,
+        lora=LoraShape(args.lora_slots, args.lora_rank) if args.lora_slots else None,
         validate=not args.no_validate,
         calibrate=args.calibrate,
     )

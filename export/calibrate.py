@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from export.lora import LORA_INPUT, empty_lora_feeds_for
 from export.repository import MANIFEST_SUFFIX, config_parameters, model_name, python_runner
 
 # The batch sizes tried, doubling, up to the export's --max-batch-size.
@@ -176,6 +177,9 @@ def calibrate_component(
         if batch > 1 and not worth_doubling(seconds, batch // 2):
             break
         feeds = component_feeds(manifest, component, batch, rng)
+        # With LoRA slots: rows without adapters (the common case, and what the batch policy is for).
+        feeds.pop(LORA_INPUT, None)
+        feeds.update(empty_lora_feeds_for({i.name: list(i.shape) for i in session.get_inputs()}))
         session.run(None, feeds)  # warm-up
         times: list[float] = []
         while len(times) < REPEATS or sum(times) < MIN_TIMED_S:

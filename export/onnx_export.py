@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from export.errors import ExportError, one_line
+from export.lora import LoraShape, lora_components, strip_wrapper_prefix, wrap_for_export
 from export.weights import SAFETENSORS_DTYPE_NAMES
 
 COMPONENTS: tuple[str, ...] = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
@@ -196,9 +197,10 @@ def _trace_sized(pipeline: Any, component: str, dummy: dict[str, Any]) -> dict[s
     return {k: v[..., :cap, :cap].contiguous() if getattr(v, "ndim", 0) == 4 else v for k, v in dummy.items()}
 
 
-def export_component(pipeline: Any, component: str, out_dir: Path) -> Path:
+def export_component(pipeline: Any, component: str, out_dir: Path, lora: LoraShape | None = None) -> Path:
     """Export one component (fp32) to `out_dir/<component>/model.onnx`, its weights in one external-data file
-    when the graph is over protobuf's 2 GB; returns the path.
+    when the graph is over protobuf's 2 GB; returns the path. With `lora`, the UNet and text encoders get their
+    per-row LoRA branches and inputs (export.lora); without, the graph is exactly as before.
 
     This is optimum's `export_pytorch` (its configs give the inputs, outputs, dynamic axes and dummy inputs)
     without its last step: for a large graph it loads every weight back into memory to write them into one file,
@@ -215,22 +217,32 @@ def export_component(pipeline: Any, component: str, out_dir: Path) -> Path:
     dummy = config.rename_ambiguous_inputs(config.generate_dummy_inputs(framework="pt"))
     dummy = _trace_sized(pipeline, component, dummy)
     module.eval()
+    undo = None
     try:
         with torch.no_grad(), config.patch_model_for_export(module, model_kwargs={}):
             inputs = config.ordered_inputs(module)
+            traced, args, names, axes = module, (dummy,), list(inputs), dict(inputs)
+            if lora is not None and component in lora_components(COMPONENTS + SDXL_COMPONENTS):
+                traced, args, names, lora_axes, undo = wrap_for_export(module, component, dummy, names, lora)
+                axes = {**axes, **lora_axes}
             torch.onnx.export(
-                module,
-                (dummy,),
+                traced,
+                args,
                 f=str(path),
-                input_names=list(inputs),
+                input_names=names,
                 output_names=list(config.outputs),
-                dynamic_axes={**inputs, **config.outputs},
+                dynamic_axes={**axes, **config.outputs},
                 do_constant_folding=True,
                 opset_version=ONNX_OPSET,
                 dynamo=False,  # the TorchScript exporter, as optimum uses (torch >= 2.9 defaults to dynamo)
             )
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ExportError(f"{component}: the ONNX export failed: {one_line(exc)}") from exc
+    finally:
+        if undo is not None:  # the module is checked against the graph next: as it was, without branches
+            undo()
+    if undo is not None:
+        strip_wrapper_prefix(path)
     merge_external_data(path)
     return path
 

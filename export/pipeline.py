@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from export.errors import ExportError
 from export.layout import check_layout
+from export.lora import LoraShape
 from export.onnx_export import (
     export_component,
     fp16_components,
@@ -49,6 +50,7 @@ class ExportRequest:
     turbo: bool = False  # a distilled model: turbo defaults in /v1/models (steps 2, no guidance)
     options: ServingOptions = field(default_factory=ServingOptions)
     fp16: bool = False
+    lora: LoraShape | None = None  # --lora-slots/--lora-rank: per-row LoRA branches (export.lora)
     validate: bool = True
     calibrate: bool = False  # time the UNet and VAEs on this host and write their batch policy (export.calibrate)
     # A single-file checkpoint (export.checkpoint) read with `checkpoint_config`'s (a diffusers folder's) configs.
@@ -140,7 +142,7 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
             def stage(s: dict[str, Any]) -> None:
                 pipeline, module = s["pipeline"], module_of(component)
                 to_export_dtype(pipeline, module)
-                path = export_component(pipeline, component, work_dir / "onnx")
+                path = export_component(pipeline, component, work_dir / "onnx", request.lora)
                 s.setdefault("onnx", {})[component] = path
                 last_use = all(module_of(c) != module for c in later)
                 release = (lambda: release_weights(pipeline, module)) if last_use else None
@@ -189,6 +191,7 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                 source=s["source"],
                 turbo=request.turbo,
                 vae_dtype=vae_dtype,
+                lora=request.lora,
             )
 
         def calibrate(s: dict[str, Any]) -> None:

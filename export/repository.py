@@ -23,6 +23,10 @@ from types import ModuleType
 from typing import Any
 
 from export.errors import ExportError
+from export.lora import BANK_PREFIX as LORA_BANK_PREFIX
+from export.lora import CALL_INPUTS as LORA_CALL_INPUTS
+from export.lora import LORA_INPUT, MAX_PER_REQUEST, LoraShape, bank_targets
+from export.lora import ROWS as LORA_ROWS
 from export.onnx_export import COMPONENTS, is_sdxl, move_component, pipeline_components, vae_scale_factor
 from export.tensorrt import write_tensorrt_parts
 
@@ -41,6 +45,13 @@ CPU_THREADED_BACKENDS = ("python", "onnxruntime")
 CPU_THREADS_RESOURCE = "cpu_threads"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PYTHON_MODEL_SOURCE = Path(__file__).resolve().parent.parent / "model_repository" / "python_backend" / "model.py"
+# Copied beside model.py in a model with LoRA slots: its bank, and the adapter-file reader the gateway also uses.
+LORA_RUNNER_SOURCES = (
+    PYTHON_MODEL_SOURCE.with_name("lora_bank.py"),
+    Path(__file__).resolve().parent.parent / "gateway" / "diffusion" / "lora_format.py",
+)
+# The published families' cross-attention widths: what an adapter file made for one of them has too.
+CROSS_ATTENTION_BASE = {768: "sd1", 1024: "sd2"}
 
 # onnx.TensorProto's element type names.
 _ONNX_TO_TRITON = {"FLOAT": "FP32", "FLOAT16": "FP16", "INT64": "INT64", "INT32": "INT32"}
@@ -162,10 +173,15 @@ def tensor_specs(onnx_path: Path, text_length: int) -> tuple[list[TensorSpec], l
 
 def _pbtxt_tensor(spec: TensorSpec) -> str:
     dims = list(spec.shape[1:])
+    datatype = "STRING" if spec.datatype == "BYTES" else spec.datatype  # Triton's config calls BYTES STRING
     reshape = ""
     if not dims:  # a per-sample scalar: Triton wants dims [1]; reshape hands the model the ONNX rank-1 [batch]
         dims, reshape = [1], " reshape: { shape: [ ] }"
-    return f'  {{ name: "{spec.name}" data_type: TYPE_{spec.datatype} dims: [ {", ".join(map(str, dims))} ]{reshape} }}'
+    # `loras` is optional: a client that sends none (not the gateway, which always does, so that requests with and
+    # without adapters batch together: Triton batches only requests with the same inputs) asks for no adapter.
+    optional = " optional: true" if spec.name == LORA_INPUT else ""
+    shape = ", ".join(map(str, dims))
+    return f'  {{ name: "{spec.name}" data_type: TYPE_{datatype} dims: [ {shape} ]{reshape}{optional} }}'
 
 
 def render_config(
@@ -176,9 +192,11 @@ def render_config(
     onnx_file: str,
     *,
     torch_params: Mapping[str, str] | None = None,
+    lora_params: Mapping[str, str] | None = None,
 ) -> str:
     """config.pbtxt for one component, for the python (onnxruntime or torch runtime), the native onnxruntime or
-    the tensorrt_plan backend. `torch_params`: the torch runtime's per-component `parameters` (component, dtype)."""
+    the tensorrt_plan backend. `torch_params`: the torch runtime's per-component `parameters` (component, dtype);
+    `lora_params`: a component with LoRA branches (its bank's slots, component, family)."""
     lines = [f'name: "{name}"']
     if options.backend == "python":
         lines.append('backend: "python"')
@@ -225,7 +243,7 @@ def render_config(
         if options.backend == "onnxruntime"
         else {}
     )
-    for key, value in params.items():
+    for key, value in {**params, **(lora_params or {})}.items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
 
@@ -260,6 +278,7 @@ def build_manifest(
     source: str,
     turbo: bool = False,
     vae_dtype: str | None = None,
+    lora: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The pipeline manifest: everything the gateway needs, read from the model's own configs."""
     vae_cfg, unet_cfg = pipeline.vae.config, pipeline.unet.config
@@ -308,6 +327,8 @@ def build_manifest(
         "turbo": turbo,
         "vae_dtype": vae_dtype or dtype,
     }
+    if lora is not None:
+        manifest["lora"] = dict(lora)
     if is_sdxl(pipeline):
         manifest["text_encoders"] = [
             {
@@ -325,6 +346,14 @@ def build_manifest(
             "negative_aesthetic_score": NEGATIVE_AESTHETIC_SCORE,
         }
     return manifest
+
+
+def lora_base(pipeline: Any) -> str:
+    """The family an adapter file must be made for: `sdxl`, `sd1`/`sd2` by the UNet's cross-attention width (a
+    published family's), else `sd` (an SD model of unpublished width: any SD 1.x/2.x file of its shapes fits)."""
+    if is_sdxl(pipeline):
+        return "sdxl"
+    return CROSS_ATTENTION_BASE.get(int(pipeline.unet.config.cross_attention_dim), "sd")
 
 
 def tokenizer_path(name: str, text_component: str) -> str:
@@ -369,34 +398,62 @@ def stage_pipeline(
     source: str,
     turbo: bool = False,
     vae_dtype: str | None = None,
+    lora: LoraShape | None = None,
 ) -> dict[str, Any]:
     """Write the model folders and the manifest into `staging`; returns the manifest. `onnx_paths` is None for
     the torch runtime, which serves the modules' own weights (export.torch_models)."""
     text_length = int((pipeline.tokenizer or pipeline.tokenizer_2).model_max_length)
     specs: dict[str, tuple[list[TensorSpec], list[TensorSpec]]] = {}
+    lora_targets: dict[str, dict[str, tuple[int, int]]] = {}
+    base = lora_base(pipeline)
     for component in pipeline_components(pipeline):
         model_dir = staging / model_name(name, component)
         served = served_outputs(pipeline, component)
         if onnx_paths is None:
-            from export.torch_models import cuda_dtype, torch_tensor_specs, write_torch_component
+            from export.torch_models import cuda_dtype, torch_lora_inputs, torch_tensor_specs, write_torch_component
 
             write_torch_component(pipeline, component, model_dir / "1")
             inputs, outputs = torch_tensor_specs(pipeline, component, text_length, served)
             onnx_file_name = ""
             torch_params = {"component": component, "cuda_dtype": cuda_dtype(pipeline, component)}
+            # LoRA: the inputs the ONNX graph would have (made into `loras` below), and the bank's rank, which the
+            # runner reads from the ONNX graph's inputs otherwise.
+            if lora is not None and (lora_inputs := torch_lora_inputs(pipeline, component, lora, model_dir / "1")):
+                inputs += lora_inputs
+                torch_params["lora_rank"] = str(lora.rank)
         else:
             onnx_file = move_component(onnx_paths[component], model_dir / "1")
             inputs, outputs = tensor_specs(onnx_file, text_length)
             served_names = set(served.values())
             outputs = [s for s in outputs if s.name in served_names]
             onnx_file_name, torch_params = onnx_file.name, None
+        lora_params = None
+        if lora is not None and any(s.name == LORA_ROWS for s in inputs):
+            # The graph's LoRA inputs are the runner's to bind; Triton (and the gateway) see one per-row `loras`.
+            lora_targets[component], _ = bank_targets({s.name: list(s.shape) for s in inputs})
+            inputs = [s for s in inputs if s.name not in LORA_CALL_INPUTS and not s.name.startswith(LORA_BANK_PREFIX)]
+            inputs.append(TensorSpec(LORA_INPUT, "BYTES", (-1, 1)))
+            lora_params = {
+                "lora_component": component,
+                "lora_slots": str(lora.slots),
+                "lora_layers_per_block": str(pipeline.unet.config.layers_per_block),
+                "lora_base": base,
+            }
         specs[component] = (inputs, outputs)
         config = render_config(
-            model_name(name, component), inputs, outputs, options, onnx_file_name, torch_params=torch_params
+            model_name(name, component),
+            inputs,
+            outputs,
+            options,
+            onnx_file_name,
+            torch_params=torch_params,
+            lora_params=lora_params,
         )
         (model_dir / "config.pbtxt").write_text(config)
         if options.backend == "python":
             shutil.copy2(PYTHON_MODEL_SOURCE, model_dir / "1" / "model.py")
+            for runner_file in LORA_RUNNER_SOURCES if lora_params else ():
+                shutil.copy2(runner_file, model_dir / "1" / runner_file.name)
     texts = [c for c in pipeline_components(pipeline) if c.startswith("text_encoder")]
     for text in texts:
         write_tokenizer(pipeline, staging / tokenizer_path(name, text), text.replace("text_encoder", "tokenizer"))
@@ -410,6 +467,15 @@ def stage_pipeline(
         source=source,
         turbo=turbo,
         vae_dtype=vae_dtype,
+        lora=None
+        if lora is None
+        else {
+            **lora.as_json(),
+            "max_per_request": min(MAX_PER_REQUEST, lora.slots),
+            "layers_per_block": int(pipeline.unet.config.layers_per_block),
+            "base": base,
+            "targets": {c: {layer: list(dims) for layer, dims in t.items()} for c, t in lora_targets.items()},
+        },
     )
     (staging / f"{name}{MANIFEST_SUFFIX}").write_text(json.dumps(manifest, indent=2) + "\n")
     if options.backend in ("tensorrt", "onnxruntime"):

@@ -4,6 +4,11 @@ runner's PyTorch runtime (model_repository/python_backend/torch_runtime.py), and
 No ONNX is written for this runtime. The tensors are those the ONNX export declares (optimum's names, a
 per-sample `timestep`, the text axis fixed), derived here from the modules' configs, so one manifest and one
 gateway serve either runtime; tests/integration/test_torch_runtime.py holds the two equal for SD and SDXL.
+
+With LoRA slots (`--lora-slots`) the UNet and text encoders declare the LoRA inputs their ONNX graphs would
+(export.lora), which `export.repository.stage_pipeline` turns into the one per-row `loras` input, config parameters
+and manifest targets as for ONNX; the runner puts export/lora.py's branches (copied as lora_branches.py) on the
+module when it loads it.
 """
 
 from __future__ import annotations
@@ -14,12 +19,25 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
+from export.lora import (
+    CALL_INPUTS,
+    ROWS,
+    SCALES,
+    SLOTS,
+    LoraShape,
+    bank_input,
+    branch_targets,
+    lora_components,
+)
 from export.onnx_export import VAE_COMPONENTS, fp16_components
 from export.repository import PYTHON_MODEL_SOURCE, TensorSpec
 
 # The runner's module and where it reads a component's weights (torch_runtime.WEIGHTS_DIR), in the version folder.
 TORCH_RUNTIME_SOURCE = PYTHON_MODEL_SOURCE.with_name("torch_runtime.py")
 WEIGHTS_DIR = "torch"
+# The LoRA branches the runner puts on the module (torch_runtime.LORA_BRANCHES_FILE): export/lora.py itself.
+LORA_BRANCHES_SOURCE = Path(__file__).resolve().with_name("lora.py")
+LORA_BRANCHES_FILE = "lora_branches.py"
 
 
 def torch_tensor_specs(
@@ -55,6 +73,24 @@ def torch_tensor_specs(
         time_ids = (int(unet.projection_class_embeddings_input_dim) - pooled) // int(unet.addition_time_embed_dim)
         inputs += [TensorSpec("text_embeds", "FP32", (-1, pooled)), TensorSpec("time_ids", "FP32", (-1, time_ids))]
     return inputs, [TensorSpec("out_sample", "FP32", (-1, int(unet.out_channels), -1, -1))]
+
+
+def torch_lora_inputs(pipeline: Any, component: str, shape: LoraShape, version_dir: Path) -> list[TensorSpec]:
+    """For a component LoRA branches go on (the UNet, the text encoders): the LoRA inputs its ONNX graph with
+    branches declares (the per-call rows, slots and scales, each targeted layer's bank halves), and lora_branches.py
+    beside the runner. None for the others."""
+    if component not in lora_components((component,)):
+        return []
+    targets = branch_targets(getattr(pipeline, component), component)
+    if not targets:
+        raise ExportError(f"{component} has no layer a LoRA targets")
+    shutil.copy2(LORA_BRANCHES_SOURCE, version_dir / LORA_BRANCHES_FILE)
+    call = {ROWS: ("INT64", (-1,)), SLOTS: ("INT64", (-1, -1)), SCALES: ("FP32", (-1, -1))}
+    specs = [TensorSpec(name, *call[name]) for name in CALL_INPUTS]
+    for layer, (fan_in, fan_out) in targets.items():
+        specs.append(TensorSpec(bank_input(layer, "down"), "FP32", (-1, fan_in, shape.rank)))
+        specs.append(TensorSpec(bank_input(layer, "up"), "FP32", (-1, shape.rank, fan_out)))
+    return specs
 
 
 def cuda_dtype(pipeline: Any, component: str) -> str:

@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 python_env=settings.triton_python_env,
                 cpu_budget=settings.triton_cpu_budget,
                 log_file=log_dir / "tritonserver.log",
+                lora_dir=settings.lora_folder,
             )
             print(f"gateway: starting Triton (log: {triton.log_file})", flush=True)
             triton.start()

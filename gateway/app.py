@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.diffusion.img2img import Img2ImgPipeline, TextEmbeddingCache
+from gateway.diffusion.lora import LoraRegistry
 from gateway.diffusion.manifest import load_manifests
 from gateway.errors import ApiError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.http.limits import InboundLimitsMiddleware
@@ -98,7 +99,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> App:
         if not manifests:
             log.warning("no pipeline manifests in %s", settings.model_repository)
         text_cache = TextEmbeddingCache(settings.text_cache_size, on_lookup=metrics.record_text_cache)
-        pipelines = {name: Img2ImgPipeline(m, triton, text_cache=text_cache) for name, m in manifests.items()}
+        loras = LoraRegistry(settings.lora_folder)  # the adapter files, read by header as requests name them
+        pipelines = {
+            name: Img2ImgPipeline(m, triton, text_cache=text_cache, loras=loras) for name, m in manifests.items()
+        }
         # 2. Media: storage and the guarded outbound HTTP client (image URLs, webhooks).
         storage = make_storage(settings)  # a folder, or an S3-compatible bucket shared by every replica
         http = netguard.make_client()  # no redirects, no proxies from the environment: netguard decides
@@ -144,7 +148,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> App:
             on_event=metrics.on_job_event,
             run_elsewhere=decoded.drop,  # another replica claimed the job: its kept input is not needed here
         )
-        admission = Admission(pipelines=pipelines, http=http, policy=policy, fetch_timeout_s=settings.fetch_timeout_s)
+        admission = Admission(
+            pipelines=pipelines, http=http, policy=policy, fetch_timeout_s=settings.fetch_timeout_s, loras=loras
+        )
         create_job = CreateJob(
             admission=admission,
             store=store,
@@ -159,6 +165,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> App:
             settings=settings,
             engine=triton,
             pipelines=pipelines,
+            loras=loras,
             storage=storage,
             jobs=jobs,
             create_job=create_job,

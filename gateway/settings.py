@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository" / "models"
+# The LoRA adapters' default folder, beside the model repository (`Settings.lora_folder`).
+LORA_FOLDER = "loras"
 DEFAULT_TRITON_ENV = PROJECT_ROOT / ".venv-triton"
 DEFAULT_STORAGE = PROJECT_ROOT / "var" / "images"
 _TRUE = {"1", "true", "yes", "on"}
@@ -82,6 +84,11 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     model_repository: Path = DEFAULT_REPOSITORY
+    # LoRA adapter files (`<name>.safetensors`); None: `loras/` beside the model repository, on its volume, where
+    # the Triton runners look by default too (a bundled Triton is given this folder; a separate one reads its own
+    # IMAGEN_LORA_DIR). Not inside it: Triton takes every folder of its repository for a model, and a default
+    # tritonserver (`--exit-on-error=true`) stops at start on one it cannot load.
+    lora_dir: Path | None = None
     # gRPC address of an external Triton; None starts the bundled one on the ports below.
     triton_url: str | None = None
     triton_http_port: int = 8000
@@ -204,6 +211,10 @@ class Settings:
     redis_url: str | None = None
 
     @property
+    def lora_folder(self) -> Path:
+        return self.lora_dir if self.lora_dir is not None else self.model_repository.parent / LORA_FOLDER
+
+    @property
     def base_url(self) -> str:
         return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
 
@@ -235,6 +246,7 @@ class Settings:
             ("host", str),
             ("port", int),
             ("model_repository", Path),
+            ("lora_dir", Path),
             ("triton_url", str),
             ("triton_http_port", int),
             ("triton_grpc_port", int),

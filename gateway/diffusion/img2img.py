@@ -21,9 +21,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gateway.diffusion import sampling as math
+from gateway.diffusion.lora import LORA_ROLE, NO_ADAPTER, LoraChoice, LoraRegistry, row_feed
+from gateway.diffusion.lora_format import LoraFileError
 from gateway.diffusion.manifest import Component, ExpectedOutput, PipelineManifest, SdxlConditioning
 from gateway.diffusion.schedulers import make_scheduler, scheduler_choices
-from gateway.errors import BackendError
+from gateway.errors import BackendError, InvalidRequest
 from gateway.observability import current_request_id, stage
 from gateway.triton.client import Engine
 
@@ -42,6 +44,7 @@ class Sampling:
     strength: float
     steps: int
     guidance_scale: float
+    loras: tuple[LoraChoice, ...] = ()  # adapters and scales, checked against the model at admission
 
 
 def sampling_knobs(source: object) -> dict[str, Any]:
@@ -71,8 +74,9 @@ def latent_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[np.ndarr
     return np.concatenate([d[0] for d in draws]), np.concatenate([d[1] for d in draws])
 
 
-# (pipeline, prompt, negative prompt or None without guidance, guidance on/off): what the text encoder is given.
-TextKey = tuple[str, str, str | None, bool]
+# (pipeline, prompt, negative prompt or None without guidance, guidance on/off, the text-encoder LoRAs: name,
+# scale and file version of each): what the text encoder is given.
+TextKey = tuple[str, str, str | None, bool, tuple[tuple[str, float, tuple[int, int]], ...]]
 DEFAULT_TEXT_CACHE_SIZE = 256
 # An entry: SD's hidden states, or SDXL's (hidden states, pooled embeddings).
 Embeds = np.ndarray | tuple[np.ndarray, ...]
@@ -229,11 +233,17 @@ class Img2ImgPipeline:
     (None: none, every prompt goes to the text encoder)."""
 
     def __init__(
-        self, manifest: PipelineManifest, engine: Engine, *, text_cache: TextEmbeddingCache | None = None
+        self,
+        manifest: PipelineManifest,
+        engine: Engine,
+        *,
+        text_cache: TextEmbeddingCache | None = None,
+        loras: LoraRegistry | None = None,
     ) -> None:
         self.manifest = manifest
         self.engine = engine
         self.text_cache = text_cache
+        self.loras = loras  # the adapter folder (a model with LoRA slots needs one)
         self.tokenizer: Tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))
         # One tokenizer per text encoder (SDXL's second pads with "!", not with the end token).
         self.tokenizers = [Tokenizer.from_file(str(t.tokenizer_path)) for t in manifest.texts]
@@ -265,20 +275,54 @@ class Img2ImgPipeline:
         (output,) = (await self._run_component(getattr(self.manifest, component_name), inputs)).values()
         return output
 
-    async def encode_prompt(self, prompt: str, negative_prompt: str, cfg: bool) -> np.ndarray:
+    def lora_feed(
+        self, component: Component, name: str, rows: int, loras: Sequence[LoraChoice]
+    ) -> dict[str, np.ndarray]:
+        """The `loras` input of a call to `component` (named as the export names it), when it takes one: each row
+        the request's adapters that adapt it, or none. A file gone or changed since admission fails the job."""
+        if LORA_ROLE not in component.inputs:
+            return {}
+        value = NO_ADAPTER
+        if loras:
+            try:
+                value = self._registry().rows_for(name, loras)
+            except (FileNotFoundError, LoraFileError) as exc:
+                raise InvalidRequest(
+                    "A LoRA adapter of this job cannot be used any more", f"{type(exc).__name__}: {exc}"
+                ) from None
+        return {LORA_ROLE: row_feed(value, rows)}
+
+    def _registry(self) -> LoraRegistry:
+        if self.loras is None:
+            raise InvalidRequest("LoRA adapters are not served here", "The gateway has no LoRA folder")
+        return self.loras
+
+    def text_lora_key(self, loras: Sequence[LoraChoice]) -> tuple[tuple[str, float, tuple[int, int]], ...]:
+        if not loras:
+            return ()
+        try:
+            return self._registry().text_key(loras)
+        except (FileNotFoundError, LoraFileError) as exc:
+            raise InvalidRequest("A LoRA adapter of this job cannot be used any more", str(exc)) from None
+
+    async def encode_prompt(
+        self, prompt: str, negative_prompt: str, cfg: bool, loras: Sequence[LoraChoice] = ()
+    ) -> np.ndarray:
         """Text-encoder output for `[negative_prompt, prompt]` (guidance) or `[prompt]`, from the cache if held."""
 
         async def encode() -> np.ndarray:
             texts = [negative_prompt, prompt] if cfg else [prompt]
-            return await self._run("text_encoder", {"input_ids": self.tokenize(texts)})
+            inputs = {"input_ids": self.tokenize(texts)}
+            inputs.update(self.lora_feed(self.manifest.text_encoder, "text_encoder", len(texts), loras))
+            return await self._run("text_encoder", inputs)
 
         if self.text_cache is None:
             return await encode()
-        key: TextKey = (self.manifest.name, prompt, negative_prompt if cfg else None, cfg)
+        key: TextKey = (self.manifest.name, prompt, negative_prompt if cfg else None, cfg, self.text_lora_key(loras))
         return await self.text_cache.lookup(key, encode)
 
     async def encode_prompt_sdxl(
-        self, prompt: str, negative_prompt: str, cfg: bool, sdxl: SdxlConditioning
+        self, prompt: str, negative_prompt: str, cfg: bool, sdxl: SdxlConditioning, loras: Sequence[LoraChoice] = ()
     ) -> tuple[np.ndarray, ...]:
         """SDXL's `encode_prompt`: (hidden states [B, 77, sum of widths], pooled [B, width]) for `[negative,
         prompt]` (guidance) or `[prompt]`, from the cache if held. Each encoder's penultimate hidden state,
@@ -290,7 +334,13 @@ class Img2ImgPipeline:
             texts = [prompt] if zeros or not cfg else [negative_prompt, prompt]
             outs = await asyncio.gather(  # the two encoders are independent: one round trip, not two
                 *(
-                    self._run_component(text.component, {"input_ids": self.tokenize(texts, tokenizer)})
+                    self._run_component(
+                        text.component,
+                        {
+                            "input_ids": self.tokenize(texts, tokenizer),
+                            **self.lora_feed(text.component, text.name, len(texts), loras),
+                        },
+                    )
                     for text, tokenizer in zip(self.manifest.texts, self.tokenizers, strict=True)
                 )
             )
@@ -302,7 +352,7 @@ class Img2ImgPipeline:
 
         if self.text_cache is None:
             return await encode()
-        key: TextKey = (self.manifest.name, prompt, negative_prompt if cfg else None, cfg)
+        key: TextKey = (self.manifest.name, prompt, negative_prompt if cfg else None, cfg, self.text_lora_key(loras))
         return await self.text_cache.lookup(key, encode)
 
     async def conditioning(self, gen: Generation, cfg: bool, height: int, width: int) -> Conditioning:
@@ -311,9 +361,9 @@ class Img2ImgPipeline:
         n = len(gen.seeds)
         sdxl = self.manifest.sdxl
         if sdxl is None:
-            embeds = await self.encode_prompt(gen.prompt, gen.negative_prompt, cfg)
+            embeds = await self.encode_prompt(gen.prompt, gen.negative_prompt, cfg, gen.loras)
             return Conditioning({"encoder_hidden_states": np.repeat(embeds, n, axis=0)})
-        hidden, pooled = await self.encode_prompt_sdxl(gen.prompt, gen.negative_prompt, cfg, sdxl)
+        hidden, pooled = await self.encode_prompt_sdxl(gen.prompt, gen.negative_prompt, cfg, sdxl, gen.loras)
         time_ids, negative_ids = math.sdxl_add_time_ids(
             height,
             width,
@@ -370,8 +420,11 @@ class Img2ImgPipeline:
         init = math.sample_latents(np.repeat(params, num_images, axis=0), vae_noise, m.scaling_factor, m.shift_factor)
         latents = math.prepare_initial_latents(scheduler, init, start_noise, timesteps[0])
 
-        # 4. Denoise, with classifier-free guidance (skipped when guidance_scale <= 1, as diffusers does).
+        # 4. Denoise, with classifier-free guidance (skipped when guidance_scale <= 1, as diffusers does). Every
+        # row names the request's adapters: a batch of rows of several requests runs each row's own.
         step_rng = np.random.Generator(np.random.PCG64([gen.seeds[0], num_images]))
+        rows = num_images * (2 if cfg else 1)
+        unet_loras = self.lora_feed(m.unet, "unet", rows, gen.loras)
         if on_step is not None:
             on_step(0, len(timesteps))
         for i, t in enumerate(timesteps):
@@ -385,6 +438,7 @@ class Img2ImgPipeline:
                     "sample": model_in.astype(np.float32),
                     "timestep": np.full((model_in.shape[0], 1), t, dtype=np.float32),
                     **cond.inputs,
+                    **unet_loras,
                 },
             )
             with stage("scheduler"):

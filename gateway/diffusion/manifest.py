@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 MANIFEST_SUFFIX = ".pipeline.json"
 # 1: Stable Diffusion 1.x/2.x. 2 adds `family` ("sd" or "sdxl"), `turbo`, `vae_dtype`, and for SDXL
 # `text_encoders` and `sdxl`; a version-1 manifest reads as an SD one. A component's optional `max_batch_size`
-# (the rows one call may carry) needs no new version: without it, calls are not split.
+# (the rows one call may carry) needs no new version: without it, calls are not split; nor does `lora` (an export
+# with LoRA slots: `LoraSupport`), absent in every manifest written without them.
 SUPPORTED_MANIFEST_VERSIONS = (1, 2)
 SUPPORTED_MANIFEST_VERSION = max(SUPPORTED_MANIFEST_VERSIONS)
 FAMILIES = ("sd", "sdxl")
@@ -68,6 +69,7 @@ class TextEncoder:
 
     component: Component
     tokenizer_path: Path
+    name: str = "text_encoder"  # the export's component name (`text_encoder_2`: SDXL's second)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,38 @@ class SdxlConditioning:
     requires_aesthetics_score: bool = False  # the refiner: time ids end with an aesthetic score, not a size
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+
+
+@dataclass(frozen=True)
+class LoraSupport:
+    """An export with LoRA slots (`python -m export --lora-slots K --lora-rank R`): each UNet and text-encoder
+    instance holds K adapters of rank at most R; a request names at most `max_per_request`."""
+
+    slots: int
+    rank: int
+    max_per_request: int
+    layers_per_block: int  # the UNet's: how SDXL's original block names map to diffusers'
+    base: str  # the family an adapter must be made for: "sd1", "sd2", "sdxl", or "sd" (unpublished widths)
+    targets: Mapping[str, Mapping[str, tuple[int, int]]]  # component -> layer -> (in, out) features
+
+    def describe(self) -> dict[str, Any]:
+        return {"slots": self.slots, "max_rank": self.rank, "max_per_request": self.max_per_request}
+
+
+def _lora(raw: Mapping[str, Any] | None) -> LoraSupport | None:
+    if raw is None:
+        return None
+    return LoraSupport(
+        slots=int(raw["slots"]),
+        rank=int(raw["rank"]),
+        max_per_request=int(raw["max_per_request"]),
+        layers_per_block=int(raw["layers_per_block"]),
+        base=str(raw["base"]),
+        targets={
+            str(c): {str(layer): (int(d[0]), int(d[1])) for layer, d in layers.items()}
+            for c, layers in raw["targets"].items()
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -105,6 +139,7 @@ class PipelineManifest:
     text_encoders: tuple[TextEncoder, ...] = ()  # empty: the one `text_encoder` with `tokenizer_path`
     sdxl: SdxlConditioning | None = None  # set exactly when family is "sdxl"
     vae_dtype: str = "float32"
+    lora: LoraSupport | None = None  # None: exported without LoRA slots
 
     @property
     def texts(self) -> tuple[TextEncoder, ...]:
@@ -167,6 +202,7 @@ class PipelineManifest:
             "defaults": dict(self.defaults),
             "family": self.family,
             "turbo": self.turbo,
+            "lora": None if self.lora is None else self.lora.describe(),
         }
 
 
@@ -199,7 +235,7 @@ def load_manifest(path: Path) -> PipelineManifest:
         if family not in FAMILIES:
             raise ManifestError(f"{path}: family {family!r} is not supported (supported: {', '.join(FAMILIES)})")
         texts = tuple(
-            TextEncoder(_component(comps[t["component"]]), path.parent / t["tokenizer"])
+            TextEncoder(_component(comps[t["component"]]), path.parent / t["tokenizer"], str(t["component"]))
             for t in raw.get("text_encoders", ())
         )
         sdxl = None
@@ -238,6 +274,7 @@ def load_manifest(path: Path) -> PipelineManifest:
             text_encoders=texts,
             sdxl=sdxl,
             vae_dtype=str(raw.get("vae_dtype", raw.get("dtype", "float32"))),
+            lora=_lora(raw.get("lora")),
         )
     except (OSError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, ManifestError):

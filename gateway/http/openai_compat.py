@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ ERROR_PARAMS: Mapping[type[ApiError], str] = {
     ModelNotFound: "model",
 }
 ResponseFormat = Literal["url", "b64_json"]
-_FIELD_IN_MESSAGE = re.compile(r"field(?:\(s\))? '(?P<field>[a-z_\[\]]+)'")
+_FIELD_IN_MESSAGE = re.compile(r"field(?:\(s\))? '(?P<field>[a-z_][a-z0-9_\[\].]*)'")
 
 
 class OpenAIFieldError(InvalidRequest):
@@ -113,7 +114,8 @@ def _form_schema(schema: JsonDict) -> None:
 
 class ImageEditForm(BaseModel):
     """OpenAI's `POST /v1/images/edits` form as this service reads it, plus the native extras (`strength`, \
-`steps`, `guidance_scale`, `negative_prompt`, `seed`, `style`, `output_format`, `output_quality`). Text fields \
+`steps`, `guidance_scale`, `negative_prompt`, `seed`, `style`, `output_format`, `output_quality`, `loras` as JSON \
+text). Text fields \
 are parsed as numbers where the native request has numbers; ranges are the native request's (`GET /v1/models`).
 
 One image per request (`image`, or a one-element `image[]`); `n` is the native `num_images`; `size` is \
@@ -148,6 +150,10 @@ kept); `quality` and `background` only `auto`; `user` is ignored. Unsupported Op
     negative_prompt: str | None = None
     seed: int | None = None
     style: str | None = None
+    loras: str | None = Field(
+        default=None,
+        description='The native `loras` as JSON text, e.g. `[{"name": "ink", "scale": 0.8}]` (`GET /v1/loras`).',
+    )
 
 
 # Form fields copied into the native request under the same name (`n` is renamed, the rest are ours only).
@@ -381,6 +387,13 @@ def native_fields(form: ImageEditForm) -> dict[str, Any]:
             fields[name] = value
     if form.n is not None:
         fields["num_images"] = form.n
+    if form.loras is not None:  # a form field is text: the adapters come as JSON, checked as the native field
+        try:
+            fields["loras"] = json.loads(form.loras)
+        except ValueError:
+            raise OpenAIFieldError(
+                "Invalid field 'loras'", '\'loras\' must be JSON: a list of {"name", "scale"} objects', param="loras"
+            ) from None
     return fields
 
 

@@ -58,6 +58,7 @@ COMPONENTS: Mapping[str, tuple[type[BaseModel], JsonSchemaMode]] = MappingProxyT
         "Error": (wire.ErrorBody, "serialization"),
         "ModelList": (wire.ModelList, "serialization"),
         "StyleList": (wire.StyleList, "serialization"),
+        "LoraList": (wire.LoraList, "serialization"),
         "Status": (wire.Status, "serialization"),
         "WebhookSecret": (wire.WebhookSecret, "serialization"),
         "ImageEditRequest": (openai_compat.ImageEditForm, "validation"),
@@ -511,6 +512,28 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             "listModels",
             "Served pipelines and parameter limits",
             _merge({"200": _response("The models", _json(_ref("ModelList")))}, error_responses(*AUTHENTICATED)),
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/loras",
+        lambda s: s.handlers.list_loras,
+        _operation(
+            "listLoras",
+            "LoRA adapters",
+            _merge(
+                {"200": _response("The adapters, with the models each fits", _json(_ref("LoraList")))},
+                error_responses(*AUTHENTICATED, "model_not_found"),
+            ),
+            parameters=[
+                {
+                    "name": "model",
+                    "in": "query",
+                    "required": False,
+                    "description": "Only the adapters this model can run (404 when it is not served).",
+                    "schema": {"type": "string"},
+                }
+            ],
         ),
     ),
     Endpoint(

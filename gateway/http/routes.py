@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -20,6 +21,7 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
 from gateway.diffusion.img2img import Img2ImgPipeline
+from gateway.diffusion.lora import LoraRegistry
 from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import (
     InvalidRequest,
@@ -38,7 +40,8 @@ from gateway.http.openapi import ENDPOINTS, openapi_endpoint
 from gateway.http.playground import Playground
 from gateway.http.ratelimit import Limiter, charge_webhook_control
 from gateway.http.responses import NATIVE_ERRORS, rendering_errors
-from gateway.http.views import job_view, secret_view
+from gateway.http.views import job_view, lora_view, secret_view
+from gateway.jobs.admission import resolve_pipeline
 from gateway.jobs.create import Caller, CreateJob
 from gateway.jobs.follow import follow, wait_or_cancel
 from gateway.jobs.model import FAILED, Job, owner_of
@@ -76,6 +79,7 @@ class Services:
     settings: Settings
     engine: Engine
     pipelines: Mapping[str, Img2ImgPipeline]
+    loras: LoraRegistry  # the adapter folder: `GET /v1/loras`
     storage: Storage
     jobs: JobManager
     create_job: CreateJob
@@ -293,6 +297,17 @@ class Handlers:
                 "limits": {k: dict(v) for k, v in PARAMETER_LIMITS.items()},
                 "data": [p.manifest.describe() for _, p in sorted(self.s.pipelines.items())],
             }
+        )
+
+    async def list_loras(self, request: Request) -> Response:
+        self._auth(request)
+        model = request.query_params.get("model")
+        manifests = {name: p.manifest for name, p in self.s.pipelines.items()}
+        if model is not None:
+            manifests = {model: resolve_pipeline(self.s.pipelines, model).manifest}
+        listed = await asyncio.to_thread(self.s.loras.listing, manifests)  # headers: file reads
+        return JSONResponse(
+            {"object": "list", "data": [lora_view(a, fits) for a, fits in listed if model is None or fits]}
         )
 
     async def list_styles(self, request: Request) -> Response:

@@ -17,6 +17,7 @@ from gateway.errors import ERROR_TABLE
 from gateway.jobs.request import (
     MAX_NUM_IMAGES,
     GuidanceScale,
+    LoraRequest,
     NumImages,
     OutputFormat,
     Positive,
@@ -180,10 +181,17 @@ is null; a `failed` job carries the error object."""
     scheduler: str | None = Field(description="The scheduler run (short name); null: the model's default.")
     output_format: OutputFormat
     output_quality: int | None = Field(description="The quality the images were encoded at; null for png.")
+    loras: list[LoraRequest] = Field(description="The LoRA adapters applied, with their scales ([]: none).")
     images: list[OutputImage] = Field(max_length=MAX_NUM_IMAGES)
     progress: Progress | None
     error: ErrorObject | None
     webhook: WebhookState | None
+
+
+class LoraLimits(WireModel):
+    slots: int = Field(description="Adapters each model instance holds at once (more in one batch run in turns).")
+    max_rank: int = Field(description="The highest adapter rank it serves.")
+    max_per_request: int = Field(description="Adapters one request may name.")
 
 
 class ModelInfo(WireModel):
@@ -198,6 +206,26 @@ class ModelInfo(WireModel):
     defaults: dict[str, Any]
     family: Literal["sd", "sdxl"] = Field(description="Stable Diffusion 1.x/2.x layout, or SDXL.")
     turbo: bool = Field(description="A distilled model: its `defaults` are few steps without guidance.")
+    lora: LoraLimits | None = Field(description="Its LoRA slots (null: exported without, `loras` refused).")
+
+
+class LoraInfo(WireModel):
+    id: str = Field(description="The name a request gives in `loras`.")
+    object: Literal["lora"]
+    family: Literal["sd1", "sd2", "sdxl"] | None = Field(
+        description="The base family the file says it is for (metadata, SDXL's layer names, the cross-attention "
+        "width); null when it does not tell (its layers' shapes decide)."
+    )
+    rank: int = Field(description="Its highest rank.")
+    format: Literal["diffusers", "kohya"] = Field(description="The key layout it is written in.")
+    components: list[Literal["unet", "text_encoder", "text_encoder_2"]] = Field(description="What it adapts.")
+    size_bytes: int
+    models: list[str] = Field(description="The served models it fits (family, layers, rank).")
+
+
+class LoraList(WireModel):
+    object: Literal["list"]
+    data: list[LoraInfo]
 
 
 class ModelList(WireModel):

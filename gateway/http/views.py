@@ -6,6 +6,7 @@ import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.diffusion.lora_format import Adapter
 from gateway.http import schema
 from gateway.jobs.model import Job, JobSpec
 from gateway.jobs.runner import Progress
@@ -13,6 +14,8 @@ from gateway.jobs.webhooks import SigningSecrets
 
 
 def _wire(value: Any) -> Any:
+    if isinstance(value, tuple):  # a spec's tuple of dataclasses (its LoRA choices): a JSON array of objects
+        return [_wire(item) for item in value]
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
 
 
@@ -58,6 +61,20 @@ def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
         }
     )
     return view.model_dump(mode="json")
+
+
+def lora_view(adapter: Adapter, models: list[str]) -> dict[str, Any]:
+    """One adapter of `GET /v1/loras`: what it is for and which served models it fits."""
+    return schema.LoraInfo(
+        id=adapter.name,
+        object="lora",
+        family=adapter.family,  # type: ignore[arg-type]  # lora_format's families are LoraInfo's
+        rank=adapter.rank,
+        format=adapter.layout,  # type: ignore[arg-type]
+        components=list(adapter.components),  # type: ignore[arg-type]
+        size_bytes=adapter.size_bytes,
+        models=models,
+    ).model_dump(mode="json")
 
 
 def secret_view(secrets: SigningSecrets, now: float) -> dict[str, Any]:

@@ -6,7 +6,8 @@ form renamed, its upload as bytes) and hand them to `CreateJob`, which runs admi
 own gates, so that a refused request costs the least work:
 
     parse (fields -> typed request, 400)  ->  idempotent replay, the fleet's queue (503), the key's cap (429)
-    -> admit (model, scheduler, output, webhook, cost -> the key's work budget (429), image, seed, size)
+    -> admit (model, scheduler, LoRA adapters, output, webhook, cost -> the key's work budget (429), image, seed,
+       size)
 
 A new request field is declared on the wire model (`jobs/request.py`, and `http/schema.py:JobView` when the
 job echoes it), checked and copied here, and read by the recipe (`diffusion/img2img.py`): a knob the recipe
@@ -23,6 +24,7 @@ import httpx
 from PIL import Image
 
 from gateway.diffusion.img2img import Img2ImgPipeline, sampling_knobs
+from gateway.diffusion.lora import LoraChoice, LoraRegistry
 from gateway.diffusion.sampling import MAX_SEED, do_classifier_free_guidance, img2img_effective_steps
 from gateway.diffusion.schedulers import scheduler_class, scheduler_name
 from gateway.diffusion.styles import STYLE_PRESETS, StylePreset
@@ -110,8 +112,10 @@ class Admission:
         policy: OutboundPolicy,
         fetch_timeout_s: float,
         styles: Mapping[str, StylePreset] = STYLE_PRESETS,
+        loras: LoraRegistry | None = None,
     ) -> None:
         self.pipelines = pipelines
+        self.loras = loras
         self.http = http
         self.policy = policy
         self.fetch_timeout_s = fetch_timeout_s
@@ -129,7 +133,9 @@ class Admission:
         pipeline = resolve_pipeline(self.pipelines, request.model)
         manifest = pipeline.manifest
         scheduler = resolve_scheduler(pipeline, request.scheduler)
-        # 2. The output encoding, the format's default quality filled in.
+        # 2. The LoRA adapters: each a file the model can run (family, layers, rank), read by header; then the
+        # output encoding, the format's default quality filled in.
+        loras = self._loras(pipeline, request)
         quality = output_quality(request.output_format, request.output_quality)
         # 3. The webhook target, refused now rather than at delivery time.
         if request.webhook_url is not None:
@@ -147,7 +153,7 @@ class Admission:
         del image  # a 2048 px original is 12 MiB; only the resized input is kept for the first run
         # 6. The spec: the seed drawn when absent (a re-run must give the same pixels), the steps diffusers runs.
         spec = JobSpec(
-            **sampling_knobs(request),
+            **{**sampling_knobs(request), "loras": loras},
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
             model=request.model,
@@ -170,6 +176,15 @@ class Admission:
             model_input=model_input,
             cost=cost,
         )
+
+    def _loras(self, pipeline: Img2ImgPipeline, request: ImageToImageRequest) -> tuple[LoraChoice, ...]:
+        choices = tuple(LoraChoice(lora.name, lora.scale) for lora in request.loras)
+        if not choices:
+            return ()
+        if self.loras is None:
+            raise InvalidRequest("Invalid field 'loras'", "This deployment serves no LoRA adapters")
+        with stage("loras"):
+            return self.loras.admit(pipeline.manifest, choices)
 
     async def _image_bytes(self, field: str | bytes) -> tuple[bytes, str | None]:
         if isinstance(field, bytes):  # an upload: already read, within the body cap

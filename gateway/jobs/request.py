@@ -55,6 +55,14 @@ MAX_NEGATIVE_PROMPT_CHARS = 2000
 MAX_MODEL_CHARS = 128
 MAX_WEBHOOK_URL_CHARS = 2048
 MAX_SCHEDULER_CHARS = 64
+# LoRA adapters per request (an export may allow fewer: `GET /v1/models`' `lora.max_per_request`), and the scale
+# range: fal's LoRA `scale` range (0 to 4), and as far below 0, where a slider adapter runs its concept backwards.
+MAX_LORAS = 4
+MIN_LORA_SCALE = -4.0
+MAX_LORA_SCALE = 4.0
+DEFAULT_LORA_SCALE = 1.0
+MAX_LORA_NAME_CHARS = 64
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 WEBHOOK_SCHEMES = ("http", "https")
 WebhookEventName = Literal["start", "completed"]
 WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEventName)
@@ -122,6 +130,12 @@ def _distinct(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
+def _distinct_adapters(value: tuple[LoraRequest, ...]) -> tuple[LoraRequest, ...]:
+    if len({lora.name for lora in value}) != len(value):
+        raise ValueError("repeated adapter")
+    return value
+
+
 # Constrained types shared by the request and the job view, so both state the same ranges.
 Strength = Annotated[float, Field(ge=MIN_STRENGTH, le=MAX_STRENGTH)]
 Steps = Annotated[int, Field(ge=MIN_STEPS, le=MAX_STEPS)]
@@ -140,6 +154,22 @@ class WireModel(BaseModel):
     """Immutable, unknown keys refused, no coercion (`30.0` is not an integer, `true` not a number), no NaN."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class LoraRequest(WireModel):
+    """One LoRA adapter to apply, by its name in `GET /v1/loras`, at a scale (1: as trained; 0: off)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=MAX_LORA_NAME_CHARS, pattern=LORA_NAME_PATTERN)] = Field(
+        description="The adapter's name: its file in the LoRA folder without `.safetensors` (`GET /v1/loras`)."
+    )
+    scale: Annotated[float, Field(ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE)] = Field(
+        default=DEFAULT_LORA_SCALE, description="How strongly it applies, as diffusers' `set_adapters` weight."
+    )
+
+
+Loras = Annotated[
+    tuple[LoraRequest, ...], Field(max_length=MAX_LORAS, strict=False), AfterValidator(_distinct_adapters)
+]
 
 
 class ImageToImageRequest(WireModel):
@@ -230,6 +260,16 @@ is applied) are dropped, as in diffusers.
             + ", ".join(f"{fmt} {q}" for fmt, q in codecs.DEFAULT_OUTPUT_QUALITY.items())
             + ". PNG is lossless: a quality with png -> 400."
         ),
+    )
+    loras: Loras = Field(
+        default=(),
+        description=(
+            f"LoRA adapters to apply, at most {MAX_LORAS} distinct ones (a model may allow fewer: `GET /v1/models`"
+            "' `lora`), each `{name, scale}`; their effects add, as diffusers' `set_adapters`. Only models exported "
+            "with LoRA slots take them; an unknown adapter, one made for another model family, or one this model "
+            "cannot hold (rank, layers) -> 400 naming it. Requests with different adapters share the UNet's batches."
+        ),
+        json_schema_extra={"uniqueItems": True},
     )
 
     @field_validator("style")
@@ -330,6 +370,11 @@ _RULES: Mapping[str, str] = MappingProxyType(
         "webhook_events": (
             f"'webhook_events' must be a list of distinct events, at least one, of: {', '.join(WEBHOOK_EVENTS)}"
         ),
+        "loras": (
+            f"'loras' must be a list of at most {MAX_LORAS} distinct adapters, each an object with 'name' (letters, "
+            f"digits, '.', '_' or '-', at most {MAX_LORA_NAME_CHARS}) and an optional 'scale' between "
+            f"{MIN_LORA_SCALE} and {MAX_LORA_SCALE}"
+        ),
     }
 )
 
@@ -347,7 +392,8 @@ def _translate(error: ValidationError, styles: Mapping[str, StylePreset]) -> Inv
     """Our message for the first problem: unknown fields (all listed), then a missing one, then the first field
     that breaks its rule (see _REPORTED_LAST), then the cross-field steps x strength rule."""
     problems = error.errors(include_url=False, include_input=False)
-    unknown = [str(p["loc"][0]) for p in problems if p["type"] == "extra_forbidden"]
+    # A top-level key only: an unknown key inside a field's object (a `loras` item) breaks that field's rule.
+    unknown = [str(p["loc"][0]) for p in problems if p["type"] == "extra_forbidden" and len(p["loc"]) == 1]
     if unknown:
         listed = ", ".join(f"'{key}'" for key in unknown)
         return InvalidRequest(f"Unknown field(s): {listed}", f"Allowed fields: {', '.join(FIELDS)}")

@@ -127,6 +127,7 @@ INHERITED_ENV = frozenset(
         "XDG_CACHE_HOME",
         "TRITON_CACHE_DIR",
         "GLIBC_TUNABLES",
+        "IMAGEN_LORA_DIR",  # the LoRA adapters' folder the runners read (model_repository/python_backend/model.py)
     }
 )
 INHERITED_ENV_PREFIXES = (
@@ -170,6 +171,10 @@ def _environment(
     return env
 
 
+def _with_lora_dir(env: dict[str, str], lora_dir: Path | None) -> dict[str, str]:
+    return env if lora_dir is None else {**env, "IMAGEN_LORA_DIR": str(Path(lora_dir).absolute())}
+
+
 def _get(url: str, timeout: float = 1.0) -> int:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - only our http:// Triton URLs
@@ -201,8 +206,10 @@ class TritonServer:
         python_env: Path | None = None,
         cpu_budget: int = 0,
         extra_args: Iterable[str] = (),
+        lora_dir: Path | None = None,
     ) -> None:
         self.repository = Path(repository).absolute()
+        self.lora_dir = lora_dir  # the runners' IMAGEN_LORA_DIR (None: theirs, `loras/` beside the repository)
         self.address = address
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.model_control_mode = model_control_mode
@@ -220,6 +227,9 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         return f"{self.address}:{self.grpc_port}"
+
+    def _environment(self, dist: TritonDistribution) -> dict[str, str]:
+        return _with_lora_dir(_environment(dist, self.python_env), self.lora_dir)
 
     def start(self) -> None:
         dist = find_distribution()
@@ -247,7 +257,7 @@ class TritonServer:
             args.append("--load-model=*")
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(  # noqa: S603 - the tritonserver binary of the installed package, no shell
-            args, env=_environment(dist, self.python_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            args, env=self._environment(dist), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def is_live(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class OnnxRuntime:
         )
         # Triton hands a per-sample scalar as [B, 1]; the ONNX graph wants [B]. Reshape to the graph's rank.
         self.ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
+        self.graph_inputs = {i.name: list(i.shape) for i in self.session.get_inputs()}
 
     def value(self, name: str, tensor: Any) -> np.ndarray:
         array: np.ndarray = tensor.as_numpy()
@@ -87,7 +89,11 @@ class OnnxRuntime:
 
 class TorchRuntime:
     """The component's diffusers/transformers module in PyTorch (torch_runtime.py); tensors cross as DLPack, so
-    neither the stub's numpy ABI nor a host copy of a GPU output is in the way."""
+    neither the stub's numpy ABI nor a host copy of a GPU output is in the way.
+
+    With LoRA slots (an export's `--lora-slots`) the module carries export/lora.py's branches (lora_branches.py
+    beside this file); `graph_inputs` declares their bank as the ONNX graph would, so `_lora_bank` builds the same
+    LoraBank, whose numpy feeds `run` hands the branches (torch_runtime.LoraBranches)."""
 
     def __init__(self, args: dict[str, str], config: dict[str, Any], params: dict[str, str]) -> None:
         folder = Path(args["model_repository"]) / args["model_version"]
@@ -98,9 +104,15 @@ class TorchRuntime:
         )
         if int(params.get("intra_op_threads", "0")) > 0:
             self.torch.set_num_threads(int(params["intra_op_threads"]))
-        self.component = module.TorchComponent(
-            settings, folder / module.WEIGHTS_DIR, [t["name"] for t in config["output"]]
+        branches = (
+            _load_beside(folder / module.LORA_BRANCHES_FILE, "imagen_lora_branches") if settings.lora_slots else None
         )
+        self.component = module.TorchComponent(
+            settings, folder / module.WEIGHTS_DIR, [t["name"] for t in config["output"]], branches
+        )
+        lora = self.component.lora
+        self.graph_inputs: dict[str, list[Any]] = dict(lora.bank_shapes) if lora is not None else {}
+        self.lora_bank: Any = None  # set by _lora_bank: its slots tell which part of a device copy is stale
         # In Triton's log, where the device runs (scripts/gpu_serve_check.py) read which device each model got.
         pb_utils.Logger.log_info(f"{module.LOG_PREFIX} {config['name']}: {settings.describe()}")
 
@@ -111,7 +123,11 @@ class TorchRuntime:
         return parts[0] if len(parts) == 1 else self.torch.cat(parts)
 
     def run(self, feeds: dict[str, Any], output_names: list[str]) -> dict[str, Any]:
-        return self.component.run(feeds)  # type: ignore[no-any-return]
+        """`feeds`: the inputs as tensors, plus a LoRA bank's feeds (numpy) with LoRA slots."""
+        owners = None
+        if self.lora_bank is not None:  # LoraBank.held: name -> (file fingerprint, slot)
+            owners = {slot: (name, fingerprint) for name, (fingerprint, slot) in self.lora_bank.held.items()}
+        return self.component.run(feeds, owners)  # type: ignore[no-any-return]
 
     def tensor(self, name: str, rows: Any) -> Any:
         return pb_utils.Tensor.from_dlpack(name, rows.contiguous())
@@ -131,6 +147,28 @@ def _load_beside(path: Path, name: str) -> Any:
 RUNTIMES: dict[str, type[OnnxRuntime] | type[TorchRuntime]] = {"onnxruntime": OnnxRuntime, "torch": TorchRuntime}
 
 
+def _lora_bank(args: dict[str, str], params: dict[str, str], runtime: Any) -> Any:
+    """The instance's LoRA bank (lora_bank.py, beside this file) over the graph's bank inputs. The adapter folder:
+    IMAGEN_LORA_DIR, else the config's `lora_dir`, else `loras/` beside the model repository (the gateway's
+    default: not inside it, where Triton would take it for a model)."""
+    folder = Path(args["model_repository"]) / args["model_version"]
+    formats = _load_beside(folder / "lora_format.py", "imagen_lora_format")
+    bank = _load_beside(folder / "lora_bank.py", "imagen_lora_bank")
+    lora_dir = os.environ.get("IMAGEN_LORA_DIR") or params.get("lora_dir") or ""
+    lora_bank = bank.LoraBank(
+        formats,
+        params["lora_component"],
+        {k: v for k, v in runtime.graph_inputs.items() if k.startswith(bank.BANK_PREFIX)},
+        slots=int(params["lora_slots"]),
+        folder=Path(lora_dir) if lora_dir else Path(args["model_repository"]).parent.parent / "loras",
+        layers_per_block=int(params.get("lora_layers_per_block", "1")),
+        base=params.get("lora_base", "sd"),
+    )
+    if isinstance(runtime, TorchRuntime):  # its device copy of the bank follows the slots the bank loads
+        runtime.lora_bank = lora_bank
+    return lora_bank, bank
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -139,7 +177,13 @@ class TritonPythonModel:
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r} in config.pbtxt (one of {', '.join(RUNTIMES)})")
         self.runtime = RUNTIMES[runtime](args, config, params)
-        self.input_names = [t["name"] for t in config["input"]]
+        names = [t["name"] for t in config["input"]]
+        # An export with LoRA slots takes `loras` (per row, JSON) and binds the bank itself (lora_bank.py).
+        self.lora: Any = None  # lora_bank.LoraBank
+        self.lora_module: Any = None  # lora_bank, for its `serve`
+        if "loras" in names:
+            self.lora, self.lora_module = _lora_bank(args, params, self.runtime)
+        self.input_names = [n for n in names if n != "loras"]
         self.output_names = [t["name"] for t in config["output"]]
 
     def _gather(self, requests: list[Any]) -> tuple[dict[str, Any], list[int]]:
@@ -152,9 +196,29 @@ class TritonPythonModel:
         return {name: self.runtime.concat(values) for name, values in parts.items()}, sizes
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        if self.lora is None:
+            return self._execute(requests, {})
+        return self.lora_module.serve(  # type: ignore[no-any-return]
+            self.lora,
+            requests,
+            self._lora_rows,
+            self._execute,
+            lambda message: pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+        )
+
+    def _lora_rows(self, request: Any) -> np.ndarray:
+        """A request's `loras` (optional: a client that sends none asks for no adapter on any row)."""
+        tensor = pb_utils.get_input_tensor_by_name(request, "loras")
+        if tensor is not None:
+            return tensor.as_numpy()  # type: ignore[no-any-return]
+        rows = pb_utils.get_input_tensor_by_name(request, self.input_names[0]).as_numpy().shape[0]
+        return np.full((rows, 1), b"", dtype=np.object_)
+
+    def _execute(self, requests: list[Any], extra: dict[str, Any]) -> list[Any]:
+        """One run over the requests' gathered inputs plus `extra` (a LoRA bank's feeds)."""
         try:
             feeds, sizes = self._gather(requests)
-            outputs = self.runtime.run(feeds, self.output_names)
+            outputs = self.runtime.run({**feeds, **extra}, self.output_names)
         except Exception as exc:
             if len(requests) > 1:  # shapes that cannot share a batch: serve each request on its own
                 return [self.execute([request])[0] for request in requests]

@@ -7,6 +7,13 @@ whatever it computes in. On CUDA it runs fp16 (fp32 where the export says so: a 
 attention, channels-last, and the UNet replays a CUDA graph per (batch, shapes), a batch padded up to the next
 captured size; `torch.compile` is an option. On CPU it runs fp32, eager (how the tests run it).
 
+An export with `--lora-slots` serves per-row LoRA adapters here as in the onnxruntime runtime: the same branches
+(export/lora.py, copied beside model.py as lora_branches.py) go on the module's targeted layers, and each call binds
+the instance's bank (lora_bank.py: numpy, filled from adapter files) and the batch's adapter rows to them
+(`LoraBranches`). Such a UNet runs eagerly, without CUDA graphs: which rows a call adapts, and how many, changes
+the branches' shapes from call to call. `torch.compile` still applies, and recompiles as those shapes change (on
+the tiny UNet on CPU the compiled calls matched eager to ~3e-6 across adapter rows, slots and rows per adapter).
+
 Tensors cross the stub as DLPack (model.py), so this runtime never touches the stub's numpy ABI. Imports torch,
 diffusers (UNet, VAE) and transformers (text encoders): the serving image of this runtime adds them.
 """
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 # Where the export writes a component's module, inside the model version folder.
@@ -37,6 +45,8 @@ GRAPH_WARMUP_CALLS = 2
 # How this runtime's lines start in Triton's log (model.py logs each instance's settings at load).
 LOG_PREFIX = "imagen torch runtime:"
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# The LoRA branches' module (export/lora.py), beside model.py in a model exported with --lora-slots.
+LORA_BRANCHES_FILE = "lora_branches.py"
 
 log = logging.getLogger("imagen.torch_runtime")
 
@@ -51,6 +61,8 @@ class TorchSettings:
     cuda_graphs: bool
     compile: bool
     graph_batches: tuple[int, ...]
+    lora_slots: int = 0  # LoRA bank slots (config `lora_slots`), 0 without LoRA branches
+    lora_rank: int = 0  # the bank's rank (config `lora_rank`)
 
     @classmethod
     def of(cls, params: Mapping[str, str], kind: str, device_id: str, max_batch_size: int) -> TorchSettings:
@@ -58,19 +70,29 @@ class TorchSettings:
         cuda = kind in ("GPU", "MODEL") and torch.cuda.is_available()
         device = torch.device(f"cuda:{int(device_id or 0)}") if cuda else torch.device("cpu")
         dtype = DTYPES[params.get("cuda_dtype", "float16")] if cuda else torch.float32
+        lora_slots = int(params.get("lora_slots", "0")) if "lora_component" in params else 0
         return cls(
             component=params["component"],
             device=device,
             dtype=dtype,
-            cuda_graphs=cuda and params.get("cuda_graphs", "1") == "1" and params["component"] == "unet",
+            # With LoRA slots the UNet runs eagerly: the branches' shapes follow each call's adapter rows.
+            cuda_graphs=cuda
+            and params.get("cuda_graphs", "1") == "1"
+            and params["component"] == "unet"
+            and not lora_slots,
             compile=params.get("torch_compile", "0") == "1",
             graph_batches=graph_batches(max_batch_size),
+            lora_slots=lora_slots,
+            lora_rank=int(params["lora_rank"]) if lora_slots else 0,
         )
 
     def describe(self) -> str:
         graphs = f"CUDA graphs at {list(self.graph_batches)} rows" if self.cuda_graphs else "eager"
-        return f"{self.component} on {self.device} in {str(self.dtype).removeprefix('torch.')}, {graphs}" + (
-            ", torch.compile" if self.compile else ""
+        lora = f", LoRA: {self.lora_slots} slots of rank {self.lora_rank}" if self.lora_slots else ""
+        return (
+            f"{self.component} on {self.device} in {str(self.dtype).removeprefix('torch.')}, {graphs}"
+            + (", torch.compile" if self.compile else "")
+            + lora
         )
 
 
@@ -109,15 +131,25 @@ def load_module(component: str, folder: Path) -> torch.nn.Module:
 
 
 class TorchComponent:
-    """One component on one device: `run(feeds)` takes the batched inputs by name and returns the outputs."""
+    """One component on one device: `run(feeds)` takes the batched inputs by name and returns the outputs.
 
-    def __init__(self, settings: TorchSettings, folder: Path, output_names: Sequence[str]) -> None:
+    `lora_branches`: the loaded lora_branches.py, for a component exported with LoRA slots (settings.lora_slots).
+    """
+
+    def __init__(
+        self, settings: TorchSettings, folder: Path, output_names: Sequence[str], lora_branches: Any = None
+    ) -> None:
         self.settings = settings
         self.output_names = tuple(output_names)
         module = load_module(settings.component, folder).to(settings.device, settings.dtype)
         if settings.device.type == "cuda" and settings.component in ("unet", "vae_encoder", "vae_decoder"):
             module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.module = module
+        self.lora: LoraBranches | None = None
+        if settings.lora_slots:
+            if lora_branches is None:
+                raise ValueError(f"{settings.component} has LoRA slots: its {LORA_BRANCHES_FILE} is needed")
+            self.lora = LoraBranches(lora_branches, module, settings)
         # torch.compile wraps `forward`: the UNet's (the VAE halves are called through encode/decode, and the
         # text encoders are a small share of the time).
         self._call: Any = torch.compile(module) if settings.compile and settings.component == "unet" else module
@@ -125,8 +157,14 @@ class TorchComponent:
 
     # -- the components, as the ONNX export traces them (export.validate runs the same calls on the torch side) --
 
-    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(
+        self, feeds: Mapping[str, Any], lora_slot_owners: Mapping[int, Any] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`feeds`: the component's inputs (tensors) and, with LoRA slots, the bank's feeds (numpy: lora_bank.py's
+        `LoraBank.feeds`; none, a call without adapter rows). `lora_slot_owners`: LoraBranches.bind."""
         with torch.inference_mode():
+            if self.lora is not None:
+                feeds = self.lora.bind(feeds, lora_slot_owners)
             inputs = {name: self._to_device(name, value) for name, value in feeds.items()}
             component = self.settings.component
             if component.startswith("text_encoder"):
@@ -168,6 +206,83 @@ class TorchComponent:
         kwargs = {"added_cond_kwargs": added} if added else {}
         result: torch.Tensor = self._call(inputs["sample"], timestep, inputs["encoder_hidden_states"], **kwargs).sample
         return result
+
+
+class LoraBranches:
+    """The LoRA branches on one component's module, and the bank they read on this device.
+
+    The branches are export/lora.py's (`add_branches`, loaded from lora_branches.py): the graph the onnxruntime
+    runtime serves traces the same modules. The bank itself is lora_bank.py's (numpy, one array per layer and half,
+    slots filled in place as adapters load). On the CPU in fp32 the branches read it through `torch.from_numpy`, the
+    same memory; elsewhere a device copy in the compute dtype is kept, and a slot's part of it is copied again
+    when the bank puts another adapter (or another version of the file) in that slot: `bind`'s `slot_owners`,
+    slot -> what it holds, tells. Without them (None) the whole bank is copied on each call.
+    """
+
+    def __init__(self, library: Any, module: torch.nn.Module, settings: TorchSettings) -> None:
+        self.library = library
+        self.branches: dict[str, Any] = library.add_branches(module, settings.component)
+        if not self.branches:
+            raise ValueError(f"{settings.component} has no layer a LoRA targets")
+        self.state = next(iter(self.branches.values())).state
+        self.device, self.dtype = settings.device, settings.dtype
+        self.shares_host = self.device.type == "cpu" and self.dtype == torch.float32
+        self.targets: dict[str, tuple[int, int]] = {
+            layer: library.layer_dims(branch) for layer, branch in self.branches.items()
+        }
+        # The bank's inputs as an ONNX graph with these branches declares them (what lora_bank.LoraBank reads).
+        self.bank_shapes: dict[str, list[Any]] = {}
+        for layer, (fan_in, fan_out) in self.targets.items():
+            self.bank_shapes[library.bank_input(layer, "down")] = ["lora_bank_slots", fan_in, settings.lora_rank]
+            self.bank_shapes[library.bank_input(layer, "up")] = ["lora_bank_slots", settings.lora_rank, fan_out]
+        self.input_names = frozenset((*library.CALL_INPUTS, *self.bank_shapes))
+        # A call without the bank's feeds adapts no row (one zero slot).
+        self.empty = library.empty_lora_feeds(self.targets, library.LoraShape(1, settings.lora_rank))
+        self._device: dict[str, tuple[np.ndarray, torch.Tensor]] = {}  # input -> (the host array, its copy)
+        self._owners: dict[int, Any] = {}
+
+    def bind(self, feeds: Mapping[str, Any], slot_owners: Mapping[int, Any] | None) -> dict[str, Any]:
+        """Give the branches this call's adapter rows and bank (the LoRA inputs of `feeds`, else none adapted);
+        returns the other inputs."""
+        lib = self.library
+        lora = {name: value for name, value in feeds.items() if name in self.input_names}
+        changed: set[int] | None
+        if lib.ROWS not in lora:
+            lora, changed = self.empty, set()
+        elif slot_owners is None:
+            changed = None
+        else:
+            owners = dict(slot_owners)
+            changed = {s for s in {*owners, *self._owners} if owners.get(s) != self._owners.get(s)}
+            self._owners = owners
+        state = self.state
+        state.rows = torch.from_numpy(np.ascontiguousarray(lora[lib.ROWS])).to(self.device)
+        state.slots = torch.from_numpy(np.ascontiguousarray(lora[lib.SLOTS])).to(self.device)
+        state.scales = torch.from_numpy(np.ascontiguousarray(lora[lib.SCALES])).to(self.device, self.dtype)
+        for layer, branch in self.branches.items():
+            down, up = lib.bank_input(layer, "down"), lib.bank_input(layer, "up")
+            branch.down = self._bank(down, lora[down], changed)
+            branch.up = self._bank(up, lora[up], changed)
+        return {name: value for name, value in feeds.items() if name not in self.input_names}
+
+    def _bank(self, name: str, array: np.ndarray, changed: set[int] | None) -> torch.Tensor:
+        """One bank input on the device: the host array itself on the CPU in fp32, else the kept copy, its
+        `changed` slots copied again (all of it when the array is another, or `changed` is None)."""
+        if self.shares_host:
+            return torch.from_numpy(array)
+        cached = self._device.get(name)
+        if cached is None or cached[0] is not array or tuple(cached[1].shape) != array.shape:
+            copy = torch.from_numpy(array).to(self.device, self.dtype)
+            self._device[name] = (array, copy)
+            return copy
+        copy = cached[1]
+        if changed is None:
+            copy.copy_(torch.from_numpy(array), non_blocking=False)
+        else:
+            for slot in sorted(changed):
+                if slot < array.shape[0]:
+                    copy[slot].copy_(torch.from_numpy(array[slot]))
+        return copy
 
 
 @dataclass

@@ -61,3 +61,29 @@ def test_every_system_produces_numbers(tmp_path: Path) -> None:
     assert "| stage | CPU ms/image |" in markdown and "| gateway |" in markdown
     for kind in ("Throughput vs concurrency", "Latency CDF at concurrency 8"):
         assert written[kind].stat().st_size > 0
+
+
+def test_lora_cost_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m benchmarks lora` on tiny: the three variants timed, finite positive ratios, the bank's memory."""
+    import math
+
+    from benchmarks.__main__ import main
+
+    args = ["lora", "--quick", "--models", "tiny", "--repeats", "2", "--warmup", "1", "--no-text-encoder"]
+    assert main([*args, "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path / "out")]) == 0
+
+    (json_file,) = (tmp_path / "out").glob("*-lora-quick.json")
+    data = json.loads(json_file.read_text())
+    assert data["lora"] == {"slots": 8, "rank": 16} and data["host"]["cpu"]
+    (run,) = data["runs"]
+    assert run["size"] == "tiny" and run["rows"] == 2 and run["repeats"] == 2
+    assert set(run["per_row_s"]) == {"plain", "no_lora", "lora"}
+    assert all(len(s) == 2 for s in run["samples_s"].values())
+    for ratios in (run["ratios"], run["paired_ratios"]):
+        assert set(ratios) == {"no_lora/plain", "lora/plain"}
+        assert all(math.isfinite(r) and r > 0 for r in ratios.values()), ratios
+    assert run["adapter_effect_max_abs"] > 0  # the adapter rows did run through the branches
+    assert run["bank"]["unet"]["layers"] > 0 and run["bank"]["unet"]["bank_bytes"] > 0
+    assert run["nodes"]["slotted"] > run["nodes"]["plain"]
+    assert "| tiny |" in (tmp_path / "out" / json_file.with_suffix(".md").name).read_text()
+    assert "b/a" in capsys.readouterr().out

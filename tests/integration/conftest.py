@@ -1,9 +1,9 @@
 """Session fixtures: tiny pipelines exported by our own export code, the real Triton server, the real gateway.
 
-`imagen-v2` is exported from a saved diffusers folder (`--model-dir`, kept for the diffusers reference tests);
-`imagen-v3` goes through the CLI's `--tiny` path. Both are what the demo serves. `imagen-xl` is a tiny SDXL
-(from a saved folder, for the SDXL reference tests); `imagen-xl-turbo` serves the same Triton models with the
-turbo scheduler and defaults (a second manifest, no second copy of the models).
+`imagen-v2` is exported from a saved diffusers folder (`--model-dir`, kept for the diffusers reference tests), with
+LoRA slots; `imagen-v3` goes through the CLI's `--tiny` path, without. Both are what the demo serves. `imagen-xl`
+is a tiny SDXL with LoRA slots (from a saved folder, for the SDXL reference tests); `imagen-xl-turbo` serves the
+same Triton models with the turbo scheduler and defaults (a second manifest, no second copy of the models).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from export.lora import LoraShape
 from export.pipeline import ExportRequest, run_export
 from export.repository import write_variant
 from export.tiny import SCHEDULERS, build_random_pipeline
@@ -29,6 +30,9 @@ from gateway.triton.server import TritonServer
 from tests.helpers import ThreadedUvicorn, free_port
 
 API_KEY = "test-key-0123456789-0123456789abcdef"
+# The session's imagen-v2 and imagen-xl have LoRA slots (so every test of theirs runs the branches' graph with no
+# adapter row); imagen-v3 has none (the graph without branches). Few slots: the eviction test fills them.
+LORA_SLOTS = LoraShape(slots=4, rank=8)
 TRITON_ENV = PROJECT_ROOT / ".venv-triton"
 
 
@@ -65,7 +69,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Repository:
     root = tmp_path_factory.mktemp("repo")
     repo = root / "models"
     v2_source = build_random_pipeline(root / "diffusers-imagen-v2", size="tiny", seed=0, scheduler="pndm")
-    run_export(ExportRequest(model_dir=v2_source, repository=repo, name="imagen-v2"), progress=False)
+    run_export(ExportRequest(model_dir=v2_source, repository=repo, name="imagen-v2", lora=LORA_SLOTS), progress=False)
     subprocess.run(
         [
             sys.executable,
@@ -87,7 +91,10 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Repository:
     )
     xl_source = build_random_pipeline(root / "diffusers-imagen-xl", size="tiny", seed=2, scheduler="euler", arch="sdxl")
     # The session's SDXL is checked against torch by test_export; skipping the export's own check saves time.
-    run_export(ExportRequest(model_dir=xl_source, repository=repo, name="imagen-xl", validate=False), progress=False)
+    run_export(
+        ExportRequest(model_dir=xl_source, repository=repo, name="imagen-xl", validate=False, lora=LORA_SLOTS),
+        progress=False,
+    )
     write_variant(repo, "imagen-xl", "imagen-xl-turbo", scheduler=SCHEDULERS["euler_ancestral"], turbo=True)
     return Repository(
         path=repo,

@@ -9,7 +9,7 @@ exactly those for a seed.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -128,10 +128,12 @@ def diffusers_img2img(
     scheduler: dict[str, Any] | None = None,
     latent_channels: int = 4,
     vae_scale_factor: int = 8,
+    loras: Sequence[tuple[Path, float]] = (),
 ) -> np.ndarray:
     """uint8 HWC pixels of diffusers' StableDiffusionImg2ImgPipeline (StableDiffusionXLImg2ImgPipeline with
     `sdxl`) on `image` (already at the served size), with the gateway's noise; `scheduler` (a config with
-    `_class_name`) swaps the folder's scheduler through `from_config`."""
+    `_class_name`) swaps the folder's scheduler through `from_config`; `loras` (file, scale) are loaded with
+    diffusers' `load_lora_weights` and applied with `set_adapters`, as diffusers users apply them."""
     import diffusers
 
     if sdxl:
@@ -143,6 +145,11 @@ def diffusers_img2img(
     if scheduler is not None:
         config = dict(scheduler)
         pipe.scheduler = getattr(diffusers, config.pop("_class_name")).from_config(config)
+    if loras:
+        names = [f"adapter{i}" for i in range(len(loras))]
+        for name, (file, _) in zip(names, loras, strict=True):
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        pipe.set_adapters(names, [scale for _, scale in loras])
     shape = (1, latent_channels, image.height // vae_scale_factor, image.width // vae_scale_factor)
     with seeded_like_gateway([seed], shape, sdxl=sdxl):
         return run_pipeline(

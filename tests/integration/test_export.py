@@ -19,6 +19,7 @@ import tritonclient.grpc.aio as grpcaio
 from onnx import numpy_helper
 
 from export.layout import detect_family, missing_parts
+from export.lora import empty_lora_feeds_for
 from export.onnx_export import COMPONENTS, SDXL_COMPONENTS, fp16_components
 from export.onnx_export import load_pipeline as load_diffusers
 from export.pipeline import ExportRequest, run_export
@@ -74,11 +75,13 @@ def test_the_export_check_catches_a_slightly_wrong_graph(
 
 def test_unet_batch_of_three_timesteps_equals_three_separate_calls(repository: Repository) -> None:
     session = ort.InferenceSession(str(_onnx_path(repository, "imagen-v2", "unet")))
+    # imagen-v2 has LoRA slots: its bank inputs, with no adapter row.
+    lora = empty_lora_feeds_for({i.name: list(i.shape) for i in session.get_inputs()})
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((3, 4, 16, 16)).astype(np.float32)
     timesteps = np.array([981.0, 500.0, 21.0], dtype=np.float32)
     hidden = rng.standard_normal((3, 77, 32)).astype(np.float32)
-    batched = session.run(None, {"sample": sample, "timestep": timesteps, "encoder_hidden_states": hidden})[0]
+    batched = session.run(None, {"sample": sample, "timestep": timesteps, "encoder_hidden_states": hidden, **lora})[0]
     separate = np.concatenate(
         [
             session.run(
@@ -87,6 +90,7 @@ def test_unet_batch_of_three_timesteps_equals_three_separate_calls(repository: R
                     "sample": sample[i : i + 1],
                     "timestep": timesteps[i : i + 1],
                     "encoder_hidden_states": hidden[i : i + 1],
+                    **lora,
                 },
             )[0]
             for i in range(3)
@@ -95,7 +99,7 @@ def test_unet_batch_of_three_timesteps_equals_three_separate_calls(repository: R
     np.testing.assert_allclose(batched, separate, rtol=0, atol=1e-5)
     # And the timestep really is per sample: the same inputs at one shared timestep give something else.
     shared = session.run(
-        None, {"sample": sample, "timestep": np.full(3, 500.0, np.float32), "encoder_hidden_states": hidden}
+        None, {"sample": sample, "timestep": np.full(3, 500.0, np.float32), "encoder_hidden_states": hidden, **lora}
     )[0]
     assert np.abs(shared[0] - batched[0]).max() > 1e-3
 
@@ -232,9 +236,12 @@ def test_every_model_is_ready_and_answers_with_the_right_shapes(repository: Repo
                     shape = _shape(tensor["shape"], 2, spatial)
                     if tensor["name"] == "timestep":
                         shape = [2, 1]  # Triton's per-sample scalar: dims [1], reshaped to [batch] for the graph
-                    dtype = np.int64 if tensor["datatype"] == "INT64" else np.float32
                     inp = grpcclient.InferInput(tensor["name"], shape, tensor["datatype"])
-                    inp.set_data_from_numpy(np.ones(shape, dtype=dtype))
+                    if tensor["datatype"] == "BYTES":  # `loras` (a model with LoRA slots): no adapter
+                        inp.set_data_from_numpy(np.full(shape, b"", dtype=np.object_))
+                    else:
+                        dtype = np.int64 if tensor["datatype"] == "INT64" else np.float32
+                        inp.set_data_from_numpy(np.ones(shape, dtype=dtype))
                     inputs.append(inp)
                 result = client.infer(spec["model"], inputs)
                 for tensor in spec["outputs"].values():
@@ -404,8 +411,12 @@ def test_onnxruntime_backend_configs(tmp_path: Path, repository: Repository) -> 
     python_config = (repository.path / "imagen-v2_unet" / "config.pbtxt").read_text()
     # The python runner's sessions keep the CPU arena (faster; the batch bound bounds what it holds).
     assert 'parameters { key: "cpu_mem_arena" value: { string_value: "1" } }' in python_config
-    strip = [line for line in config.splitlines() if "name:" in line and "data_type" in line]
-    assert strip == [line for line in python_config.splitlines() if "name:" in line and "data_type" in line]
+
+    def tensors(text: str) -> list[str]:  # the python runner's model also takes `loras` (imagen-v2 has LoRA slots)
+        lines = [line.rstrip(",") for line in text.splitlines() if "name:" in line and "data_type" in line]
+        return [line for line in lines if '"loras"' not in line]
+
+    assert tensors(config) == tensors(python_config)
 
 
 def test_an_fp16_folder_is_exported_in_fp32_a_module_at_a_time(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any, cast
 import pytest
 
 from gateway.diffusion.img2img import Generation, Sampling, sampling_knobs
+from gateway.diffusion.lora import LoraChoice
 from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import ImageTooLarge, InvalidRequest
 from gateway.http.schema import JobView
@@ -36,22 +37,44 @@ def test_every_recipe_knob_is_a_request_field_echoed_by_the_job_view() -> None:
 
 def test_a_knob_reaches_the_recipe_through_the_spec_and_the_store_unchanged() -> None:
     request = parse_image_to_image(
-        {"image": "aGVsbG8=", "prompt": "a cat", "strength": 0.55, "steps": 9, "guidance_scale": 3.5},
+        {
+            "image": "aGVsbG8=",
+            "prompt": "a cat",
+            "strength": 0.55,
+            "steps": 9,
+            "guidance_scale": 3.5,
+            "loras": [{"name": "ink", "scale": 0.5}],
+        },
         styles=STYLE_PRESETS,
     )
-    spec = make_spec(**sampling_knobs(request))
+    # Admission turns the wire's adapters into the recipe's choices once it has checked them against the model.
+    ink = (LoraChoice("ink", 0.5),)
+    spec = make_spec(**{**sampling_knobs(request), "loras": ink})
     stored = job_from_json(job_to_json(make_job("j", spec=spec)), version=1).spec
-    assert sampling_knobs(stored) == {"strength": 0.55, "steps": 9, "guidance_scale": 3.5}
+    assert sampling_knobs(stored) == {"strength": 0.55, "steps": 9, "guidance_scale": 3.5, "loras": ink}
 
 
 def test_the_job_view_echoes_every_spec_field_it_declares() -> None:
-    spec = make_spec(strength=0.35, steps=11, seed=1234, style="anime", scheduler="euler", output_format="webp")
+    spec = make_spec(
+        strength=0.35,
+        steps=11,
+        seed=1234,
+        style="anime",
+        scheduler="euler",
+        output_format="webp",
+        loras=(LoraChoice("ink", 0.5), LoraChoice("fox", -1.0)),
+    )
     view = job_view(make_job("j", spec=spec), None)
     echoed = set(JobView.model_fields) & {field.name for field in dataclasses.fields(JobSpec)}
-    assert {"strength", "steps", "seed", "processed_size", "effective_steps", "output_format"} <= echoed
+    assert {"strength", "steps", "seed", "processed_size", "effective_steps", "output_format", "loras"} <= echoed
+
+    def wire(value: object) -> object:
+        if isinstance(value, tuple):
+            return [wire(item) for item in value]
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value  # type: ignore[arg-type]
+
     for name in echoed:
-        value = getattr(spec, name)
-        assert view[name] == (dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value), name
+        assert view[name] == wire(getattr(spec, name)), name
 
 
 def test_an_upload_is_admitted_as_bytes_and_an_empty_one_is_refused_like_an_empty_string() -> None:

@@ -181,6 +181,16 @@ INVALID: list[tuple[str, Any]] = [
     ("output_quality", 90.0),
     ("output_quality", True),
     ("output_quality", "90"),
+    ("loras", "ink"),
+    ("loras", None),
+    ("loras", [{"name": "a/b"}]),
+    ("loras", [{"name": ""}]),
+    ("loras", [{"name": "n" * (protocol.MAX_LORA_NAME_CHARS + 1)}]),
+    ("loras", [{"name": "ink", "scale": protocol.MAX_LORA_SCALE + 0.5}]),
+    ("loras", [{"name": "ink", "scale": "1"}]),
+    ("loras", [{"name": "ink", "weight": 1}]),  # an unknown key inside an adapter breaks the field's rule
+    ("loras", [{"name": "ink"}, {"name": "ink"}]),
+    ("loras", [{"name": f"a{i}"} for i in range(protocol.MAX_LORAS + 1)]),
 ]
 
 
@@ -290,7 +300,8 @@ def test_model_defaults_are_the_constants() -> None:
     assert tuple(ImageToImageRequest.model_fields) == protocol.FIELDS
     assert protocol.FIELDS == ("image", "prompt", "model", "strength", "steps", "guidance_scale",
                                "negative_prompt", "seed", "num_images", "style", "webhook_url",
-                               "webhook_events", "scheduler", "output_format", "output_quality")  # fmt: skip
+                               "webhook_events", "scheduler", "output_format", "output_quality",
+                               "loras")  # fmt: skip
     assert protocol.REQUIRED_FIELDS == ("image", "prompt")
 
 
@@ -310,6 +321,8 @@ RULES: dict[str, str] = {
     "scheduler": "'scheduler' must be a non-empty string of at most 64 characters or null",
     "output_format": "'output_format' must be one of: png, jpeg, webp",
     "output_quality": "'output_quality' must be an integer between 1 and 100 or null",
+    "loras": "'loras' must be a list of at most 4 distinct adapters, each an object with 'name' (letters, digits, "
+    "'.', '_' or '-', at most 64) and an optional 'scale' between -4.0 and 4.0",
 }
 
 
@@ -481,6 +494,7 @@ COMPLETED_VIEW: dict[str, Any] = {
     "scheduler": "euler",
     "output_format": "webp",
     "output_quality": 90,
+    "loras": [{"name": "ink", "scale": 0.8}],
     "images": [
         {
             "url": "http://t/v1/images/job_1_0.webp",
