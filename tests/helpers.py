@@ -96,3 +96,15 @@ class ThreadedUvicorn:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def model_counts(grpc_url: str, model: str) -> tuple[int, int]:
+    """(inferences, executions) Triton has counted for `model`: fewer executions than inferences is batching."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    finally:
+        client.close()
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))

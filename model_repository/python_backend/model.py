@@ -163,6 +163,7 @@ def _lora_bank(args: dict[str, str], params: dict[str, str], runtime: Any) -> An
         folder=Path(lora_dir) if lora_dir else Path(args["model_repository"]).parent.parent / "loras",
         layers_per_block=int(params.get("lora_layers_per_block", "1")),
         base=params.get("lora_base", "sd"),
+        log=pb_utils.Logger.log_info,  # which adapter went into which slot, and which one it evicted
     )
     if isinstance(runtime, TorchRuntime):  # its device copy of the bank follows the slots the bank loads
         runtime.lora_bank = lora_bank
@@ -211,7 +212,7 @@ class TritonPythonModel:
         tensor = pb_utils.get_input_tensor_by_name(request, "loras")
         if tensor is not None:
             return tensor.as_numpy()  # type: ignore[no-any-return]
-        rows = pb_utils.get_input_tensor_by_name(request, self.input_names[0]).as_numpy().shape[0]
+        rows = pb_utils.get_input_tensor_by_name(request, self.input_names[0]).shape()[0]  # no copy, any device
         return np.full((rows, 1), b"", dtype=np.object_)
 
     def _execute(self, requests: list[Any], extra: dict[str, Any]) -> list[Any]:

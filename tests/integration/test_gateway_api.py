@@ -13,11 +13,10 @@ from typing import Any, ClassVar
 import httpx
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from PIL import Image
 
 from gateway.triton.server import TritonServer
-from tests.helpers import SPEC_EXAMPLE, data_uri, make_image
+from tests.helpers import SPEC_EXAMPLE, data_uri, make_image, model_counts
 
 pytestmark = pytest.mark.integration
 
@@ -159,15 +158,6 @@ def test_seed_is_random_when_absent_and_echoed(gateway: str, auth: dict[str, str
     assert len(seeds) == 3
 
 
-def _unet_counts(triton: TritonServer, model: str) -> tuple[int, int]:
-    client = grpcclient.InferenceServerClient(triton.grpc_url)
-    try:
-        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    finally:
-        client.close()
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
-
-
 def _pixels(url: str) -> np.ndarray:
     return np.asarray(fetch_png(url)[1].convert("RGB")).astype(np.int16)
 
@@ -183,7 +173,7 @@ def test_eight_concurrent_requests_are_batched_and_seeded_results_hold(
     image = data_uri(make_image(128, 128, seed=9))
     probe = {"image": image, "prompt": "a castle at dusk", "seed": 4242, "steps": 12, "model": "imagen-v2"}
     alone = post(gateway, probe, auth).json()
-    before = _unet_counts(triton, "imagen-v2_unet")
+    before = model_counts(triton.grpc_url, "imagen-v2_unet")
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=300) as client:
@@ -197,7 +187,7 @@ def test_eight_concurrent_requests_are_batched_and_seeded_results_hold(
 
     responses = asyncio.run(burst())
     assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
-    after = _unet_counts(triton, "imagen-v2_unet")
+    after = model_counts(triton.grpc_url, "imagen-v2_unet")
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences > 0 and executions < inferences, (executions, inferences)
 

@@ -27,13 +27,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import tritonclient.grpc as grpcclient
 from PIL import Image
 
 from export.lora import LoraShape, empty_lora_feeds_for
 from export.onnx_export import export_component, load_pipeline
 from gateway.triton.server import TritonServer
-from tests.helpers import data_uri, make_image
+from tests.helpers import data_uri, make_image, model_counts
 from tests.integration.conftest import LORA_SLOTS, Repository
 from tests.integration.reference import assert_parity, diffusers_img2img, gateway_sized, serve_first_image
 from tests.lora_files import make_adapter, to_kohya
@@ -136,15 +135,6 @@ def test_an_sdxl_adapter_matches_diffusers(
     assert_parity(served, references["xl-ink"], name)
 
 
-def _unet_counts(triton: TritonServer, model: str) -> tuple[int, int]:
-    client = grpcclient.InferenceServerClient(triton.grpc_url)
-    try:
-        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    finally:
-        client.close()
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
-
-
 def test_requests_with_different_adapters_share_unet_executions(
     gateway: str,
     auth: dict[str, str],
@@ -155,7 +145,7 @@ def test_requests_with_different_adapters_share_unet_executions(
     """Concurrent requests with adapter ink, adapter fox and none: Triton ran fewer UNet executions than it got
     calls (their rows shared batches), and each image is its own reference's."""
     asks = {"ink": [{"name": "ink", "scale": 0.8}], "fox": [{"name": "fox", "scale": 1.0}], "none": []}
-    before = _unet_counts(triton, f"{SD}_unet")
+    before = model_counts(triton.grpc_url, f"{SD}_unet")
 
     async def together() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=300) as client:
@@ -169,7 +159,7 @@ def test_requests_with_different_adapters_share_unet_executions(
     responses = asyncio.run(together())
     assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses if r.status_code != 200]
     inferences, executions = (
-        after - was for after, was in zip(_unet_counts(triton, f"{SD}_unet"), before, strict=True)
+        after - was for after, was in zip(model_counts(triton.grpc_url, f"{SD}_unet"), before, strict=True)
     )
     assert inferences >= 6 * int(BASE["steps"] * BASE["strength"]), inferences
     assert executions < inferences, (executions, inferences)
