@@ -121,22 +121,33 @@ def _branch_class() -> type:
     return LoraBranch
 
 
-def add_branches(module: Any, component: str) -> dict[str, Any]:
-    """Replace every targeted layer of `module` (in place) with a branch over it; returns layer name -> branch, in
-    the module's order. The branches share one call state (`_CallState`), set by `LoraInputs`."""
+def _target_layers(module: Any, component: str) -> list[tuple[str, Any]]:
+    """(name, layer) of every layer of `module` a branch goes on: a targeted linear or 1x1 convolution."""
     import torch
 
-    branch_class = _branch_class()
     pattern = target_pattern(component)
-    state = _CallState()
-    targets = [
+    return [
         (name, layer)
         for name, layer in module.named_modules()
         if pattern.match(name)
         and (isinstance(layer, torch.nn.Linear) or (isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (1, 1)))
     ]
+
+
+def _dims(layer: Any) -> tuple[int, int]:
+    """(in, out) features of a linear or a 1x1 convolution."""
+    if hasattr(layer, "in_features"):
+        return int(layer.in_features), int(layer.out_features)
+    return int(layer.in_channels), int(layer.out_channels)
+
+
+def add_branches(module: Any, component: str) -> dict[str, Any]:
+    """Replace every targeted layer of `module` (in place) with a branch over it; returns layer name -> branch, in
+    the module's order. The branches share one call state (`_CallState`), set by `LoraInputs`."""
+    branch_class = _branch_class()
+    state = _CallState()
     branches: dict[str, Any] = {}
-    for name, layer in targets:
+    for name, layer in _target_layers(module, component):
         parent_name, _, attribute = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         branch = branch_class(layer, state)
@@ -155,10 +166,7 @@ def remove_branches(module: Any, branches: dict[str, Any]) -> None:
 
 def layer_dims(branch: Any) -> tuple[int, int]:
     """(in, out) features of a branch's base layer."""
-    base = branch.base
-    if hasattr(base, "in_features"):
-        return int(base.in_features), int(base.out_features)
-    return int(base.in_channels), int(base.out_channels)
+    return _dims(branch.base)
 
 
 def _wrapper_class() -> type:
@@ -297,18 +305,7 @@ def empty_lora_feeds(targets: dict[str, tuple[int, int]], shape: LoraShape) -> d
 
 def branch_targets(module: Any, component: str) -> dict[str, tuple[int, int]]:
     """layer -> (in, out) of every layer of `module` a branch goes on, without changing it."""
-    import torch
-
-    pattern = target_pattern(component)
-    found: dict[str, tuple[int, int]] = {}
-    for name, layer in module.named_modules():
-        if not pattern.match(name):
-            continue
-        if isinstance(layer, torch.nn.Linear):
-            found[name] = (int(layer.in_features), int(layer.out_features))
-        elif isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (1, 1):
-            found[name] = (int(layer.in_channels), int(layer.out_channels))
-    return found
+    return {name: _dims(layer) for name, layer in _target_layers(module, component)}
 
 
 # The wrapper holds the exported module as `module`: torch names its weights `module.<name>` in the graph.

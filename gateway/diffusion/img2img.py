@@ -13,7 +13,8 @@ import asyncio
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -284,12 +285,8 @@ class Img2ImgPipeline:
             return {}
         value = NO_ADAPTER
         if loras:
-            try:
+            with self._adapters_still_usable():
                 value = self._registry().rows_for(name, loras)
-            except (FileNotFoundError, LoraFileError) as exc:
-                raise InvalidRequest(
-                    "A LoRA adapter of this job cannot be used any more", f"{type(exc).__name__}: {exc}"
-                ) from None
         return {LORA_ROLE: row_feed(value, rows)}
 
     def _registry(self) -> LoraRegistry:
@@ -297,13 +294,21 @@ class Img2ImgPipeline:
             raise InvalidRequest("LoRA adapters are not served here", "The gateway has no LoRA folder")
         return self.loras
 
+    @contextmanager
+    def _adapters_still_usable(self) -> Iterator[None]:
+        """A file removed or broken since admission fails the job with its reason (the one translation)."""
+        try:
+            yield
+        except (FileNotFoundError, LoraFileError) as exc:
+            raise InvalidRequest(
+                "A LoRA adapter of this job cannot be used any more", f"{type(exc).__name__}: {exc}"
+            ) from None
+
     def text_lora_key(self, loras: Sequence[LoraChoice]) -> tuple[tuple[str, float, tuple[int, int]], ...]:
         if not loras:
             return ()
-        try:
+        with self._adapters_still_usable():
             return self._registry().text_key(loras)
-        except (FileNotFoundError, LoraFileError) as exc:
-            raise InvalidRequest("A LoRA adapter of this job cannot be used any more", str(exc)) from None
 
     async def encode_prompt(
         self, prompt: str, negative_prompt: str, cfg: bool, loras: Sequence[LoraChoice] = ()

@@ -9,6 +9,7 @@ corrupt or mismatched file is a 400 for the requests that name it, never for the
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,12 +42,15 @@ def _field(index: int) -> str:
 
 
 class LoraRegistry:
-    """Adapter headers of one folder, cached per file version; safe to share between requests (one event loop)."""
+    """Adapter headers of one folder, cached per file version; shared by the requests on the event loop and by
+    `GET /v1/loras`, which reads the folder in a worker thread: the cache is guarded by a lock (a header is read
+    outside it; two readers of one new file both read it, and the second one's copy is kept)."""
 
     def __init__(self, folder: Path, *, max_cached: int = MAX_CACHED_HEADERS) -> None:
         self.folder = folder
         self.max_cached = max_cached
         self._headers: OrderedDict[str, Adapter] = OrderedDict()
+        self._lock = threading.Lock()
 
     def adapter(self, name: str) -> Adapter:
         """The header of `name`'s current file. FileNotFoundError when there is none; LoraFileError when it
@@ -55,15 +59,17 @@ class LoraRegistry:
         if not lora_format.NAME_PATTERN.match(name) or not path.is_file():
             raise FileNotFoundError(name)
         current = lora_format.fingerprint(path)
-        held = self._headers.get(name)
-        if held is not None and held.fingerprint == current:
-            self._headers.move_to_end(name)
-            return held
+        with self._lock:
+            held = self._headers.get(name)
+            if held is not None and held.fingerprint == current:
+                self._headers.move_to_end(name)
+                return held
         adapter = lora_format.parse_adapter(path, name)
-        self._headers[name] = adapter
-        self._headers.move_to_end(name)
-        while len(self._headers) > self.max_cached:
-            self._headers.popitem(last=False)
+        with self._lock:
+            self._headers[name] = adapter
+            self._headers.move_to_end(name)
+            while len(self._headers) > self.max_cached:
+                self._headers.popitem(last=False)
         return adapter
 
     def fits(self, adapter: Adapter, lora: LoraSupport) -> None:

@@ -27,6 +27,8 @@ BANK_PREFIX = "lora."
 ROWS, SLOTS, SCALES = "lora_rows", "lora_slots", "lora_scales"
 
 Row = tuple[tuple[str, float], ...]
+# Distinct `loras` strings kept parsed (a request sends one string for all its rows, every step).
+MAX_PARSED_ROWS = 4096
 
 
 class AdapterError(Exception):
@@ -92,7 +94,7 @@ class LoraBank:
             if row is None:
                 decoded = json.loads(data) if data.strip() else []
                 row = tuple((str(name), float(scale)) for name, scale in decoded)
-                if len(self._rows_cache) < 4096:
+                if len(self._rows_cache) < MAX_PARSED_ROWS:
                     self._rows_cache[data] = row
             parsed.append(row)
         return parsed
@@ -122,8 +124,6 @@ class LoraBank:
             )
         except formats.LoraFileError as exc:
             raise AdapterError(name, str(exc)) from exc
-        except ValueError as exc:  # "adapts none of this model's components": nothing to do here
-            raise AdapterError(name, str(exc)) from exc
         loaded = _Loaded(adapter, fit)
         self.parsed[name] = loaded
         return loaded
@@ -139,9 +139,8 @@ class LoraBank:
         needs: list[set[str]] = []
         for index, rows in enumerate(requests):
             names: set[str] = set()
-            try:
-                for row in rows:
-                    names.update(name for name, _ in row if self.touches(name))
+            try:  # each distinct name once: a request's rows all name the same adapters
+                names = {name for name in {n for row in rows for n, _ in row} if self.touches(name)}
             except AdapterError as exc:
                 errors[index] = str(exc)
             if len(names) > self.slots:
@@ -202,11 +201,10 @@ class LoraBank:
         what is not held. Raises AdapterError when a file cannot be loaded."""
         pinned: set[int] = set()
         slot_of: dict[str, int] = {}
-        for row in rows:
-            for name, _ in row:
-                if name not in slot_of and self.touches(name):
-                    slot_of[name] = self._slot(name, pinned)
-                    pinned.add(slot_of[name])
+        for name in dict.fromkeys(n for row in rows for n, _ in row):  # each distinct name once, in order
+            if self.touches(name):
+                slot_of[name] = self._slot(name, pinned)
+                pinned.add(slot_of[name])
         adapted = [(i, [(slot_of[n], s) for n, s in row if n in slot_of]) for i, row in enumerate(rows)]
         adapted = [(i, pairs) for i, pairs in adapted if pairs]
         per_row = max((len(pairs) for _, pairs in adapted), default=1)

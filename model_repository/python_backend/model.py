@@ -69,9 +69,9 @@ class OnnxRuntime:
             session_options(params),
             providers=_providers(args["model_instance_kind"], args["model_instance_device_id"]),
         )
-        # Triton hands a per-sample scalar as [B, 1]; the ONNX graph wants [B]. Reshape to the graph's rank.
-        self.ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
         self.graph_inputs = {i.name: list(i.shape) for i in self.session.get_inputs()}
+        # Triton hands a per-sample scalar as [B, 1]; the ONNX graph wants [B]. Reshape to the graph's rank.
+        self.ranks = {name: len(shape) for name, shape in self.graph_inputs.items()}
 
     def value(self, name: str, tensor: Any) -> np.ndarray:
         array: np.ndarray = tensor.as_numpy()

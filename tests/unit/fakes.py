@@ -797,3 +797,25 @@ def routes_app(settings: Settings, **parts: Any) -> tuple[Handlers, Starlette]:
     unset: dict[str, Any] = {f.name: None for f in dataclasses.fields(Services)} | {"pipelines": {}}
     handlers.services = Services(**{**unset, "settings": settings, **parts})
     return handlers, Starlette(routes=routes(handlers), exception_handlers={ApiError: _api_error})
+
+
+def sdxl_answers(
+    model: str, inputs: Mapping[str, np.ndarray], *, widths: tuple[int, int], pooled: int
+) -> dict[str, np.ndarray]:
+    """Correctly shaped answers of a fake SDXL pipeline's models (`xl_<component>`, 8 pixels a latent), by output
+    role: each encoder's hidden states (`widths` wide; the ids + 1 in every channel) and the second's pooled
+    embeddings, the VAE encoder's zero parameters, a tenth of the UNet's sample, the decoder's zero pixels. A fake
+    names its outputs `<role>` or `<role>.<anything>`; `{name: answers[name.split(".")[0]]}` serves them."""
+    if model.startswith("xl_text_encoder"):
+        ids = inputs["input_ids"].astype(np.float32) + 1
+        return {
+            "hidden_states": np.repeat(ids[..., None], widths[model.endswith("_2")], axis=2),
+            "text_embeds": np.repeat(ids[:, :1], pooled, axis=1),
+        }
+    if model == "xl_vae_encoder":
+        n, _, h, w = inputs["sample"].shape
+        return {"latent_parameters": np.zeros((n, 8, h // 8, w // 8), np.float32)}
+    if model == "xl_unet":
+        return {"out_sample": (0.1 * inputs["sample"]).astype(np.float32)}
+    n, _, h, w = inputs["latent_sample"].shape
+    return {"sample": np.zeros((n, 3, h * 8, w * 8), np.float32)}

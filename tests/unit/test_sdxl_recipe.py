@@ -24,7 +24,7 @@ from gateway.diffusion.manifest import (
     load_manifest,
 )
 from gateway.diffusion.sampling import img2img_scheduler_config, sdxl_add_time_ids
-from tests.unit.fakes import write_word_tokenizer
+from tests.unit.fakes import sdxl_answers, write_word_tokenizer
 
 WIDTHS = (3, 5)  # the two encoders' hidden widths (distinct, so a swapped concatenation would show)
 POOLED = 4
@@ -87,26 +87,12 @@ class RecordingTriton:
         self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
     ) -> dict[str, np.ndarray]:
         self.calls.append((model, {k: np.array(v) for k, v in inputs.items()}))
-        if model.startswith("xl_text_encoder"):
-            ids = inputs["input_ids"].astype(np.float32) + 1
-            width = WIDTHS[model.endswith("_2")]
-            result = {
-                "hidden_states.1": np.repeat(ids[..., None], width, axis=2),
-                "text_embeds": np.repeat(ids[:, :1], POOLED, axis=1),
-            }
-        elif model == "xl_vae_encoder":
-            n, _, h, w = inputs["sample"].shape
-            result = {"latent_parameters": np.zeros((n, 8, h // 8, w // 8), np.float32)}
-        elif model == "xl_unet":
-            sample = inputs["sample"]
-            n = sample.shape[0]
+        if model == "xl_unet":  # what SDXL's UNet is conditioned on, as the recipe must send it
+            n = inputs["sample"].shape[0]
             assert inputs["encoder_hidden_states"].shape == (n, MAX_LENGTH, sum(WIDTHS))
             assert inputs["text_embeds"].shape == (n, POOLED) and inputs["timestep"].shape[0] == n
-            result = {"out_sample": (0.1 * sample).astype(np.float32)}
-        else:
-            n, _, h, w = inputs["latent_sample"].shape
-            result = {"sample": np.zeros((n, 3, h * 8, w * 8), np.float32)}
-        return {name: result[name] for name in outputs}
+        result = sdxl_answers(model, inputs, widths=WIDTHS, pooled=POOLED)
+        return {name: result[name.split(".")[0]] for name in outputs}
 
 
 def _gen(negative: str = "", guidance: float = 5.0, seeds: int = 1) -> Generation:

@@ -29,7 +29,7 @@ from gateway.jobs.request import MAX_NUM_IMAGES
 from gateway.media.codecs import MAX_IMAGE_SIDE
 from gateway.triton import client as triton_client
 from gateway.triton.client import MAX_RECEIVE_BYTES, translate_triton_errors
-from tests.unit.fakes import HIDDEN, FakeTriton, tiny_manifest, write_word_tokenizer
+from tests.unit.fakes import HIDDEN, FakeTriton, sdxl_answers, tiny_manifest, write_word_tokenizer
 
 Corrupt = Callable[[np.ndarray], np.ndarray]
 
@@ -241,22 +241,8 @@ class SdxlTriton:
         self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
     ) -> dict[str, np.ndarray]:
         self.models.append(model)
-        if model.startswith("xl_text_encoder"):
-            ids = inputs["input_ids"].astype(np.float32) + 1
-            width = WIDTHS[model.endswith("_2")]
-            answer = {
-                "hidden_states.out": np.repeat(ids[..., None], width, axis=2),
-                "text_embeds.out": np.repeat(ids[:, :1], POOLED, axis=1),
-            }
-        elif model == "xl_vae_encoder":
-            n, _, h, w = inputs["sample"].shape
-            answer = {"latent_parameters.out": np.zeros((n, 8, h // 8, w // 8), np.float32)}
-        elif model == "xl_unet":
-            answer = {"out_sample.out": (0.1 * inputs["sample"]).astype(np.float32)}
-        else:
-            n, _, h, w = inputs["latent_sample"].shape
-            answer = {"sample.out": np.zeros((n, 3, h * 8, w * 8), np.float32)}
-        return {name: self.corrupt(f"{model}/{name}", answer[name]) for name in outputs}
+        answer = sdxl_answers(model, inputs, widths=WIDTHS, pooled=POOLED)
+        return {name: self.corrupt(f"{model}/{name}", answer[name.split(".")[0]]) for name in outputs}
 
 
 async def test_sdxl_pooled_and_hidden_widths_are_checked_and_not_cached(tmp_path: Path) -> None:
