@@ -173,6 +173,7 @@ def request_body(args: argparse.Namespace, model: str | None, data: bytes, fmt: 
         "guidance_scale": args.guidance_scale,
         "seed": args.seed,
         "num_images": 1,
+        "cache": False,  # every request runs the model: the exact-result cache would answer the repeats
     }
     if model is not None:
         body["model"] = model

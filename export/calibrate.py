@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 
 from export.lora import LORA_INPUT, empty_lora_feeds_for
-from export.repository import MANIFEST_SUFFIX, config_parameters, model_name, python_runner
+from export.repository import (
+    MANIFEST_SUFFIX,
+    config_parameters,
+    model_name,
+    python_runner,
+    render_dynamic_batching,
+)
 
 # The batch sizes tried, doubling, up to the export's --max-batch-size.
 BATCHES = (1, 2, 4, 8)
@@ -89,10 +95,8 @@ def worth_doubling(seconds: Mapping[int, float], batch: int) -> bool:
 
 
 def render_batching(policy: BatchPolicy) -> str:
-    preferred = f"preferred_batch_size: [ {', '.join(map(str, policy.preferred_batch_size))} ] " * bool(
-        policy.preferred_batch_size
-    )
-    return f"dynamic_batching {{ {preferred}max_queue_delay_microseconds: {policy.max_queue_delay_us} }}"
+    """The policy's `dynamic_batching` line, with the priority levels every exported config has."""
+    return render_dynamic_batching(policy.max_queue_delay_us, policy.preferred_batch_size)
 
 
 # The components whose batch policy is measured, and the fewest rows each may be limited to: the UNet's step of

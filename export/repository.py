@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +43,13 @@ CPU_THREADED_BACKENDS = ("python", "onnxruntime")
 # Triton's rate-limiter resource for CPU cores: the name the server's `--rate-limit-resource` budgets
 # (gateway.triton.server.CPU_THREADS_RESOURCE, kept equal by tests/unit/test_export_args.py).
 CPU_THREADS_RESOURCE = "cpu_threads"
+# Every model's dynamic batcher has three priority levels, served level 1 first: the gateway sends a job's
+# priority 2, 1, 0 (interactive, normal, bulk) as 1, 2, 3, so an interactive job's UNet steps overtake queued bulk
+# ones; a request without a level gets 2, normal. Copies of gateway.triton.client.PRIORITY_LEVELS and
+# triton_priority(DEFAULT_PRIORITY): this package cannot import the gateway (tests/unit/test_export_args.py holds
+# them equal).
+PRIORITY_LEVELS = 3
+DEFAULT_PRIORITY_LEVEL = 2
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PYTHON_MODEL_SOURCE = Path(__file__).resolve().parent.parent / "model_repository" / "python_backend" / "model.py"
 # Copied beside model.py in a model with LoRA slots: its bank, and the adapter-file reader the gateway also uses.
@@ -184,6 +191,18 @@ def _pbtxt_tensor(spec: TensorSpec) -> str:
     return f'  {{ name: "{spec.name}" data_type: TYPE_{datatype} dims: [ {shape} ]{reshape}{optional} }}'
 
 
+def render_dynamic_batching(max_queue_delay_us: int, preferred_batch_size: Sequence[int] = ()) -> str:
+    """The config's `dynamic_batching` line: the queue delay, the preferred batch when one was measured, and the
+    priority levels (`PRIORITY_LEVELS`); `--calibrate` rewrites the line with this too, so none loses them."""
+    preferred = (
+        f"preferred_batch_size: [ {', '.join(map(str, preferred_batch_size))} ] " if preferred_batch_size else ""
+    )
+    return (
+        f"dynamic_batching {{ {preferred}max_queue_delay_microseconds: {max_queue_delay_us} "
+        f"priority_levels: {PRIORITY_LEVELS} default_priority_level: {DEFAULT_PRIORITY_LEVEL} }}"
+    )
+
+
 def render_config(
     name: str,
     inputs: list[TensorSpec],
@@ -210,7 +229,7 @@ def render_config(
     # Only the UNet, called once per denoising step by every request in flight, gains from waiting for company;
     # the other components still batch whatever is queued when an instance frees up, with no added delay.
     delay = options.max_queue_delay_us if name.endswith("_unet") else 0
-    lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}")
+    lines.append(render_dynamic_batching(delay))
     # KIND_AUTO: GPU instances when Triton sees a GPU (the native backend then attaches CUDA, and the python
     # runner picks onnxruntime-gpu's CUDA provider), CPU instances otherwise.
     kind = "KIND_GPU" if options.backend == "tensorrt" else "KIND_AUTO"  # a plan runs on a GPU only

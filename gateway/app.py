@@ -160,6 +160,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> App:
             work_limiter=work_limiter,
             max_active_jobs_per_key=settings.max_active_jobs_per_key,
             max_running_jobs=settings.max_running_jobs,
+            key_policy=settings.key_policy,
+            result_cache=settings.result_cache,
+            on_event=metrics.on_job_event,
         )
         handlers.services = Services(
             settings=settings,

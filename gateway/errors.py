@@ -132,6 +132,10 @@ class RunAttemptsExhausted(ApiError):
     """A job was re-run after crashes more times than allowed: it is failed rather than crash-looping."""
 
 
+class QueueTimeout(ApiError):
+    """The job waited in the queue longer than its `max_queue_s` and never started (Baseten's max time in queue)."""
+
+
 class InsufficientStorage(ApiError):
     """The image storage is below its free-space floor or at its quota (or the disk is full): nothing is written."""
 
@@ -163,6 +167,7 @@ ERROR_TABLE: Mapping[type[ApiError], tuple[int, str]] = MappingProxyType(
         StoreUnavailable: (503, "store_unavailable"),
         RunAttemptsExhausted: (500, "run_attempts_exhausted"),
         InsufficientStorage: (507, "insufficient_storage"),
+        QueueTimeout: (503, "queue_timeout"),
         # A subclass someone forgot to register still maps to something safe.
         ApiError: (500, "internal_error"),
     }

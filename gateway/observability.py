@@ -370,6 +370,9 @@ class TritonReplicaCollector:
         yield healthy
 
 
+RESULT_CACHE_OUTCOMES = ("hit", "miss")
+
+
 class Metrics:
     """The registry and instruments of one app; the job system calls the helper methods."""
 
@@ -416,6 +419,36 @@ class Metrics:
             "Prompts sent to the text encoder (not in the cache, or the cache is off)",
             registry=self.registry,
         )
+        # Issue 24: the time a job waited to start, by priority and the key's class (the operator's names from the
+        # key file, never a key); step boundaries at which a running job paused for a higher priority, and the
+        # time it paused; requests answered from the exact-result cache.
+        self.queue_time = Histogram(
+            "imagen_job_queue_seconds",
+            "Time from creation to a worker's first start, by priority and key class",
+            ["priority", "key_class"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.preemptions = Counter(
+            "imagen_job_preemptions",
+            "Step boundaries at which a running job paused for a higher-priority job, by the paused job's priority",
+            ["priority"],
+            registry=self.registry,
+        )
+        self.preempted_seconds = Counter(
+            "imagen_job_preempted_seconds",
+            "Time running jobs spent paused for higher-priority jobs, by the paused job's priority",
+            ["priority"],
+            registry=self.registry,
+        )
+        self.result_cache = Counter(
+            "imagen_result_cache_lookups",
+            "Exact-result cache lookups of cacheable requests (an explicit seed, not opted out), by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in RESULT_CACHE_OUTCOMES:
+            self.result_cache.labels(outcome=outcome)
         for status in JOB_STATUSES:  # export zeros from the start, so rate() sees the first increment
             self.jobs.labels(status=status)
         for outcome in WEBHOOK_OUTCOMES:
@@ -468,6 +501,17 @@ class Metrics:
             self.record_webhook(str(value))
         elif event == "store_retry":
             self.store_retries.labels(operation=str(value)).inc()
+        elif event == "queue_time":
+            priority, key_class, seconds = value
+            self.queue_time.labels(priority=str(priority), key_class=str(key_class)).observe(float(seconds))
+        elif event == "preempted":
+            priority, seconds = value
+            self.preemptions.labels(priority=str(priority)).inc()
+            self.preempted_seconds.labels(priority=str(priority)).inc(float(seconds))
+        elif event == "result_cache":
+            if value not in RESULT_CACHE_OUTCOMES:
+                raise ValueError(f"unknown result cache outcome {value!r}")
+            self.result_cache.labels(outcome=str(value)).inc()
 
     async def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition (format negotiated from `Accept`) and its content type, with fresh Triton counts."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -28,6 +29,27 @@ MIN_SECRET_LENGTH = 32
 # contains one, compared without case, `-`, `_`, `.` or spaces, is refused at start-up whatever its length.
 PLACEHOLDER_MARKERS = ("changeme", "yourapikey", "replaceme")
 GENERATE_HINT = 'generate one with python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+# Per-key scheduling policy (`IMAGEN_API_KEYS_FILE`: options after the key, `KEY max_priority=0 weight=2
+# class=batch`): the highest `priority` the key may ask for, its weight in the fair share between keys at one
+# priority (a weight-2 key gets twice the work of a weight-1 key while both have jobs queued), and the class its
+# queue-time metrics are labelled with (a bounded set the operator names, never the key).
+DEFAULT_KEY_CLASS = "default"
+KEY_CLASS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+MAX_KEY_WEIGHT = 1000.0
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    max_priority: int = 2
+    weight: float = 1.0
+    key_class: str = DEFAULT_KEY_CLASS
+
+
+def key_owner(api_key: str) -> str:
+    """The owner id of a key's jobs and policies: its SHA-256 (the key itself is never stored)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
 
 
 class SettingsError(ValueError):
@@ -209,6 +231,21 @@ class Settings:
     webhook_control_burst: int = 10
     # Redis shared by the replicas (redis://host:6379/0): the rate limit then holds in total across them.
     redis_url: str | None = None
+    # Priorities and shares (issue 24): per-key policies by owner id (`key_owner`; read from the key file's
+    # options), the highest priority a key without one may ask for, the jobs a process may start beyond
+    # `max_running_jobs` for higher-priority work when every slot is taken (the lower-priority jobs then pause at
+    # their next denoising step), the window of finished jobs whose measured times make the wait estimates, and
+    # the exact-result cache (off: every request runs).
+    key_policies: Mapping[str, KeyPolicy] = field(default_factory=dict)
+    default_max_priority: int = 2
+    preempt_slots: int = 4
+    estimate_window_s: float = 600.0
+    result_cache: bool = True
+
+    def key_policy(self, owner: str) -> KeyPolicy:
+        """The policy of the key owning `owner`'s jobs (anonymous callers and keys without options: the default)."""
+        found = self.key_policies.get(owner)
+        return found if found is not None else KeyPolicy(max_priority=self.default_max_priority)
 
     @property
     def lora_folder(self) -> Path:
@@ -226,6 +263,8 @@ class Settings:
             value = getattr(self, spec.name)
             if spec.name == "api_keys":
                 text = f"<{len(value)} keys>"
+            elif spec.name == "key_policies":
+                text = f"<{len(value)} key policies>"
             elif spec.name == "webhook_secret":
                 text = "None" if value is None else "'***'"
             elif isinstance(value, str) and "://" in value:
@@ -309,11 +348,14 @@ class Settings:
             ("webhook_control_burst", int),
             ("redis_url", str),
             ("min_secret_length", int),
+            ("default_max_priority", int),
+            ("preempt_slots", int),
+            ("estimate_window_s", float),
         ):
             raw = get(name.upper())
             if raw is not None:
                 values[name] = convert(raw)
-        for name in ("allow_anonymous", "allow_anonymous_public", "export_demo"):
+        for name in ("allow_anonymous", "allow_anonymous_public", "export_demo", "result_cache"):
             raw = get(name.upper())
             if raw is not None:
                 values[name] = raw.strip().lower() in _TRUE
@@ -327,6 +369,11 @@ class Settings:
         values["api_keys"] = load_api_keys(
             get("API_KEYS"), Path(keys_file) if keys_file else None, min_length=min_length
         )
+        if keys_file:
+            values["key_policies"] = load_key_policies(Path(keys_file))
+        max_priority = values.get("default_max_priority", 2)
+        if not isinstance(max_priority, int) or not 0 <= max_priority <= 2:
+            raise SettingsError(f"IMAGEN_DEFAULT_MAX_PRIORITY must be 0, 1 or 2, not {max_priority}")
         webhook_secret = values.get("webhook_secret")
         if isinstance(webhook_secret, str):
             check_secret(webhook_secret, "IMAGEN_WEBHOOK_SECRET", "the webhook secret seed", min_length)
@@ -383,10 +430,8 @@ def load_api_keys(env_value: str | None, keys_file: Path | None, *, min_length: 
     if env_value:
         found.extend((key.strip(), f"IMAGEN_API_KEYS env entry {i + 1}") for i, key in enumerate(env_value.split(",")))
     if keys_file is not None:
-        for number, line in enumerate(keys_file.read_text(encoding="utf-8").splitlines(), start=1):
-            stripped = line.strip()
-            if not stripped.startswith(COMMENT_PREFIX):
-                found.append((stripped, f"IMAGEN_API_KEYS_FILE {keys_file}:{number}"))
+        for number, key, _options in _key_lines(keys_file):
+            found.append((key, f"IMAGEN_API_KEYS_FILE {keys_file}:{number}"))
     keys: set[str] = set()
     for key, where in found:
         if not key:
@@ -396,3 +441,53 @@ def load_api_keys(env_value: str | None, keys_file: Path | None, *, min_length: 
         check_secret(key, where, "the API key", min_length)
         keys.add(key)
     return frozenset(keys)
+
+
+def _key_lines(keys_file: Path) -> list[tuple[int, str, list[str]]]:
+    """(line number, key, options) of each key line: the key, then `name=value` options, blank-separated."""
+    lines = []
+    for number, line in enumerate(keys_file.read_text(encoding="utf-8").splitlines(), start=1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith(COMMENT_PREFIX):
+            key, *options = stripped.split()
+            if not all("=" in option for option in options):  # not `KEY name=value...`: the whole line is the key
+                key, options = stripped, []
+            lines.append((number, key, options))
+    return lines
+
+
+def load_key_policies(keys_file: Path) -> dict[str, KeyPolicy]:
+    """The per-key policies of the key file (`KEY max_priority=0 weight=2 class=batch`), by owner id; a key
+    without options has none (the defaults apply). An unknown option or a bad value raises SettingsError naming
+    the line, never the key."""
+    policies: dict[str, KeyPolicy] = {}
+    for number, key, options in _key_lines(keys_file):
+        if not options:
+            continue
+        where = f"IMAGEN_API_KEYS_FILE {keys_file}:{number}"
+        values: dict[str, object] = {}
+        for option in options:
+            name, _, raw = option.partition("=")
+            try:
+                if name == "max_priority":
+                    values["max_priority"] = int(raw)
+                    ok = 0 <= int(raw) <= 2
+                elif name == "weight":
+                    values["weight"] = float(raw)
+                    ok = 0.0 < float(raw) <= MAX_KEY_WEIGHT
+                elif name == "class":
+                    values["key_class"] = raw
+                    ok = KEY_CLASS_PATTERN.fullmatch(raw) is not None
+                else:
+                    raise SettingsError(f"{where}: unknown key option '{name}' (max_priority, weight, class)")
+            except ValueError as exc:
+                if isinstance(exc, SettingsError):
+                    raise
+                ok = False
+            if not ok:
+                raise SettingsError(
+                    f"{where}: bad '{name}' (max_priority 0-2; weight above 0 and at most {MAX_KEY_WEIGHT:g}; class "
+                    "lowercase letters, digits, '_' or '-', at most 32)"
+                )
+        policies[key_owner(key)] = KeyPolicy(**values)  # type: ignore[arg-type]
+    return policies

@@ -203,6 +203,9 @@ class Service:
                 "IMAGEN_RATE_LIMIT_PER_MINUTE": "0",
                 "IMAGEN_JOBS_DB": str(self.log_dir / f"jobs-{self.files.size}-{os.getpid()}.sqlite3"),
                 "IMAGEN_MAX_QUEUED_JOBS": "4096",
+                # The load repeats one seeded request, and every one must run the model (what is measured): the
+                # exact-result cache would answer the repeats (`benchmarks priority` turns it on to measure it).
+                "IMAGEN_RESULT_CACHE": "0",
                 **self.gateway_env,
             },
         )

@@ -28,7 +28,7 @@ from gateway.diffusion.manifest import Component, ExpectedOutput, PipelineManife
 from gateway.diffusion.schedulers import make_scheduler, scheduler_choices
 from gateway.errors import BackendError, InvalidRequest
 from gateway.observability import current_request_id, stage
-from gateway.triton.client import Engine
+from gateway.triton.client import DEFAULT_PRIORITY, Engine
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +146,27 @@ class TextEmbeddingCache:
 
 
 async def run_in_chunks(
-    engine: Engine, model: str, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], max_rows: int | None
+    engine: Engine,
+    model: str,
+    feeds: Mapping[str, np.ndarray],
+    outputs: Sequence[str],
+    max_rows: int | None,
+    *,
+    priority: int = DEFAULT_PRIORITY,
 ) -> dict[str, np.ndarray]:
     """`engine.infer`, split along the batch axis into calls of at most `max_rows` rows (Triton refuses more than
-    a model's max_batch_size). The chunks go out together, so Triton's batcher can still merge them with other
-    requests' rows, and their outputs are joined in order: the same arrays as one call."""
+    a model's max_batch_size). The chunks go out together, each at the job's `priority`, so Triton's batcher can
+    still merge them with other requests' rows, and their outputs are joined in order: the same arrays as one
+    call."""
     rows = len(next(iter(feeds.values())))
     if max_rows is None or rows <= max_rows:
-        return await engine.infer(model, feeds, outputs)
+        return await engine.infer(model, feeds, outputs, priority=priority)
     starts = range(0, rows, max_rows)
     parts = await asyncio.gather(
-        *(engine.infer(model, {k: v[s : s + max_rows] for k, v in feeds.items()}, outputs) for s in starts)
+        *(
+            engine.infer(model, {k: v[s : s + max_rows] for k, v in feeds.items()}, outputs, priority=priority)
+            for s in starts
+        )
     )
     return {name: np.concatenate([part[name] for part in parts]) for name in outputs}
 
@@ -194,9 +204,14 @@ class CheckedEngine:
         self.engine, self.manifest, self.component = engine, manifest, component
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]:
-        answer = await self.engine.infer(model, inputs, outputs)
+        answer = await self.engine.infer(model, inputs, outputs, priority=priority)
         shapes = {role: tuple(inputs[name].shape) for role, name in self.component.inputs.items() if name in inputs}
         expected = self.manifest.expected_outputs(self.component, shapes)
         role_of = {name: role for role, name in self.component.outputs.items()}
@@ -261,19 +276,22 @@ class Img2ImgPipeline:
             encoded = (tokenizer or self.tokenizer).encode_batch(list(texts))
             return np.array([e.ids for e in encoded], dtype=np.int64)
 
-    async def _run_component(self, component: Component, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def _run_component(
+        self, component: Component, inputs: dict[str, np.ndarray], *, priority: int
+    ) -> dict[str, np.ndarray]:
         """One Triton call, or one per chunk of the model's max_batch_size rows when the inputs carry more (a
         guided request of 4 images is 8 UNet rows; a calibrated CPU UNet may take 2); inputs and outputs by
         manifest role. Every answer is checked (`CheckedEngine`: dtype, rows, shape, finite where needed) before
-        it is used or cached."""
+        it is used or cached. `priority` is required here, so no call of a job falls back to the default."""
         feeds = {component.inputs[role]: array for role, array in inputs.items()}
         names = list(component.outputs.values())
         engine = CheckedEngine(self.engine, self.manifest, component)
-        out = await run_in_chunks(engine, component.model, feeds, names, component.max_batch_size)
+        out = await run_in_chunks(engine, component.model, feeds, names, component.max_batch_size, priority=priority)
         return {role: out[name] for role, name in component.outputs.items()}
 
-    async def _run(self, component_name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        (output,) = (await self._run_component(getattr(self.manifest, component_name), inputs)).values()
+    async def _run(self, component_name: str, inputs: dict[str, np.ndarray], *, priority: int) -> np.ndarray:
+        component = getattr(self.manifest, component_name)
+        (output,) = (await self._run_component(component, inputs, priority=priority)).values()
         return output
 
     def lora_feed(
@@ -311,15 +329,22 @@ class Img2ImgPipeline:
             return self._registry().text_key(loras)
 
     async def encode_prompt(
-        self, prompt: str, negative_prompt: str, cfg: bool, loras: Sequence[LoraChoice] = ()
+        self,
+        prompt: str,
+        negative_prompt: str,
+        cfg: bool,
+        loras: Sequence[LoraChoice] = (),
+        *,
+        priority: int = DEFAULT_PRIORITY,
     ) -> np.ndarray:
-        """Text-encoder output for `[negative_prompt, prompt]` (guidance) or `[prompt]`, from the cache if held."""
+        """Text-encoder output for `[negative_prompt, prompt]` (guidance) or `[prompt]`, from the cache if held
+        (an entry is the same whatever the priority of the job that filled it)."""
 
         async def encode() -> np.ndarray:
             texts = [negative_prompt, prompt] if cfg else [prompt]
             inputs = {"input_ids": self.tokenize(texts)}
             inputs.update(self.lora_feed(self.manifest.text_encoder, "text_encoder", len(texts), loras))
-            return await self._run("text_encoder", inputs)
+            return await self._run("text_encoder", inputs, priority=priority)
 
         if self.text_cache is None:
             return await encode()
@@ -327,7 +352,14 @@ class Img2ImgPipeline:
         return await self.text_cache.lookup(key, encode)
 
     async def encode_prompt_sdxl(
-        self, prompt: str, negative_prompt: str, cfg: bool, sdxl: SdxlConditioning, loras: Sequence[LoraChoice] = ()
+        self,
+        prompt: str,
+        negative_prompt: str,
+        cfg: bool,
+        sdxl: SdxlConditioning,
+        loras: Sequence[LoraChoice] = (),
+        *,
+        priority: int = DEFAULT_PRIORITY,
     ) -> tuple[np.ndarray, ...]:
         """SDXL's `encode_prompt`: (hidden states [B, 77, sum of widths], pooled [B, width]) for `[negative,
         prompt]` (guidance) or `[prompt]`, from the cache if held. Each encoder's penultimate hidden state,
@@ -345,6 +377,7 @@ class Img2ImgPipeline:
                             "input_ids": self.tokenize(texts, tokenizer),
                             **self.lora_feed(text.component, text.name, len(texts), loras),
                         },
+                        priority=priority,
                     )
                     for text, tokenizer in zip(self.manifest.texts, self.tokenizers, strict=True)
                 )
@@ -360,15 +393,19 @@ class Img2ImgPipeline:
         key: TextKey = (self.manifest.name, prompt, negative_prompt if cfg else None, cfg, self.text_lora_key(loras))
         return await self.text_cache.lookup(key, encode)
 
-    async def conditioning(self, gen: Generation, cfg: bool, height: int, width: int) -> Conditioning:
+    async def conditioning(
+        self, gen: Generation, cfg: bool, height: int, width: int, *, priority: int = DEFAULT_PRIORITY
+    ) -> Conditioning:
         """Step 1 of the recipe: everything the UNet is conditioned on, repeated for the request's images in
         diffusers' order ([uncond x N, cond x N] with guidance)."""
         n = len(gen.seeds)
         sdxl = self.manifest.sdxl
         if sdxl is None:
-            embeds = await self.encode_prompt(gen.prompt, gen.negative_prompt, cfg, gen.loras)
+            embeds = await self.encode_prompt(gen.prompt, gen.negative_prompt, cfg, gen.loras, priority=priority)
             return Conditioning({"encoder_hidden_states": np.repeat(embeds, n, axis=0)})
-        hidden, pooled = await self.encode_prompt_sdxl(gen.prompt, gen.negative_prompt, cfg, sdxl, gen.loras)
+        hidden, pooled = await self.encode_prompt_sdxl(
+            gen.prompt, gen.negative_prompt, cfg, sdxl, gen.loras, priority=priority
+        )
         time_ids, negative_ids = math.sdxl_add_time_ids(
             height,
             width,
@@ -392,11 +429,16 @@ class Img2ImgPipeline:
         *,
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        priority: int = DEFAULT_PRIORITY,
+        before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> GenerationResult:
         """Run the recipe. `noise` overrides the seeded draws (parity tests pass diffusers' torch draws).
 
         `on_step(done, total)` reports denoising progress; `should_stop()` is checked before every Triton call,
-        so a canceled request sends no further UNet step.
+        so a canceled request sends no further UNet step. Every Triton call goes out at the job's `priority`, so
+        Triton's batchers serve a higher-priority job's calls before queued lower ones. `before_step()` is awaited
+        before each UNet step, ahead of that step's stop check: the boundary where the caller may hold the job
+        while a higher-priority one runs, and a cancel that arrived meanwhile still stops it.
         """
 
         def check_stop() -> None:
@@ -410,7 +452,7 @@ class Img2ImgPipeline:
         check_stop()
         # 1. Encode the prompt (and the negative prompt, in the same call, when guidance needs it): a cache hit
         # skips the tokenizer and the text encoder(s). SDXL adds the pooled text and the size time ids.
-        cond = await self.conditioning(gen, cfg, height=gen.image.shape[2], width=gen.image.shape[3])
+        cond = await self.conditioning(gen, cfg, height=gen.image.shape[2], width=gen.image.shape[3], priority=priority)
 
         # 2. Timesteps: strength skips the start of the schedule, exactly as diffusers' get_timesteps.
         with stage("scheduler"):
@@ -419,7 +461,7 @@ class Img2ImgPipeline:
             timesteps, _ = math.get_img2img_timesteps(scheduler, gen.steps, gen.strength)
 
         # 3. Prepare latents: one VAE encode shared by all images, then per-image sampling and noising.
-        params = await self._run("vae_encoder", {"sample": gen.image})
+        params = await self._run("vae_encoder", {"sample": gen.image}, priority=priority)
         latent_shape = (1, m.latent_channels, *params.shape[2:])
         vae_noise, start_noise = noise if noise is not None else latent_noise(gen.seeds, latent_shape)
         init = math.sample_latents(np.repeat(params, num_images, axis=0), vae_noise, m.scaling_factor, m.shift_factor)
@@ -433,6 +475,8 @@ class Img2ImgPipeline:
         if on_step is not None:
             on_step(0, len(timesteps))
         for i, t in enumerate(timesteps):
+            if before_step is not None:
+                await before_step()
             check_stop()
             with stage("scheduler"):
                 model_in = np.concatenate([latents, latents]) if cfg else latents
@@ -445,6 +489,7 @@ class Img2ImgPipeline:
                     **cond.inputs,
                     **unet_loras,
                 },
+                priority=priority,
             )
             with stage("scheduler"):
                 if cfg:
@@ -458,6 +503,7 @@ class Img2ImgPipeline:
         decoded = await self._run(
             "vae_decoder",
             {"latent_sample": math.denormalize_latents_for_decode(latents, m.scaling_factor, m.shift_factor)},
+            priority=priority,
         )
         if not np.all(np.isfinite(decoded)):  # the classic fp16 VAE overflow: an error, not arbitrary pixels
             raise BackendError("The model produced an invalid image", "Decoder output contains NaN or infinity")

@@ -16,6 +16,8 @@ from pydantic.config import JsonDict
 from gateway.errors import ERROR_TABLE
 from gateway.jobs.request import (
     MAX_NUM_IMAGES,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     GuidanceScale,
     LoraRequest,
     NumImages,
@@ -89,7 +91,19 @@ class OutputImage(ImageRef):
 class Progress(WireModel):
     step: Annotated[int, Field(ge=0)]
     total_steps: Annotated[int, Field(ge=0)]
-    queue_position: Annotated[int, Field(ge=1)] | None
+    queue_position: Annotated[int, Field(ge=1)] | None = Field(
+        description="While queued: 1 + the queued jobs that start before this one (higher priority first, then "
+        "the fair order between keys)."
+    )
+    estimated_start_at: Timestamp | None = Field(
+        default=None,
+        description="While queued: when it should start; while processing: when it started. From the times "
+        "measured on recently finished jobs; null until some were measured.",
+    )
+    estimated_finish_at: Timestamp | None = Field(
+        default=None,
+        description="While queued or processing: when it should finish (a running job: at its pace so far).",
+    )
 
 
 class WebhookAttempt(WireModel):
@@ -174,6 +188,9 @@ is null; a `failed` job carries the error object."""
     num_images: NumImages
     webhook_url: str | None
     created_at: Timestamp
+    started_at: Timestamp | None = Field(
+        default=None, description="When a worker first began it (null while queued, and for a cached answer)."
+    )
     completed_at: Timestamp | None
     original_image: ImageRef = Field(description="The input: its URL (or a stored copy) and size.")
     processed_size: Size = Field(description="The size the model works at (= each output's size).")
@@ -182,6 +199,13 @@ is null; a `failed` job carries the error object."""
     output_format: OutputFormat
     output_quality: int | None = Field(description="The quality the images were encoded at; null for png.")
     loras: list[LoraRequest] = Field(description="The LoRA adapters applied, with their scales ([]: none).")
+    priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY)] = Field(
+        description="0 bulk, 1 normal, 2 interactive, as requested."
+    )
+    max_queue_s: float | None = Field(description="The longest it could wait to start, as requested; null: no limit.")
+    cached: bool = Field(
+        description="Answered from the exact-result cache: the images are copies of an earlier identical job's."
+    )
     images: list[OutputImage] = Field(max_length=MAX_NUM_IMAGES)
     progress: Progress | None
     error: ErrorObject | None

@@ -32,6 +32,7 @@ def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
             "id": job.id,
             "status": str(job.status),
             "created_at": job.created_at,
+            "started_at": _timestamp(job.started_at),
             "completed_at": job.completed_at,
             "original_image": {"url": job.input.url, "width": job.input.width, "height": job.input.height},
             "images": [
@@ -45,7 +46,8 @@ def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
                 }
                 for i in job.images
             ],
-            "progress": None if progress is None else _wire(progress),
+            "progress": None if progress is None else _progress(progress),
+            "cached": job.cached_from is not None,
             "error": _wire(job.error),
             "webhook": None
             if hook is None
@@ -61,6 +63,20 @@ def job_view(job: Job, progress: Progress | None) -> dict[str, Any]:
         }
     )
     return view.model_dump(mode="json")
+
+
+def _timestamp(epoch_s: float | None) -> str | None:
+    if epoch_s is None:
+        return None
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _progress(progress: Progress) -> dict[str, Any]:
+    return {
+        **_wire(progress),
+        "estimated_start_at": _timestamp(progress.estimated_start_at),
+        "estimated_finish_at": _timestamp(progress.estimated_finish_at),
+    }
 
 
 def lora_view(adapter: Adapter, models: list[str]) -> dict[str, Any]:
@@ -80,9 +96,7 @@ def lora_view(adapter: Adapter, models: list[str]) -> dict[str, Any]:
 def secret_view(secrets: SigningSecrets, now: float) -> dict[str, Any]:
     """`GET /v1/webhook-secret`'s body: the current secret, and until when the previous one still signs."""
     overlap = secrets.previous is not None and now < secrets.previous_until
-    until = (
-        datetime.fromtimestamp(secrets.previous_until, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+    until = _timestamp(secrets.previous_until)
     return schema.WebhookSecret(secret=secrets.current, previous_expires_at=until if overlap else None).model_dump(
         mode="json"
     )

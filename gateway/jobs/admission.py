@@ -5,9 +5,9 @@ Both routes only parse their wire format into the request's fields (the native J
 form renamed, its upload as bytes) and hand them to `CreateJob`, which runs admission in two calls around its
 own gates, so that a refused request costs the least work:
 
-    parse (fields -> typed request, 400)  ->  idempotent replay, the fleet's queue (503), the key's cap (429)
-    -> admit (model, scheduler, LoRA adapters, output, webhook, cost -> the key's work budget (429), image, seed,
-       size)
+    parse (fields -> typed request, 400)  ->  the key's priority limit (400), idempotent replay, the fleet's
+    queue (503), the key's cap (429)  ->  admit (model, scheduler, LoRA adapters, output, webhook, the image's
+    bytes, the exact-result cache, cost -> the key's work budget (429), decoded image, seed, size)
 
 A new request field is declared on the wire model (`jobs/request.py`, and `http/schema.py:JobView` when the
 job echoes it), checked and copied here, and read by the recipe (`diffusion/img2img.py`): a knob the recipe
@@ -17,7 +17,8 @@ takes as given joins `Sampling`, which `JobSpec` extends, and reaches the recipe
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -25,12 +26,14 @@ from PIL import Image
 
 from gateway.diffusion.img2img import Img2ImgPipeline, sampling_knobs
 from gateway.diffusion.lora import LoraChoice, LoraRegistry
+from gateway.diffusion.lora_format import LoraFileError
 from gateway.diffusion.sampling import MAX_SEED, do_classifier_free_guidance, img2img_effective_steps
 from gateway.diffusion.schedulers import scheduler_class, scheduler_name
 from gateway.diffusion.styles import STYLE_PRESETS, StylePreset
 from gateway.errors import InvalidRequest, ModelNotFound
-from gateway.jobs.model import JobSpec, Size
+from gateway.jobs.model import Job, JobSpec, Size
 from gateway.jobs.request import ImageToImageRequest, parse_image_to_image
+from gateway.jobs.results import model_version, result_key
 from gateway.media import codecs, metadata, netguard
 from gateway.media.fetch import fetch_image
 from gateway.media.netguard import OutboundPolicy
@@ -96,6 +99,20 @@ class Admitted:
     input_size: Size  # the image as sent (upright)
     model_input: Image.Image  # RGB at `spec.processed_size`: what the recipe reads (the original is not kept)
     cost: int  # UNet samples (`work_cost`), as charged to the key's budget
+    result_key: str | None = None  # the exact-result cache's key (None: not cacheable)
+
+
+@dataclass(frozen=True)
+class Reused:
+    """A request the exact-result cache answers: the earlier completed job with the same result key."""
+
+    job: Job
+    result_key: str
+    source_url: str | None  # the caller's URL when the image was fetched
+
+
+# The exact-result cache's lookup (`JobStore.find_result` for the caller's key), injected by `CreateJob`.
+Reuse = Callable[[str], Awaitable[Job | None]]
 
 
 Charge = Callable[[int], Awaitable[None]]
@@ -126,9 +143,13 @@ class Admission:
         with stage("parse"):
             return parse_image_to_image(fields, styles=self.styles)
 
-    async def admit(self, request: ImageToImageRequest, *, asynchronous: bool, charge: Charge) -> Admitted:
+    async def admit(
+        self, request: ImageToImageRequest, *, asynchronous: bool, charge: Charge, reuse: Reuse | None = None
+    ) -> Admitted | Reused:
         """The rules that need the deployment, cheapest first; `charge(cost)` takes the work from the key's
-        budget (raising when it is spent) before any image work."""
+        budget (raising when it is spent) before any image decoding. `reuse(key)`, given for a request the
+        exact-result cache may answer, returns the earlier completed job with that result key, if any: then the
+        request is answered from it (`Reused`), uncharged and with no image work."""
         # 1. The model (404 before any image work) and the scheduler it can run (400).
         pipeline = resolve_pipeline(self.pipelines, request.model)
         manifest = pipeline.manifest
@@ -140,18 +161,29 @@ class Admission:
         # 3. The webhook target, refused now rather than at delivery time.
         if request.webhook_url is not None:
             await netguard.check_url(request.webhook_url, self.policy, timeout_s=self.fetch_timeout_s)
-        # 4. The work, charged to the key's budget once the request is known to be valid.
+        # 4. The exact-result cache (an explicit seed, and the same image bytes, model and parameters as a
+        # completed job): the image's bytes first, given or fetched, and the work charged only on a miss.
         cost = work_cost(request.num_images, request.steps, request.strength, request.guidance_scale)
-        await charge(cost)
-        # 5. The image: the bytes given, or fetched; decoded, checked, sized to the model's grid and resized to it.
-        data, source_url = await self._image_bytes(request.image)
+        key = None
+        if reuse is not None and request.seed is not None:
+            data, source_url = await self._image_bytes(request.image)
+            key = self._result_key(pipeline, request, data, loras, scheduler, quality)
+            earlier = await reuse(key)
+            if earlier is not None:
+                return Reused(earlier, key, source_url)
+            await charge(cost)
+        else:
+            # 5. The work, charged to the key's budget once the request is known to be valid (before any fetch).
+            await charge(cost)
+            data, source_url = await self._image_bytes(request.image)
+        # 6. The image decoded, checked, sized to the model's grid and resized to it.
         image = await run_image_work(codecs.decode_image, data)
         width, height = codecs.fit_to_grid(image.width, image.height, manifest.native_resolution, manifest.grid)
         input_size = Size(image.width, image.height)
         data = await run_image_work(metadata.strip_metadata, data)  # the stored copy keeps no EXIF, GPS, comments
         model_input = await run_image_work(codecs.resize_for_model, image, (width, height))
         del image  # a 2048 px original is 12 MiB; only the resized input is kept for the first run
-        # 6. The spec: the seed drawn when absent (a re-run must give the same pixels), the steps diffusers runs.
+        # 7. The spec: the seed drawn when absent (a re-run must give the same pixels), the steps diffusers runs.
         spec = JobSpec(
             **{**sampling_knobs(request), "loras": loras},
             prompt=request.prompt,
@@ -167,6 +199,8 @@ class Admission:
             scheduler=scheduler,
             output_format=request.output_format,
             output_quality=quality,
+            priority=request.priority,
+            max_queue_s=request.max_queue_s,
         )
         return Admitted(
             spec=spec,
@@ -175,7 +209,51 @@ class Admission:
             input_size=input_size,
             model_input=model_input,
             cost=cost,
+            result_key=key,
         )
+
+    def _result_key(
+        self,
+        pipeline: Img2ImgPipeline,
+        request: ImageToImageRequest,
+        data: bytes,
+        loras: tuple[LoraChoice, ...],
+        scheduler: str | None,
+        quality: int | None,
+    ) -> str:
+        """Every input that decides the output's bytes (`results.result_key`): the resolved scheduler and
+        quality, so a default spelled out and one left implicit are the same request."""
+        parameters: dict[str, object] = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "strength": request.strength,
+            "steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "seed": request.seed,
+            "num_images": request.num_images,
+            "style": request.style,
+            "scheduler": scheduler,
+            "output_format": request.output_format,
+            "output_quality": quality,
+        }
+        with self._adapters_readable():
+            return result_key(
+                image=data,
+                model=request.model,
+                version=model_version(pipeline.manifest.path),
+                parameters=parameters,
+                loras=loras,
+                registry=self.loras,
+            )
+
+    @staticmethod
+    @contextmanager
+    def _adapters_readable() -> Iterator[None]:
+        """An adapter file removed between its check and the key: the request's 400, as at the check."""
+        try:
+            yield
+        except (FileNotFoundError, LoraFileError) as exc:
+            raise InvalidRequest("Invalid field 'loras'", f"A LoRA adapter changed while admitted: {exc}") from None
 
     def _loras(self, pipeline: Img2ImgPipeline, request: ImageToImageRequest) -> tuple[LoraChoice, ...]:
         choices = tuple(LoraChoice(lora.name, lora.scale) for lora in request.loras)

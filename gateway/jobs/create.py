@@ -13,24 +13,29 @@ flight on other replicas at that moment).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import hashlib
 import json
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.errors import IdempotencyKeyReused, TooManyJobs, rate_limited, retry_after_s
-from gateway.jobs.admission import Admission, Admitted
+from gateway.errors import IdempotencyKeyReused, InvalidRequest, TooManyJobs, rate_limited, retry_after_s
+from gateway.jobs.admission import Admission, Admitted, Reused
 from gateway.jobs.execute import DecodedInputs
-from gateway.jobs.model import QUEUED, InputImage, Job, WebhookEvent, WebhookState, now_iso
-from gateway.jobs.naming import input_name
+from gateway.jobs.model import COMPLETED, QUEUED, InputImage, Job, WebhookEvent, WebhookState, now_iso
+from gateway.jobs.naming import input_name, new_output_token, output_name
 from gateway.jobs.request import ImageToImageRequest
 from gateway.jobs.runner import JobManager
 from gateway.jobs.store import IdempotencyConflict, JobStore
 from gateway.media import codecs
 from gateway.media.storage import Storage
 from gateway.observability import stage
+from gateway.settings import KeyPolicy
 
 _STORED_FORMATS = {"JPEG": ("jpg", "image/jpeg"), "PNG": ("png", "image/png"), "WEBP": ("webp", "image/webp")}
 
@@ -110,6 +115,9 @@ class CreateJob:
         work_limiter: WorkLimiter | None = None,
         max_active_jobs_per_key: int = 0,
         max_running_jobs: int = 1,
+        key_policy: Callable[[str], KeyPolicy] = lambda owner: KeyPolicy(),
+        result_cache: bool = True,
+        on_event: Callable[[str, object], None] = lambda event, value: None,
     ) -> None:
         self.admission = admission
         self.store = store
@@ -120,11 +128,20 @@ class CreateJob:
         self.max_active_jobs_per_key = max_active_jobs_per_key  # 0: no cap
         self.max_running_jobs = max(1, max_running_jobs)
         self._in_flight: dict[str, int] = {}  # owner -> creations past the cap check, not yet in the store
+        self.key_policy = key_policy  # the caller's priority limit and fair-share weight
+        self.result_cache = result_cache
+        self.on_event = on_event  # metrics: ("result_cache", "hit" | "miss")
 
     async def __call__(self, fields: object, caller: Caller) -> Job:
         """`fields`: the request as its route parsed it (the JSON body's object; the OpenAI form's, renamed)."""
-        # 1. The request's fields: types, ranges and cross-field rules (400), before anything else.
+        # 1. The request's fields: types, ranges and cross-field rules (400), before anything else; the priority
+        # within what the key may use (400).
         request = self.admission.parse(fields)
+        policy = self.key_policy(caller.owner)
+        if request.priority > policy.max_priority:
+            raise InvalidRequest(
+                "Invalid field 'priority'", f"This API key may use priorities up to {policy.max_priority}"
+            )
         with stage("hash"):
             digest = request_hash(fields)
         # 2. An idempotent retry gets the job it created (a key reused for another request is a conflict).
@@ -139,17 +156,34 @@ class CreateJob:
         self._in_flight[owner] = self._in_flight.get(owner, 0) + 1
         try:
             await self._check_active(owner)
-            # 5. The deployment's rules, the work charged to the key's budget before any image work.
+            # 5. The deployment's rules, the work charged to the key's budget before any image work; a request
+            # the exact-result cache answers is a completed copy of the earlier job.
+            cacheable = self.result_cache and request.cache and request.seed is not None
+            charge = functools.partial(self._charge_work, owner=owner)
             admitted = await self.admission.admit(
-                request, asynchronous=caller.asynchronous, charge=lambda cost: self._charge_work(cost, owner)
+                request,
+                asynchronous=caller.asynchronous,
+                charge=charge,
+                reuse=functools.partial(self._find_result, owner) if cacheable else None,
             )
-            return await self._accept(admitted, webhook_state(request), caller, digest)
+            while isinstance(admitted, Reused):
+                reused = await self._accept_reused(admitted, request, caller, digest)
+                if reused is not None:
+                    return reused
+                # its stored objects were purged meanwhile: run it after all (no reuse offered: an Admitted)
+                admitted = await self.admission.admit(request, asynchronous=caller.asynchronous, charge=charge)
+            return await self._accept(admitted, webhook_state(request), caller, digest, policy)
         finally:
             left = self._in_flight[owner] - 1
             if left:
                 self._in_flight[owner] = left
             else:
                 del self._in_flight[owner]
+
+    async def _find_result(self, owner: str, key: str) -> Job | None:
+        found = await self.store.find_result(owner, key)
+        self.on_event("result_cache", "miss" if found is None else "hit")
+        return found
 
     async def _check_active(self, owner: str) -> None:
         cap = self.max_active_jobs_per_key
@@ -165,7 +199,7 @@ class CreateJob:
                 headers={"Retry-After": str(retry)},
             )
 
-    async def _charge_work(self, cost: int, owner: str) -> None:
+    async def _charge_work(self, cost: int, *, owner: str) -> None:
         limiter = self.work_limiter
         if limiter is None or not limiter.enabled:
             return
@@ -178,7 +212,9 @@ class CreateJob:
                 wait_s,
             )
 
-    async def _accept(self, admitted: Admitted, webhook: WebhookState | None, caller: Caller, digest: str) -> Job:
+    async def _accept(
+        self, admitted: Admitted, webhook: WebhookState | None, caller: Caller, digest: str, policy: KeyPolicy
+    ) -> Job:
         # 6. The image, stored as received (a re-run reads it back) and kept decoded for the first run.
         job_id = new_job_id()
         extension, content_type = _STORED_FORMATS[codecs.sniff_format(admitted.data) or "PNG"]
@@ -204,9 +240,12 @@ class CreateJob:
             idempotency_key=caller.idempotency_key,
             request_hash=digest,
             request_id=caller.request_id,
+            queue_deadline=None if admitted.spec.max_queue_s is None else time.time() + admitted.spec.max_queue_s,
+            result_key=admitted.result_key,
         )
         try:
-            created = await self.store.create(job)
+            # Its place in the fair queue: the key's share of work at its priority, by the key's weight.
+            created = await self.store.create(job, share=admitted.spec.work / policy.weight)
         except IdempotencyConflict as exc:
             await self.storage.delete(stored)
             raise _key_reused() from exc
@@ -220,6 +259,81 @@ class CreateJob:
         # 8. Queue it.
         await self.jobs.enqueue_new(created)
         return created
+
+    async def _accept_reused(
+        self, reused: Reused, request: ImageToImageRequest, caller: Caller, digest: str
+    ) -> Job | None:
+        """A completed job answering the request from the earlier job's result: its own copies of the stored
+        input and outputs (retention purges each job's objects with it); None when they are gone (purged)."""
+        earlier = reused.job
+        job_id = new_job_id()
+        copies: list[str] = []
+        try:
+            stored = input_name(job_id, earlier.input.name.rsplit(".", 1)[-1])
+            if not await self._copy(earlier.input.name, stored, copies):
+                return None
+            token = new_output_token()
+            images = []
+            for i, image in enumerate(earlier.images):
+                name = output_name(job_id, i, extension=image.name.rsplit(".", 1)[-1], token=token)
+                if not await self._copy(image.name, name, copies):
+                    return None
+                images.append(dataclasses.replace(image, name=name, url=self.storage.url_for(name)))
+            now = now_iso()
+            webhook = webhook_state(request)
+            job = Job(
+                id=job_id,
+                owner=caller.owner,
+                status=COMPLETED,
+                spec=dataclasses.replace(
+                    earlier.spec,
+                    webhook_url=request.webhook_url,
+                    asynchronous=caller.asynchronous or request.webhook_url is not None,
+                    priority=request.priority,
+                    max_queue_s=request.max_queue_s,
+                ),
+                input=dataclasses.replace(
+                    earlier.input, url=reused.source_url or self.storage.url_for(stored), name=stored
+                ),
+                created_at=now,
+                updated_at=now,
+                completed_at=now,
+                images=tuple(images),
+                webhook=webhook.ended() if webhook is not None else None,
+                idempotency_key=caller.idempotency_key,
+                request_hash=digest,
+                request_id=caller.request_id,
+                steps_done=earlier.steps_done,
+                result_key=reused.result_key,
+                cached_from=earlier.id,
+            )
+            created = await self.store.create(job)
+        except IdempotencyConflict as exc:
+            await self._delete(copies)
+            raise _key_reused() from exc
+        except BaseException:
+            await self._delete(copies)
+            raise
+        if created.id != job_id:  # a concurrent retry with the same key won the race
+            await self._delete(copies)
+            return self._replayed(created, digest)
+        await self.jobs.finished_new(created)
+        return created
+
+    async def _copy(self, source: str, target: str, copies: list[str]) -> bool:
+        found = await self.storage.get(source)
+        if found is None:
+            await self._delete(copies)
+            return False
+        data, content_type = found
+        await self.storage.put(target, data, content_type)
+        copies.append(target)
+        return True
+
+    async def _delete(self, names: list[str]) -> None:
+        for name in names:
+            with contextlib.suppress(Exception):
+                await self.storage.delete(name)
 
     @staticmethod
     def _replayed(job: Job, digest: str) -> Job:

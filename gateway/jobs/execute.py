@@ -122,7 +122,12 @@ class JobExecutor:
                 delay = min(2 * delay, self.storage_retry_max_s)
 
     async def __call__(
-        self, job: Job, *, on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
+        self,
+        job: Job,
+        *,
+        on_step: Callable[[int, int], None],
+        should_stop: Callable[[], bool],
+        before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[OutputImage, ...]:
         spec = job.spec
         # 1. The model, and the input as first decoded (or read back from storage after a restart).
@@ -139,7 +144,8 @@ class JobExecutor:
         tensor = await run_image_work(codecs.image_to_tensor, image, size, wait=True)
         prompt, negative = apply_style(spec.prompt, spec.negative_prompt, STYLE_PRESETS.get(spec.style or ""))
         seeds = image_seeds(spec.seed, spec.num_images)
-        # 3. Denoise.
+        # 3. Denoise, every Triton call at the job's priority; at each step boundary the job may pause for a
+        # higher-priority one (`before_step`).
         result = await pipeline(
             Generation(
                 **sampling_knobs(spec),
@@ -151,6 +157,8 @@ class JobExecutor:
             ),
             on_step=on_step,
             should_stop=should_stop,
+            priority=spec.priority,
+            before_step=before_step,
         )
         # 4. Encode (the request's format, no metadata) and store each image, with the digest of its bytes.
         images = []

@@ -10,8 +10,8 @@ job (cancel vs completion, cancel vs pickup, retry vs cancel) have exactly one w
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -19,6 +19,9 @@ from enum import StrEnum
 from pydantic import TypeAdapter
 
 from gateway.diffusion.img2img import Sampling
+from gateway.diffusion.sampling import do_classifier_free_guidance
+from gateway.errors import QueueTimeout, status_and_code
+from gateway.settings import key_owner
 
 
 class JobStatus(StrEnum):
@@ -65,7 +68,7 @@ def now_iso() -> str:
 
 def owner_of(api_key: str | None) -> str:
     """Jobs are owned by a key's hash (never the key itself); anonymous callers share one owner."""
-    return "anonymous" if api_key is None else hashlib.sha256(api_key.encode()).hexdigest()
+    return "anonymous" if api_key is None else key_owner(api_key)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,16 @@ class JobSpec(Sampling):
     scheduler: str | None = None  # the short name (`schedulers.SCHEDULER_NAMES`); None: the model's own
     output_format: str = "png"
     output_quality: int | None = None  # as encoded (the format's default filled in); None for PNG
+    # Added with issue 24: 0 bulk, 1 normal, 2 interactive (the queue's order and every Triton call's priority),
+    # and the longest the job may wait to start (None: no limit).
+    priority: int = 1
+    max_queue_s: float | None = None
+
+    @property
+    def work(self) -> int:
+        """UNet samples this job runs: images x effective steps, twice with classifier-free guidance (the cost
+        the key's budget is charged and the fair share between keys counts)."""
+        return self.num_images * self.effective_steps * (2 if do_classifier_free_guidance(self.guidance_scale) else 1)
 
 
 @dataclass(frozen=True)
@@ -210,6 +223,16 @@ class Job:
     lease: Lease | None = None
     not_before: float = 0.0  # epoch seconds before which no worker claims it (a retry's delay)
     finished_claim: str | None = None  # the claim whose run wrote the final state (None: ended by anyone else)
+    # Issue 24. The job's virtual start time in its priority's fair queue (the store assigns it at creation);
+    # the epoch second after which a job that never started fails `queue_timeout` (None: no limit); when a worker
+    # first began it (epoch seconds, the claiming replica's clock: wait estimates); the exact-result cache key
+    # (None: not cacheable, no explicit seed or opted out) and, for a job answered from that cache, the job whose
+    # result it copied.
+    fair_tag: float = 0.0
+    queue_deadline: float | None = None
+    started_at: float | None = None
+    result_key: str | None = None
+    cached_from: str | None = None
     version: int = 0  # bumped by every store write: the compare-and-set token
 
     @property
@@ -238,7 +261,22 @@ class Job:
             run_attempts=self.run_attempts + 1,
             lease=Lease(worker, lease_until, new_claim_id()),
             webhook=self.webhook.started() if self.webhook else None,
+            queue_deadline=None,  # it started: `max_queue_s` no longer applies (a retry is bounded by job_retries)
+            started_at=self.started_at if self.started_at is not None else time.time(),
         )
+
+    def queue_timed_out(self, now: float) -> Job | None:
+        """queued -> failed `queue_timeout`: a job that never started by its `queue_deadline`."""
+        if self.status != QUEUED or self.queue_deadline is None or self.queue_deadline > now:
+            return None
+        limit = self.spec.max_queue_s
+        within = f"within {limit:g} s" if limit is not None else "by its deadline"
+        timeout = QueueTimeout(
+            "The job waited longer than max_queue_s to start",
+            f"It was not started {within}; retry later, or with a higher priority or limit",
+        )
+        _, code = status_and_code(timeout)
+        return self.finished_as(FAILED, error=JobError(code, timeout.message, timeout.details))
 
     def renewed(self, worker: str, claim: str, lease_until: float) -> Job | None:
         if not self.held_by(worker, claim):

@@ -15,6 +15,9 @@ has its own column, written from the same `Job` in the same statement. Rules:
   `now()`. A replica whose clock runs ahead does not take live leases over.
 - Idempotency is a unique index on (owner, idempotency_key): `INSERT ... ON CONFLICT DO NOTHING`, then the
   winner is read, so concurrent retries on different replicas create one job.
+- The fair queue (see gateway/jobs/store.py): `create` takes the owner's share with one upsert of its
+  `fair_shares` row (`... DO UPDATE ... RETURNING`), whose row lock serialises that owner's creates, in a
+  savepoint that a duplicate rolls back; `claim_next` moves its priority's `fair_clock` row in its transaction.
 - psycopg's and the pool's exceptions become `StoreUnavailable` in `_transaction`, and nowhere else.
 - The schema is a list of versioned migrations applied under a transaction-scoped advisory lock, so replicas
   starting together apply it once (the others wait, then find it done).
@@ -53,7 +56,7 @@ from gateway.jobs.model import (
     job_to_json,
     now_iso,
 )
-from gateway.jobs.store import IdempotencyConflict, StaleJob
+from gateway.jobs.store import FinishedWork, IdempotencyConflict, QueuePlace, StaleJob
 from gateway.jobs.webhooks import SigningSecrets
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,42 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         previous_until double precision NOT NULL DEFAULT 0
     );
     """,
+    # 4. Issue 24: priorities and the fair queue (start-time fair queuing: each priority's virtual clock, each
+    # (owner, priority)'s virtual finish), the queue deadline (NULL unless queued), the exact-result cache, and
+    # wait estimates (`work`, `started_at`). Queued rows get their work from their spec (images x steps, twice
+    # with guidance: `JobSpec.work`); the other new columns are what existing rows' JSON reads back as.
+    """
+    ALTER TABLE jobs ADD COLUMN priority integer NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN fair_tag double precision NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN queue_deadline double precision;
+    ALTER TABLE jobs ADD COLUMN result_key text;
+    ALTER TABLE jobs ADD COLUMN work double precision NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN started_at double precision;
+    UPDATE jobs SET work = (data->'spec'->>'num_images')::float8 * (data->'spec'->>'effective_steps')::float8
+        * CASE WHEN (data->'spec'->>'guidance_scale')::float8 > 1 THEN 2 ELSE 1 END
+        WHERE status = 'queued';
+    -- claim_next (the fair queue's order), queue_place, count_queued; replaces jobs_queue (oldest first).
+    CREATE INDEX jobs_fair_queue ON jobs (priority DESC, fair_tag, created_at, seq)
+        INCLUDE (not_before, queue_deadline, work) WHERE status = 'queued';
+    DROP INDEX jobs_queue;
+    -- overdue_in_queue: the deadline sweep (the column is set on queued jobs only).
+    CREATE INDEX jobs_queue_deadline ON jobs (queue_deadline) WHERE queue_deadline IS NOT NULL;
+    -- find_result: the exact-result cache.
+    CREATE INDEX jobs_result ON jobs (owner, result_key) WHERE result_key IS NOT NULL;
+    -- recent_finished: completed jobs a worker ran, newest first.
+    CREATE INDEX jobs_ran ON jobs (completed_at) WHERE status = 'completed' AND started_at IS NOT NULL;
+    CREATE TABLE fair_clock (
+        priority integer PRIMARY KEY,
+        v double precision NOT NULL
+    );
+    INSERT INTO fair_clock (priority, v) VALUES (0, 0), (1, 0), (2, 0);
+    CREATE TABLE fair_shares (
+        owner text NOT NULL,
+        priority integer NOT NULL,
+        finish double precision NOT NULL,
+        PRIMARY KEY (owner, priority)
+    );
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -137,21 +176,47 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 _INSERT = (
     "INSERT INTO jobs (id, owner, created_at, idempotency_key, status, completed_at, version, lease_owner,"
     " lease_expires_at, not_before, webhook_status, webhook_next_at, webhook_lease_owner, webhook_lease_until,"
-    " webhook_event, data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+    " webhook_event, priority, fair_tag, queue_deadline, result_key, work, started_at, data) VALUES"
+    " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
     " ON CONFLICT DO NOTHING RETURNING version"
 )
 _UPDATE = (
     "UPDATE jobs SET status = %s, completed_at = %s, version = %s, lease_owner = %s, lease_expires_at = %s,"
     " not_before = %s, webhook_status = %s, webhook_next_at = %s, webhook_lease_owner = %s,"
-    " webhook_lease_until = %s, webhook_event = %s, data = %s::jsonb WHERE id = %s AND version = %s"
+    " webhook_lease_until = %s, webhook_event = %s, priority = %s, fair_tag = %s, queue_deadline = %s,"
+    " result_key = %s, work = %s, started_at = %s, data = %s::jsonb WHERE id = %s AND version = %s"
 )
 _SELECT = "SELECT data::text, version FROM jobs"
-# claim_next's fairness: the active (queued + processing) jobs of the candidate row's (`q`) owner; fewest first.
-_ACTIVE_OF_OWNER = "(SELECT count(*) FROM jobs r WHERE r.owner = q.owner AND r.status IN (%s, %s))"
+# Start-time fair queuing (`create`): the owner's share row, inserted or moved on, answers the new job's tag
+# `max(V[priority], finish)` (missing rows: 0) and becomes `tag + share`; its row lock serialises concurrent
+# creates of one owner at one priority. (`EXCLUDED.finish` is `V + share`: `max(finish, V) + share` is
+# `max(finish + share, EXCLUDED.finish)`.)
+_TAKE_SHARE = (
+    "INSERT INTO fair_shares AS s (owner, priority, finish) VALUES"
+    " (%(owner)s, %(priority)s, COALESCE((SELECT v FROM fair_clock WHERE priority = %(priority)s), 0) + %(share)s)"
+    " ON CONFLICT (owner, priority) DO UPDATE SET finish = GREATEST(s.finish + %(share)s, EXCLUDED.finish)"
+    " RETURNING finish - %(share)s"
+)
+# claim_next: the claimed job's priority's virtual clock moves to its tag. Only a claim that moves it locks the
+# row (one that does not is filtered out before the lock), so claims wait on each other only while advancing.
+_ADVANCE_CLOCK = "UPDATE fair_clock SET v = %(tag)s WHERE priority = %(priority)s AND v < %(tag)s"
+_FIRST_CLOCK = (  # a priority without a clock row yet (the migration made 0, 1 and 2)
+    "INSERT INTO fair_clock (priority, v) SELECT %(priority)s, %(tag)s"
+    " WHERE NOT EXISTS (SELECT 1 FROM fair_clock WHERE priority = %(priority)s)"
+    " ON CONFLICT (priority) DO UPDATE SET v = GREATEST(fair_clock.v, EXCLUDED.v)"
+)
+# claim_next: the fair queue's order. The new queries name statuses literally ('queued' is `QUEUED`), so the
+# planner matches the partial indexes in generic plans too.
+_CLAIM_NEXT = (
+    f"{_SELECT} WHERE status = 'queued' AND priority >= %s AND not_before <= %s"
+    " AND (queue_deadline IS NULL OR queue_deadline > %s)"
+    " ORDER BY priority DESC, fair_tag, created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
+)
 
 
 def _mutable(job: Job) -> tuple[Any, ...]:
-    """The columns a write changes, in `_UPDATE`'s order (up to `data`)."""
+    """The columns a write changes, in `_UPDATE`'s order. `queue_deadline` is kept only while the job is queued
+    (the deadline sweep's index holds the waiting jobs only)."""
     hook = job.webhook
     return (
         job.status,
@@ -165,6 +230,12 @@ def _mutable(job: Job) -> tuple[Any, ...]:
         hook.lease.owner if hook and hook.lease else None,
         hook.lease.expires_at if hook and hook.lease else None,
         hook.event if hook else None,
+        job.spec.priority,
+        job.fair_tag,
+        job.queue_deadline if job.status == QUEUED else None,
+        job.result_key,
+        job.spec.work,
+        job.started_at,
         job_to_json(job).decode(),
     )
 
@@ -297,15 +368,28 @@ class PostgresJobStore:
 
     # --- create and reads -----------------------------------------------------------------------------------
 
-    async def create(self, job: Job) -> Job:
-        stored = dataclasses.replace(job, version=1)
+    async def create(self, job: Job, *, share: float = 1.0) -> Job:
         async with self._transaction() as cur:
+            # A queued job takes its share in a savepoint, undone when the insert finds the job already there
+            # (an idempotent duplicate takes none). The share row is locked before the insert: creates of one
+            # owner take their tags, and commit, one at a time.
+            stored = dataclasses.replace(job, version=1)
+            if job.status == QUEUED:
+                await cur.execute(b"SAVEPOINT take_share")
+                args = {"owner": job.owner, "priority": job.spec.priority, "share": float(share)}
+                await cur.execute(_TAKE_SHARE.encode(), args)
+                row = await cur.fetchone()
+                if row is None:  # one row, always
+                    raise _unavailable()
+                stored = dataclasses.replace(stored, fair_tag=float(row[0]))
             await cur.execute(
                 _INSERT.encode(),
                 (stored.id, stored.owner, stored.created_at, stored.idempotency_key, *_mutable(stored)),
             )
             if await cur.fetchone() is not None:
                 return stored
+            if job.status == QUEUED:
+                await cur.execute(b"ROLLBACK TO SAVEPOINT take_share")
             # ON CONFLICT DO NOTHING: a concurrent insert of the same key waited for the winner's commit, so
             # the winner is visible to this (read committed) statement.
             if job.idempotency_key is not None:
@@ -380,17 +464,52 @@ class PostgresJobStore:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def queue_position(self, job: Job) -> int | None:
-        """Counted on the stored row: None when the stored job is no longer queued. Ties on `created_at` are
-        broken by insertion order, as `claim_next` takes them."""
+    async def queue_place(self, job: Job) -> QueuePlace | None:
+        """Counted on the stored row: None when the stored job is no longer queued. Ties are broken as
+        `claim_next` breaks them (`created_at`, then insertion order)."""
         async with self._transaction() as cur:
             await cur.execute(
-                b"SELECT 1 + (SELECT count(*) FROM jobs q WHERE q.status = %s"
-                b" AND (q.created_at, q.seq) < (j.created_at, j.seq)) FROM jobs j WHERE j.id = %s AND j.status = %s",
-                (QUEUED, job.id, QUEUED),
+                b"SELECT 1 + count(q.id), COALESCE(sum(q.work), 0) FROM jobs j LEFT JOIN jobs q"
+                b" ON q.status = 'queued' AND (q.priority > j.priority OR (q.priority = j.priority"
+                b" AND (q.fair_tag, q.created_at, q.seq) < (j.fair_tag, j.created_at, j.seq)))"
+                b" WHERE j.id = %s AND j.status = 'queued' GROUP BY j.id",
+                (job.id,),
             )
             row = await cur.fetchone()
-        return None if row is None else int(row[0])
+        return None if row is None else QueuePlace(int(row[0]), float(row[1]))
+
+    async def count_queued_by_priority(self) -> dict[int, int]:
+        async with self._transaction() as cur:
+            await cur.execute(b"SELECT priority, count(*) FROM jobs WHERE status = 'queued' GROUP BY priority")
+            rows = await cur.fetchall()
+        return {int(priority): int(count) for priority, count in rows}
+
+    async def overdue_in_queue(self, now: float, limit: int) -> list[Job]:
+        return await self._select(
+            f"{_SELECT} WHERE queue_deadline <= %s AND status = 'queued' ORDER BY created_at, seq LIMIT %s",
+            (now, limit),
+        )
+
+    async def find_result(self, owner: str, result_key: str) -> Job | None:
+        found = await self._select(
+            f"{_SELECT} WHERE owner = %s AND result_key = %s AND status = %s"
+            " ORDER BY completed_at DESC, seq DESC LIMIT 1",
+            (owner, result_key, COMPLETED),
+        )
+        return found[0] if found else None
+
+    async def recent_finished(self, since: float, limit: int) -> list[FinishedWork]:
+        async with self._transaction() as cur:
+            await cur.execute(
+                b"SELECT data->'spec'->>'model', work, started_at, extract(epoch FROM completed_at)::float8"
+                b" FROM jobs WHERE status = 'completed' AND started_at IS NOT NULL"
+                b" AND completed_at >= to_timestamp(%s) ORDER BY completed_at DESC LIMIT %s",
+                (since, limit),
+            )
+            rows = await cur.fetchall()
+        return [
+            FinishedWork(str(model), float(work), float(started), float(done)) for model, work, started, done in rows
+        ]
 
     # --- writes ---------------------------------------------------------------------------------------------
 
@@ -448,14 +567,21 @@ class PostgresJobStore:
     async def release(self, job_id: str, worker: str, claim: str, not_before: float = 0.0) -> Job | None:
         return await self._conditional(job_id, lambda job: job.released(worker, claim, not_before))
 
-    async def claim_next(self, worker: str, lease_s: float, now: float) -> Job | None:
-        return await self._lease(
-            f"{_SELECT} q WHERE status = %s AND not_before <= %s ORDER BY {_ACTIVE_OF_OWNER}, created_at, seq"
-            " LIMIT 1 FOR UPDATE SKIP LOCKED",
-            (QUEUED, now, QUEUED, PROCESSING),
-            lease_s,
-            lambda job, until: job.claimed(worker, until),
-        )
+    async def claim_next(self, worker: str, lease_s: float, now: float, *, min_priority: int = 0) -> Job | None:
+        """The first due job in the fair queue's order (see `JobStore.claim_next`), skipping rows other
+        replicas hold; its priority's virtual clock moves to its tag in the same transaction."""
+        async with self._transaction() as cur:
+            job = await _one(cur, _CLAIM_NEXT, (min_priority, now, now))
+            if job is None:
+                return None
+            proposed = job.claimed(worker, await _db_clock(cur) + lease_s)
+            if proposed is None:
+                return None
+            clock = {"priority": proposed.spec.priority, "tag": proposed.fair_tag}
+            await cur.execute(_ADVANCE_CLOCK.encode(), clock)
+            if cur.rowcount == 0:
+                await cur.execute(_FIRST_CLOCK.encode(), clock)
+            return await self._write(cur, proposed)
 
     async def claim_delivery(self, worker: str, lease_until: float, now: float) -> Job | None:
         return await self._take(

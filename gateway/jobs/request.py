@@ -63,6 +63,14 @@ MAX_LORA_SCALE = 4.0
 DEFAULT_LORA_SCALE = 1.0
 MAX_LORA_NAME_CHARS = 64
 LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# Job priority (Baseten's async `priority`: 0-2): 0 bulk, 1 normal, 2 interactive; an API key may be limited to
+# lower ones (`IMAGEN_API_KEYS_FILE`'s `max_priority=`). The longest a job may wait to start (`max_queue_s`, as
+# Baseten's `max_time_in_queue_seconds`): at least 1 s, at most a day, like the retention of its result.
+MIN_PRIORITY = 0
+MAX_PRIORITY = 2
+DEFAULT_PRIORITY = 1
+MIN_MAX_QUEUE_S = 1.0
+MAX_MAX_QUEUE_S = 86400.0
 WEBHOOK_SCHEMES = ("http", "https")
 WebhookEventName = Literal["start", "completed"]
 WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEventName)
@@ -272,6 +280,30 @@ is applied) are dropped, as in diffusers.
         json_schema_extra={"uniqueItems": True},
     )
 
+    priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY)] = Field(
+        default=DEFAULT_PRIORITY,
+        description=(
+            "0 bulk, 1 normal, 2 interactive. Queued jobs start highest priority first (fair between API keys "
+            "within a priority), and a running job yields at its next denoising step to a higher-priority one; "
+            "every Triton call of the job carries it. Above the API key's maximum -> 400."
+        ),
+    )
+    max_queue_s: Annotated[float, Field(ge=MIN_MAX_QUEUE_S, le=MAX_MAX_QUEUE_S)] | None = Field(
+        default=None,
+        description=(
+            "The longest the job may wait to start, in seconds; past it, a job not yet started fails with "
+            "`queue_timeout` (503). Unlimited when absent."
+        ),
+    )
+    cache: bool = Field(
+        default=True,
+        description=(
+            "With an explicit `seed`, a request identical to an earlier completed one of the same API key (same "
+            "image bytes, model and every generation parameter) is answered from its stored result, without "
+            "running the model (`cached: true` in the job). `false` always runs it."
+        ),
+    )
+
     @field_validator("style")
     @classmethod
     def _style_is_served(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -370,6 +402,7 @@ _RULES: Mapping[str, str] = MappingProxyType(
         "webhook_events": (
             f"'webhook_events' must be a list of distinct events, at least one, of: {', '.join(WEBHOOK_EVENTS)}"
         ),
+        "cache": "'cache' must be true or false",
         "loras": (
             f"'loras' must be a list of at most {MAX_LORAS} distinct adapters, each an object with 'name' (letters, "
             f"digits, '.', '_' or '-', at most {MAX_LORA_NAME_CHARS}) and an optional 'scale' between "

@@ -24,6 +24,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from gateway.diffusion.img2img import GenerationCanceled
@@ -51,6 +52,8 @@ from gateway.jobs.model import (
     WebhookEvent,
 )
 from gateway.jobs.outbox import EventHook, Outbox, Retrying, Spawn
+from gateway.jobs.request import MAX_PRIORITY
+from gateway.jobs.scheduling import StepGate, WaitEstimator
 from gateway.jobs.store import JobStore, StaleJob, transition
 from gateway.media.storage import Storage
 from gateway.observability import request_context
@@ -63,6 +66,7 @@ STORE_RETRY_FIRST_S = 0.05
 LISTENER_QUEUE_SIZE = 256
 BACKEND_RETRY_MAX_S = 30.0
 PROGRESS_CACHE_SIZE = 10_000  # live progress of jobs running on other replicas, as heard on the bus
+OVERDUE_BATCH = 100  # queued jobs past their max_queue_s ended per sweep (the rest at the next one)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class Progress:
     step: int
     total_steps: int
     queue_position: int | None
+    estimated_start_at: float | None = None  # epoch seconds, from measured times (scheduling.WaitEstimator)
+    estimated_finish_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,12 @@ class JobUpdate:
 
 class Executor(Protocol):
     def __call__(
-        self, job: Job, *, on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
+        self,
+        job: Job,
+        *,
+        on_step: Callable[[int, int], None],
+        should_stop: Callable[[], bool],
+        before_step: Callable[[], Awaitable[None]],
     ) -> Awaitable[tuple[OutputImage, ...]]: ...
 
 
@@ -145,8 +156,12 @@ class Workers:
         self.spawn = spawn
         self.wake_outbox = wake_outbox
         self._running: dict[str, _Running] = {}
-        self._slots = asyncio.Semaphore(settings.max_running_jobs)
+        self._runs = 0  # runs in progress here: what the slots count (a stale run of a job taken over included)
         self._work = asyncio.Event()  # set when a job may be waiting (created, released, a slot freed)
+        # Jobs yield to higher priorities at step boundaries (StepGate); a higher-priority job may start beyond
+        # `max_running_jobs`, in one of `preempt_slots`, while lower ones run (they pause for it).
+        self.gate = StepGate(on_preempted=lambda priority, waited: self.on_event("preempted", (priority, waited)))
+        self.estimator = WaitEstimator(store, settings.estimate_window_s)
         self._done: dict[str, asyncio.Event] = {}
         self._listeners: dict[str, set[asyncio.Queue[JobUpdate]]] = {}
         self._remote: OrderedDict[str, tuple[int, int]] = OrderedDict()  # job id -> (step, total) from the bus
@@ -213,6 +228,10 @@ class Workers:
         self._gauges()
         await self._publish(JobEvent(job.id, EventKind.CREATED))
 
+    async def finished_new(self, job: Job) -> None:
+        """A job created final (answered from the exact-result cache): its final-state effects, as a worker's."""
+        await self.after_final(job)
+
     def _gauges(self) -> None:
         self.on_event("queue_depth", (self._queued_estimate, len(self._running)))
 
@@ -223,15 +242,20 @@ class Workers:
         return job
 
     async def progress(self, job: Job) -> Progress:
+        """Live progress, with the queue position and start/finish estimates of an unfinished job."""
         total = job.spec.effective_steps
         if job.status == PROCESSING:
             running = self._running.get(job.id)
-            if running is not None:
-                return Progress(min(running.step, total), total, None)
-            step, _ = self._remote.get(job.id, (job.steps_done, total))
-            return Progress(min(step, total), total, None)
+            step = running.step if running is not None else self._remote.get(job.id, (job.steps_done, total))[0]
+            step = min(step, total)
+            estimate = await self.estimator.running(job, step, total)
+            return Progress(step, total, None, estimate.start_at, estimate.finish_at)
         if job.status == QUEUED:
-            return Progress(0, total, await self.store.queue_position(job))
+            place = await self.store.queue_place(job)
+            if place is None:  # claimed or ended since it was read
+                return Progress(0, total, None)
+            estimate = await self.estimator.queued(job, place)
+            return Progress(0, total, place.position, estimate.start_at, estimate.finish_at)
         return final_progress(job)
 
     async def wait(self, job_id: str) -> Job:
@@ -312,37 +336,80 @@ class Workers:
 
     # --- running -----------------------------------------------------------------------------------------
 
+    def _claimable_priority(self) -> int | None:
+        """The lowest priority a claim may take now: any (0) while one of `max_running_jobs` slots is free; while
+        they are all taken, only above the lowest priority denoising here (it will pause for the new job), in one
+        of `preempt_slots`; None: nothing may start."""
+        busy = self._runs
+        if busy < self.settings.max_running_jobs:
+            return 0
+        lowest = self.gate.lowest()
+        if busy >= self.settings.max_running_jobs + self.settings.preempt_slots or lowest is None:
+            return None
+        return lowest + 1 if lowest < MAX_PRIORITY else None
+
     async def _dispatch_loop(self) -> None:
-        """Claim the oldest queued job whenever a slot is free; sleep until woken (or the poll interval) when the
-        store has none. One claim query per wake-up per process, whatever the number of slots."""
+        """Claim the next queued job (highest priority first, fair between keys: `JobStore.claim_next`) whenever a
+        slot is free, or a job of a higher priority than one running here while none is; sleep until woken (a
+        job created or released, a slot freed) or the poll interval. Jobs that waited past their `max_queue_s`
+        fail here (any replica's dispatcher may end them). One claim query per wake-up per process."""
+        next_sweep = 0.0
         while True:
-            await self._slots.acquire()
-            try:
-                self._work.clear()
-                job = await self.retrying(
-                    "claim", "-", lambda: self.store.claim_next(self.worker_id, self.settings.job_lease_s, time.time())
-                )
-            except BaseException:
-                self._slots.release()
-                raise
+            self._work.clear()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.settings.job_poll_interval_s
+                await self._fail_overdue()
+            floor = self._claimable_priority()
+            job = None
+            if floor is not None:
+                job = await self.retrying("claim", "-", functools.partial(self._claim_next, floor))
             if job is None:
-                self._slots.release()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._work.wait(), self.settings.job_poll_interval_s)
                 continue
             self._queued_estimate = max(0, self._queued_estimate - 1)
+            self._queue_time(job)
             stale = self._running.get(job.id)
             if stale is not None:  # an earlier run of ours (it stalled, the job was taken over): it lost the job
                 stale.lost = True
-            # Registered at once: a cancel arriving from now on finds it running here.
+            # Registered at once: a cancel arriving from now on finds it running here, and lower priorities pause.
             running = self._running[job.id] = _Running(
                 job.lease.claim if job.lease else "",  # this claim's id ("" is held by no one: never happens)
                 cancel=job.cancel_requested or self._recent_cancels.pop(job.id, False),
             )
+            self.gate.enter(job.id, job.spec.priority)
+            self._runs += 1
             if job.webhook is not None and job.webhook.event == WebhookEvent.START:
                 self.wake_outbox()  # its `start` event is due
             self.spawn(self._process(job, running))
             self._work.set()  # there may be more: claim again while slots are free
+
+    async def _claim_next(self, min_priority: int) -> Job | None:
+        return await self.store.claim_next(
+            self.worker_id, self.settings.job_lease_s, time.time(), min_priority=min_priority
+        )
+
+    def _queue_time(self, job: Job) -> None:
+        """The time a job waited before its first start, by priority and the key's class (metrics)."""
+        if job.run_attempts != 1:
+            return
+        created = datetime.fromisoformat(job.created_at.replace("Z", "+00:00")).timestamp()
+        key_class = self.settings.key_policy(job.owner).key_class
+        self.on_event("queue_time", (job.spec.priority, key_class, max(0.0, time.time() - created)))
+
+    async def _fail_overdue(self) -> None:
+        """End `queue_timeout` the queued jobs past their `max_queue_s` (a bounded batch per sweep)."""
+        try:
+            overdue = await self.store.overdue_in_queue(time.time(), OVERDUE_BATCH)
+        except StoreUnavailable:
+            return  # the next sweep tries again; claim_next never starts an overdue job meanwhile
+        for job in overdue:
+            try:
+                stored, applied = await transition(self.store, job, lambda j: j.queue_timed_out(time.time()))
+            except (StaleJob, StoreUnavailable):
+                continue
+            if applied:
+                await self.after_final(stored)
 
     async def _process(self, job: Job, running: _Running) -> None:
         running.cancel = running.cancel or self._recent_cancels.pop(job.id, False)
@@ -356,7 +423,9 @@ class Workers:
         finally:
             if self._running.get(job.id) is running:  # not a later run's entry (this one was stale)
                 del self._running[job.id]
-            self._slots.release()
+                self.gate.leave(job.id)
+            self._runs -= 1
+            self._work.set()  # a slot is free
             self._gauges()
 
     async def _run(self, job: Job, running: _Running) -> None:
@@ -367,9 +436,11 @@ class Workers:
         renewer = asyncio.create_task(self._keep_lease(job.id, running))
         claim = running.claim
 
-        def on_step(done: int, _calls: int) -> None:
+        def on_step(done: int, calls: int) -> None:
             # Shown against effective_steps (what diffusers counts); PNDM makes one extra UNet call.
             running.step = done
+            if done >= calls:  # denoised: lower priorities need not wait for its decode
+                self.gate.leave(job.id)
             progress = Progress(min(done, total), total, None)
             self._notify(job, progress)
             now = time.monotonic()
@@ -381,7 +452,12 @@ class Workers:
         images: tuple[OutputImage, ...] = ()
         error: JobError | None = None
         try:
-            images = await self.execute(job, on_step=on_step, should_stop=lambda: running.cancel or running.lost)
+            images = await self.execute(
+                job,
+                on_step=on_step,
+                should_stop=lambda: running.cancel or running.lost,
+                before_step=lambda: self.gate.turn(job.spec.priority),
+            )
         except GenerationCanceled:
             status = CANCELED
         except BackendUnavailable as exc:
@@ -485,6 +561,7 @@ class Workers:
         bus (waiters and listeners on other replicas), the webhook outbox."""
         log.info("job %s: %s", job.id, job.status)
         self.on_event("job_finished", job.status)
+        self.estimator.invalidate()
         self._notify(job, final_progress(job))
         self._release_waiters(job.id)
         if job.webhook is not None:
@@ -605,6 +682,9 @@ class JobManager:
 
     async def enqueue_new(self, job: Job) -> None:
         await self.workers.enqueue_new(job)
+
+    async def finished_new(self, job: Job) -> None:
+        await self.workers.finished_new(job)
 
     async def get(self, job_id: str, owner: str) -> Job:
         return await self.workers.get(job_id, owner)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,7 +37,7 @@ from gateway.jobs.model import (
     job_to_json,
     now_iso,
 )
-from gateway.jobs.store import IdempotencyConflict, StaleJob
+from gateway.jobs.store import FinishedWork, IdempotencyConflict, QueuePlace, StaleJob
 from gateway.jobs.webhooks import SigningSecrets
 from gateway.observability import staged
 
@@ -47,7 +48,7 @@ T = TypeVar("T")
 # (the runner then retries with backoff, so a longer lock delays jobs but loses none).
 BUSY_TIMEOUT_S = 5.0
 DB_FILE_MODE = 0o600  # the job store holds secrets and prompts: owner only
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _CREATE_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -93,6 +94,28 @@ CREATE TABLE IF NOT EXISTS webhook_secrets (
     previous_until REAL NOT NULL DEFAULT 0
 );
 """
+# Issue 24: priorities and the fair queue (claim_next's order; `queue_deadline` is NULL unless queued), the
+# exact-result cache, and wait estimates (`started_at`, `work`, and the completed jobs by `completed_at`). Each
+# priority's virtual clock and each (owner, priority)'s virtual finish: start-time fair queuing (`create`).
+_MIGRATE_V6 = """
+ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE jobs ADD COLUMN fair_tag REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN queue_deadline REAL;
+ALTER TABLE jobs ADD COLUMN result_key TEXT;
+ALTER TABLE jobs ADD COLUMN work REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN started_at REAL;
+CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, priority DESC, fair_tag, created_at);
+CREATE INDEX IF NOT EXISTS jobs_result ON jobs (owner, result_key) WHERE result_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_queue_deadline ON jobs (status, queue_deadline) WHERE queue_deadline IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (status, completed_at);
+CREATE TABLE IF NOT EXISTS fair_clock (priority INTEGER PRIMARY KEY, v REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS fair_shares (
+    owner TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    finish REAL NOT NULL,
+    PRIMARY KEY (owner, priority)
+);
+"""
 
 
 def _legacy_to_v2(job_id: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -125,11 +148,40 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("COMMIT")
 
 
+def _take_share(db: sqlite3.Connection, owner: str, priority: int, share: float) -> float:
+    """Start-time fair queuing: a new job's tag is the later of its priority's virtual clock and the owner's
+    virtual finish (missing rows: 0); the owner's finish moves `share` past it. Called in create's transaction."""
+    clock = db.execute("SELECT v FROM fair_clock WHERE priority = ?", (priority,)).fetchone()
+    finish = db.execute("SELECT finish FROM fair_shares WHERE owner = ? AND priority = ?", (owner, priority)).fetchone()
+    tag = max(clock[0] if clock else 0.0, finish[0] if finish else 0.0)
+    db.execute(
+        "INSERT INTO fair_shares (owner, priority, finish) VALUES (?, ?, ?)"
+        " ON CONFLICT (owner, priority) DO UPDATE SET finish = excluded.finish",
+        (owner, priority, tag + share),
+    )
+    return float(tag)
+
+
 def _read_secrets(db: sqlite3.Connection, owner: str) -> SigningSecrets | None:
     row = db.execute(
         "SELECT version, current, previous, previous_until FROM webhook_secrets WHERE owner = ?", (owner,)
     ).fetchone()
     return None if row is None else SigningSecrets(owner, row[1], row[2], row[3], row[0])
+
+
+# Every write sets these columns from the job (`SqliteJobStore._mutable_columns`, in this order).
+_INSERT = (
+    "INSERT INTO jobs (id, owner, created_at, idempotency_key, status, completed_at, webhook_status, data, version,"
+    " lease_owner, lease_expires_at, not_before, webhook_next_at, webhook_lease_until, webhook_event, priority,"
+    " fair_tag, queue_deadline, result_key, work, started_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPDATE = (
+    "UPDATE jobs SET status = ?, completed_at = ?, webhook_status = ?, data = ?, version = ?, lease_owner = ?,"
+    " lease_expires_at = ?, not_before = ?, webhook_next_at = ?, webhook_lease_until = ?, webhook_event = ?,"
+    " priority = ?, fair_tag = ?, queue_deadline = ?, result_key = ?, work = ?, started_at = ?"
+    " WHERE id = ? AND version = ?"
+)
 
 
 class StoreInUse(Exception):
@@ -215,6 +267,16 @@ class SqliteJobStore:
             if version < 5:
                 for statement in _statements(_MIGRATE_V5):
                     db.execute(statement)
+            if version < 6:
+                for statement in _statements(_MIGRATE_V6):
+                    db.execute(statement)
+                # Jobs still waiting carry their work (queue_place's `work_ahead`); the other new columns of
+                # existing rows are what their JSON reads back as (the model's defaults).
+                for job_id, raw, row_version in db.execute(
+                    "SELECT id, data, version FROM jobs WHERE status = ?", (QUEUED,)
+                ).fetchall():
+                    work = job_from_json(raw, version=row_version).spec.work
+                    db.execute("UPDATE jobs SET work = ? WHERE id = ?", (work, job_id))
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -230,7 +292,7 @@ class SqliteJobStore:
     def _load(row: tuple[Any, ...] | None) -> Job | None:
         return None if row is None else job_from_json(row[0], version=row[1])
 
-    async def create(self, job: Job) -> Job:
+    async def create(self, job: Job, *, share: float = 1.0) -> Job:
         def run(connection: sqlite3.Connection) -> Job:
             with _transaction(connection) as db:
                 if job.idempotency_key is not None:
@@ -245,10 +307,10 @@ class SqliteJobStore:
                             raise IdempotencyConflict(job.idempotency_key)
                         return existing
                 stored = replace(job, version=1)
+                if job.status == QUEUED:
+                    stored = replace(stored, fair_tag=_take_share(db, job.owner, job.spec.priority, share))
                 db.execute(
-                    "INSERT INTO jobs (id, owner, created_at, idempotency_key, status, completed_at, webhook_status,"
-                    " data, version, lease_owner, lease_expires_at, not_before, webhook_next_at, webhook_lease_until,"
-                    " webhook_event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _INSERT,
                     (
                         stored.id,
                         stored.owner,
@@ -263,8 +325,8 @@ class SqliteJobStore:
 
     @staticmethod
     def _mutable_columns(job: Job) -> tuple[Any, ...]:
-        """status, completed_at, webhook_status, data, version, lease_owner, lease_expires_at, not_before,
-        webhook_next_at, webhook_lease_until, webhook_event: the columns queries filter on, beside the JSON."""
+        """The columns a write sets, in `_UPDATE`'s order: those queries filter on, beside the JSON.
+        `queue_deadline` is kept only while the job is queued (the deadline sweep's index holds waiting jobs only)."""
         hook = job.webhook
         return (
             job.status,
@@ -278,6 +340,12 @@ class SqliteJobStore:
             hook.next_attempt_at if hook else 0.0,
             hook.lease.expires_at if hook and hook.lease else None,
             hook.event if hook else None,
+            job.spec.priority,
+            job.fair_tag,
+            job.queue_deadline if job.status == QUEUED else None,
+            job.result_key,
+            job.spec.work,
+            job.started_at,
         )
 
     async def get(self, job_id: str) -> Job | None:
@@ -298,9 +366,7 @@ class SqliteJobStore:
         """Compare-and-set: write `job` with the next version if the row still has `job.version`."""
         stored = replace(job, version=job.version + 1, updated_at=now_iso())
         cursor = db.execute(
-            "UPDATE jobs SET status = ?, completed_at = ?, webhook_status = ?, data = ?, version = ?,"
-            " lease_owner = ?, lease_expires_at = ?, not_before = ?, webhook_next_at = ?, webhook_lease_until = ?,"
-            " webhook_event = ? WHERE id = ? AND version = ?",
+            _UPDATE,
             (*self._mutable_columns(stored), job.id, job.version),
         )
         if cursor.rowcount != 1:
@@ -336,13 +402,31 @@ class SqliteJobStore:
 
         return await self._call(run)
 
-    async def claim_next(self, worker: str, lease_s: float, now: float) -> Job | None:
-        return await self._claim_first(
-            "SELECT data, version FROM jobs q WHERE status = ? AND not_before <= ? ORDER BY"
-            " (SELECT COUNT(*) FROM jobs r WHERE r.owner = q.owner AND r.status IN (?, ?)), created_at, rowid LIMIT 1",
-            (QUEUED, now, QUEUED, PROCESSING),
-            lambda job: job.claimed(worker, time.time() + lease_s),
-        )
+    async def claim_next(self, worker: str, lease_s: float, now: float, *, min_priority: int = 0) -> Job | None:
+        """The first due job in the fair queue's order (see `JobStore.claim_next`); its priority's virtual clock
+        moves to its tag in the same transaction."""
+
+        def run(connection: sqlite3.Connection) -> Job | None:
+            with _transaction(connection) as db:
+                job = self._load(
+                    db.execute(
+                        "SELECT data, version FROM jobs WHERE status = ? AND priority >= ? AND not_before <= ?"
+                        " AND (queue_deadline IS NULL OR queue_deadline > ?)"
+                        " ORDER BY priority DESC, fair_tag, created_at, rowid LIMIT 1",
+                        (QUEUED, min_priority, now, now),
+                    ).fetchone()
+                )
+                proposed = None if job is None else job.claimed(worker, time.time() + lease_s)
+                if proposed is None:
+                    return None
+                db.execute(
+                    "INSERT INTO fair_clock (priority, v) VALUES (?, ?)"
+                    " ON CONFLICT (priority) DO UPDATE SET v = max(v, excluded.v)",
+                    (proposed.spec.priority, proposed.fair_tag),
+                )
+                return self._write(db, proposed)
+
+        return await self._call(run)
 
     async def claim_delivery(self, worker: str, lease_until: float, now: float) -> Job | None:
         return await self._claim_first(
@@ -375,16 +459,57 @@ class SqliteJobStore:
         )
         return int(rows[0][0])
 
-    async def queue_position(self, job: Job) -> int | None:
-        if job.status != QUEUED:
-            return None
+    async def queue_place(self, job: Job) -> QueuePlace | None:
+        """Counted on the stored row: None when the stored job is no longer queued."""
         rows = await self._call(
             lambda db: db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = ? AND created_at <= ? AND id != ?",
-                (QUEUED, job.created_at, job.id),
+                "SELECT 1 + COUNT(q.id), COALESCE(SUM(q.work), 0) FROM jobs j LEFT JOIN jobs q"
+                " ON q.status = ? AND (q.priority > j.priority OR (q.priority = j.priority"
+                " AND (q.fair_tag, q.created_at, q.rowid) < (j.fair_tag, j.created_at, j.rowid)))"
+                " WHERE j.id = ? AND j.status = ? GROUP BY j.id",
+                (QUEUED, job.id, QUEUED),
             ).fetchall()
         )
-        return int(rows[0][0]) + 1
+        return QueuePlace(int(rows[0][0]), float(rows[0][1])) if rows else None
+
+    async def count_queued_by_priority(self) -> dict[int, int]:
+        rows = await self._call(
+            lambda db: db.execute(
+                "SELECT priority, COUNT(*) FROM jobs WHERE status = ? GROUP BY priority", (QUEUED,)
+            ).fetchall()
+        )
+        return {int(priority): int(count) for priority, count in rows}
+
+    async def overdue_in_queue(self, now: float, limit: int) -> list[Job]:
+        return await self._select(
+            "SELECT data, version FROM jobs WHERE queue_deadline <= ? AND status = ?"
+            " ORDER BY created_at, rowid LIMIT ?",
+            (now, QUEUED, limit),
+        )
+
+    async def find_result(self, owner: str, result_key: str) -> Job | None:
+        found = await self._select(
+            "SELECT data, version FROM jobs WHERE owner = ? AND result_key = ? AND status = ?"
+            " ORDER BY completed_at DESC, rowid DESC LIMIT 1",
+            (owner, result_key, COMPLETED),
+        )
+        return found[0] if found else None
+
+    async def recent_finished(self, since: float, limit: int) -> list[FinishedWork]:
+        # completed_at is `now_iso()`'s form, which sorts as the times do: compare with `since` written alike.
+        after = datetime.fromtimestamp(since, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        rows = await self._call(
+            lambda db: db.execute(
+                "SELECT json_extract(data, '$.spec.model'), work, started_at, completed_at FROM jobs"
+                " WHERE status = ? AND completed_at >= ? AND started_at IS NOT NULL"
+                " ORDER BY completed_at DESC LIMIT ?",
+                (COMPLETED, after, limit),
+            ).fetchall()
+        )
+        return [
+            FinishedWork(str(model), float(work), float(started), datetime.fromisoformat(completed).timestamp())
+            for model, work, started, completed in rows
+        ]
 
     async def acquire_lock(self, name: str, holder: str, until: float, now: float) -> bool:
         def run(db: sqlite3.Connection) -> bool:

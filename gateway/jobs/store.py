@@ -17,6 +17,16 @@ take a named lock (`acquire_lock`). Each owner's webhook signing secrets are a r
 (`webhook_secrets`, `put_webhook_secrets`: compare-and-set on their version, so concurrent rotations have one
 winner).
 
+The store is also the fair queue (issue 24): within a priority level (`JobSpec.priority`, 0 bulk, 1 normal,
+2 interactive; a higher level is always claimed first), jobs are claimed by start-time fair queuing, the per-job
+form of deficit round robin on work cost. Each level has a virtual clock `V` (the largest `fair_tag` claimed so
+far) and each owner the virtual finish of its last job there; `create` gives a new queued job the tag
+`max(V, finish)` and moves the owner's finish on by the job's `share` (its work divided by the owner's weight),
+so a key with a long queue has its later jobs tagged far ahead, and a key that was idle starts at `V`, next in
+line. The same tables answer `queue_place` (what is ahead of a job, in jobs and work), and the queue-deadline
+sweep (`overdue_in_queue`), the exact-result cache (`find_result`) and the wait estimates (`recent_finished`)
+read their own columns.
+
 Stores raise `StoreUnavailable` (never their driver's exceptions) when the engine does not answer, so the
 runner can retry with backoff without knowing which engine it talks to. Times are epoch seconds; apart from
 the job leases above, `now` is passed in (`not_before`, webhook deliveries, locks), so the caller's clock decides
@@ -26,6 +36,7 @@ and tests can move it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.jobs.model import Job
@@ -44,14 +55,42 @@ class IdempotencyConflict(Exception):
     """The key was used before with another request body."""
 
 
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where a queued job stands: `position` is 1 + the queued jobs `claim_next` would take before it (a higher
+    priority, or the same one and a smaller `(fair_tag, created_at, insertion order)`), `work_ahead` the sum of
+    their `JobSpec.work` (UNet samples), what a wait estimate is made from. Every queued job that orders before it
+    counts, one not yet due (a retry's `not_before`) or past its deadline (about to be swept) included."""
+
+    position: int
+    work_ahead: float
+
+
+@dataclass(frozen=True)
+class FinishedWork:
+    """One completed job's measured service: its model, its work (UNet samples) and when it started and finished
+    (epoch seconds); wait estimates divide work by the time it took."""
+
+    model: str
+    work: float
+    started_at: float
+    finished_at: float
+
+
 class JobStore(Protocol):
     # True when one process owns the store (SQLite, locked at open): every unfinished job found at start is an
     # orphan of a dead process. False for a shared store: only expired leases are orphans.
     exclusive: bool
 
-    async def create(self, job: Job) -> Job:
+    async def create(self, job: Job, *, share: float = 1.0) -> Job:
         """Insert `job`; with an idempotency key already used by this owner, return that job instead
-        (raise IdempotencyConflict when its request hash differs). Exactly one of concurrent creates wins."""
+        (raise IdempotencyConflict when its request hash differs). Exactly one of concurrent creates wins.
+
+        A new queued job gets its place in its priority's fair queue in the same transaction: `fair_tag =
+        max(V[priority], finish[owner, priority])` (missing: 0) and the owner's finish becomes `fair_tag +
+        share`, where `share` is the job's work divided by the owner's weight (the caller computes it). An
+        idempotent duplicate, and a job created already finished (a completed cache hit), take no share.
+        Concurrent creates of one owner are serialised on its share, so each gets a distinct tag."""
         ...
 
     async def get(self, job_id: str) -> Job | None: ...
@@ -79,13 +118,18 @@ class JobStore(Protocol):
         cancel was requested meanwhile ends canceled instead. None when that claim no longer holds it."""
         ...
 
-    async def claim_next(self, worker: str, lease_s: float, now: float) -> Job | None:
-        """A queued job with `not_before <= now` (the caller's clock, as `release` set it), moved to processing
+    async def claim_next(self, worker: str, lease_s: float, now: float, *, min_priority: int = 0) -> Job | None:
+        """A queued job with `not_before <= now` (the caller's clock, as `release` set it), a priority of at least
+        `min_priority`, and not past its queue deadline (`queue_deadline` None or after `now`), moved to processing
         under a new claim of `worker` (`Job.claimed`), its lease expiring `lease_s` from now by the store's clock;
-        None when there is none. Fair between owners: the job of the owner with the fewest active (queued +
-        processing) jobs, oldest first among equals: one owner's jobs go in creation order, and a key with a
-        full queue does not keep a lighter key's job waiting behind all of its jobs. Concurrent callers (other replicas)
-        never get the same job and never wait on each other's row locks (PostgreSQL: `FOR UPDATE SKIP LOCKED`)."""
+        None when there is none. The order is `priority` (highest first), then `fair_tag`, then `created_at`,
+        then insertion order; the claim moves its priority's virtual clock to the job's tag, in the same
+        transaction. So a higher priority always goes first; one owner's jobs go in creation order within a
+        priority; and a key with a full queue does not keep another key's later job waiting behind its jobs: with
+        owner A holding 100 queued jobs and owner B submitting one, B's job is claimed within one claim of the next
+        one (on a tie of tags the older job goes first), and owners with jobs queued share the claims in inverse
+        proportion to their jobs' `share`. Concurrent callers (other replicas) never get the same job and never
+        wait on each other's row locks (PostgreSQL: `FOR UPDATE SKIP LOCKED`)."""
         ...
 
     async def expired_leases(self, limit: int) -> list[Job]:
@@ -101,8 +145,27 @@ class JobStore(Protocol):
         """Queued and processing jobs of `owner` (the per-key cap of job creation)."""
         ...
 
-    async def queue_position(self, job: Job) -> int | None:
-        """1-based position of a queued job among the queued ones by `created_at`; None if it is not queued."""
+    async def queue_place(self, job: Job) -> QueuePlace | None:
+        """Where the stored copy of `job` stands in the queue, in `claim_next`'s order (`QueuePlace`); None when
+        it is not queued."""
+        ...
+
+    async def count_queued_by_priority(self) -> dict[int, int]:
+        """Queued jobs in the whole store per priority (levels with none are left out): the metrics gauge."""
+        ...
+
+    async def overdue_in_queue(self, now: float, limit: int) -> list[Job]:
+        """Up to `limit` queued jobs whose `queue_deadline` is at or before `now` (the caller's clock), oldest
+        first: the sweep fails them `queue_timeout` (`Job.queue_timed_out`); `claim_next` never takes them."""
+        ...
+
+    async def find_result(self, owner: str, result_key: str) -> Job | None:
+        """The newest completed job of `owner` with this `result_key` (the exact-result cache); None if none."""
+        ...
+
+    async def recent_finished(self, since: float, limit: int) -> list[FinishedWork]:
+        """Up to `limit` completed jobs that a worker ran (`started_at` set: not cache hits) and that finished
+        at or after `since` (epoch seconds), newest first: the measured service times of wait estimates."""
         ...
 
     async def claim_delivery(self, worker: str, lease_until: float, now: float) -> Job | None:

@@ -28,11 +28,32 @@ _UNAVAILABLE_STATUSES = frozenset(
 )
 
 
+# A job's priority: 0 bulk, 1 normal (the default), 2 interactive. Every exported model's dynamic batcher has
+# PRIORITY_LEVELS levels and gives a request without one triton_priority(DEFAULT_PRIORITY)
+# (export.repository's copies of both; tests/unit/test_export_args.py holds them equal).
+PRIORITY_LEVELS = 3
+DEFAULT_PRIORITY = 1
+
+
+def triton_priority(priority: int) -> int:
+    """Triton's level for a job priority: 2 -> 1, 1 -> 2, 0 -> 3 (Triton serves level 1 first; 0 on a request
+    would mean "the model's default"). Safe on a model exported without priority levels: Triton (2.51) gives a
+    request whose level is 0 or above the model's highest the model's default level, and serves it as before."""
+    if not 0 <= priority < PRIORITY_LEVELS:
+        raise ValueError(f"priority {priority} is not one of 0..{PRIORITY_LEVELS - 1}")
+    return PRIORITY_LEVELS - priority
+
+
 class Engine(Protocol):
     """What the pipelines, `/readyz` and `/metrics` call: one `TritonEngine` or a `TritonPool` of replicas."""
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]: ...
 
     async def models_ready(self, models: Sequence[str]) -> bool: ...
@@ -123,8 +144,11 @@ class TritonEngine:
         outputs: Sequence[str],
         *,
         timeout_s: float | None = None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]:
-        """One inference; `timeout_s` (a pool's share of the call's budget) overrides the engine's timeout."""
+        """One inference at the job's `priority` (`triton_priority`: the models' batchers serve higher levels'
+        requests first); `timeout_s` (a pool's share of the call's budget) overrides the engine's timeout."""
+        level = triton_priority(priority)
         with stage("triton"):  # the client's own CPU: tensors to protobuf and back (gRPC I/O itself is `other`)
             request_inputs = []
             for name, array in inputs.items():
@@ -134,7 +158,11 @@ class TritonEngine:
             requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
         with translate_triton_errors(model):
             result = await self._client.infer(
-                model, request_inputs, outputs=requested, client_timeout=timeout_s or self.timeout_s
+                model,
+                request_inputs,
+                outputs=requested,
+                priority=level,
+                client_timeout=timeout_s or self.timeout_s,
             )
         with stage("triton"):
             return {name: result.as_numpy(name) for name in outputs}

@@ -12,6 +12,7 @@ it is as many replicas as the name has addresses (a Kubernetes headless Service)
   another replica: at most `max_attempts` replicas, all within the call's `timeout_s`. Each try gets the remaining
   budget, or at most `attempt_timeout_s` when set (only then can a deadline leave time to try elsewhere). Any other
   error (a bad request, a model failure) is the answer: it would fail the same everywhere.
+  Every try carries the call's job priority (`client.triton_priority`).
 - **Ejection.** A try failing UNAVAILABLE takes that replica out at once (NOT_FOUND takes it out for that model);
   a background task probes every replica every `health_interval_s` (server live, every model the pool has been
   asked about ready) and puts it back after one good probe, or takes it out after `PROBE_FAILURES_TO_EJECT`
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from gateway.errors import BackendUnavailable
-from gateway.triton.client import TritonEngine, triton_status
+from gateway.triton.client import DEFAULT_PRIORITY, TritonEngine, triton_status
 
 if TYPE_CHECKING:
     from gateway.observability import Metrics
@@ -70,6 +71,7 @@ class ReplicaClient(Protocol):
         outputs: Sequence[str],
         *,
         timeout_s: float | None = None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]: ...
 
     async def is_live(self, *, timeout_s: float = PROBE_TIMEOUT_S) -> bool: ...
@@ -216,7 +218,12 @@ class TritonPool:
     # --- the Engine interface ---------------------------------------------------------------------------------
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]:
         await self._start()
         self._learn((model,))
@@ -234,7 +241,7 @@ class TritonPool:
             replica.in_flight += 1
             replica.calls += 1
             try:
-                return await replica.client.infer(model, inputs, outputs, timeout_s=budget)
+                return await replica.client.infer(model, inputs, outputs, timeout_s=budget, priority=priority)
             except BackendUnavailable as exc:
                 replica.failures += 1
                 failure = exc

@@ -59,7 +59,9 @@ def test_calibration_writes_one_policy_into_the_config_the_manifest_and_its_reco
     policy = record["policy"]["max_batch_size"]
     assert 1 <= policy <= MAX_BATCH and set(record["seconds_per_row"]) <= {"1", "2"}
     assert record["settings"]["cpu_mem_arena"] == "1"  # timed as served: the config's session settings
-    assert f"max_batch_size: {policy}\n" in (repo / f"{NAME}_unet" / "config.pbtxt").read_text()
+    config = (repo / f"{NAME}_unet" / "config.pbtxt").read_text()
+    assert f"max_batch_size: {policy}\n" in config
+    assert "priority_levels: 3 default_priority_level: 2 }" in config  # the rewritten batching line keeps them
     manifest = json.loads((repo / f"{NAME}.pipeline.json").read_text())
     assert manifest["components"]["unet"]["max_batch_size"] == policy
     for component in ("vae_encoder", "vae_decoder"):  # each VAE half measured too, at least 1 row

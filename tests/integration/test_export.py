@@ -405,7 +405,7 @@ def test_onnxruntime_backend_configs(tmp_path: Path, repository: Repository) -> 
     assert result.returncode == 0, result.stderr
     config = (repo / "imagen-v2_unet" / "config.pbtxt").read_text()
     assert 'backend: "onnxruntime"' in config and "max_batch_size: 8" in config
-    assert "max_queue_delay_microseconds: 500" in config
+    assert "max_queue_delay_microseconds: 500 priority_levels: 3 default_priority_level: 2 }" in config
     assert 'name: "timestep" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] }' in config
     assert not (repo / "imagen-v2_unet" / "1" / "model.py").exists()
     python_config = (repository.path / "imagen-v2_unet" / "config.pbtxt").read_text()

@@ -97,6 +97,9 @@ def test_every_config_parses_into_tritons_model_config(exports: dict[str, Path])
             assert config.name == entry["model"]
             assert config.max_batch_size == MAX_BATCH
             assert config.HasField("dynamic_batching")
+            # Priority levels, as every backend's batcher has (issue 24): the gateway's levels 1..3, default 2.
+            batching = config.dynamic_batching
+            assert (batching.priority_levels, batching.default_priority_level) == (3, 2), (backend, component)
             for tensors, declared in ((config.input, entry["inputs"]), (config.output, entry["outputs"])):
                 assert [t.name for t in tensors] == list(declared), (backend, component)
                 for tensor in tensors:

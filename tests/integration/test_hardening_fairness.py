@@ -1,6 +1,7 @@
 """Hardening, fairness between keys, against the real gateway over HTTP: a per-key cap on queued + running
-jobs (429 `too_many_jobs`), fair claiming (the key with the fewest active jobs goes first) and the per-key
-work budget in UNet samples (429 `rate_limited`, `Retry-After` from the request's cost).
+jobs (429 `too_many_jobs`), fair claiming (start-time fair queuing on work: a key that was idle is next in line,
+not behind another key's backlog) and the per-key work budget in UNet samples (429 `rate_limited`,
+`Retry-After` from the request's cost).
 
 Bounds are liveness bounds with generous margins, not performance claims: every job is waited for at most
 120 s; with one worker slot, key B's job finishes after at most ONE job of key A that was created before it
@@ -94,3 +95,39 @@ def test_a_costly_request_is_refused_by_the_work_budget_while_cheap_ones_pass(ma
         client.post(f"/v1/image-to-image/{other.json()['id']}/cancel", headers=_headers(KEY_B))
         for job in (first, cheap):
             assert _final(client, job.json()["id"], KEY_A)["status"] == "completed"
+
+
+def _started(job: dict[str, Any]) -> str | None:
+    started: str | None = job.get("started_at")
+    return started
+
+
+def test_a_key_with_100_queued_jobs_delays_another_keys_job_by_at_most_one_job_slot(
+    make_gateway: GatewayFactory,
+) -> None:
+    """Start-time fair queuing: B's single job gets the next free slot, ahead of A's backlog (FIFO would put
+    it behind all of A's queued jobs)."""
+    settings = {
+        "api_keys": frozenset({KEY_A, KEY_B}),
+        "max_active_jobs_per_key": 0,
+        "max_running_jobs": 1,
+        "work_per_minute": 0,
+    }
+    with make_gateway(**settings) as url, httpx.Client(base_url=url, timeout=60) as client:
+        a_ids = []
+        for i in range(100):
+            response = client.post("/v1/image-to-image", json={**QUICK, "seed": i}, headers=_headers(KEY_A))
+            assert response.status_code == 202, response.text
+            a_ids.append(response.json()["id"])
+        b = client.post("/v1/image-to-image", json=QUICK, headers=_headers(KEY_B))
+        assert b.status_code == 202, b.text
+        b_job = _final(client, b.json()["id"], KEY_B)
+        for job_id in a_ids:  # the rest of A's backlog is not needed
+            client.post(f"/v1/image-to-image/{job_id}/cancel", headers=_headers(KEY_A))
+        a_jobs = [_final(client, job_id, KEY_A) for job_id in a_ids]
+        queued_when_b_came = [j for j in a_jobs if (_started(j) or "~") > b_job["created_at"]]
+        assert len(queued_when_b_came) >= 10, "A's backlog had drained: the test would prove nothing"
+        b_started = _started(b_job)
+        assert b_job["status"] == "completed" and b_started is not None
+        overtook = [j for j in a_jobs if b_job["created_at"] < (_started(j) or "~") < b_started]
+        assert len(overtook) <= 1, (b_job, overtook)  # one job slot: the next one free when B came

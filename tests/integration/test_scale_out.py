@@ -51,6 +51,7 @@ from tests.integration.gateways import SubprocessGateway, start_gateway
 pytestmark = pytest.mark.integration
 
 API_KEY = "scale-out-key-0000-0123456789abcdef"
+API_KEY_B = "scale-out-key-bbbb-0123456789abcdef"  # a second key: fair shares between keys across the replicas
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ASYNC = {**AUTH, "Prefer": "respond-async"}
 IMAGE = data_uri(make_image(128, 128, seed=31))
@@ -319,7 +320,8 @@ def _cluster(
     env = {
         **s3.env(),
         "IMAGEN_S3_ENDPOINT_URL": s3_proxy.url,
-        "IMAGEN_API_KEYS": API_KEY,
+        "IMAGEN_API_KEYS": f"{API_KEY},{API_KEY_B}",
+        "IMAGEN_MAX_ACTIVE_JOBS_PER_KEY": "0",  # the fairness test queues 100 jobs of one key
         "IMAGEN_JOBS_DB": db_url,
         "IMAGEN_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "IMAGEN_REDIS_URL": redis.url,
@@ -450,6 +452,40 @@ def test_load_on_both_gateways_completes_and_images_are_served_by_the_other(clus
         for name in [job["images"][0]["url"].rsplit("/", 1)[1]]
     )
     print(f"\nscale-out load: 12 jobs on 2 gateways in {elapsed:.1f} s; UNet rows per Triton {before} -> {after}")
+
+
+def test_a_key_with_100_queued_jobs_delays_another_keys_job_by_a_job_slot_across_two_gateways(
+    cluster: Cluster,
+) -> None:
+    """The fair order is the store's (start-time fair queuing, tags assigned at creation in PostgreSQL), so it
+    holds across replicas: key B's one job, posted to either gateway after key A queued 100 on both, starts at
+    the next free slot. Each replica's dispatcher claims on its own, so at most one A job per replica can start
+    between B's creation and its start (a claim already under way on the other replica)."""
+    # A's jobs long enough (20 steps) that its backlog cannot drain on 4 slots while it is posted (100 x 20 UNet
+    # samples: within the key's default work burst of 2,400).
+    backlog = {"steps": 20, "strength": 1.0, "guidance_scale": 1.0, "cache": False}
+    quick = {"steps": 2, "strength": 1.0, "guidance_scale": 1.0, "cache": False}
+    b_auth = {"Authorization": f"Bearer {API_KEY_B}", "Prefer": "respond-async"}
+    with httpx.Client(timeout=30) as http:
+        a_ids = [create((cluster.a, cluster.b)[i % 2], http, seed=i, **backlog) for i in range(100)]
+        response = http.post(f"{cluster.b.url}/v1/image-to-image", json=body(**quick), headers=b_auth)
+        assert response.status_code == 202, response.text
+        b_id = response.json()["id"]
+        deadline = time.monotonic() + JOB_DEADLINE_S
+        while True:
+            b_job = http.get(f"{cluster.a.url}/v1/image-to-image/{b_id}", headers=b_auth).json()
+            if b_job["status"] in FINAL:
+                break
+            assert time.monotonic() < deadline, b_job
+            time.sleep(0.05)
+        for job_id in a_ids:  # the rest of A's backlog is not needed
+            http.post(f"{cluster.a.url}/v1/image-to-image/{job_id}/cancel", headers=AUTH)
+    a_jobs = poll_all(cluster.a, a_ids)
+    assert b_job["status"] == "completed" and b_job["started_at"] is not None, b_job
+    waiting = [j for j in a_jobs.values() if (j["started_at"] or "~") > b_job["created_at"]]
+    assert len(waiting) >= 10, "A's backlog had drained: the test would prove nothing"
+    overtook = [j for j in a_jobs.values() if b_job["created_at"] < (j["started_at"] or "~") < b_job["started_at"]]
+    assert len(overtook) <= 2, (b_job, overtook)  # FIFO would start every one of A's queued jobs first
 
 
 # --- 4. cancel, SSE and idempotency across replicas ----------------------------------------------------------

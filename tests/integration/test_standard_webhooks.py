@@ -88,7 +88,7 @@ def gateway(make_gateway: GatewayFactory) -> Iterator[str]:
 
 
 def submit(gateway: str, auth: dict[str, str], **fields: Any) -> dict[str, Any]:
-    body = {"image": IMAGE, "prompt": "a lighthouse", "steps": 4, "strength": 0.5, "seed": 1, **fields}
+    body = {"image": IMAGE, "prompt": "a lighthouse", "steps": 4, "strength": 0.5, "seed": 1, "cache": False, **fields}
     response = httpx.post(f"{gateway}/v1/image-to-image", json=body, headers=auth, timeout=30)
     assert response.status_code == 202, response.text
     job: dict[str, Any] = response.json()

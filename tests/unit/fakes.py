@@ -14,8 +14,9 @@ import dataclasses
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from gateway.errors import ApiError, StoreUnavailable
 from gateway.http.routes import Handlers, Services, routes
 from gateway.jobs.events import EventHandler, EventKind, JobEvent
 from gateway.jobs.model import (
+    COMPLETED,
     DEFAULT_WEBHOOK_EVENTS,
     PROCESSING,
     QUEUED,
@@ -44,10 +46,11 @@ from gateway.jobs.model import (
     now_iso,
 )
 from gateway.jobs.naming import input_name, output_name
-from gateway.jobs.store import IdempotencyConflict, StaleJob
+from gateway.jobs.store import FinishedWork, IdempotencyConflict, QueuePlace, StaleJob
 from gateway.jobs.webhooks import SigningSecrets
 from gateway.media.storage import StoredStream
 from gateway.settings import Settings
+from gateway.triton.client import DEFAULT_PRIORITY
 
 # --- the job store --------------------------------------------------------------------------------------
 
@@ -79,7 +82,8 @@ class InMemoryJobStore:
     Faults: `fail_nth("claim", 2)` makes the 2nd call of `claim` raise; `fail_when(rule)` raises while
     `rule(method, args)` is true; `lose_reply_when(rule)` lets an `update` commit, then raises (a lost answer).
     `calls` counts calls (failed ones included), `writes` logs every write. Lease times are `clock()`'s
-    (`time.time`, the process's clock, as SQLite's).
+    (`time.time`, the process's clock, as SQLite's). The fair queue is the stores' (start-time fair queuing:
+    `fair_clock` per priority, `fair_shares` per (owner, priority)); insertion order breaks ties as a row id does.
     """
 
     METHODS = (
@@ -94,7 +98,11 @@ class InMemoryJobStore:
         "expired_leases",
         "count_queued",
         "count_active",
-        "queue_position",
+        "count_queued_by_priority",
+        "queue_place",
+        "overdue_in_queue",
+        "find_result",
+        "recent_finished",
         "claim_delivery",
         "acquire_lock",
         "unfinished",
@@ -112,6 +120,9 @@ class InMemoryJobStore:
         self._jobs: dict[str, Job] = {}
         self._locks: dict[str, tuple[str, float]] = {}
         self._secrets: dict[str, SigningSecrets] = {}
+        self._seq: dict[str, int] = {}  # insertion order (a row id): the last tie-break of the queue's order
+        self.fair_clock: dict[int, float] = {}  # priority -> V, the largest tag claimed
+        self.fair_shares: dict[tuple[str, int], float] = {}  # (owner, priority) -> virtual finish of its last job
         self.calls: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.writes: list[Write] = []
@@ -171,7 +182,7 @@ class InMemoryJobStore:
 
     # -- the protocol --
 
-    async def create(self, job: Job) -> Job:
+    async def create(self, job: Job, *, share: float = 1.0) -> Job:
         await self._enter("create", job)
         if job.idempotency_key is not None:
             for existing in self._jobs.values():
@@ -183,7 +194,13 @@ class InMemoryJobStore:
         if job.id in self._jobs:  # SQLite: a primary key violation, an sqlite3.Error
             raise StoreUnavailable("The job store is unavailable", f"duplicate id {job.id}")
         stored = dataclasses.replace(job, version=1)
+        if job.status == QUEUED:  # its place in the fair queue (a job created finished takes no share)
+            at = (job.owner, job.spec.priority)
+            tag = max(self.fair_clock.get(job.spec.priority, 0.0), self.fair_shares.get(at, 0.0))
+            self.fair_shares[at] = tag + share
+            stored = dataclasses.replace(stored, fair_tag=tag)
         self._jobs[job.id] = stored
+        self._seq[job.id] = len(self._seq)
         self.writes.append(Write("create", stored))
         await self._leave("create")
         return stored
@@ -236,17 +253,27 @@ class InMemoryJobStore:
     def _oldest(self, keep: Callable[[Job], bool], key: Callable[[Job], str]) -> Job | None:
         return min((j for j in self._jobs.values() if keep(j)), key=key, default=None)
 
-    async def claim_next(self, worker: str, lease_s: float, now: float) -> Job | None:
+    def _queue_order(self, job: Job) -> tuple[int, float, str, int]:
+        """`claim_next`'s order: the highest priority, then the smallest tag, the oldest, the first inserted."""
+        return (-job.spec.priority, job.fair_tag, job.created_at, self._seq.get(job.id, -1))
+
+    async def claim_next(self, worker: str, lease_s: float, now: float, *, min_priority: int = 0) -> Job | None:
         await self._enter("claim_next", worker)
-        active: dict[str, int] = {}
-        for j in self._jobs.values():
-            if j.status in UNFINISHED:
-                active[j.owner] = active.get(j.owner, 0) + 1
         first = min(
-            (j for j in self._jobs.values() if j.status == QUEUED and j.not_before <= now),
-            key=lambda j: (active.get(j.owner, 0), j.created_at),  # fewest active jobs of the owner, then oldest
+            (
+                j
+                for j in self._jobs.values()
+                if j.status == QUEUED
+                and j.not_before <= now
+                and j.spec.priority >= min_priority
+                and (j.queue_deadline is None or j.queue_deadline > now)
+            ),
+            key=self._queue_order,
             default=None,
         )
+        if first is not None:
+            priority = first.spec.priority
+            self.fair_clock[priority] = max(self.fair_clock.get(priority, 0.0), first.fair_tag)
         return await self._conditional(
             "claim_next", first.id if first else "", lambda job: job.claimed(worker, self.clock() + lease_s)
         )
@@ -273,13 +300,45 @@ class InMemoryJobStore:
     async def count_active(self, owner: str) -> int:
         return len(await self._select("count_active", lambda j: j.owner == owner and j.status in UNFINISHED))
 
-    async def queue_position(self, job: Job) -> int | None:
-        if job.status != QUEUED:
-            return None
-        ahead = await self._select(
-            "queue_position", lambda j: j.status == QUEUED and j.created_at <= job.created_at and j.id != job.id
+    async def queue_place(self, job: Job) -> QueuePlace | None:
+        await self._enter("queue_place", job.id)
+        stored = self._jobs.get(job.id)
+        place = None
+        if stored is not None and stored.status == QUEUED:
+            mine = self._queue_order(stored)
+            ahead = [j for j in self._jobs.values() if j.status == QUEUED and self._queue_order(j) < mine]
+            place = QueuePlace(len(ahead) + 1, float(sum(j.spec.work for j in ahead)))
+        await self._leave("queue_place")
+        return place
+
+    async def count_queued_by_priority(self) -> dict[int, int]:
+        queued = await self._select("count_queued_by_priority", lambda j: j.status == QUEUED)
+        return dict(Counter(j.spec.priority for j in queued))
+
+    async def overdue_in_queue(self, now: float, limit: int) -> list[Job]:
+        found = await self._select(
+            "overdue_in_queue",
+            lambda j: j.status == QUEUED and j.queue_deadline is not None and j.queue_deadline <= now,
         )
-        return len(ahead) + 1
+        return found[:limit]
+
+    async def find_result(self, owner: str, result_key: str) -> Job | None:
+        found = await self._select(
+            "find_result", lambda j: j.owner == owner and j.result_key == result_key and j.status == COMPLETED
+        )
+        return max(found, key=lambda j: (j.completed_at or "", self._seq.get(j.id, -1)), default=None)
+
+    async def recent_finished(self, since: float, limit: int) -> list[FinishedWork]:
+        def finished_at(job: Job) -> float:
+            return datetime.fromisoformat(job.completed_at or "").timestamp()
+
+        ran = await self._select(
+            "recent_finished", lambda j: j.status == COMPLETED and j.started_at is not None and finished_at(j) >= since
+        )
+        ran.sort(key=lambda j: j.completed_at or "", reverse=True)
+        return [
+            FinishedWork(j.spec.model, float(j.spec.work), j.started_at or 0.0, finished_at(j)) for j in ran[:limit]
+        ]
 
     async def acquire_lock(self, name: str, holder: str, until: float, now: float) -> bool:
         await self._enter("acquire_lock", name, holder)
@@ -348,6 +407,7 @@ class InMemoryJobStore:
         """Seed a job as a previous process left it (version as given, or 1)."""
         stored = job if job.version else dataclasses.replace(job, version=1)
         self._jobs[job.id] = stored
+        self._seq.setdefault(job.id, len(self._seq))
         return stored
 
     def all(self) -> list[Job]:
@@ -520,7 +580,12 @@ class FakeExecutor:
         self.finished: list[str] = []
 
     async def __call__(
-        self, job: Job, *, on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
+        self,
+        job: Job,
+        *,
+        on_step: Callable[[int, int], None],
+        should_stop: Callable[[], bool],
+        before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[OutputImage, ...]:
         self.calls.append(job.id)
         self.started.set()
@@ -529,6 +594,8 @@ class FakeExecutor:
             raise failure
         on_step(0, self.steps)
         for step in range(self.steps):
+            if before_step is not None:
+                await before_step()
             if should_stop():
                 raise GenerationCanceled()
             if self.gate is not None:
@@ -604,11 +671,12 @@ def tiny_manifest(tmp_path: Path, *, name: str = "tiny", scheduler: str = "DDIMS
 
 
 class FakeTriton:
-    """`infer(model, inputs, outputs)` of `TritonEngine`, with correctly shaped float32 outputs per component.
+    """`infer(model, inputs, outputs, priority=...)` of `TritonEngine`, with correctly shaped float32 outputs per
+    component.
 
     `fail`: a callable (model, call index) -> exception to raise or None. `gate`: when set, the calls for which
     `gate_if(model, call index)` is true (all by default) await it first. `unet_calls` counts UNet calls;
-    `calls` logs (model, {input name: shape}).
+    `calls` logs (model, {input name: shape}); `priorities` the priority of each call, in the same order.
     """
 
     def __init__(
@@ -624,6 +692,7 @@ class FakeTriton:
         self.gate = gate
         self.gate_if = gate_if or (lambda model, n: True)
         self.calls: list[tuple[str, dict[str, tuple[int, ...]]]] = []
+        self.priorities: list[int] = []
         self.entered = asyncio.Event()
 
     @property
@@ -631,10 +700,16 @@ class FakeTriton:
         return sum(1 for model, _ in self.calls if model == self.manifest.unet.model)
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]:
         m = self.manifest
         self.calls.append((model, {k: tuple(v.shape) for k, v in inputs.items()}))
+        self.priorities.append(priority)
         self.entered.set()
         if self.gate is not None and self.gate_if(model, len(self.calls)):
             await self.gate.wait()

@@ -14,6 +14,7 @@ import pytest
 
 from gateway.diffusion.img2img import Generation, Img2ImgPipeline, run_in_chunks
 from gateway.diffusion.manifest import load_manifest
+from gateway.triton.client import DEFAULT_PRIORITY
 from tests.unit.fakes import FakeTriton, tiny_manifest
 
 
@@ -28,7 +29,12 @@ class RowEngine:
         self.most_in_flight = 0
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]:
         rows = len(inputs["x"])
         assert self.max_rows is None or rows <= self.max_rows, f"{rows} rows for a max of {self.max_rows}"

@@ -28,6 +28,7 @@ from gateway.errors import (
     NothingToRedeliver,
     Overloaded,
     PayloadTooLarge,
+    QueueTimeout,
     RateLimited,
     RequestTimeout,
     RunAttemptsExhausted,
@@ -66,6 +67,7 @@ EXPECTED = [
     (StoreUnavailable, 503, "store_unavailable"),
     (RunAttemptsExhausted, 500, "run_attempts_exhausted"),
     (InsufficientStorage, 507, "insufficient_storage"),
+    (QueueTimeout, 503, "queue_timeout"),
 ]
 
 

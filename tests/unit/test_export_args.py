@@ -1,5 +1,6 @@
-"""Issue 12: the export CLI's SDXL and turbo flags; issue 18: the CPU arena and the rate limiter's CPU budget
-(parsing and rendering only; the exports themselves run in the integration session, tests/integration/conftest.py)."""
+"""Issue 12: the export CLI's SDXL and turbo flags; issue 18: the CPU arena and the rate limiter's CPU budget;
+issue 24: the batchers' priority levels (parsing and rendering only; the exports themselves run in the integration
+session, tests/integration/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,17 @@ import pytest
 
 from export.__main__ import TURBO_SCHEDULER, parse_args
 from export.calibrate import BatchPolicy, choose_policy, render_batching
-from export.repository import CPU_THREADS_RESOURCE, ServingOptions, TensorSpec, config_parameters, render_config
+from export.repository import (
+    CPU_THREADS_RESOURCE,
+    DEFAULT_PRIORITY_LEVEL,
+    PRIORITY_LEVELS,
+    ServingOptions,
+    TensorSpec,
+    config_parameters,
+    render_config,
+)
 from gateway.settings import Settings
+from gateway.triton import client as triton_client
 from gateway.triton.server import CPU_THREADS_RESOURCE as SERVER_CPU_THREADS_RESOURCE
 from gateway.triton.server import cpu_budget_args
 
@@ -115,9 +125,41 @@ def test_the_calibrated_limit_stays_within_the_export_cap() -> None:
 
 
 def test_the_calibrated_batching_line() -> None:
-    assert render_batching(BatchPolicy(1, (), 0)) == "dynamic_batching { max_queue_delay_microseconds: 0 }"
+    """The line `--calibrate` rewrites keeps the priority levels."""
+    assert render_batching(BatchPolicy(1, (), 0)) == (
+        "dynamic_batching { max_queue_delay_microseconds: 0 priority_levels: 3 default_priority_level: 2 }"
+    )
     assert render_batching(BatchPolicy(4, (4,), 800)) == (
-        "dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 800 }"
+        "dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 800 "
+        "priority_levels: 3 default_priority_level: 2 }"
+    )
+
+
+def test_the_exports_priority_levels_are_the_gateways() -> None:
+    """The export cannot import the gateway: its copies of the levels and of the level a request without one gets
+    (the gateway's default priority's) are held equal here."""
+    assert PRIORITY_LEVELS == triton_client.PRIORITY_LEVELS
+    assert triton_client.triton_priority(triton_client.DEFAULT_PRIORITY) == DEFAULT_PRIORITY_LEVEL
+    levels = {triton_client.triton_priority(p) for p in range(triton_client.PRIORITY_LEVELS)}
+    assert levels == set(range(1, PRIORITY_LEVELS + 1))  # every job priority is one of the models' levels
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ServingOptions(),
+        ServingOptions(runtime="torch"),
+        ServingOptions(backend="onnxruntime"),
+        ServingOptions(backend="tensorrt"),
+    ],
+    ids=["python", "python-torch", "onnxruntime", "tensorrt"],
+)
+@pytest.mark.parametrize(("name", "delay"), [("m_unet", 500), ("m_vae_decoder", 0)])
+def test_every_backends_batcher_has_the_priority_levels(options: ServingOptions, name: str, delay: int) -> None:
+    config = render_config(name, [TensorSpec("sample", "FP32", (-1, 4, -1, -1))], [], options, "model.onnx")
+    (line,) = [line for line in config.splitlines() if line.startswith("dynamic_batching")]
+    assert line == (
+        f"dynamic_batching {{ max_queue_delay_microseconds: {delay} priority_levels: 3 default_priority_level: 2 }}"
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -445,7 +445,12 @@ class PerRunExecutor(FakeExecutor):
         self.ended: list[int] = []
 
     async def __call__(
-        self, job: Job, *, on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
+        self,
+        job: Job,
+        *,
+        on_step: Callable[[int, int], None],
+        should_stop: Callable[[], bool],
+        before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[OutputImage, ...]:
         self.calls.append(job.id)
         n = len(self.calls)
@@ -613,7 +618,7 @@ async def test_cancel_a_queued_job(make_rig: MakeRig) -> None:
     canceled = await asyncio.wait_for(rig.manager.cancel("b", "o"), DEADLINE_S)
     assert canceled.status == CANCELED and canceled.images == ()
     assert outcome(canceled) == outcome(rig.store.peek("b"))
-    assert await rig.store.queue_position(rig.store.peek("b")) is None  # type: ignore[arg-type]
+    assert await rig.store.queue_place(rig.store.peek("b")) is None  # type: ignore[arg-type]
     assert await rig.store.count_queued() == 0
     gate.set()
     assert (await rig.final("a")).status == COMPLETED

@@ -17,11 +17,13 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from gateway.errors import StoreUnavailable
+from gateway.jobs import sqlite as sqlite_store
 from gateway.jobs import webhooks
 from gateway.jobs.create import request_hash
 from gateway.jobs.model import (
     CANCELED,
     COMPLETED,
+    FAILED,
     PROCESSING,
     QUEUED,
     DeliveryAttempt,
@@ -38,7 +40,7 @@ from gateway.jobs.model import (
     owner_of,
 )
 from gateway.jobs.sqlite import SCHEMA_VERSION, SqliteJobStore
-from gateway.jobs.store import IdempotencyConflict, JobStore, StaleJob, transition
+from gateway.jobs.store import FinishedWork, IdempotencyConflict, JobStore, QueuePlace, StaleJob, transition
 from tests.unit.fakes import InMemoryJobStore, make_job, make_spec
 
 LEASE = 10_000.0
@@ -284,16 +286,191 @@ async def test_count_active_counts_one_owners_queued_and_processing_jobs(store: 
     assert await store.count_active("nobody") == 0
 
 
-async def test_claim_next_is_fair_between_owners(store: JobStore) -> None:
-    """The owner with the fewest active jobs goes first, oldest first among equals: a key that filled the queue
-    does not keep a lighter key's later job behind all of its own."""
-    for i in range(4):
-        await store.create(make_job(f"a{i}", owner="A", created_at=f"2030-01-01T00:00:0{i}.000000Z"))
-    await store.create(make_job("b0", owner="B", created_at="2030-01-01T00:00:05.000000Z"))
+async def _claim_all(store: JobStore, *, now: float | None = None, min_priority: int = 0) -> list[str]:
     order = []
-    while (job := await store.claim_next("w", LEASE, now=time.time())) is not None:
+    while (
+        job := await store.claim_next("w", LEASE, now=time.time() if now is None else now, min_priority=min_priority)
+    ) is not None:
         order.append(job.id)
-    assert order == ["b0", "a0", "a1", "a2", "a3"]
+    return order
+
+
+def _at(second: int) -> str:
+    return f"2030-01-01T00:{second // 60:02d}:{second % 60:02d}.000Z"
+
+
+async def test_claim_next_is_fair_between_owners(store: JobStore) -> None:
+    """Issue 24 (start-time fair queuing): a key that filled the queue does not keep another key's later job
+    behind all of its own. With A's 100 jobs queued, B's one is claimed within one claim of the next one: next
+    when A's first job was claimed already; right after it when B's tag ties A's first (the older goes first).
+    One owner's jobs go in creation order."""
+    for i in range(100):
+        await store.create(make_job(f"a{i:02d}", owner="A", created_at=_at(i)))
+    first = await store.claim_next("w", LEASE, now=time.time())
+    assert first is not None and first.id == "a00"
+    b = await store.create(make_job("b0", owner="B", created_at=_at(200)))
+    assert b.fair_tag == 0.0 == first.fair_tag  # the clock is at A's claimed job; B was idle
+    assert await _claim_all(store) == ["b0", *(f"a{i:02d}" for i in range(1, 100))]
+
+
+async def test_claim_next_ties_of_tags_go_to_the_older_job(store: JobStore) -> None:
+    for i in range(3):
+        await store.create(make_job(f"a{i}", owner="A", created_at=_at(i)))
+    await store.create(make_job("b0", owner="B", created_at=_at(10)))  # before any claim: tag 0, as a0's
+    await store.create(make_job("c0", owner="C", created_at=_at(5)))  # tag 0 too, older than b0
+    assert [(await store.get(j)).fair_tag for j in ("a0", "a1", "a2", "b0", "c0")] == [0, 1, 2, 0, 0]  # type: ignore[union-attr]
+    assert await _claim_all(store) == ["a0", "c0", "b0", "a1", "a2"]
+
+
+async def test_claim_next_higher_priority_first(store: JobStore) -> None:
+    """A higher priority is always claimed first, whatever its tag and age; `min_priority` leaves lower ones."""
+    for i in range(3):
+        await store.create(make_job(f"n{i}", owner="A", created_at=_at(i)))
+    await store.create(make_job("bulk", owner="B", created_at=_at(3), spec=make_spec(priority=0)))
+    for i in range(3):  # A's interactive jobs: their own fair queue, tags from 0 again
+        await store.create(make_job(f"i{i}", owner="A", created_at=_at(10 + i), spec=make_spec(priority=2)))
+    assert await store.count_queued_by_priority() == {0: 1, 1: 3, 2: 3}
+    assert await _claim_all(store, min_priority=2) == ["i0", "i1", "i2"]
+    assert await _claim_all(store, min_priority=1) == ["n0", "n1", "n2"]
+    await store.create(make_job("late", owner="C", created_at=_at(30), spec=make_spec(priority=2)))
+    assert await _claim_all(store) == ["late", "bulk"]
+    assert await store.count_queued_by_priority() == {}
+
+
+async def test_claim_next_weights_owners_by_share(store: JobStore) -> None:
+    """An owner whose jobs each take a share of 2.0 (half the weight) gets half the claims of one whose jobs take
+    1.0, while both have jobs queued."""
+    for i in range(10):
+        await store.create(make_job(f"x{i}", owner="X", created_at=_at(2 * i)), share=2.0)
+        await store.create(make_job(f"y{i}", owner="Y", created_at=_at(2 * i + 1)), share=1.0)
+    order = await _claim_all(store)
+    first = order[:12]
+    assert sum(j.startswith("x") for j in first) == 4 and sum(j.startswith("y") for j in first) == 8, order
+    assert [j for j in order if j.startswith("x")] == [f"x{i}" for i in range(10)]  # creation order per owner
+    assert [j for j in order if j.startswith("y")] == [f"y{i}" for i in range(10)]
+
+
+async def test_only_a_new_queued_job_takes_a_share(store: JobStore) -> None:
+    """An idempotent duplicate and a job created already finished (a completed cache hit) leave the owner's
+    virtual finish as it was; the tag is stored with the job."""
+    first = await store.create(make_job("a", key="k", body="same"), share=3.0)
+    assert first.fair_tag == 0.0
+    assert (await store.create(make_job("dup", key="k", body="same"), share=3.0)).id == "a"
+    hit = make_job("hit", status=COMPLETED, completed_at=now_iso(), cached_from="a")
+    created_hit = await store.create(hit, share=3.0)
+    assert created_hit.status == COMPLETED and created_hit.fair_tag == 0.0 and created_hit.cached_from == "a"
+    second = await store.create(make_job("b"), share=3.0)
+    assert second.fair_tag == 3.0  # after "a" only
+    got = await store.get("b")
+    assert got is not None and got.fair_tag == 3.0
+
+
+async def test_a_job_past_its_queue_deadline_is_not_claimed_and_is_overdue(store: JobStore) -> None:
+    now = 1_000.0
+    limited = make_spec(max_queue_s=30.0)
+    await store.create(make_job("late", created_at=_at(1), queue_deadline=now - 1.0, spec=limited))
+    await store.create(make_job("edge", created_at=_at(2), queue_deadline=now, spec=limited))  # at `now`: overdue
+    await store.create(make_job("fresh", created_at=_at(3), queue_deadline=now + 60.0, spec=limited))
+    await store.create(make_job("free", created_at=_at(4)))
+    assert [j.id for j in await store.overdue_in_queue(now, 10)] == ["late", "edge"]
+    assert [j.id for j in await store.overdue_in_queue(now, 1)] == ["late"]
+    claimed = await store.claim_next("w", LEASE, now=now)
+    assert claimed is not None and claimed.id == "fresh" and claimed.queue_deadline is None  # started: no limit
+    # Once started, its deadline no longer applies: later sweeps do not list it.
+    assert [j.id for j in await store.overdue_in_queue(now + 3_600.0, 10)] == ["late", "edge"]
+    assert await _claim_all(store, now=now) == ["free"]
+    late = (await store.overdue_in_queue(now, 10))[0]
+    timed_out, applied = await transition(store, late, lambda j: j.queue_timed_out(now))
+    assert applied and timed_out.status == FAILED and timed_out.error is not None
+    assert timed_out.error.code == "queue_timeout"
+    assert [j.id for j in await store.overdue_in_queue(now, 10)] == ["edge"]  # a failed job is not overdue
+    edge = await store.claim_next("w", LEASE, now=now - 10.0)  # asked before its deadline, "edge" runs
+    assert edge is not None and edge.id == "edge"
+
+
+async def test_queue_place_counts_what_claim_next_takes_first(store: JobStore) -> None:
+    """Position and work ahead (UNet samples: images x steps x 2 with guidance) across priorities."""
+    await store.create(make_job("n1", owner="A", created_at=_at(1), spec=make_spec(num_images=2)))  # work 8
+    await store.create(make_job("n2", owner="A", created_at=_at(2), spec=make_spec(num_images=1)))  # work 4
+    await store.create(make_job("b1", owner="B", created_at=_at(3), spec=make_spec(priority=0)))  # work 4
+    await store.create(
+        make_job("i1", owner="C", created_at=_at(4), spec=make_spec(priority=2, guidance_scale=1.0))
+    )  # work 2
+    await store.create(make_job("m1", owner="D", created_at=_at(5), spec=make_spec(num_images=3)))  # tag 0: work 12
+    places = {}
+    for job_id in ("i1", "n1", "m1", "n2", "b1"):
+        job = await store.get(job_id)
+        assert job is not None
+        places[job_id] = await store.queue_place(job)
+    assert places == {
+        "i1": QueuePlace(1, 0.0),
+        "n1": QueuePlace(2, 2.0),
+        "m1": QueuePlace(3, 10.0),  # A's n2 has tag 1: D's first job (tag 0) goes before it
+        "n2": QueuePlace(4, 22.0),
+        "b1": QueuePlace(5, 26.0),
+    }
+    claimed = await store.claim_next("w", LEASE, now=time.time())
+    assert claimed is not None and claimed.id == "i1"
+    assert await store.queue_place(claimed) is None  # not queued any more
+    b1 = await store.get("b1")
+    assert b1 is not None and await store.queue_place(b1) == QueuePlace(4, 24.0)
+    assert await store.queue_place(make_job("missing")) is None
+
+
+async def test_find_result_is_the_owners_newest_completed_job_with_the_key(store: JobStore) -> None:
+    async def finished(job_id: str, *, owner: str = "o", key: str | None = "r1", status: JobStatus = COMPLETED) -> Job:
+        await store.create(make_job(job_id, owner=owner, result_key=key))
+        claimed = await store.claim(job_id, "w", LEASE)
+        assert claimed is not None
+        done = claimed.finished_by(
+            "w", _claim(claimed), status, images=(_image(job_id),) if status == COMPLETED else ()
+        )
+        assert done is not None
+        return await store.update(done)
+
+    assert await store.find_result("o", "r1") is None
+    await store.create(make_job("queued", result_key="r1"))
+    assert await store.find_result("o", "r1") is None  # not completed
+    await finished("old")
+    await asyncio.sleep(0.002)
+    newest = await finished("new")
+    await asyncio.sleep(0.002)
+    await finished("failed", status=FAILED)
+    await finished("other-owner", owner="p")
+    await finished("other-key", key="r2")
+    await finished("no-key", key=None)
+    found = await store.find_result("o", "r1")
+    assert found == newest and found is not None and found.images == (_image("new"),) and found.result_key == "r1"
+    assert (await store.find_result("p", "r1")).id == "other-owner"  # type: ignore[union-attr]
+    assert await store.find_result("q", "r1") is None
+
+
+async def test_recent_finished_are_the_completed_runs_newest_first(store: JobStore) -> None:
+    before = time.time() - 1.0
+    ids = []
+    for job_id, status in (("a", COMPLETED), ("failed", FAILED), ("b", COMPLETED), ("c", COMPLETED)):
+        await store.create(make_job(job_id, spec=make_spec(model="m", num_images=2)))
+        claimed = await store.claim(job_id, "w", LEASE)
+        assert claimed is not None and claimed.started_at is not None
+        done = claimed.finished_by("w", _claim(claimed), status)
+        assert done is not None
+        await store.update(done)
+        ids.append(job_id)
+        await asyncio.sleep(0.002)
+    hit = make_job("hit", status=COMPLETED, completed_at=now_iso(), cached_from="a")  # never ran: no service time
+    await store.create(hit)
+    await store.create(make_job("waiting"))
+    runs = await store.recent_finished(before, 10)
+    assert len(runs) == 3 and all(isinstance(run, FinishedWork) for run in runs)
+    assert [run.model for run in runs] == ["m"] * 3 and all(run.work == 8.0 for run in runs)
+    # `completed_at` (hence `finished_at`) has millisecond resolution; `started_at` is the claim's float clock.
+    assert all(before <= run.started_at <= run.finished_at + 0.001 <= time.time() + 1.0 for run in runs)
+    finished_at = [run.finished_at for run in runs]
+    assert finished_at == sorted(finished_at, reverse=True)  # newest first
+    c = await store.get("c")
+    assert c is not None and abs(runs[0].started_at - c.started_at) < 1e-6  # type: ignore[operator]
+    assert len(await store.recent_finished(before, 2)) == 2
+    assert await store.recent_finished(time.time() + 60.0, 10) == []
 
 
 async def test_webhook_secrets_round_trip_and_rotate_with_compare_and_set(store: JobStore) -> None:
@@ -506,6 +683,58 @@ async def test_sqlite_migrates_a_legacy_v1_file(tmp_path: Path) -> None:
         assert (await again.get("img_transform_old1")) is not None
     finally:
         await again.close()
+
+
+def _before_issue_24(job: Job) -> str:
+    """The job's JSON as a gateway before issue 24 wrote it: none of that issue's keys."""
+    data = json.loads(job_to_json(job))
+    for key in ("fair_tag", "queue_deadline", "started_at", "result_key", "cached_from"):
+        del data[key]
+    for key in ("priority", "max_queue_s"):
+        del data["spec"][key]
+    return json.dumps(data)
+
+
+async def test_sqlite_migrates_a_v5_file_to_the_fair_queue(tmp_path: Path) -> None:
+    """A schema-5 file (before issue 24): its rows read back with the model's defaults (priority 1, tag 0, no
+    deadline), its queued jobs get their work for `queue_place`, and they are claimed in the fair order beside
+    new ones (tag 0, oldest first, so ahead of a new owner's job created after them)."""
+    path = tmp_path / "v5.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    for script in (sqlite_store._CREATE_V1, *(getattr(sqlite_store, f"_MIGRATE_V{v}") for v in range(2, 6))):
+        old.executescript(script)
+    old.execute("PRAGMA user_version = 5")
+    rows = [
+        make_job("old-a", owner="A", created_at=_at(1), spec=make_spec(num_images=2)),
+        make_job("old-b", owner="A", created_at=_at(2)),
+        make_job("old-done", owner="A", created_at=_at(0), status=COMPLETED, completed_at=now_iso()),
+    ]
+    for job in rows:
+        old.execute(
+            "INSERT INTO jobs (id, owner, created_at, idempotency_key, status, completed_at, webhook_status, data,"
+            " version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)",
+            (job.id, job.owner, job.created_at, None, job.status, job.completed_at, None, _before_issue_24(job)),
+        )
+    old.close()
+
+    store = SqliteJobStore(path)
+    try:
+        got = await store.get("old-a")
+        assert got is not None and got.spec.priority == 1 and got.spec.max_queue_s is None
+        assert (got.fair_tag, got.queue_deadline, got.started_at, got.result_key) == (0.0, None, None, None)
+        assert await store.count_queued_by_priority() == {1: 2}
+        old_b = await store.get("old-b")
+        assert old_b is not None and await store.queue_place(old_b) == QueuePlace(2, 8.0)  # old-a's work: 8
+        new = await store.create(make_job("new", owner="B", created_at=_at(3)))
+        assert new.fair_tag == 0.0
+        assert await _claim_all(store) == ["old-a", "old-b", "new"]
+        done = await store.get("old-done")
+        assert done is not None and done.status == COMPLETED and await store.recent_finished(0.0, 10) == []
+    finally:
+        await store.close()
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (6,)
+    check.close()
 
 
 async def test_sqlite_locked_file_is_unavailable_then_recovers(tmp_path: Path) -> None:

@@ -21,15 +21,15 @@ import pytest
 from gateway.errors import StoreUnavailable
 from gateway.jobs.events import EventKind, JobEvent, LocalEvents
 from gateway.jobs.model import COMPLETED, PROCESSING, QUEUED, DeliveryAttempt, Job, WebhookStatus, now_iso
-from gateway.jobs.postgres import SCHEMA_VERSION, PostgresEvents, PostgresJobStore, migrate
+from gateway.jobs.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresEvents, PostgresJobStore, migrate
 from gateway.jobs.sqlite import SqliteJobStore
-from gateway.jobs.store import IdempotencyConflict, StaleJob
+from gateway.jobs.store import IdempotencyConflict, QueuePlace, StaleJob
 from gateway.jobs.stores import open_job_store
 from gateway.jobs.webhooks import SigningSecrets, random_secret
 from tests import fixtures_postgres
 from tests.fixtures_postgres import private_cluster
 from tests.unit import test_job_store as contract
-from tests.unit.fakes import make_job
+from tests.unit.fakes import make_job, make_spec
 
 pg_server = fixtures_postgres.pg_server
 pg_url = fixtures_postgres.pg_url
@@ -115,22 +115,47 @@ async def test_claim_next_oldest_due_first_and_skips_locked_rows(store: Postgres
     assert job is not None and job.id == "late" and job.run_attempts == 1
 
 
-async def test_release_requeues_not_before_and_queue_position(store: PostgresJobStore) -> None:
+async def test_release_requeues_not_before_and_queue_place(store: PostgresJobStore) -> None:
     for second, job_id in enumerate(["a", "b", "c"], start=1):
         await store.create(make_job(job_id, created_at=_ts(second)))
     job_c = await store.get("c")
-    assert job_c is not None and await store.queue_position(job_c) == 3
+    assert job_c is not None and await store.queue_place(job_c) == QueuePlace(3, 8.0)
     taken = await store.claim_next("w", LEASE, now=0.0)
-    assert taken is not None and taken.id == "a" and await store.queue_position(taken) is None
-    assert await store.queue_position(job_c) == 2
+    assert taken is not None and taken.id == "a" and await store.queue_place(taken) is None
+    assert await store.queue_place(job_c) == QueuePlace(2, 4.0)
     claim = taken.lease.claim  # type: ignore[union-attr]
     assert await store.release("a", "other", claim) is None  # not the holder
     assert await store.release("a", "w", "0" * 16) is None  # the worker, but not this claim
     released = await store.release("a", "w", claim, not_before=50.0)
     assert released is not None and released.status == QUEUED and released.lease is None
-    assert released.not_before == 50.0 and await store.queue_position(released) == 1
+    assert released.not_before == 50.0 and await store.queue_place(released) == QueuePlace(1, 0.0)
     assert (await store.claim_next("w", LEASE, now=49.0)).id == "b"  # type: ignore[union-attr]
     assert (await store.claim_next("w", LEASE, now=50.0)).id == "a"  # type: ignore[union-attr]
+
+
+async def test_concurrent_creates_of_one_owner_take_distinct_tags(
+    replicas: tuple[PostgresJobStore, PostgresJobStore],
+) -> None:
+    """Issue 24: the owner's share row serialises its creates (on any replica), so each takes its own tag; an
+    idempotent duplicate that lost the race gives its share back (rolled back to its savepoint)."""
+    a, b = replicas
+    racers = [(f"{tag}{i}", store) for i in range(10) for tag, store in (("a", a), ("b", b))]
+    created = await asyncio.gather(*(store.create(make_job(job_id, owner="A"), share=2.0) for job_id, store in racers))
+    assert sorted(job.fair_tag for job in created) == [2.0 * i for i in range(20)]
+    assert [await a.get(job.id) for job in created] == list(created)  # the tag is stored (column and JSON)
+    dupes = await asyncio.gather(
+        *(s.create(make_job(f"k{i}", owner="A", key="k"), share=2.0) for i, s in enumerate([a, b] * 4))
+    )
+    assert len({job.id for job in dupes}) == 1 and dupes[0].fair_tag == 40.0
+    after = await b.create(make_job("after", owner="A"), share=2.0)
+    assert after.fair_tag == 42.0  # one share for the eight racing duplicates
+    other = await a.create(make_job("other", owner="B"), share=2.0)
+    assert other.fair_tag == 0.0  # B's share is its own
+    # Claims on both replicas move the clock to the largest tag claimed; an idle owner starts there.
+    claims = await asyncio.gather(*(s.claim_next(f"w{i}", LEASE, now=time.time()) for i, s in enumerate([a, b] * 3)))
+    tags = sorted(job.fair_tag for job in claims if job is not None)
+    assert tags == [0.0, 0.0, 2.0, 4.0, 6.0, 8.0]
+    assert (await b.create(make_job("idle", owner="C"), share=1.0)).fair_tag == 8.0
 
 
 async def test_idempotent_create_raced_from_two_replicas_makes_one_job(
@@ -306,6 +331,46 @@ async def test_concurrent_migrations_apply_each_version_once(pg_url: str) -> Non
     finally:
         for conn in connections:
             await conn.close()
+
+
+async def test_migration_to_the_fair_queue_keeps_old_rows(pg_url: str) -> None:
+    """Schema 3 (before issue 24) to the latest: old rows read back with the model's defaults, queued ones get
+    their work (images x steps, x2 with guidance) and are claimed in the fair order beside new ones."""
+    old_jobs = [
+        make_job("old-a", owner="A", created_at=_ts(1), spec=make_spec(num_images=2)),
+        make_job("old-b", owner="A", created_at=_ts(2), spec=make_spec(guidance_scale=1.0)),
+        make_job("old-done", owner="A", created_at=_ts(0), status=COMPLETED, completed_at=now_iso()),
+    ]
+    async with await psycopg.AsyncConnection.connect(pg_url) as conn:
+        await conn.execute(
+            "CREATE TABLE schema_migrations"
+            " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, script in enumerate(MIGRATIONS[:3], start=1):
+            await conn.execute(script.encode())
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+        for job in old_jobs:
+            await conn.execute(
+                "INSERT INTO jobs (id, owner, created_at, status, completed_at, version, data)"
+                " VALUES (%s, %s, %s, %s, %s, 1, %s::jsonb)",
+                (job.id, job.owner, job.created_at, job.status, job.completed_at, contract._before_issue_24(job)),
+            )
+        await conn.commit()
+        assert await migrate(conn) == list(range(4, SCHEMA_VERSION + 1))
+    store = await PostgresJobStore.open(pg_url)
+    try:
+        got = await store.get("old-a")
+        assert got is not None and got.spec.priority == 1 and got.fair_tag == 0.0 and got.queue_deadline is None
+        assert await store.count_queued_by_priority() == {1: 2}
+        old_b = await store.get("old-b")
+        assert old_b is not None and await store.queue_place(old_b) == QueuePlace(2, 8.0)
+        new = await store.create(make_job("new", owner="B", created_at=_ts(3)))
+        assert new.fair_tag == 0.0
+        order = [(await store.claim_next("w", LEASE, now=time.time())) for _ in range(4)]
+        assert [job.id if job else None for job in order] == ["old-a", "old-b", "new", None]
+        assert await store.recent_finished(0.0, 10) == []  # the old completed job has no start time
+    finally:
+        await store.close()
 
 
 # --- events -----------------------------------------------------------------------------------------------
@@ -484,7 +549,7 @@ async def test_open_job_store_picks_the_engine(pg_url: str, tmp_path: Path) -> N
 async def test_created_at_ties_go_in_insertion_order(store: PostgresJobStore) -> None:
     for job_id in ["z", "m", "a"]:
         await store.create(make_job(job_id, created_at=_ts(1)))
-    positions = [await store.queue_position(await store.get(job_id)) for job_id in ["z", "m", "a"]]  # type: ignore[arg-type]
-    assert positions == [1, 2, 3]
+    places = [await store.queue_place(await store.get(job_id)) for job_id in ["z", "m", "a"]]  # type: ignore[arg-type]
+    assert [place.position for place in places if place is not None] == [1, 2, 3]
     assert [j.id for j in await store.unfinished()] == ["z", "m", "a"]
     assert (await store.claim_next("w", LEASE, now=0.0)).id == "z"  # type: ignore[union-attr]

@@ -301,7 +301,7 @@ def test_model_defaults_are_the_constants() -> None:
     assert protocol.FIELDS == ("image", "prompt", "model", "strength", "steps", "guidance_scale",
                                "negative_prompt", "seed", "num_images", "style", "webhook_url",
                                "webhook_events", "scheduler", "output_format", "output_quality",
-                               "loras")  # fmt: skip
+                               "loras", "priority", "max_queue_s", "cache")  # fmt: skip
     assert protocol.REQUIRED_FIELDS == ("image", "prompt")
 
 
@@ -487,6 +487,7 @@ COMPLETED_VIEW: dict[str, Any] = {
     "num_images": 2,
     "webhook_url": None,
     "created_at": "2024-01-15T10:30:00.000Z",
+    "started_at": "2024-01-15T10:30:01.500Z",
     "completed_at": "2024-01-15T10:30:20.123Z",
     "original_image": {"url": "https://example.com/in.png", "width": 640, "height": 480},
     "processed_size": {"width": 512, "height": 384},
@@ -495,6 +496,9 @@ COMPLETED_VIEW: dict[str, Any] = {
     "output_format": "webp",
     "output_quality": 90,
     "loras": [{"name": "ink", "scale": 0.8}],
+    "priority": 2,
+    "max_queue_s": 30.0,
+    "cached": False,
     "images": [
         {
             "url": "http://t/v1/images/job_1_0.webp",
@@ -513,7 +517,13 @@ COMPLETED_VIEW: dict[str, Any] = {
             "sha256": None,
         },
     ],
-    "progress": {"step": 21, "total_steps": 21, "queue_position": None},
+    "progress": {
+        "step": 21,
+        "total_steps": 21,
+        "queue_position": None,
+        "estimated_start_at": None,
+        "estimated_finish_at": None,
+    },
     "error": None,
     "webhook": None,
 }
@@ -524,9 +534,17 @@ QUEUED_VIEW: dict[str, Any] = {
     "seed": 4294967295,
     "style": None,
     "webhook_url": "https://hooks.example/x",
+    "started_at": None,
     "completed_at": None,
+    "max_queue_s": None,
     "images": [],
-    "progress": {"step": 0, "total_steps": 21, "queue_position": 3},
+    "progress": {
+        "step": 0,
+        "total_steps": 21,
+        "queue_position": 3,
+        "estimated_start_at": "2024-01-15T10:30:04.000Z",
+        "estimated_finish_at": "2024-01-15T10:30:09.250Z",
+    },
     "webhook": {"url": "https://hooks.example/x", "status": "pending", "attempts": []},
 }
 FAILED_VIEW: dict[str, Any] = {

@@ -24,6 +24,7 @@ from gateway.diffusion.manifest import (
     load_manifest,
 )
 from gateway.diffusion.sampling import img2img_scheduler_config, sdxl_add_time_ids
+from gateway.triton.client import DEFAULT_PRIORITY
 from tests.unit.fakes import sdxl_answers, write_word_tokenizer
 
 WIDTHS = (3, 5)  # the two encoders' hidden widths (distinct, so a swapped concatenation would show)
@@ -79,14 +80,21 @@ class RecordingTriton:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, np.ndarray]]] = []
+        self.priorities: list[tuple[str, int]] = []  # (model, priority) of each call
 
     def sent(self, model: str) -> list[dict[str, np.ndarray]]:
         return [inputs for m, inputs in self.calls if m == f"xl_{model}"]
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]:
         self.calls.append((model, {k: np.array(v) for k, v in inputs.items()}))
+        self.priorities.append((model, priority))
         if model == "xl_unet":  # what SDXL's UNet is conditioned on, as the recipe must send it
             n = inputs["sample"].shape[0]
             assert inputs["encoder_hidden_states"].shape == (n, MAX_LENGTH, sum(WIDTHS))
@@ -135,6 +143,19 @@ async def test_no_guidance_sends_one_half_and_the_cache_holds_pooled_too(tmp_pat
     np.testing.assert_array_equal(triton.sent("unet")[-1]["text_embeds"], unet["text_embeds"])
     (entry,) = cache._entries.values()
     assert isinstance(entry, tuple) and [a.flags.writeable for a in entry] == [False, False]
+
+
+@pytest.mark.parametrize("priority", [0, 2, None])
+async def test_both_text_encoders_and_every_other_call_carry_the_jobs_priority(
+    tmp_path: Path, priority: int | None
+) -> None:
+    triton = RecordingTriton()
+    kwargs = {} if priority is None else {"priority": priority}
+    await Img2ImgPipeline(_manifest(tmp_path), triton)(_gen("dog"), **kwargs)  # type: ignore[arg-type]
+    models = [model for model, _ in triton.priorities]
+    assert {"xl_text_encoder", "xl_text_encoder_2", "xl_vae_encoder", "xl_unet", "xl_vae_decoder"} == set(models)
+    expected = DEFAULT_PRIORITY if priority is None else priority
+    assert [p for _, p in triton.priorities] == [expected] * len(models)
 
 
 async def test_refiner_time_ids_carry_the_aesthetic_scores(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from gateway.errors import BackendError, BackendUnavailable, status_and_code
 from gateway.jobs.request import MAX_NUM_IMAGES
 from gateway.media.codecs import MAX_IMAGE_SIDE
 from gateway.triton import client as triton_client
-from gateway.triton.client import MAX_RECEIVE_BYTES, translate_triton_errors
+from gateway.triton.client import DEFAULT_PRIORITY, MAX_RECEIVE_BYTES, translate_triton_errors
 from tests.unit.fakes import HIDDEN, FakeTriton, sdxl_answers, tiny_manifest, write_word_tokenizer
 
 Corrupt = Callable[[np.ndarray], np.ndarray]
@@ -58,9 +58,14 @@ class CorruptingTriton(FakeTriton):
         self.model, self.corrupt, self.times = model, corrupt, times
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]:
-        answer = await super().infer(model, inputs, outputs)
+        answer = await super().infer(model, inputs, outputs, priority=priority)
         if model == self.model and self.times > 0:
             self.times -= 1
             return {name: self.corrupt(array) for name, array in answer.items()}
@@ -238,7 +243,12 @@ class SdxlTriton:
         self.models: list[str] = []
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]:
         self.models.append(model)
         answer = sdxl_answers(model, inputs, widths=WIDTHS, pooled=POOLED)

@@ -14,7 +14,14 @@ from tritonclient.utils import InferenceServerException
 from gateway.errors import BackendError, BackendUnavailable
 from gateway.observability import Metrics, triton_stats_source
 from gateway.settings import Settings
-from gateway.triton.client import translate_triton_errors, triton_status
+from gateway.triton.client import (
+    DEFAULT_PRIORITY,
+    PRIORITY_LEVELS,
+    TritonEngine,
+    translate_triton_errors,
+    triton_priority,
+    triton_status,
+)
 from gateway.triton.pool import PROBE_FAILURES_TO_EJECT, TritonPool, make_triton, parse_targets
 
 UNET = "m_unet"
@@ -50,6 +57,7 @@ class FakeReplica:
         self.gate: asyncio.Event | None = None
         self.delay_s = 0.0
         self.calls: list[tuple[str, float | None]] = []
+        self.priorities: list[int] = []
         self.in_flight = 0
         self.closed = False
         self.stats_entries: list[dict[str, Any]] = []
@@ -61,8 +69,10 @@ class FakeReplica:
         outputs: Sequence[str],
         *,
         timeout_s: float | None = None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> dict[str, np.ndarray]:
         self.calls.append((model, timeout_s))
+        self.priorities.append(priority)
         self.in_flight += 1
         try:
             if not self.live:
@@ -237,6 +247,18 @@ async def test_unavailable_is_retried_elsewhere_and_ejects(world: World) -> None
     assert not pool.replicas[a.address].live
     assert pool.replica_metrics()[a.address]["failures"] == 1.0
     assert pool.replica_metrics()[a.address]["healthy"] == 0.0
+    await pool.close()
+
+
+async def test_the_priority_goes_with_every_try(world: World) -> None:
+    """A job's priority reaches the replica that answers, the retry elsewhere included; none sent: the default."""
+    pool = world.pool("10.0.0.1:1,10.0.0.2:1")
+    await pool.refresh()
+    a, b = world.replicas.values()
+    a.live = False
+    await pool.infer(UNET, {"x": np.zeros((1,), np.float32)}, ["y"], priority=2)
+    await call(pool)
+    assert a.priorities == [2] and b.priorities == [2, DEFAULT_PRIORITY]
     await pool.close()
 
 
@@ -499,3 +521,40 @@ async def test_close_stops_background_tasks(world: World) -> None:
     await asyncio.sleep(0.05)
     assert world.lookups == lookups
     assert all(r.closed for r in world.replicas.values())
+
+
+# --- priority ---------------------------------------------------------------------------------------------------
+
+
+def test_triton_priority_levels() -> None:
+    """Triton serves level 1 first: interactive (2) -> 1, normal (1) -> 2, bulk (0) -> 3; 0 is never sent (Triton
+    would read it as the model's default level)."""
+    assert [triton_priority(p) for p in range(PRIORITY_LEVELS)] == [3, 2, 1]
+    assert triton_priority(DEFAULT_PRIORITY) == 2
+    for bad in (-1, PRIORITY_LEVELS):
+        with pytest.raises(ValueError, match="priority"):
+            triton_priority(bad)
+
+
+class RecordingGrpcClient:
+    """Stands in for tritonclient's aio client: records each `infer`'s keyword arguments."""
+
+    def __init__(self) -> None:
+        self.kwargs: list[dict[str, Any]] = []
+
+    async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
+        self.kwargs.append(kwargs)
+        return type("Result", (), {"as_numpy": staticmethod(lambda name: np.zeros((1,), np.float32))})()
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("priority", "level"), [(0, 3), (1, 2), (2, 1), (None, 2)])
+async def test_the_engine_sends_tritons_level(priority: int | None, level: int) -> None:
+    engine = TritonEngine("127.0.0.1:1", timeout_s=5.0)
+    await engine._client.close()
+    engine._client = fake = RecordingGrpcClient()
+    kwargs = {} if priority is None else {"priority": priority}
+    await engine.infer(UNET, {"x": np.zeros((1,), np.float32)}, ["y"], **kwargs)
+    assert fake.kwargs[0]["priority"] == level
