@@ -3,6 +3,9 @@
 `python -m benchmarks load --url URL [...]`: the same load generator against any running service (`benchmarks.load`).
 
 `python -m benchmarks lora [--quick]`: what the per-row LoRA branches cost the UNet (`benchmarks.lora`).
+
+`python -m benchmarks priority [--quick]`: priorities under bulk load, wait estimates, the result cache
+(`benchmarks.priority`).
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import lora
 
         return lora.main(argv[1:])
+    if argv[:1] == ["priority"]:  # priorities, wait estimates and the result cache (benchmarks/priority.py)
+        from benchmarks import priority
+
+        return priority.main(argv[1:])
     if argv[:1] == ["ab"]:  # one gateway setting against another (benchmarks/ab.py)
         from benchmarks import ab
 

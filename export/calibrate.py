@@ -94,9 +94,11 @@ def worth_doubling(seconds: Mapping[int, float], batch: int) -> bool:
     return best_batch(seconds) == batch
 
 
-def render_batching(policy: BatchPolicy) -> str:
-    """The policy's `dynamic_batching` line, with the priority levels every exported config has."""
-    return render_dynamic_batching(policy.max_queue_delay_us, policy.preferred_batch_size)
+def render_batching(policy: BatchPolicy, *, priority_levels: bool = False) -> str:
+    """The policy's `dynamic_batching` line, with the priority levels when the export configured them."""
+    return render_dynamic_batching(
+        policy.max_queue_delay_us, policy.preferred_batch_size, priority_levels=priority_levels
+    )
 
 
 # The components whose batch policy is measured, and the fewest rows each may be limited to: the UNet's step of
@@ -200,7 +202,9 @@ def calibrate_component(
     if component != "unet":  # only the UNet's steps arrive together and gain from waiting for company
         policy = BatchPolicy(policy.max_batch_size, policy.preferred_batch_size, 0)
     config = re.sub(r"^max_batch_size: \d+$", f"max_batch_size: {policy.max_batch_size}", config, flags=re.MULTILINE)
-    config = re.sub(r"^dynamic_batching \{.*\}$", render_batching(policy), config, flags=re.MULTILINE)
+    levels = re.search(r"^dynamic_batching \{.*priority_levels.*\}$", config, flags=re.MULTILINE) is not None
+    batching = render_batching(policy, priority_levels=levels)
+    config = re.sub(r"^dynamic_batching \{.*\}$", batching, config, flags=re.MULTILINE)
     config_path.write_text(config)
     manifest["components"][component]["max_batch_size"] = policy.max_batch_size
     record = {

@@ -43,11 +43,15 @@ CPU_THREADED_BACKENDS = ("python", "onnxruntime")
 # Triton's rate-limiter resource for CPU cores: the name the server's `--rate-limit-resource` budgets
 # (gateway.triton.server.CPU_THREADS_RESOURCE, kept equal by tests/unit/test_export_args.py).
 CPU_THREADS_RESOURCE = "cpu_threads"
-# Every model's dynamic batcher has three priority levels, served level 1 first: the gateway sends a job's
-# priority 2, 1, 0 (interactive, normal, bulk) as 1, 2, 3, so an interactive job's UNet steps overtake queued bulk
-# ones; a request without a level gets 2, normal. Copies of gateway.triton.client.PRIORITY_LEVELS and
-# triton_priority(DEFAULT_PRIORITY): this package cannot import the gateway (tests/unit/test_export_args.py holds
-# them equal).
+# With `--triton-priority-levels`, every model's dynamic batcher has three priority levels, served level 1
+# first: the gateway sends a job's priority 2, 1, 0 (interactive, normal, bulk) as 1, 2, 3, so an interactive
+# job's UNet steps overtake queued bulk ones in Triton's queue; a request without a level gets 2, normal. Off by
+# default: on Triton 2.51 (the bundled server, CPU) the levels cost the tiny benchmark model 40 % of its
+# throughput at 8 concurrent requests (6.1 against 11.0 images/s; the UNet's queue time 197 against 99 ms a
+# request) and stalled steps of interactive requests ~500 ms (docs/benchmarks.md, "Priorities"). Without them
+# the gateway still pauses lower priorities at step boundaries, and Triton ignores the priority it is sent.
+# Copies of gateway.triton.client.PRIORITY_LEVELS and triton_priority(DEFAULT_PRIORITY): this package cannot
+# import the gateway (tests/unit/test_export_args.py holds them equal).
 PRIORITY_LEVELS = 3
 DEFAULT_PRIORITY_LEVEL = 2
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -120,6 +124,8 @@ class ServingOptions:
     # The torch runtime on CUDA: the UNet replayed from CUDA graphs (per batch size and shape), and torch.compile.
     cuda_graphs: bool = True
     torch_compile: bool = False
+    # Triton priority levels in every dynamic batcher (`PRIORITY_LEVELS`): measured costly on Triton 2.51, off.
+    triton_priority_levels: bool = False
 
     @property
     def served_by(self) -> str:
@@ -191,16 +197,21 @@ def _pbtxt_tensor(spec: TensorSpec) -> str:
     return f'  {{ name: "{spec.name}" data_type: TYPE_{datatype} dims: [ {shape} ]{reshape}{optional} }}'
 
 
-def render_dynamic_batching(max_queue_delay_us: int, preferred_batch_size: Sequence[int] = ()) -> str:
+def render_dynamic_batching(
+    max_queue_delay_us: int, preferred_batch_size: Sequence[int] = (), *, priority_levels: bool = False
+) -> str:
     """The config's `dynamic_batching` line: the queue delay, the preferred batch when one was measured, and the
-    priority levels (`PRIORITY_LEVELS`); `--calibrate` rewrites the line with this too, so none loses them."""
+    priority levels when asked for (`PRIORITY_LEVELS`); `--calibrate` rewrites the line with this too, keeping
+    what the export chose."""
     preferred = (
         f"preferred_batch_size: [ {', '.join(map(str, preferred_batch_size))} ] " if preferred_batch_size else ""
     )
-    return (
-        f"dynamic_batching {{ {preferred}max_queue_delay_microseconds: {max_queue_delay_us} "
-        f"priority_levels: {PRIORITY_LEVELS} default_priority_level: {DEFAULT_PRIORITY_LEVEL} }}"
+    levels = (
+        f" priority_levels: {PRIORITY_LEVELS} default_priority_level: {DEFAULT_PRIORITY_LEVEL}"
+        if priority_levels
+        else ""
     )
+    return f"dynamic_batching {{ {preferred}max_queue_delay_microseconds: {max_queue_delay_us}{levels} }}"
 
 
 def render_config(
@@ -229,7 +240,7 @@ def render_config(
     # Only the UNet, called once per denoising step by every request in flight, gains from waiting for company;
     # the other components still batch whatever is queued when an instance frees up, with no added delay.
     delay = options.max_queue_delay_us if name.endswith("_unet") else 0
-    lines.append(render_dynamic_batching(delay))
+    lines.append(render_dynamic_batching(delay, priority_levels=options.triton_priority_levels))
     # KIND_AUTO: GPU instances when Triton sees a GPU (the native backend then attaches CUDA, and the python
     # runner picks onnxruntime-gpu's CUDA provider), CPU instances otherwise.
     kind = "KIND_GPU" if options.backend == "tensorrt" else "KIND_AUTO"  # a plan runs on a GPU only

@@ -371,6 +371,7 @@ class TritonReplicaCollector:
 
 
 RESULT_CACHE_OUTCOMES = ("hit", "miss")
+PRIORITIES = (0, 1, 2)  # the request's `priority` values (jobs.request; this module imports no layer)
 
 
 class Metrics:
@@ -441,6 +442,12 @@ class Metrics:
             ["priority"],
             registry=self.registry,
         )
+        self.queued_by_priority = Gauge(
+            "imagen_jobs_queued_by_priority",
+            "Jobs waiting for a worker in the whole store, by priority (as of the last job creation)",
+            ["priority"],
+            registry=self.registry,
+        )
         self.result_cache = Counter(
             "imagen_result_cache_lookups",
             "Exact-result cache lookups of cacheable requests (an explicit seed, not opted out), by outcome",
@@ -508,6 +515,9 @@ class Metrics:
             priority, seconds = value
             self.preemptions.labels(priority=str(priority)).inc()
             self.preempted_seconds.labels(priority=str(priority)).inc(float(seconds))
+        elif event == "queued_by_priority":
+            for priority in PRIORITIES:
+                self.queued_by_priority.labels(priority=str(priority)).set(float(value.get(priority, 0)))
         elif event == "result_cache":
             if value not in RESULT_CACHE_OUTCOMES:
                 raise ValueError(f"unknown result cache outcome {value!r}")

@@ -211,8 +211,10 @@ class Workers:
 
     async def check_admission(self) -> None:
         """503 with Retry-After instead of unbounded latency once the fleet's queue is full."""
-        queued = await self.store.count_queued()
+        by_priority = await self.store.count_queued_by_priority()
+        queued = sum(by_priority.values())
         self._queued_estimate = queued
+        self.on_event("queued_by_priority", by_priority)
         if queued >= self.settings.max_queued_jobs:
             retry = max(1, math.ceil(queued / max(1, self.settings.max_running_jobs)))
             raise Overloaded(
@@ -254,7 +256,8 @@ class Workers:
             place = await self.store.queue_place(job)
             if place is None:  # claimed or ended since it was read
                 return Progress(0, total, None)
-            estimate = await self.estimator.queued(job, place)
+            free = self._runs < self.settings.max_running_jobs  # a slot is free here: it starts with the next claim
+            estimate = await self.estimator.queued(job, place, slot_free=free)
             return Progress(0, total, place.position, estimate.start_at, estimate.finish_at)
         return final_progress(job)
 

@@ -136,13 +136,14 @@ class WaitEstimator:
         per_work = rates.seconds_per_work.get(job.spec.model, rates.overall_seconds_per_work)
         return job.spec.work * per_work
 
-    async def queued(self, job: Job, place: QueuePlace) -> Estimate:
-        """A queued job starts once the work ahead of it is done and about half a job more frees a slot (the
-        running jobs are, on average, half done), at the fleet's measured throughput."""
+    async def queued(self, job: Job, place: QueuePlace, *, slot_free: bool = False) -> Estimate:
+        """A queued job starts once the work ahead of it is done, at the fleet's measured throughput, and, when no
+        slot is free here, about half a job more (the running jobs are, on average, half done)."""
         rates = await self.rates()
         if rates is None:
             return NO_ESTIMATE
-        start = self.clock() + (place.work_ahead + rates.mean_work / 2) / rates.throughput
+        residual = 0.0 if slot_free else rates.mean_work / 2
+        start = self.clock() + (place.work_ahead + residual) / rates.throughput
         return Estimate(start, start + self._service_s(job, rates))
 
     async def running(self, job: Job, step: int, total: int) -> Estimate:

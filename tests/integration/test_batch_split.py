@@ -61,7 +61,7 @@ def test_calibration_writes_one_policy_into_the_config_the_manifest_and_its_reco
     assert record["settings"]["cpu_mem_arena"] == "1"  # timed as served: the config's session settings
     config = (repo / f"{NAME}_unet" / "config.pbtxt").read_text()
     assert f"max_batch_size: {policy}\n" in config
-    assert "priority_levels: 3 default_priority_level: 2 }" in config  # the rewritten batching line keeps them
+    assert "priority_levels" not in config  # the export had none (`--triton-priority-levels`): none added
     manifest = json.loads((repo / f"{NAME}.pipeline.json").read_text())
     assert manifest["components"]["unet"]["max_batch_size"] == policy
     for component in ("vae_encoder", "vae_decoder"):  # each VAE half measured too, at least 1 row

@@ -400,7 +400,7 @@ def test_onnxruntime_backend_configs(tmp_path: Path, repository: Repository) -> 
     repo = tmp_path / "ort"
     result = _run_export(
         "--model-dir", str(repository.diffusers_dirs["imagen-v2"]), "--backend", "onnxruntime", "--no-validate",
-        "--output", str(repo), "--max-batch-size", "8", "--max-queue-delay-us", "500",
+        "--output", str(repo), "--max-batch-size", "8", "--max-queue-delay-us", "500", "--triton-priority-levels",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     config = (repo / "imagen-v2_unet" / "config.pbtxt").read_text()

@@ -56,7 +56,10 @@ def exports(repository: Repository, tmp_path_factory: pytest.TempPathFactory) ->
     out = {}
     for backend in ("tensorrt", "onnxruntime"):
         out[backend] = root / backend / "models"
-        options = ServingOptions(backend=backend, max_batch_size=MAX_BATCH)
+        # The tensorrt export with Triton's priority levels (`--triton-priority-levels`), onnxruntime without.
+        options = ServingOptions(
+            backend=backend, max_batch_size=MAX_BATCH, triton_priority_levels=backend == "tensorrt"
+        )
         # `--fp16` for onnxruntime: the same converter as the plans' ONNX (tensorrt implies it).
         request = ExportRequest(
             model_dir=repository.diffusers_dirs[NAME],
@@ -97,9 +100,10 @@ def test_every_config_parses_into_tritons_model_config(exports: dict[str, Path])
             assert config.name == entry["model"]
             assert config.max_batch_size == MAX_BATCH
             assert config.HasField("dynamic_batching")
-            # Priority levels, as every backend's batcher has (issue 24): the gateway's levels 1..3, default 2.
+            # Priority levels when asked for (issue 24): the gateway's levels 1..3, default 2; else none.
             batching = config.dynamic_batching
-            assert (batching.priority_levels, batching.default_priority_level) == (3, 2), (backend, component)
+            levels = (3, 2) if backend == "tensorrt" else (0, 0)
+            assert (batching.priority_levels, batching.default_priority_level) == levels, (backend, component)
             for tensors, declared in ((config.input, entry["inputs"]), (config.output, entry["outputs"])):
                 assert [t.name for t in tensors] == list(declared), (backend, component)
                 for tensor in tensors:

@@ -1,10 +1,11 @@
 """Issue 24: job priorities on the real Triton (the bundled tritonserver 2.51).
 
-Every exported model's batcher has three priority levels (default 2), which Triton loads; the session's UNet
-answers the same at each of the gateway's priorities (0, 1, 2: Triton's levels 3, 2, 1), and so does a whole
-pipeline. A repository exported before priorities (no `priority_levels`) keeps serving them: Triton gives a
-request whose level is above the model's (none) the model's default level instead of refusing it. The order in
-which Triton serves priorities is tested elsewhere (Triton's statistics do not show priority).
+The gateway sends every call's priority. By default the exported batchers have no priority levels (measured
+costly on Triton 2.51: export/repository.py), and Triton serves every priority as its one level: the session's
+UNet answers the same at each of the gateway's priorities (0, 1, 2: Triton's levels 3, 2, 1), and so does a
+whole pipeline. With `--triton-priority-levels` the batcher has three levels (default 2), which Triton loads and
+serves every priority with, the same answers. The order in which Triton serves priorities is not observable in
+its statistics; the gateway's own ordering is test_priority.py's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from export.repository import render_dynamic_batching
 from gateway.diffusion.img2img import Generation, Img2ImgPipeline
 from gateway.triton.client import PRIORITY_LEVELS, TritonEngine
 from gateway.triton.server import TritonServer
@@ -55,7 +57,7 @@ async def unet_answers(url: str, repository: Repository) -> list[np.ndarray]:
         await engine.close()
 
 
-def test_every_exported_config_has_the_priority_levels_and_triton_loads_them(
+def test_the_default_export_has_no_priority_levels_and_triton_loads_it_so(
     repository: Repository, triton: TritonServer
 ) -> None:
     client = grpcclient.InferenceServerClient(triton.grpc_url)
@@ -64,9 +66,9 @@ def test_every_exported_config_has_the_priority_levels_and_triton_loads_them(
             for model in manifest.models:
                 batching = (repository.path / model / "config.pbtxt").read_text()
                 (line,) = [row for row in batching.splitlines() if row.startswith("dynamic_batching")]
-                assert line.endswith(PRIORITY_LINE), (model, line)
+                assert "priority" not in line, (model, line)
                 loaded = client.get_model_config(model).config.dynamic_batching
-                assert (loaded.priority_levels, loaded.default_priority_level) == (3, 2), model
+                assert (loaded.priority_levels, loaded.default_priority_level) == (0, 0), model
     finally:
         client.close()
 
@@ -99,22 +101,31 @@ async def test_a_pipeline_at_the_lowest_and_highest_priority_gives_the_same_imag
     np.testing.assert_array_equal(high, low)
 
 
-async def test_a_model_exported_without_priority_levels_still_serves_every_priority(
+async def test_a_model_exported_with_priority_levels_loads_them_and_serves_every_priority(
     repository: Repository, triton: TritonServer, tmp_path: Path
 ) -> None:
-    """An older repository: the same UNet with its batcher's priority lines cut, on a Triton of its own."""
+    """The same UNet with the batching line `--triton-priority-levels` writes, on a Triton of its own."""
     model = repository.manifests[NAME].unet.model
-    old = tmp_path / "models"
-    shutil.copytree(repository.path / model, old / model)
-    config = old / model / "config.pbtxt"
-    config.write_text(re.sub(r" priority_levels: \d+ default_priority_level: \d+", "", config.read_text()))
-    assert "priority" not in config.read_text()
-    server = start_own_triton(old, tmp_path / "tritonserver.log")
+    leveled = tmp_path / "models"
+    shutil.copytree(repository.path / model, leveled / model)
+    config = leveled / model / "config.pbtxt"
+    delay = re.search(r"max_queue_delay_microseconds: (\d+)", config.read_text())
+    assert delay is not None
+    line = render_dynamic_batching(int(delay[1]), priority_levels=True)
+    config.write_text(re.sub(r"^dynamic_batching \{.*\}$", line, config.read_text(), flags=re.MULTILINE))
+    assert PRIORITY_LINE in config.read_text()
+    server = start_own_triton(leveled, tmp_path / "tritonserver.log")
     try:
         server.wait_ready([model])
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            loaded = client.get_model_config(model).config.dynamic_batching
+        finally:
+            client.close()
         answers = await unet_answers(server.grpc_url, repository)
     finally:
         server.stop()
+    assert (loaded.priority_levels, loaded.default_priority_level) == (3, 2)
     served = await unet_answers(triton.grpc_url, repository)
     for answer in answers:
         np.testing.assert_array_equal(answer, served[0])

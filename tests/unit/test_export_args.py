@@ -4,6 +4,7 @@ session, tests/integration/conftest.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -125,11 +126,12 @@ def test_the_calibrated_limit_stays_within_the_export_cap() -> None:
 
 
 def test_the_calibrated_batching_line() -> None:
-    """The line `--calibrate` rewrites keeps the priority levels."""
-    assert render_batching(BatchPolicy(1, (), 0)) == (
+    """The line `--calibrate` rewrites keeps the priority levels when the export had them."""
+    assert render_batching(BatchPolicy(1, (), 0)) == "dynamic_batching { max_queue_delay_microseconds: 0 }"
+    assert render_batching(BatchPolicy(1, (), 0), priority_levels=True) == (
         "dynamic_batching { max_queue_delay_microseconds: 0 priority_levels: 3 default_priority_level: 2 }"
     )
-    assert render_batching(BatchPolicy(4, (4,), 800)) == (
+    assert render_batching(BatchPolicy(4, (4,), 800), priority_levels=True) == (
         "dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 800 "
         "priority_levels: 3 default_priority_level: 2 }"
     )
@@ -155,12 +157,20 @@ def test_the_exports_priority_levels_are_the_gateways() -> None:
     ids=["python", "python-torch", "onnxruntime", "tensorrt"],
 )
 @pytest.mark.parametrize(("name", "delay"), [("m_unet", 500), ("m_vae_decoder", 0)])
-def test_every_backends_batcher_has_the_priority_levels(options: ServingOptions, name: str, delay: int) -> None:
+@pytest.mark.parametrize("levels", [False, True], ids=["default", "triton-priority-levels"])
+def test_every_backends_batcher_has_the_priority_levels_when_asked(
+    options: ServingOptions, name: str, delay: int, levels: bool
+) -> None:
+    options = dataclasses.replace(options, triton_priority_levels=levels)
     config = render_config(name, [TensorSpec("sample", "FP32", (-1, 4, -1, -1))], [], options, "model.onnx")
     (line,) = [line for line in config.splitlines() if line.startswith("dynamic_batching")]
-    assert line == (
-        f"dynamic_batching {{ max_queue_delay_microseconds: {delay} priority_levels: 3 default_priority_level: 2 }}"
-    )
+    suffix = " priority_levels: 3 default_priority_level: 2" if levels else ""
+    assert line == f"dynamic_batching {{ max_queue_delay_microseconds: {delay}{suffix} }}"
+
+
+def test_the_priority_levels_flag() -> None:
+    assert not parse_args(["--tiny"]).triton_priority_levels
+    assert parse_args(["--tiny", "--triton-priority-levels"]).triton_priority_levels
 
 
 def test_calibrate_needs_the_python_runner(capsys: pytest.CaptureFixture[str]) -> None:

@@ -348,7 +348,7 @@ async def test_store_fault_in_admission_surfaces_and_the_next_check_counts(make_
     await rig.manager.start()
     await rig.submit(make_job("a"))
     await asyncio.wait_for(rig.executor.started.wait(), DEADLINE_S)
-    store.fail_when(first(1, lambda m, a: m == "count_queued"))
+    store.fail_when(first(1, lambda m, a: m == "count_queued_by_priority"))
     with pytest.raises(StoreUnavailable):
         await rig.manager.check_admission()
     await rig.manager.check_admission()  # running jobs do not count, none queued

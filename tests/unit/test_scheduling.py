@@ -94,6 +94,8 @@ async def test_estimates_come_from_measurements_and_are_null_before_any() -> Non
     queued = await estimator.queued(job, QueuePlace(3, 40.0))
     # 2 work per second while busy; 40 work ahead and half a 20-work job: 25 s; then 20 work at 0.5 s each.
     assert queued.start_at == pytest.approx(now + 25.0) and queued.finish_at == pytest.approx(now + 35.0)
+    free = await estimator.queued(job, QueuePlace(1, 0.0), slot_free=True)  # nothing ahead, a slot free: now
+    assert free.start_at == pytest.approx(now) and free.finish_at == pytest.approx(now + 10.0)
     running = dataclasses.replace(job, started_at=now - 4.0)
     assert (await estimator.running(running, 2, 10)).finish_at == pytest.approx(now + 16.0)  # its own pace
     assert (await estimator.running(running, 0, 10)).finish_at == pytest.approx(now + 6.0)  # measured time left
@@ -207,3 +209,10 @@ def test_a_bad_key_option_stops_the_start_naming_the_line_not_the_key(tmp_path: 
     with pytest.raises(SettingsError) as raised:
         load_key_policies(keys)
     assert f"{keys}:1" in str(raised.value) and key not in str(raised.value)
+
+
+def test_the_metrics_know_every_priority_the_request_takes() -> None:
+    from gateway.jobs.request import MAX_PRIORITY, MIN_PRIORITY
+    from gateway.observability import PRIORITIES
+
+    assert list(PRIORITIES) == list(range(MIN_PRIORITY, MAX_PRIORITY + 1))
