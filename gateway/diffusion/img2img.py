@@ -437,19 +437,26 @@ class Img2ImgPipeline:
         `on_step(done, total)` reports denoising progress; `should_stop()` is checked before every Triton call,
         so a canceled request sends no further UNet step. Every Triton call goes out at the job's `priority`, so
         Triton's batchers serve a higher-priority job's calls before queued lower ones. `before_step()` is awaited
-        before each UNet step, ahead of that step's stop check: the boundary where the caller may hold the job
-        while a higher-priority one runs, and a cancel that arrived meanwhile still stops it.
+        at every boundary between the recipe's Triton stages (before the text encoding, the VAE encode, each UNet
+        step and the decode), ahead of the stop check: where the caller may hold the job while a higher-priority
+        one runs (none of its calls then competes for the backend), and a cancel that arrived meanwhile still
+        stops it.
         """
 
         def check_stop() -> None:
             if should_stop is not None and should_stop():
                 raise GenerationCanceled()
 
+        async def boundary() -> None:
+            if before_step is not None:
+                await before_step()
+            check_stop()
+
         m = self.manifest
         num_images = len(gen.seeds)
         cfg = math.do_classifier_free_guidance(gen.guidance_scale)
 
-        check_stop()
+        await boundary()
         # 1. Encode the prompt (and the negative prompt, in the same call, when guidance needs it): a cache hit
         # skips the tokenizer and the text encoder(s). SDXL adds the pooled text and the size time ids.
         cond = await self.conditioning(gen, cfg, height=gen.image.shape[2], width=gen.image.shape[3], priority=priority)
@@ -461,6 +468,7 @@ class Img2ImgPipeline:
             timesteps, _ = math.get_img2img_timesteps(scheduler, gen.steps, gen.strength)
 
         # 3. Prepare latents: one VAE encode shared by all images, then per-image sampling and noising.
+        await boundary()
         params = await self._run("vae_encoder", {"sample": gen.image}, priority=priority)
         latent_shape = (1, m.latent_channels, *params.shape[2:])
         vae_noise, start_noise = noise if noise is not None else latent_noise(gen.seeds, latent_shape)
@@ -475,9 +483,7 @@ class Img2ImgPipeline:
         if on_step is not None:
             on_step(0, len(timesteps))
         for i, t in enumerate(timesteps):
-            if before_step is not None:
-                await before_step()
-            check_stop()
+            await boundary()
             with stage("scheduler"):
                 model_in = np.concatenate([latents, latents]) if cfg else latents
                 model_in = scheduler.scale_model_input(model_in, t)
@@ -499,7 +505,7 @@ class Img2ImgPipeline:
                 on_step(i + 1, len(timesteps))
 
         # 5. Decode.
-        check_stop()
+        await boundary()
         decoded = await self._run(
             "vae_decoder",
             {"latent_sample": math.denormalize_latents_for_decode(latents, m.scaling_factor, m.shift_factor)},

@@ -130,8 +130,14 @@ class JobExecutor:
         before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[OutputImage, ...]:
         spec = job.spec
+
+        async def boundary() -> None:  # the job's image work waits too while a higher priority denoises here
+            if before_step is not None:
+                await before_step()
+
         # 1. The model, and the input as first decoded (or read back from storage after a restart).
         pipeline = resolve_pipeline(self.pipelines, spec.model)
+        await boundary()
         size = (spec.processed_size.width, spec.processed_size.height)
         image = self.decoded.take(job.id)
         if image is None:
@@ -161,6 +167,7 @@ class JobExecutor:
             before_step=before_step,
         )
         # 4. Encode (the request's format, no metadata) and store each image, with the digest of its bytes.
+        await boundary()
         images = []
         extension = codecs.OUTPUT_EXTENSIONS[spec.output_format]
         token = new_output_token()  # the outputs' names are capabilities: not derivable from the job id

@@ -1,6 +1,6 @@
 """A job's priority reaches every Triton call of the recipe (text encoder, VAE encoder, each UNet step and each
-chunk of a split one, VAE decoder), and `before_step` is awaited once before each UNet step, ahead of the step's
-stop check. The SDXL encoders' share is in tests/unit/test_sdxl_recipe.py; the pool's and the engine's in
+chunk of a split one, VAE decoder), and `before_step` is awaited at every boundary between the recipe's Triton
+stages (before the text encoding, the VAE encode, each UNet step and the decode), ahead of the stop check. The SDXL encoders' share is in tests/unit/test_sdxl_recipe.py; the pool's and the engine's in
 tests/unit/test_triton_pool.py."""
 
 from __future__ import annotations
@@ -64,16 +64,25 @@ async def test_a_text_cache_hit_leaves_the_jobs_own_calls_at_its_priority(tmp_pa
     assert triton.priorities[first:] == [2] * len(second)
 
 
-async def test_before_step_is_awaited_once_before_each_unet_step(tmp_path: Path) -> None:
+async def test_before_step_is_awaited_before_every_stage_and_each_unet_step(tmp_path: Path) -> None:
     manifest = tiny_manifest(tmp_path)
     triton = FakeTriton(manifest)
-    unet_calls_seen: list[int] = []
+    calls_seen: list[list[str]] = []
 
     async def before_step() -> None:
-        unet_calls_seen.append(triton.unet_calls)
+        calls_seen.append([model for model, _ in triton.calls])
 
     await Img2ImgPipeline(manifest, triton)(_gen(), before_step=before_step)  # type: ignore[arg-type]
-    assert unet_calls_seen == list(range(STEPS))  # step k's wait comes after k steps, before the next one
+    text, encode, unet, decode = (
+        manifest.text_encoder.model,
+        manifest.vae_encoder.model,
+        manifest.unet.model,
+        manifest.vae_decoder.model,
+    )
+    # Nothing sent before the first wait; then each wait comes after the previous stage's calls, before the next.
+    expected = [[], [text], *([text, encode] + [unet] * k for k in range(STEPS)), [text, encode] + [unet] * STEPS]
+    assert calls_seen == expected
+    assert [model for model, _ in triton.calls] == [text, encode, *[unet] * STEPS, decode]
 
 
 async def test_a_cancel_that_arrives_during_before_step_stops_the_job(tmp_path: Path) -> None:
