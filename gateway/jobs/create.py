@@ -1,9 +1,10 @@
 """Creating a job: the use case behind both create routes, from the request's fields to a queued job.
 
 In order, all before any image work: the request's fields (`Admission.parse`, 400) and the priority the key may
-use (its `KeyPolicy`, 400); an idempotent retry (the job it created); the fleet's queue (`JobManager.check_admission`, 503 `overloaded`); the key's cap on queued +
-running jobs (`max_active_jobs_per_key`, 429 `too_many_jobs`), so one key cannot fill the shared queue; then
-the deployment's rules (`Admission.admit`), which charge the key's work budget (`WorkLimiter`, 429
+use (its `KeyPolicy`, 400); an idempotent retry (the job it created); the fleet's queue
+(`JobManager.check_admission`, 503 `overloaded`); the key's cap on queued + running jobs
+(`max_active_jobs_per_key`, 429 `too_many_jobs`), so one key cannot fill the shared queue; then the deployment's
+rules (`Admission.admit`), which charge the key's work budget (`WorkLimiter`, 429
 `rate_limited`) once the request is known valid: a job costs `work_cost` UNet samples, so 4 images x 150 steps
 with guidance weighs 1,200 times a 1-step single image. The cap counts the store's active jobs of the owner
 plus this process's creations in flight for it, so concurrent requests of one key cannot all pass the same

@@ -1,6 +1,7 @@
 """A job's priority reaches every Triton call of the recipe (text encoder, VAE encoder, each UNet step and each
 chunk of a split one, VAE decoder), and `before_step` is awaited at every boundary between the recipe's Triton
-stages (before the text encoding, the VAE encode, each UNet step and the decode), ahead of the stop check. The SDXL encoders' share is in tests/unit/test_sdxl_recipe.py; the pool's and the engine's in
+stages (before the text encoding, the VAE encode, each UNet step and the decode), ahead of the stop check. The
+SDXL encoders' share is in tests/unit/test_sdxl_recipe.py; the pool's and the engine's in
 tests/unit/test_triton_pool.py."""
 
 from __future__ import annotations
