@@ -56,7 +56,7 @@ from gateway.jobs.model import (
     job_to_json,
     now_iso,
 )
-from gateway.jobs.store import FinishedWork, IdempotencyConflict, QueuePlace, StaleJob
+from gateway.jobs.store import FinishedWork, IdempotencyConflict, QueuePlace, StaleJob, scheduling_columns
 from gateway.jobs.webhooks import SigningSecrets
 
 log = logging.getLogger(__name__)
@@ -215,8 +215,7 @@ _CLAIM_NEXT = (
 
 
 def _mutable(job: Job) -> tuple[Any, ...]:
-    """The columns a write changes, in `_UPDATE`'s order. `queue_deadline` is kept only while the job is queued
-    (the deadline sweep's index holds the waiting jobs only)."""
+    """The columns a write changes, in `_UPDATE`'s order (`scheduling_columns`' shared with SQLite)."""
     hook = job.webhook
     return (
         job.status,
@@ -230,12 +229,7 @@ def _mutable(job: Job) -> tuple[Any, ...]:
         hook.lease.owner if hook and hook.lease else None,
         hook.lease.expires_at if hook and hook.lease else None,
         hook.event if hook else None,
-        job.spec.priority,
-        job.fair_tag,
-        job.queue_deadline if job.status == QUEUED else None,
-        job.result_key,
-        job.spec.work,
-        job.started_at,
+        *scheduling_columns(job),
         job_to_json(job).decode(),
     )
 

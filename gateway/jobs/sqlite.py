@@ -37,7 +37,7 @@ from gateway.jobs.model import (
     job_to_json,
     now_iso,
 )
-from gateway.jobs.store import FinishedWork, IdempotencyConflict, QueuePlace, StaleJob
+from gateway.jobs.store import FinishedWork, IdempotencyConflict, QueuePlace, StaleJob, scheduling_columns
 from gateway.jobs.webhooks import SigningSecrets
 from gateway.observability import staged
 
@@ -325,8 +325,8 @@ class SqliteJobStore:
 
     @staticmethod
     def _mutable_columns(job: Job) -> tuple[Any, ...]:
-        """The columns a write sets, in `_UPDATE`'s order: those queries filter on, beside the JSON.
-        `queue_deadline` is kept only while the job is queued (the deadline sweep's index holds waiting jobs only)."""
+        """The columns a write sets, in `_UPDATE`'s order: those queries filter on, beside the JSON
+        (`scheduling_columns`' shared with PostgreSQL)."""
         hook = job.webhook
         return (
             job.status,
@@ -340,12 +340,7 @@ class SqliteJobStore:
             hook.next_attempt_at if hook else 0.0,
             hook.lease.expires_at if hook and hook.lease else None,
             hook.event if hook else None,
-            job.spec.priority,
-            job.fair_tag,
-            job.queue_deadline if job.status == QUEUED else None,
-            job.result_key,
-            job.spec.work,
-            job.started_at,
+            *scheduling_columns(job),
         )
 
     async def get(self, job_id: str) -> Job | None:

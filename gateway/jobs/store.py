@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.jobs.model import Job
+from gateway.jobs.model import QUEUED, Job
 from gateway.jobs.webhooks import SigningSecrets
 
 
@@ -53,6 +53,14 @@ class StaleJob(Exception):
 
 class IdempotencyConflict(Exception):
     """The key was used before with another request body."""
+
+
+def scheduling_columns(job: Job) -> tuple[int, float, float | None, str | None, int, float | None]:
+    """The scheduling columns both stores keep beside the JSON, in this order: priority, fair_tag,
+    queue_deadline (only while queued: the deadline sweep's index holds the waiting jobs only), result_key, work,
+    started_at."""
+    deadline = job.queue_deadline if job.status == QUEUED else None
+    return job.spec.priority, job.fair_tag, deadline, job.result_key, job.spec.work, job.started_at
 
 
 @dataclass(frozen=True)
