@@ -230,10 +230,6 @@ class Workers:
         self._gauges()
         await self._publish(JobEvent(job.id, EventKind.CREATED))
 
-    async def finished_new(self, job: Job) -> None:
-        """A job created final (answered from the exact-result cache): its final-state effects, as a worker's."""
-        await self.after_final(job)
-
     def _gauges(self) -> None:
         self.on_event("queue_depth", (self._queued_estimate, len(self._running)))
 
@@ -396,9 +392,10 @@ class Workers:
         """The time a job waited before its first start, by priority and the key's class (metrics)."""
         if job.run_attempts != 1:
             return
-        created = datetime.fromisoformat(job.created_at.replace("Z", "+00:00")).timestamp()
+        created = datetime.fromisoformat(job.created_at).timestamp()
+        started = job.started_at if job.started_at is not None else time.time()  # set by this very claim
         key_class = self.settings.key_policy(job.owner).key_class
-        self.on_event("queue_time", (job.spec.priority, key_class, max(0.0, time.time() - created)))
+        self.on_event("queue_time", (job.spec.priority, key_class, max(0.0, started - created)))
 
     async def _fail_overdue(self) -> None:
         """End `queue_timeout` the queued jobs past their `max_queue_s` (a bounded batch per sweep)."""
@@ -442,8 +439,8 @@ class Workers:
         def on_step(done: int, calls: int) -> None:
             # Shown against effective_steps (what diffusers counts); PNDM makes one extra UNet call.
             running.step = done
-            if done >= calls:  # denoised: lower priorities need not wait for its decode
-                self.gate.leave(job.id)
+            if done >= calls and self._running.get(job.id) is running:  # denoised: lower ones need not wait
+                self.gate.leave(job.id)  # (a stale run of a job claimed again here leaves the new run's entry)
             progress = Progress(min(done, total), total, None)
             self._notify(job, progress)
             now = time.monotonic()
@@ -687,7 +684,8 @@ class JobManager:
         await self.workers.enqueue_new(job)
 
     async def finished_new(self, job: Job) -> None:
-        await self.workers.finished_new(job)
+        """A job created final (answered from the exact-result cache): its final-state effects, as a worker's."""
+        await self.workers.after_final(job)
 
     async def get(self, job_id: str, owner: str) -> Job:
         return await self.workers.get(job_id, owner)

@@ -1,9 +1,10 @@
 """Priorities inside one process, and wait estimates.
 
-`StepGate`: a running job yields to higher-priority jobs at its step boundaries. Before each UNet step a job of
-priority p waits while a job of a higher priority is denoising in this process, so the higher one's steps are
-the only ones this process sends to Triton (where the dynamic batcher's priority levels order the queue across
-every gateway). No work is lost: the paused job keeps its latents and goes on from the same step.
+`StepGate`: a running job yields to higher-priority jobs at its boundaries. Before each UNet step, and before its
+other Triton stages and image work, a job of priority p waits while a job of a higher priority is denoising in
+this process, so the higher one's calls are the only ones this process sends to Triton (across gateways, only
+batchers exported with `--triton-priority-levels` order the queue). No work is lost: the paused job keeps its
+latents and goes on from the same step.
 
 `WaitEstimator`: a queued job's start and finish, and a running job's finish, from measured times: the service
 time per unit of work (UNet samples) of each model and the fleet's throughput, both read from the jobs that
