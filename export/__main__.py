@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="a distilled model (SD-/SDXL-Turbo style): turbo defaults; --tiny: trailing euler_ancestral",
     )
+    parser.add_argument(
+        "--inpainting",
+        action="store_true",
+        help="--tiny: a dedicated inpainting UNet (9 input channels: latents, mask, masked-image latents); a "
+        "--model-dir's is read from its UNet config",
+    )
     parser.add_argument("--name", default="imagen-v2", help="API model name served (default: imagen-v2)")
     parser.add_argument("--output", type=Path, default=DEFAULT_REPOSITORY, help="Triton model repository")
     parser.add_argument("--backend", choices=BACKENDS, default="python", help="Triton backend to configure")
@@ -131,6 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.tiny and (args.size != "tiny" or args.seed != 0 or args.scheduler is not None):
         parser.error("--size, --seed and --scheduler only apply to --tiny")
+    if args.inpainting and not args.tiny:
+        parser.error("--inpainting only applies to --tiny (a folder's UNet config says whether it inpaints)")
+    if args.inpainting and args.size == PUBLISHED_SIZE:
+        parser.error("--inpainting builds the random tiny/small layouts, not --size published")
     if args.model_dir is not None and args.arch is not None:
         parser.error("--arch only applies to --tiny and --checkpoint (a folder's layout is read from model_index.json)")
     if args.checkpoint is None and (args.config is not None or args.allow_pickle):
@@ -185,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         tiny_seed=args.seed,
         tiny_scheduler=args.scheduler,
         tiny_arch=args.arch if args.tiny else "sd",
+        tiny_inpainting=args.inpainting,
         checkpoint_family=ARCH_FAMILIES[args.arch] if args.checkpoint is not None and args.arch else None,
         turbo=args.turbo,
         name=args.name,
@@ -214,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as exc:
         print(f"export: error: {exc}", file=sys.stderr)
         return 2
+    kind = (" turbo" if manifest["turbo"] else "") + (" inpainting" if manifest["inpainting"] else "")
     print(
-        f"exported {manifest['name']!r} ({manifest['family']}{' turbo' if manifest['turbo'] else ''}, "
+        f"exported {manifest['name']!r} ({manifest['family']}{kind}, "
         f"{manifest['backend']} backend, {manifest['runtime']} runtime, {manifest['dtype']}, "
         f"{manifest['native_resolution']}px native) into {args.output}; peak RSS {peak_rss_gb():.2f} GB"
     )

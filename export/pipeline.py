@@ -31,6 +31,7 @@ from export.repository import (
     served_outputs,
     stage_pipeline,
     staging_area,
+    unet_channels,
     validate_name,
 )
 from export.validate import check_component
@@ -47,6 +48,7 @@ class ExportRequest:
     tiny_seed: int = 0
     tiny_scheduler: str = "pndm"
     tiny_arch: str = "sd"
+    tiny_inpainting: bool = False  # a 9-channel (inpainting) UNet; the export reads it from the UNet's config
     turbo: bool = False  # a distilled model: turbo defaults in /v1/models (steps 2, no guidance)
     options: ServingOptions = field(default_factory=ServingOptions)
     fp16: bool = False
@@ -111,8 +113,9 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
                         seed=request.tiny_seed,
                         scheduler=request.tiny_scheduler,
                         arch=request.tiny_arch,
+                        inpainting=request.tiny_inpainting,
                     )
-                what = f"{request.tiny_size} {request.tiny_arch}"
+                what = f"{request.tiny_size} {request.tiny_arch}" + (" inpainting" if request.tiny_inpainting else "")
                 scheduler = "" if request.tiny_size == PUBLISHED_SIZE else f", {request.tiny_scheduler}"
                 s["source"] = f"random {what} (seed {request.tiny_seed}{scheduler})"
 
@@ -134,6 +137,7 @@ def run_export(request: ExportRequest, *, progress: bool = True) -> dict[str, An
         def load(s: dict[str, Any]) -> None:
             # For ONNX, each module goes to fp32 in its own stage (export_stage); the torch runtime writes fp32.
             s["pipeline"] = load_pipeline(s["model_dir"], as_stored=request.options.served_by != "torch")
+            unet_channels(s["pipeline"])  # an unknown UNet input width fails before any export work
 
         def export_stage(component: str, later: tuple[str, ...]) -> Callable[[dict[str, Any]], None]:
             """Export one component, check it, and release its module's weights when no later component needs

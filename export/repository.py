@@ -82,6 +82,32 @@ TURBO_DEFAULTS = {"steps": 2, "guidance_scale": 0.0, "strength": 0.5}
 # SDXL img2img's `aesthetic_score` / `negative_aesthetic_score` defaults (used when the refiner's config asks).
 AESTHETIC_SCORE = 6.0
 NEGATIVE_AESTHETIC_SCORE = 2.5
+# An inpainting model (a 9-channel UNet) is run at strength 1.0: the masked area starts from pure noise.
+INPAINT_STRENGTH = 1.0
+
+
+def request_defaults(*, turbo: bool, inpainting: bool) -> dict[str, float]:
+    """The manifest's request defaults: diffusers' img2img ones or the turbo ones, at strength 1.0 to inpaint."""
+    defaults: dict[str, float] = dict(TURBO_DEFAULTS if turbo else DEFAULTS)
+    if inpainting:
+        defaults["strength"] = INPAINT_STRENGTH
+    return defaults
+
+
+def unet_channels(pipeline: Any) -> tuple[int, int, bool]:
+    """(latent channels, UNet input channels, inpainting) from the model's configs.
+
+    The latents are the VAE's; the UNet takes them alone (img2img), or with the mask and the masked image's
+    latents beside them (a dedicated inpainting UNet, diffusers' `in_channels == 9`: 2 * latents + 1).
+    """
+    latent = int(pipeline.vae.config.latent_channels)
+    unet_in = int(pipeline.unet.config.in_channels)
+    if unet_in not in (latent, 2 * latent + 1):
+        raise ExportError(
+            f"the UNet takes {unet_in} input channels: expected the VAE's {latent} latent channels (img2img) or "
+            f"{2 * latent + 1} (inpainting: latents, mask, masked-image latents)"
+        )
+    return latent, unet_in, unet_in == 2 * latent + 1
 
 
 def penultimate_hidden_state(text_encoder: Any) -> str:
@@ -312,6 +338,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The pipeline manifest: everything the gateway needs, read from the model's own configs."""
     vae_cfg, unet_cfg = pipeline.vae.config, pipeline.unet.config
+    latent_channels, unet_in_channels, inpainting = unet_channels(pipeline)
     pixels_per_latent = vae_scale_factor(vae_cfg)
     unet_downsamples = len(unet_cfg.down_block_types) - 1
     # The traced UNet has fixed up-sampling sizes, so latents must divide by every UNet down-sampling.
@@ -341,7 +368,10 @@ def build_manifest(
         "native_resolution": int(unet_cfg.sample_size) * pixels_per_latent,
         "vae_scale_factor": pixels_per_latent,
         "grid": grid,
-        "latent_channels": int(unet_cfg.in_channels),
+        "latent_channels": latent_channels,  # the VAE's
+        # The UNet's `sample` width: the latents, or (inpainting) latents + mask + masked-image latents.
+        "unet_in_channels": unet_in_channels,
+        "inpainting": inpainting,
         "scaling_factor": float(vae_cfg.scaling_factor),
         "shift_factor": None if vae_cfg.get("shift_factor") is None else float(vae_cfg.shift_factor),
         "max_batch_size": options.max_batch_size,
@@ -352,7 +382,7 @@ def build_manifest(
         },
         "components": components,
         "scheduler": json.loads(json.dumps(scheduler, default=list)),
-        "defaults": dict(TURBO_DEFAULTS if turbo else DEFAULTS),
+        "defaults": request_defaults(turbo=turbo, inpainting=inpainting),
         "family": "sdxl" if is_sdxl(pipeline) else "sd",
         "turbo": turbo,
         "vae_dtype": vae_dtype or dtype,
@@ -584,7 +614,7 @@ def write_variant(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         scheduler=dict(scheduler),
         turbo=turbo,
-        defaults=dict(TURBO_DEFAULTS if turbo else DEFAULTS),
+        defaults=request_defaults(turbo=turbo, inpainting=bool(manifest.get("inpainting", False))),
     )
     target = repository / f"{name}{MANIFEST_SUFFIX}"
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")

@@ -57,11 +57,12 @@ def profile(manifest: Mapping[str, Any], component: str, max_batch_size: int) ->
     """The one optimization profile of a component: batch 1..max_batch_size (opt at the top: the dynamic
     batcher fills executions under load), fixed dims as they are, image sides over `side_range`, largest at opt.
 
-    A -1 dim after the batch is an image side of an NCHW tensor: latent-sized when its channel count is the
-    manifest's latent channels, pixel-sized otherwise (the VAE encoder's RGB input).
+    A -1 dim after the batch is an image side of an NCHW tensor: pixel-sized for the VAE encoder (its RGB input),
+    latent-sized for every other model (the UNet's `sample`, latents alone or, inpainting, latents + mask +
+    masked-image latents; the decoder's `latent_sample`).
     """
     lo_px, hi_px = side_range(manifest)
-    factor, latent_channels = int(manifest["vae_scale_factor"]), int(manifest["latent_channels"])
+    factor = int(manifest["vae_scale_factor"])
     profiles = []
     for spec in manifest["components"][component]["inputs"].values():
         shape = [int(d) for d in spec["shape"]]
@@ -73,7 +74,7 @@ def profile(manifest: Mapping[str, Any], component: str, max_batch_size: int) ->
                 continue
             if len(shape) != 4 or axis < 2 or shape[1] < 0:
                 raise ExportError(f"{component}.{spec['name']}: no TensorRT shape range for a dynamic dim {axis}")
-            scale = factor if shape[1] == latent_channels else 1
+            scale = 1 if component == "vae_encoder" else factor
             lo.append(lo_px // scale)
             hi.append(hi_px // scale)
         profiles.append(InputProfile(spec["name"], tuple(lo), tuple(hi), tuple(hi)))

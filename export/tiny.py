@@ -171,6 +171,8 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
 
 ARCHS = ("sd", "sd2", "sdxl")
 SDXL_TIME_IDS = 6  # original size (2) + crop offset (2) + target size (2)
+LATENT_CHANNELS = 4
+INPAINT_IN_CHANNELS = 2 * LATENT_CHANNELS + 1  # latents, mask, masked-image latents (diffusers' inpaint UNets)
 
 
 def _text_config(spec: TinySpec, *, second: bool = False, hidden_act: str | None = None, **extra: Any) -> Any:
@@ -195,9 +197,19 @@ def _text_config(spec: TinySpec, *, second: bool = False, hidden_act: str | None
 
 
 def build_random_pipeline(
-    out_dir: Path, *, size: str = "tiny", seed: int = 0, scheduler: str = "pndm", arch: str = "sd"
+    out_dir: Path,
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    scheduler: str = "pndm",
+    arch: str = "sd",
+    inpainting: bool = False,
 ) -> Path:
-    """Build a random-weight img2img pipeline (`arch` "sd", "sd2" or "sdxl"), deterministic from `seed`; save it."""
+    """Build a random-weight img2img pipeline (`arch` "sd", "sd2" or "sdxl"), deterministic from `seed`; save it.
+
+    `inpainting`: a dedicated inpainting UNet, 9 input channels (latents, mask, masked-image latents), saved as
+    diffusers' inpaint pipeline. Its wider conv_in draws more numbers from the seed, so the VAE and text encoders
+    built after it differ from the 4-channel build's (the 4-channel weights stay as they were)."""
     import diffusers
     import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -222,8 +234,8 @@ def build_random_pipeline(
     )
     unet = diffusers.UNet2DConditionModel(
         sample_size=spec.sample_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=INPAINT_IN_CHANNELS if inpainting else LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
         layers_per_block=spec.unet_layers_per_block,
         block_out_channels=spec.unet_channels,
         down_block_types=spec.unet_down,
@@ -239,7 +251,7 @@ def build_random_pipeline(
         down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
         block_out_channels=spec.vae_channels,
-        latent_channels=4,
+        latent_channels=LATENT_CHANNELS,
         layers_per_block=spec.vae_layers_per_block,
         norm_num_groups=spec.vae_groups,
         sample_size=spec.sample_size * 2 ** (len(spec.vae_channels) - 1),
@@ -265,7 +277,10 @@ def build_random_pipeline(
         # at run time this is the real pipeline class, a DiffusionPipeline with save_pretrained.
         pipe: Any
         if sdxl:
-            pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+            xl_class = (
+                diffusers.StableDiffusionXLInpaintPipeline if inpainting else diffusers.StableDiffusionXLImg2ImgPipeline
+            )
+            pipe = xl_class(
                 vae=vae,
                 text_encoder=text_encoder,
                 text_encoder_2=text_encoder_2,
@@ -276,7 +291,10 @@ def build_random_pipeline(
                 add_watermarker=False,
             )
         else:
-            pipe = diffusers.StableDiffusionImg2ImgPipeline(
+            sd_class = (
+                diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionImg2ImgPipeline
+            )
+            pipe = sd_class(
                 vae=vae,
                 text_encoder=text_encoder,
                 tokenizer=tokenizer("!" if sd2 else "<|endoftext|>"),  # SD 2.x's pads with "!", CLIP's with the end

@@ -77,10 +77,11 @@ def _inputs(pipeline: Any, batch: int, latent_hw: tuple[int, int], seed: int) ->
     tokenizer = pipeline.tokenizer or pipeline.tokenizer_2
     max_len = tokenizer.model_max_length
     unet_cfg = pipeline.unet.config
-    latent_ch = unet_cfg.in_channels
+    unet_in = int(unet_cfg.in_channels)  # the latents, or (inpainting) latents + mask + masked-image latents
+    latent_ch = int(pipeline.vae.config.latent_channels)
     ids = rng.integers(0, tokenizer.vocab_size, (batch, max_len), dtype=np.int64)
     unet = {
-        "sample": rng.standard_normal((batch, latent_ch, h, w)).astype(np.float32),
+        "sample": rng.standard_normal((batch, unet_in, h, w)).astype(np.float32),
         "timestep": rng.uniform(0, 999, batch).astype(np.float32),
         "encoder_hidden_states": rng.standard_normal((batch, max_len, unet_cfg.cross_attention_dim)).astype(np.float32),
     }

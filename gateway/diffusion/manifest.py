@@ -140,6 +140,19 @@ class PipelineManifest:
     sdxl: SdxlConditioning | None = None  # set exactly when family is "sdxl"
     vae_dtype: str = "float32"
     lora: LoraSupport | None = None  # None: exported without LoRA slots
+    # The UNet's `sample` channels: None (and manifests before it was written) means the latents alone; an
+    # inpainting UNet's are 2 x latent channels + 1 (latents, mask, masked-image latents).
+    unet_in_channels: int | None = None
+
+    @property
+    def sample_channels(self) -> int:
+        """The channels of the UNet's `sample` input."""
+        return self.latent_channels if self.unet_in_channels is None else self.unet_in_channels
+
+    @property
+    def inpainting(self) -> bool:
+        """A dedicated inpainting UNet (diffusers' 9-channel one for 4-channel latents)."""
+        return self.sample_channels == 2 * self.latent_channels + 1
 
     @property
     def texts(self) -> tuple[TextEncoder, ...]:
@@ -157,8 +170,9 @@ class PipelineManifest:
         """Role -> what `component` must answer to inputs of these shapes (by role): the declared datatype, as
         many rows as were sent, and the shape the recipe needs: a text encoder's hidden states [rows, tokens,
         width] and pooled [rows, width] (finite: they are cached), the VAE encoder's [rows, 2 x latent channels,
-        H / scale, W / scale], the UNet's its sample's shape, the decoder's [rows, 3, h x scale, w x scale]; a
-        size the recipe does not fix (a text width) is the declared one when the manifest declares it."""
+        H / scale, W / scale], the UNet's [rows, latent channels, h, w] (its `sample` may be wider: inpainting),
+        the decoder's [rows, 3, h x scale, w x scale]; a size the recipe does not fix (a text width) is the
+        declared one when the manifest declares it."""
         f = self.vae_scale_factor
         rows = next(iter(input_shapes.values()))[0] if input_shapes else 0
         text_models = {t.component.model for t in self.texts} | {self.text_encoder.model}
@@ -168,7 +182,10 @@ class PipelineManifest:
             spec = component.output_specs.get(role, OutputSpec())
             finite = False
             recipe: tuple[int | None, ...] | None = None
-            if component.model == self.unet.model and sample is not None:
+            if component.model == self.unet.model and sample is not None and len(sample) == 4:
+                # The noise prediction: the latents' channels (an inpainting UNet's `sample` is wider).
+                recipe = (rows, self.latent_channels, sample[2], sample[3])
+            elif component.model == self.unet.model and sample is not None:
                 recipe = tuple(sample)
             elif component.model == self.vae_encoder.model and sample is not None and len(sample) == 4:
                 recipe = (rows, 2 * self.latent_channels, sample[2] // f, sample[3] // f)
@@ -202,6 +219,7 @@ class PipelineManifest:
             "defaults": dict(self.defaults),
             "family": self.family,
             "turbo": self.turbo,
+            "inpainting": self.inpainting,
             "lora": None if self.lora is None else self.lora.describe(),
         }
 
@@ -223,6 +241,25 @@ def _component(raw: Mapping[str, Any]) -> Component:
         max_batch_size=None if raw.get("max_batch_size") is None else int(raw["max_batch_size"]),
         output_specs={role: _output_spec(spec) for role, spec in raw["outputs"].items()},
     )
+
+
+def _unet_channels(path: Path, raw: Mapping[str, Any], latent_channels: int) -> int:
+    """The UNet's `sample` channels, checked against `inpainting` and the declared input.
+
+    Manifests before issue 25 have neither key: an img2img UNet, whose `sample` is the latents."""
+    unet_in = int(raw.get("unet_in_channels", latent_channels))
+    inpainting = unet_in == 2 * latent_channels + 1
+    if unet_in not in (latent_channels, 2 * latent_channels + 1):
+        raise ManifestError(
+            f"{path}: unet_in_channels {unet_in} is neither the {latent_channels} latent channels nor "
+            f"{2 * latent_channels + 1} (inpainting)"
+        )
+    if bool(raw.get("inpainting", False)) != inpainting:
+        raise ManifestError(f"{path}: inpainting {raw.get('inpainting')!r} contradicts unet_in_channels {unet_in}")
+    sample = raw["components"]["unet"]["inputs"].get("sample", {}).get("shape")
+    if sample is not None and len(sample) == 4 and int(sample[1]) >= 0 and int(sample[1]) != unet_in:
+        raise ManifestError(f"{path}: the UNet's sample input has {sample[1]} channels, the manifest says {unet_in}")
+    return unet_in
 
 
 def load_manifest(path: Path) -> PipelineManifest:
@@ -250,13 +287,15 @@ def load_manifest(path: Path) -> PipelineManifest:
             if not texts:
                 raise ManifestError(f"{path}: an sdxl manifest lists its text_encoders")
         first_text = comps["text_encoder"] if "text_encoder" in comps else comps["text_encoder_2"]
+        latent_channels = int(raw["latent_channels"])
+        unet_in_channels = _unet_channels(path, raw, latent_channels)
         return PipelineManifest(
             name=str(raw["name"]),
             path=path,
             native_resolution=int(raw["native_resolution"]),
             vae_scale_factor=int(raw["vae_scale_factor"]),
             grid=int(raw["grid"]),
-            latent_channels=int(raw["latent_channels"]),
+            latent_channels=latent_channels,
             scaling_factor=float(raw["scaling_factor"]),
             shift_factor=None if raw.get("shift_factor") is None else float(raw["shift_factor"]),
             max_length=int(raw["text"]["max_length"]),
@@ -275,6 +314,7 @@ def load_manifest(path: Path) -> PipelineManifest:
             sdxl=sdxl,
             vae_dtype=str(raw.get("vae_dtype", raw.get("dtype", "float32"))),
             lora=_lora(raw.get("lora")),
+            unet_in_channels=unet_in_channels,
         )
     except (OSError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, ManifestError):

@@ -16,16 +16,20 @@ __all__ = [
     "MAX_SEED",
     "MIN_SEED",
     "apply_guidance",
+    "blend_unmasked",
     "denormalize_latents_for_decode",
     "do_classifier_free_guidance",
+    "draw_inpaint_noise",
     "draw_noise",
     "draw_noise_from",
     "get_img2img_timesteps",
     "image_seeds",
     "img2img_effective_steps",
     "img2img_scheduler_config",
+    "latent_mask",
     "noise_generator",
     "prepare_initial_latents",
+    "prepare_inpaint_latents",
     "sample_latents",
     "sdxl_add_time_ids",
     "sdxl_negative_is_zeros",
@@ -84,6 +88,19 @@ def draw_noise(seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarra
     return draw_noise_from(noise_generator(seed), shape)
 
 
+def draw_inpaint_noise(seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(VAE sample noise, first-timestep noise, masked image's VAE sample noise) of a masked request's image.
+
+    The first two are `draw_noise(seed, shape)`'s draws, so a request without a mask keeps its pixels; the third
+    is the next draw of the same generator (diffusers' `prepare_mask_latents` encodes the masked image after
+    `prepare_latents` has drawn the starting noise).
+    """
+    rng = noise_generator(seed)
+    vae_noise, timestep_noise = draw_noise_from(rng, shape)
+    masked_noise = rng.standard_normal(shape, dtype=_F32)
+    return vae_noise, timestep_noise, masked_noise
+
+
 def sample_latents(
     latent_parameters: np.ndarray,
     noise: np.ndarray,
@@ -136,6 +153,61 @@ def prepare_initial_latents(
     batch = init_latents.shape[0]
     timesteps = np.repeat(np.asarray(first_timestep).reshape(1), batch)
     return scheduler.add_noise(init_latents, noise, timesteps)
+
+
+def prepare_inpaint_latents(
+    scheduler: Scheduler,
+    image_latents: np.ndarray | None,
+    noise: np.ndarray,
+    first_timestep: Any,
+    is_strength_max: bool,
+) -> np.ndarray:
+    """The starting latents of a masked request (diffusers inpaint `prepare_latents`).
+
+    At strength 1.0 (`is_strength_max`) pure noise scaled by the scheduler's `init_noise_sigma`, whatever the
+    image; otherwise the image's latents noised to the first timestep, as img2img (`prepare_initial_latents`).
+    """
+    if is_strength_max:
+        latents: np.ndarray = noise * _F32(scheduler.init_noise_sigma)
+        return latents
+    if image_latents is None:
+        raise ValueError("image_latents are needed below strength 1.0")
+    return prepare_initial_latents(scheduler, image_latents, noise, first_timestep)
+
+
+def latent_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+    """The pixel mask `[B, 1, H, W]` at latent resolution: diffusers' `F.interpolate(mask, size=(H/f, W/f))`.
+
+    Mode "nearest" reads source pixel `floor(dst * f)`, which for sides that are multiples of `factor` (the
+    processed sizes always are) is the top-left pixel of each `factor` x `factor` block.
+    """
+    if mask.ndim != 4 or factor < 1 or mask.shape[2] % factor or mask.shape[3] % factor:
+        raise ValueError(f"mask of shape {mask.shape} cannot be sampled every {factor} pixels")
+    return np.ascontiguousarray(mask[:, :, ::factor, ::factor])
+
+
+def blend_unmasked(
+    scheduler: Scheduler,
+    latents: np.ndarray,
+    image_latents: np.ndarray,
+    noise: np.ndarray,
+    mask: np.ndarray,
+    next_timestep: Any | None,
+) -> np.ndarray:
+    """After `scheduler.step`: keep the denoised latents where `mask` is 1, the image's elsewhere (4-channel UNet).
+
+    diffusers' inpaint loop (SD 1294-1307): the image's latents are noised with the starting noise to the
+    next timestep run (`next_timestep`), or taken clean after the last step (`None`), then
+    `(1 - mask) * image + mask * latents`. `mask` is the latent mask (`latent_mask`), one row or one per row.
+    Call it right after `step`: sigma schedulers' `add_noise` then reads the next sigma from their step index.
+    """
+    proper = image_latents
+    if next_timestep is not None:
+        timesteps = np.repeat(np.asarray(next_timestep).reshape(1), image_latents.shape[0])
+        proper = scheduler.add_noise(image_latents, noise, timesteps)
+    m = mask.astype(latents.dtype, copy=False)
+    blended: np.ndarray = (1 - m) * proper + m * latents
+    return blended
 
 
 def denormalize_latents_for_decode(

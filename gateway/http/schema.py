@@ -230,6 +230,10 @@ class ModelInfo(WireModel):
     defaults: dict[str, Any]
     family: Literal["sd", "sdxl"] = Field(description="Stable Diffusion 1.x/2.x layout, or SDXL.")
     turbo: bool = Field(description="A distilled model: its `defaults` are few steps without guidance.")
+    inpainting: bool = Field(
+        description="A dedicated inpainting model: its UNet takes 9 input channels (latents, mask, masked-image "
+        "latents)."
+    )
     lora: LoraLimits | None = Field(description="Its LoRA slots (null: exported without, `loras` refused).")
 
 

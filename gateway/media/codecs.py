@@ -11,7 +11,7 @@ import io
 import re
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pybase64
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageFilter, ImageOps
 
 from gateway.errors import ImageDimensionsTooLarge, ImageTooLarge, InvalidImage
 
@@ -246,13 +246,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(data: bytes, max_side: int = MAX_IMAGE_SIDE, max_jpeg_scans: int | None = None) -> Image.Image:
-    """Decode untrusted bytes to an upright, fully loaded RGB image.
+def _open_checked(
+    data: bytes, max_side: int, max_jpeg_scans: int | None, finish: Callable[[Image.Image], Image.Image]
+) -> Image.Image:
+    """Decode untrusted bytes with every check (`decode_image`'s), then `finish` the upright, loaded image.
 
-    Order matters: sniff, count a JPEG's scans, read the header, check the sides, and only then decode pixels.
-    The first frame of an animated PNG/WebP is used. `max_side` may be lowered below `MAX_IMAGE_SIDE`, not
-    raised: Pillow's bomb guard (`DECOMPRESSION_BOMB_PIXELS`) is sized for that limit. `max_jpeg_scans`
-    defaults to the process's bound (`set_max_jpeg_scans`, `MAX_JPEG_SCANS` unless configured).
+    `finish` runs inside the same guards, so the image and the mask raise the same errors for the same bytes.
     """
     if max_side > MAX_IMAGE_SIDE:
         raise ValueError(f"max_side {max_side} exceeds MAX_IMAGE_SIDE {MAX_IMAGE_SIDE}")
@@ -283,13 +282,99 @@ def decode_image(data: bytes, max_side: int = MAX_IMAGE_SIDE, max_jpeg_scans: in
         try:
             img.load()
             upright = ImageOps.exif_transpose(img)
-            return _to_rgb(upright)
+            return finish(upright)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise too_big from None
         except _PILLOW_DECODE_ERRORS:  # truncated or malformed pixel data surfaces here
             raise InvalidImage(INVALID_IMAGE_MESSAGE, CORRUPT_DETAILS) from None
     finally:
         img.close()
+
+
+def decode_image(data: bytes, max_side: int = MAX_IMAGE_SIDE, max_jpeg_scans: int | None = None) -> Image.Image:
+    """Decode untrusted bytes to an upright, fully loaded RGB image.
+
+    Order matters: sniff, count a JPEG's scans, read the header, check the sides, and only then decode pixels.
+    The first frame of an animated PNG/WebP is used. `max_side` may be lowered below `MAX_IMAGE_SIDE`, not
+    raised: Pillow's bomb guard (`DECOMPRESSION_BOMB_PIXELS`) is sized for that limit. `max_jpeg_scans`
+    defaults to the process's bound (`set_max_jpeg_scans`, `MAX_JPEG_SCANS` unless configured).
+    """
+    return _open_checked(data, max_side, max_jpeg_scans, _to_rgb)
+
+
+# --- masks ---------------------------------------------------------------------------------------------------
+# A mask is read like diffusers' `mask_processor` (`VaeImageProcessor(do_normalize=False, do_binarize=True,
+# do_convert_grayscale=True)`): grey, LANCZOS to the processed size, optionally blurred, binarized at 0.5.
+
+MASK_THRESHOLD = 128  # 8-bit grey at or above this is "change": diffusers' binarize, x / 255 >= 0.5
+
+
+def _mask_from(img: Image.Image) -> Image.Image:
+    """The alpha rule: fully transparent pixels are the area to change when the mask has any (OpenAI's and
+    Stability's convention); otherwise luminance (white = change), alpha composited on white as the image is."""
+    if _has_alpha(img):
+        alpha = img.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] == 0:
+            return alpha.point(lambda a: 255 if a == 0 else 0)
+    if img.mode == "L":
+        return img.copy()
+    return _to_rgb(img).convert("L")  # ITU-R 601 luma, as diffusers' convert_to_grayscale
+
+
+def decode_mask(data: bytes, max_side: int = MAX_IMAGE_SIDE, max_jpeg_scans: int | None = None) -> Image.Image:
+    """Decode an untrusted mask to an upright "L" image at its own size (255 = change, 0 = keep, grey between).
+
+    The same checks and errors as `decode_image` (a decode bomb, too many JPEG scans, bad bytes), then the alpha
+    rule (`_mask_from`). White strokes on a transparent background therefore read as "change the background".
+    """
+    return _open_checked(data, max_side, max_jpeg_scans, _mask_from)
+
+
+def mask_fits(image_size: tuple[int, int], mask_size: tuple[int, int]) -> bool:
+    """Whether the mask (w, h) has the image's aspect ratio: some scale maps the image's size to the mask's with
+    one pixel of slack per side (a client's rounding). E.g. 80x60 fits 160x120, 100x100 does not."""
+    iw, ih = image_size
+    mw, mh = mask_size
+    if min(iw, ih, mw, mh) < 1:
+        return False
+    return (mw - 1) * ih <= (mh + 1) * iw and (mh - 1) * iw <= (mw + 1) * ih
+
+
+def prepare_mask(mask: Image.Image, size: tuple[int, int], blur: int | None = None) -> Image.Image:
+    """The mask at the processed `size` = (w, h): LANCZOS (diffusers' mask_processor), then, when `blur` > 0,
+    `VaeImageProcessor.blur` (Pillow's GaussianBlur, sigma `blur` px). Not binarized: the overlay uses it as is."""
+    out = mask if mask.mode == "L" else mask.convert("L")
+    if out.size != tuple(size):
+        out = out.resize(size, resample=Image.Resampling.LANCZOS)
+    if blur:
+        out = out.filter(ImageFilter.GaussianBlur(blur))
+    return out
+
+
+def mask_is_empty(mask: Image.Image) -> bool:
+    """Whether the prepared mask marks nothing to change (no pixel at or above `MASK_THRESHOLD`)."""
+    return not bool((np.asarray(mask.convert("L")) >= MASK_THRESHOLD).any())
+
+
+def mask_to_tensor(mask: Image.Image) -> np.ndarray:
+    """The prepared mask as diffusers' `mask_condition`: float32 `[1, 1, H, W]`, 1 = change (>= 128), 0 = keep."""
+    grey = np.asarray(mask.convert("L"))
+    return np.ascontiguousarray((grey >= MASK_THRESHOLD).astype(np.float32)[np.newaxis, np.newaxis])
+
+
+def apply_overlay(mask: Image.Image, original: Image.Image, generated: Image.Image) -> Image.Image:
+    """Paste `original` back over `generated` outside the (blurred) mask, feathered by its grey levels.
+
+    Exactly diffusers' `VaeImageProcessor.apply_overlay` without `crop_coords` (the same Pillow calls, so the
+    same bytes); all three are at the processed size.
+    """
+    width, height = original.width, original.height
+    kept = Image.new("RGBa", (width, height))
+    kept.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    kept = kept.convert("RGBA")
+    out = generated.convert("RGBA")
+    out.alpha_composite(kept)
+    return out.convert("RGB")
 
 
 def fit_to_grid(width: int, height: int, native: int, grid: int) -> tuple[int, int]:
@@ -383,8 +468,12 @@ def encode_output(sample: np.ndarray, output_format: str, quality: int | None = 
     JPEG is baseline, 4:2:0 chroma subsampling (what libjpeg and the hosted APIs use by default), JFIF header
     only; WebP is lossy VP8 in a plain RIFF container (no VP8X extension chunk, so no room for metadata).
     """
+    return encode_image(tensor_to_image(sample), output_format, quality)
+
+
+def encode_image(img: Image.Image, output_format: str, quality: int | None = None) -> bytes:
+    """Encode RGB pixels in the request's format, without metadata (see `encode_output`)."""
     level = output_quality(output_format, quality)
-    img = tensor_to_image(sample)
     if output_format == "png":
         return _encode_png(img)
     buffer = io.BytesIO()

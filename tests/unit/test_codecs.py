@@ -645,3 +645,213 @@ async def test_configure_sizes_the_process_pool_and_the_scan_limit(monkeypatch: 
     assert (env.image_threads, env.image_queue, env.max_jpeg_scans) == (2, 4, 50)
     defaults = Settings()
     assert (defaults.image_threads, defaults.image_queue, defaults.max_jpeg_scans) == (None, 16, 100)
+
+
+# --- masks ----------------------------------------------------------------------------------------------
+
+
+def _mask_png(img: Image.Image, **params: object) -> bytes:
+    return encode(img, "PNG", **params)
+
+
+def _hole(mode: str, size: tuple[int, int] = (8, 6)) -> Image.Image:
+    """An image of `mode` whose alpha is 0 at (2..4, 1..3) and 255 elsewhere."""
+    rgba = Image.new("RGBA", size, (0, 0, 0, 255))
+    rgba.paste((255, 255, 255, 0), (2, 1, 5, 4))
+    return rgba.convert(mode)
+
+
+def _expected_hole(size: tuple[int, int] = (8, 6)) -> np.ndarray:
+    out = np.zeros((size[1], size[0]), np.uint8)
+    out[1:4, 2:5] = 255
+    return out
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_mask_alpha_hole_is_the_area_to_change(mode: str) -> None:
+    mask = codecs.decode_mask(_mask_png(_hole(mode)))
+    assert mask.mode == "L" and mask.size == (8, 6)
+    np.testing.assert_array_equal(np.asarray(mask), _expected_hole())
+
+
+def test_mask_webp_with_an_alpha_hole() -> None:
+    mask = codecs.decode_mask(encode(_hole("RGBA"), "WEBP", lossless=True))
+    np.testing.assert_array_equal(np.asarray(mask), _expected_hole())
+
+
+def test_mask_palette_with_transparency() -> None:
+    pal = Image.new("P", (8, 6), 0)
+    pal.putpalette([0, 0, 0, 255, 255, 255])
+    pal.paste(1, (2, 1, 5, 4))
+    data = _mask_png(pal, transparency=1)  # index 1 (white) fully transparent
+    np.testing.assert_array_equal(np.asarray(codecs.decode_mask(data)), _expected_hole())
+    # Without tRNS the same palette is read by luminance: white = change, the same area.
+    np.testing.assert_array_equal(np.asarray(codecs.decode_mask(_mask_png(pal))), _expected_hole())
+
+
+def test_opaque_rgba_mask_is_read_by_luminance() -> None:
+    rgba = Image.new("RGBA", (4, 2), (0, 0, 0, 255))
+    rgba.putpixel((1, 0), (255, 255, 255, 255))
+    rgba.putpixel((2, 1), (255, 0, 0, 255))
+    out = np.asarray(codecs.decode_mask(_mask_png(rgba)))
+    assert out[0, 1] == 255 and out[0, 0] == 0
+    assert out[1, 2] == 76  # ITU-R 601 luma of pure red (Pillow's convert("L"), diffusers' grayscale)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_grey_and_rgb_masks_are_read_by_luminance(mode: str) -> None:
+    grey = Image.fromarray(np.array([[0, 127, 128, 255]], np.uint8), mode="L")
+    out = np.asarray(codecs.decode_mask(_mask_png(grey.convert(mode))))
+    np.testing.assert_array_equal(out, [[0, 127, 128, 255]])
+
+
+def test_16_bit_grey_mask_is_scaled() -> None:
+    wide = Image.new("I;16", (3, 1))
+    for x, value in enumerate((0, 32896, 65535)):
+        wide.putpixel((x, 0), value)
+    assert wide.mode == "I;16"
+    out = np.asarray(codecs.decode_mask(_mask_png(wide)))
+    np.testing.assert_array_equal(out, [[0, 128, 255]])
+
+
+def test_jpeg_mask_is_read_by_luminance() -> None:
+    img = Image.new("RGB", (32, 16), (0, 0, 0))
+    img.paste((255, 255, 255), (16, 0, 32, 16))
+    out = np.asarray(codecs.decode_mask(encode(img, "JPEG", quality=95)))
+    assert out[:, :12].max() < 20 and out[:, 20:].min() > 235
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"hello", b"GIF89a" + b"\x00" * 20, encode(Image.new("RGB", (8, 8)), "PNG")[:40], png_with_header(4096, 8)],
+    ids=["garbage", "gif", "truncated", "too-wide"],
+)
+def test_bad_masks_raise_the_image_errors(data: bytes) -> None:
+    with pytest.raises((InvalidImage, ImageDimensionsTooLarge)) as image_error:
+        decode_image(data)
+    with pytest.raises(type(image_error.value)) as mask_error:
+        codecs.decode_mask(data)
+    assert (mask_error.value.message, mask_error.value.details) == (
+        image_error.value.message,
+        image_error.value.details,
+    )
+
+
+@pytest.mark.parametrize("side", [100_000, 2100])  # Pillow's bomb error, and its warning range
+def test_mask_decode_bomb_is_refused_like_the_image(side: int) -> None:
+    bomb = png_with_header(side, side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.raises(ImageDimensionsTooLarge):
+            decode_image(bomb)
+        with pytest.raises(ImageDimensionsTooLarge) as mask_error:
+            codecs.decode_mask(bomb)
+    assert mask_error.value.details == f"Maximum dimensions are {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} pixels"
+
+
+def test_many_scan_jpeg_mask_is_refused_like_the_image() -> None:
+    data = many_scan_jpeg(codecs.MAX_JPEG_SCANS + 1, side=64)
+    with pytest.raises(InvalidImage) as image_error:
+        decode_image(data)
+    with pytest.raises(InvalidImage) as mask_error:
+        codecs.decode_mask(data)
+    assert "scans" in (mask_error.value.details or "")
+    assert mask_error.value.details == image_error.value.details
+
+
+@pytest.mark.parametrize(
+    ("image", "mask", "fits"),
+    [
+        ((160, 120), (80, 60), True),
+        ((160, 120), (160, 120), True),
+        ((160, 120), (100, 100), False),
+        ((160, 120), (120, 160), False),
+        ((1000, 333), (100, 33), True),  # 33.3 rounded down
+        ((1000, 333), (100, 34), True),  # rounded up
+        ((1000, 333), (100, 36), False),
+        ((2048, 17), (1024, 8), True),
+        ((160, 120), (0, 60), False),
+    ],
+)
+def test_mask_fits(image: tuple[int, int], mask: tuple[int, int], fits: bool) -> None:
+    assert codecs.mask_fits(image, mask) is fits
+
+
+def _mask_processor() -> object:
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+
+
+def test_prepare_mask_and_tensor_match_diffusers_mask_processor() -> None:
+    """Resize (LANCZOS), binarize at 0.5: diffusers' mask_condition, from a mask of another size."""
+    import torch  # noqa: F401  (diffusers' preprocess returns a torch tensor)
+
+    processor = _mask_processor()
+    mask = noise_image(40, 30, seed=3).convert("L")
+    ours = codecs.mask_to_tensor(codecs.prepare_mask(mask, (64, 48)))
+    theirs = processor.preprocess(mask, height=48, width=64)  # type: ignore[attr-defined]
+    assert ours.shape == (1, 1, 48, 64) and ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, theirs.numpy())
+
+
+@pytest.mark.parametrize("blur", [1, 4, 9])
+def test_mask_blur_is_vae_image_processor_blur(blur: int) -> None:
+    from diffusers.image_processor import VaeImageProcessor
+
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (10, 12, 40, 30))
+    ours = codecs.prepare_mask(mask, (64, 48), blur)
+    theirs = VaeImageProcessor.blur(mask, blur_factor=blur)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    assert codecs.prepare_mask(mask, (64, 48), 0).tobytes() == mask.tobytes()
+    assert codecs.prepare_mask(mask, (64, 48), None).tobytes() == mask.tobytes()
+
+
+def test_mask_threshold_is_128() -> None:
+    grey = Image.fromarray(np.array([[0, 127, 128, 255]], np.uint8), mode="L")
+    np.testing.assert_array_equal(codecs.mask_to_tensor(grey), [[[[0.0, 0.0, 1.0, 1.0]]]])
+    theirs = _mask_processor().preprocess(grey.resize((8, 8), Image.Resampling.NEAREST), height=8, width=8)  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(codecs.mask_to_tensor(grey.resize((8, 8), Image.Resampling.NEAREST)), theirs.numpy())
+
+
+def test_empty_mask_check() -> None:
+    assert codecs.mask_is_empty(Image.new("L", (8, 8), 127))
+    almost = Image.new("L", (8, 8), 0)
+    almost.putpixel((7, 7), 128)
+    assert not codecs.mask_is_empty(almost)
+    # A thin white stroke that blurring and resizing wash out marks nothing.
+    thin = Image.new("L", (256, 256), 0)
+    thin.paste(255, (100, 0, 101, 256))
+    assert not codecs.mask_is_empty(thin)
+    assert codecs.mask_is_empty(codecs.prepare_mask(thin, (64, 64), 4))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_apply_overlay_is_bit_equal_to_diffusers(seed: int) -> None:
+    from diffusers.image_processor import VaeImageProcessor
+
+    original = noise_image(48, 32, seed=seed)
+    generated = noise_image(48, 32, seed=seed + 10)
+    mask = noise_image(48, 32, seed=seed + 20).convert("L")
+    processor = VaeImageProcessor()
+    theirs = processor.apply_overlay(mask, original, generated)
+    ours = codecs.apply_overlay(mask, original, generated)
+    assert ours.mode == theirs.mode == "RGB"
+    assert ours.tobytes() == theirs.tobytes()
+
+
+def test_apply_overlay_keeps_black_and_replaces_white() -> None:
+    original = noise_image(16, 8, seed=4)
+    generated = noise_image(16, 8, seed=5)
+    mask = Image.new("L", (16, 8), 0)
+    mask.paste(255, (8, 0, 16, 8))
+    out = np.asarray(codecs.apply_overlay(mask, original, generated))
+    np.testing.assert_array_equal(out[:, :8], np.asarray(original)[:, :8])
+    np.testing.assert_array_equal(out[:, 8:], np.asarray(generated)[:, 8:])
+
+
+def test_encode_image_is_encode_output_of_the_same_pixels() -> None:
+    sample = np.random.default_rng(6).uniform(-1, 1, (3, 16, 16)).astype(np.float32)
+    for fmt in codecs.OUTPUT_FORMATS:
+        assert codecs.encode_image(codecs.tensor_to_image(sample), fmt) == codecs.encode_output(sample, fmt)

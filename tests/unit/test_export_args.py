@@ -43,6 +43,20 @@ def test_tiny_only_flags_are_refused_with_a_model_dir(extra: list[str], capsys: 
     assert exit_info.value.code == 2 and "only apply to --tiny" in capsys.readouterr().err
 
 
+def test_inpainting_is_a_tiny_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 25: `--tiny --inpainting` builds a 9-channel UNet; a folder's or checkpoint's UNet config decides."""
+    assert parse_args(["--tiny", "--inpainting", "--arch", "sdxl"]).inpainting
+    assert not parse_args(["--tiny"]).inpainting
+    for argv, message in (
+        (["--model-dir", "x", "--inpainting"], "--inpainting only applies to --tiny"),
+        (["--checkpoint", "x.safetensors", "--inpainting"], "--inpainting only applies to --tiny"),
+        (["--tiny", "--size", "published", "--inpainting"], "not --size published"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_unknown_arch_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--tiny", "--arch", "sd3"])

@@ -8,19 +8,24 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 from diffusers.models.autoencoders import vae as diffusers_vae
+from diffusers.schedulers import scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete
 
 from gateway.diffusion.sampling import (
     apply_guidance,
+    blend_unmasked,
     denormalize_latents_for_decode,
     do_classifier_free_guidance,
+    draw_inpaint_noise,
     draw_noise,
     draw_noise_from,
     get_img2img_timesteps,
     img2img_scheduler_config,
+    latent_mask,
     noise_generator,
     prepare_initial_latents,
+    prepare_inpaint_latents,
     sample_latents,
 )
 from gateway.diffusion.schedulers import make_scheduler
@@ -245,3 +250,124 @@ def test_draw_noise_from_continues_the_stream() -> None:
     np.testing.assert_array_equal(first[1], ref.standard_normal(shape, dtype=np.float32))
     np.testing.assert_array_equal(after, ref.standard_normal(shape, dtype=np.float32))
     np.testing.assert_array_equal(draw_noise(7, shape)[0], first[0])
+
+
+def test_draw_inpaint_noise_keeps_the_first_two_draws() -> None:
+    shape = (1, 4, 8, 8)
+    vae, start, masked = draw_inpaint_noise(11, shape)
+    old_vae, old_start = draw_noise(11, shape)
+    np.testing.assert_array_equal(vae, old_vae)
+    np.testing.assert_array_equal(start, old_start)
+    rng = noise_generator(11)
+    draw_noise_from(rng, shape)
+    np.testing.assert_array_equal(masked, rng.standard_normal(shape, dtype=np.float32))
+    assert masked.dtype == np.float32 and masked.shape == shape
+    assert not np.array_equal(masked, start)
+
+
+# ----------------------------------------------------------------------------------------------- inpaint
+
+INPAINT_SCHEDULERS = [
+    ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1}),
+    ("DDIMScheduler", {"clip_sample": False, "steps_offset": 1}),
+    ("EulerDiscreteScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
+    ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    ("DPMSolverMultistepScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
+]
+
+
+def _inpaint_pipeline(scheduler: Any) -> StableDiffusionInpaintPipeline:
+    """A real inpaint pipeline holding only a scheduler (its __init__ rewrites the config as it would)."""
+    return StableDiffusionInpaintPipeline(
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        unet=None,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def test_latent_mask_is_torch_nearest() -> None:
+    rng = np.random.default_rng(5)
+    mask = (rng.random((2, 1, 48, 32)) < 0.5).astype(np.float32)
+    theirs = torch.nn.functional.interpolate(torch.from_numpy(mask), size=(48 // 8, 32 // 8))  # SD 771
+    ours = latent_mask(mask, 8)
+    assert ours.shape == (2, 1, 6, 4) and ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, theirs.numpy())
+    np.testing.assert_array_equal(ours, mask[:, :, ::8, ::8])
+    with pytest.raises(ValueError):
+        latent_mask(mask[:, :, :44], 8)
+
+
+@pytest.mark.parametrize(("name", "extra"), INPAINT_SCHEDULERS, ids=[n for n, _ in INPAINT_SCHEDULERS])
+@pytest.mark.parametrize(("steps", "strength"), [(8, 0.75), (6, 1.0)])  # both run a 6-step loop
+def test_blend_unmasked_loop_matches_inpaint_pipeline(
+    name: str, extra: dict[str, Any], steps: int, strength: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 4-channel inpaint loop (SD 1262-1307) with eps = 0.1 * x, diffusers' scheduler against ours."""
+    cfg = {**SD15, **extra}
+    pipe = _inpaint_pipeline(getattr(diffusers, name).from_config(cfg))
+    theirs = pipe.scheduler
+    ours = make_scheduler({"_class_name": name, **dict(theirs.config)})
+    theirs.set_timesteps(steps)
+    ours.set_timesteps(steps)
+    d_ts, d_n = pipe.get_timesteps(steps, strength, "cpu")
+    o_ts, o_n = get_img2img_timesteps(ours, steps, strength)
+    assert d_n == o_n == 6 and len(d_ts) == len(o_ts)
+    is_strength_max = strength == 1.0
+
+    rng = np.random.default_rng(21)
+    image_latents = rng.standard_normal(LATENT_SHAPE, dtype=np.float32)
+    noise = rng.standard_normal(LATENT_SHAPE, dtype=np.float32)
+    pixel_mask = np.zeros((1, 1, 64, 64), np.float32)
+    pixel_mask[:, :, 8:40, 16:56] = 1.0
+    pixel_mask[:, :, 50:, :9] = 1.0  # covers one latent cell's top-left pixel only at column 0
+    lm = latent_mask(pixel_mask, 8)
+    assert 0 < lm.sum() < lm.size
+
+    # diffusers: prepare_latents (SD 731-736) and prepare_mask_latents' mask, repeated to the batch
+    d_img, d_noise = torch.from_numpy(image_latents), torch.from_numpy(noise)
+    latent_timestep = d_ts[:1].repeat(LATENT_SHAPE[0])
+    d_start = d_noise if is_strength_max else theirs.add_noise(d_img, d_noise, latent_timestep)
+    d_lat = d_start * theirs.init_noise_sigma if is_strength_max else d_start  # SD 734-736
+    d_mask = torch.nn.functional.interpolate(torch.from_numpy(pixel_mask), size=(8, 8)).repeat(LATENT_SHAPE[0], 1, 1, 1)
+    o_lat = prepare_inpaint_latents(ours, None if is_strength_max else image_latents, noise, o_ts[0], is_strength_max)
+    np.testing.assert_allclose(o_lat, d_lat.numpy(), rtol=1e-6, atol=F32_ATOL)
+
+    step_rng = np.random.default_rng(99)  # ancestral / SDE draws on diffusers' side
+    o_rng = np.random.default_rng(99)
+
+    def fake_randn(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, **_: Any) -> torch.Tensor:
+        return torch.from_numpy(step_rng.standard_normal(tuple(shape), dtype=np.float32))
+
+    for module in (scheduling_euler_ancestral_discrete, scheduling_dpmsolver_multistep):
+        monkeypatch.setattr(module, "randn_tensor", fake_randn)
+
+    for i, (d_t, o_t) in enumerate(zip(d_ts, o_ts, strict=True)):
+        d_in = theirs.scale_model_input(d_lat, d_t)
+        d_lat = theirs.step(0.1 * d_in, d_t, d_lat, return_dict=False)[0]
+        init_latents_proper = d_img
+        if i < len(d_ts) - 1:
+            init_latents_proper = theirs.add_noise(init_latents_proper, d_noise, torch.tensor([d_ts[i + 1]]))
+        d_lat = (1 - d_mask) * init_latents_proper + d_mask * d_lat
+
+        o_in = ours.scale_model_input(o_lat, o_t)
+        o_lat = ours.step(0.1 * o_in, o_t, o_lat, generator=o_rng)
+        o_lat = blend_unmasked(ours, o_lat, image_latents, noise, lm, o_ts[i + 1] if i + 1 < len(o_ts) else None)
+        assert o_lat.dtype == np.float32
+        np.testing.assert_allclose(o_lat, d_lat.numpy(), rtol=1e-6, atol=F32_ATOL, err_msg=f"step {i} (t={o_t})")
+
+    keep = np.broadcast_to(lm == 0, o_lat.shape)
+    np.testing.assert_array_equal(o_lat[keep], image_latents[keep])  # clean image latents outside the mask
+
+
+def test_prepare_inpaint_latents_needs_the_image_below_strength_one() -> None:
+    s = make_scheduler({"_class_name": "DDIMScheduler", **SD15, "steps_offset": 1})
+    s.set_timesteps(10)
+    noise = np.ones(LATENT_SHAPE, np.float32)
+    with pytest.raises(ValueError):
+        prepare_inpaint_latents(s, None, noise, s.timesteps[0], False)
+    np.testing.assert_array_equal(prepare_inpaint_latents(s, None, noise, s.timesteps[0], True), noise)
