@@ -5,6 +5,11 @@ The two share every step but the first: SD conditions the UNet on one text encod
 two encoders' penultimate hidden states side by side, plus the second's pooled output and the size "time ids"
 (`Conditioning`). Every UNet call carries one timestep per sample, so Triton's dynamic batcher can merge the
 steps of concurrent requests even when they are at different points of their schedules.
+
+A request with a mask runs the matching inpaint pipeline's steps instead (`StableDiffusion[XL]InpaintPipeline`):
+on a 4-channel UNet with the same Triton calls as img2img (the blend is numpy between them, so masked and
+unmasked rows batch together), on an inpainting (9-channel) UNet with the mask and the masked image's latents
+as extra `sample` channels.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class Generation(Sampling):
     image: np.ndarray  # [1, 3, H, W] float32 in [-1, 1], H and W multiples of the manifest's grid
     seeds: Sequence[int]  # one per output image
     scheduler_config: Mapping[str, Any] | None = None  # the request's scheduler; None: the model's own
+    # The area to change: [1, 1, H, W] float32, 1 = change, 0 = keep, at the image's size; None: plain img2img.
+    mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -69,10 +76,11 @@ class GenerationResult:
     images: np.ndarray  # [N, 3, H, W] float32, decoder output in about [-1, 1]
 
 
-def latent_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image (VAE sample noise, first-timestep noise), stacked; image i depends on seeds[i] only."""
-    draws = [math.draw_noise(seed, shape) for seed in seeds]
-    return np.concatenate([d[0] for d in draws]), np.concatenate([d[1] for d in draws])
+def latent_noise(seeds: Sequence[int], shape: tuple[int, ...], draws: int = 2) -> tuple[np.ndarray, ...]:
+    """Per-image (VAE sample noise, first-timestep noise), stacked; image i depends on seeds[i] only. `draws` 3
+    adds the masked image's VAE sample noise (a masked request); the first two are the same either way."""
+    per_image = [math.draw_inpaint_noise(s, shape) if draws == 3 else math.draw_noise(s, shape) for s in seeds]
+    return tuple(np.concatenate([d[k] for d in per_image]) for k in range(draws))
 
 
 # (pipeline, prompt, negative prompt or None without guidance, guidance on/off, the text-encoder LoRAs: name,
@@ -425,14 +433,20 @@ class Img2ImgPipeline:
     async def __call__(
         self,
         gen: Generation,
-        noise: tuple[np.ndarray, np.ndarray] | None = None,
+        noise: tuple[np.ndarray, ...] | None = None,
         *,
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         priority: int = DEFAULT_PRIORITY,
         before_step: Callable[[], Awaitable[None]] | None = None,
     ) -> GenerationResult:
-        """Run the recipe. `noise` overrides the seeded draws (parity tests pass diffusers' torch draws).
+        """Run the recipe. `noise` overrides the seeded draws (parity tests pass diffusers' torch draws): (VAE
+        sample, first timestep), plus the masked image's VAE sample for a masked request.
+
+        With `gen.mask`, diffusers' inpaint pipeline instead: strength 1.0 starts from pure noise; a 4-channel UNet
+        gets the image's latents blended back outside the mask after every step; an inpainting (9-channel) UNet
+        sees the mask and the masked image's latents beside the latents. Without a mask, the calls and the
+        pixels are img2img's, unchanged.
 
         `on_step(done, total)` reports denoising progress; `should_stop()` is checked before every Triton call,
         so a canceled request sends no further UNet step. Every Triton call goes out at the job's `priority`, so
@@ -455,6 +469,12 @@ class Img2ImgPipeline:
         m = self.manifest
         num_images = len(gen.seeds)
         cfg = math.do_classifier_free_guidance(gen.guidance_scale)
+        mask = gen.mask
+        nine = m.inpainting  # the UNet's sample is [latents, mask, masked-image latents]
+        if nine and mask is None:  # admission refuses it first; this guards any other caller
+            raise InvalidRequest("Invalid field 'mask'", f"Model '{m.name}' is an inpainting model: send a 'mask'")
+        # diffusers inpaint's is_strength_max: pure noise to start, and (9-channel) the image itself not encoded.
+        strength_max = mask is not None and gen.strength == 1.0
 
         await boundary()
         # 1. Encode the prompt (and the negative prompt, in the same call, when guidance needs it): a cache hit
@@ -467,13 +487,33 @@ class Img2ImgPipeline:
             scheduler.set_timesteps(gen.steps)
             timesteps, _ = math.get_img2img_timesteps(scheduler, gen.steps, gen.strength)
 
-        # 3. Prepare latents: one VAE encode shared by all images, then per-image sampling and noising.
+        # 3. Prepare latents: one VAE encode shared by all images, then per-image sampling and noising. A
+        # 9-channel UNet also needs the masked image (diffusers' `image * (mask < 0.5)`), encoded in the same
+        # call (a 2-row call; the masked image alone at strength 1.0, where the image's latents go unused).
         await boundary()
-        params = await self._run("vae_encoder", {"sample": gen.image}, priority=priority)
+        encodes_image = not (nine and strength_max)
+        encode = [gen.image] if encodes_image else []
+        if nine and mask is not None:
+            encode.append(gen.image * (mask < 0.5))
+        params = await self._run("vae_encoder", {"sample": np.concatenate(encode)}, priority=priority)
         latent_shape = (1, m.latent_channels, *params.shape[2:])
-        vae_noise, start_noise = noise if noise is not None else latent_noise(gen.seeds, latent_shape)
-        init = math.sample_latents(np.repeat(params, num_images, axis=0), vae_noise, m.scaling_factor, m.shift_factor)
-        latents = math.prepare_initial_latents(scheduler, init, start_noise, timesteps[0])
+        draws = noise if noise is not None else latent_noise(gen.seeds, latent_shape, 2 if mask is None else 3)
+        vae_noise, start_noise = draws[0], draws[1]
+        image_latents = None
+        if encodes_image:
+            image_params = np.repeat(params[:1], num_images, axis=0)
+            image_latents = math.sample_latents(image_params, vae_noise, m.scaling_factor, m.shift_factor)
+        # Below strength 1.0 (and always without a mask) this is img2img's `prepare_initial_latents`.
+        latents = math.prepare_inpaint_latents(scheduler, image_latents, start_noise, timesteps[0], strength_max)
+        lmask = None if mask is None else math.latent_mask(mask, m.vae_scale_factor)  # diffusers' F.interpolate
+        # A 4-channel UNet knows nothing of the mask: after every step the image's latents go back outside it.
+        blend = (image_latents, lmask) if image_latents is not None and lmask is not None and not nine else None
+        extra = None  # a 9-channel UNet's [mask, masked-image latents], per (guidance-doubled) row
+        if nine and lmask is not None:
+            masked_params = np.repeat(params[-1:], num_images, axis=0)  # with the third draw: its own VAE sample
+            masked_latents = math.sample_latents(masked_params, draws[2], m.scaling_factor, m.shift_factor)
+            extra = np.concatenate([np.repeat(lmask, num_images, axis=0), masked_latents], axis=1)
+            extra = np.concatenate([extra, extra]) if cfg else extra
 
         # 4. Denoise, with classifier-free guidance (skipped when guidance_scale <= 1, as diffusers does). Every
         # row names the request's adapters: a batch of rows of several requests runs each row's own.
@@ -487,6 +527,8 @@ class Img2ImgPipeline:
             with stage("scheduler"):
                 model_in = np.concatenate([latents, latents]) if cfg else latents
                 model_in = scheduler.scale_model_input(model_in, t)
+                if extra is not None:  # the mask and masked-image latents are not scaled (diffusers' order)
+                    model_in = np.concatenate([model_in, extra], axis=1)
             noise_pred = await self._run(
                 "unet",
                 {
@@ -501,6 +543,9 @@ class Img2ImgPipeline:
                 if cfg:
                     noise_pred = math.apply_guidance(noise_pred, gen.guidance_scale)
                 latents = scheduler.step(noise_pred, t, latents, generator=step_rng)
+                if blend is not None:  # the image's latents noised to the next timestep; clean after the last
+                    next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None
+                    latents = math.blend_unmasked(scheduler, latents, blend[0], start_noise, blend[1], next_t)
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
 

@@ -640,8 +640,11 @@ def write_word_tokenizer(path: Path, max_length: int) -> Path:
     return path
 
 
-def tiny_manifest(tmp_path: Path, *, name: str = "tiny", scheduler: str = "DDIMScheduler") -> PipelineManifest:
-    """A 16-px pipeline with a latent grid of 2 (vae factor 8), as the export writes it."""
+def tiny_manifest(
+    tmp_path: Path, *, name: str = "tiny", scheduler: str = "DDIMScheduler", unet_in_channels: int | None = None
+) -> PipelineManifest:
+    """A 16-px pipeline with a latent grid of 2 (vae factor 8), as the export writes it; `unet_in_channels` 9
+    makes it an inpainting one."""
     max_length = 8
     tokenizer = write_word_tokenizer(tmp_path / f"{name}.tokenizer.json", max_length)
 
@@ -667,6 +670,7 @@ def tiny_manifest(tmp_path: Path, *, name: str = "tiny", scheduler: str = "DDIMS
         defaults={},
         dtype="float32",
         backend="python",
+        unet_in_channels=unet_in_channels,
     )
 
 
@@ -676,7 +680,9 @@ class FakeTriton:
 
     `fail`: a callable (model, call index) -> exception to raise or None. `gate`: when set, the calls for which
     `gate_if(model, call index)` is true (all by default) await it first. `unet_calls` counts UNet calls;
-    `calls` logs (model, {input name: shape}); `priorities` the priority of each call, in the same order.
+    `calls` logs (model, {input name: shape}); `priorities` the priority of each call, in the same order; `feeds`
+    (model -> a copy of each call's inputs, by name) what was sent. `encoder_sees_pixels`: the VAE encoder's
+    mean is each latent cell's top-left pixel of channel 0 (else zeros), so what was encoded shows in its latents.
     """
 
     def __init__(
@@ -686,6 +692,7 @@ class FakeTriton:
         fail: Callable[[str, int], BaseException | None] | None = None,
         gate: asyncio.Event | None = None,
         gate_if: Callable[[str, int], bool] | None = None,
+        encoder_sees_pixels: bool = False,
     ) -> None:
         self.manifest = manifest
         self.fail = fail or (lambda model, n: None)
@@ -693,6 +700,8 @@ class FakeTriton:
         self.gate_if = gate_if or (lambda model, n: True)
         self.calls: list[tuple[str, dict[str, tuple[int, ...]]]] = []
         self.priorities: list[int] = []
+        self.feeds: dict[str, list[dict[str, np.ndarray]]] = {}
+        self.encoder_sees_pixels = encoder_sees_pixels
         self.entered = asyncio.Event()
 
     @property
@@ -709,6 +718,7 @@ class FakeTriton:
     ) -> dict[str, np.ndarray]:
         m = self.manifest
         self.calls.append((model, {k: tuple(v.shape) for k, v in inputs.items()}))
+        self.feeds.setdefault(model, []).append({k: np.array(v) for k, v in inputs.items()})
         self.priorities.append(priority)
         self.entered.set()
         if self.gate is not None and self.gate_if(model, len(self.calls)):
@@ -728,11 +738,13 @@ class FakeTriton:
             n, _, h, w = sample.shape
             f = m.vae_scale_factor
             result = np.zeros((n, 2 * m.latent_channels, h // f, w // f), np.float32)
+            if self.encoder_sees_pixels:
+                result[:, : m.latent_channels] = sample[:, :1, ::f, ::f]
         elif component is m.unet:
             sample, timestep, hidden = feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"]
             assert sample.shape[0] == timestep.shape[0] == hidden.shape[0], (sample.shape, hidden.shape)
-            assert sample.shape[1] == m.latent_channels and hidden.shape[2] == HIDDEN
-            result = (0.1 * sample).astype(np.float32)
+            assert sample.shape[1] == m.sample_channels and hidden.shape[2] == HIDDEN
+            result = (0.1 * sample[:, : m.latent_channels]).astype(np.float32)  # an inpainting UNet's too
         else:
             latents = feeds["latent_sample"]
             n, _, h, w = latents.shape
