@@ -206,6 +206,8 @@ is null; a `failed` job carries the error object."""
     cached: bool = Field(
         description="Answered from the exact-result cache: the images are copies of an earlier identical job's."
     )
+    masked: bool = Field(description="A masked edit: only the mask's area was changed (the request's `mask`).")
+    mask_blur: int | None = Field(description="The mask's blur as run (the default filled in); null: unmasked.")
     images: list[OutputImage] = Field(max_length=MAX_NUM_IMAGES)
     progress: Progress | None
     error: ErrorObject | None

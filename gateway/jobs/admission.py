@@ -30,9 +30,16 @@ from gateway.diffusion.lora_format import LoraFileError
 from gateway.diffusion.sampling import MAX_SEED, do_classifier_free_guidance, img2img_effective_steps
 from gateway.diffusion.schedulers import scheduler_class, scheduler_name
 from gateway.diffusion.styles import STYLE_PRESETS, StylePreset
-from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.errors import (
+    ImageDimensionsTooLarge,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    ModelNotFound,
+    UrlNotAllowed,
+)
 from gateway.jobs.model import Job, JobSpec, Size
-from gateway.jobs.request import ImageToImageRequest, parse_image_to_image
+from gateway.jobs.request import DEFAULT_MASK_BLUR, ImageToImageRequest, parse_image_to_image
 from gateway.jobs.results import model_version, result_key
 from gateway.media import codecs, metadata, netguard
 from gateway.media.fetch import fetch_image
@@ -100,6 +107,12 @@ class Admitted:
     model_input: Image.Image  # RGB at `spec.processed_size`: what the recipe reads (the original is not kept)
     cost: int  # UNet samples (`work_cost`), as charged to the key's budget
     result_key: str | None = None  # the exact-result cache's key (None: not cacheable)
+    # A masked edit: the mask as received (stored for re-runs), the caller's URL when fetched, its upright size,
+    # and the mask at `spec.processed_size` as the recipe and the overlay read it (`codecs.prepare_mask`).
+    mask_data: bytes | None = None
+    mask_source_url: str | None = None
+    mask_size: Size | None = None
+    model_mask: Image.Image | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,7 @@ class Reused:
     job: Job
     result_key: str
     source_url: str | None  # the caller's URL when the image was fetched
+    mask_source_url: str | None = None  # the caller's URL when the mask was fetched
 
 
 # The exact-result cache's lookup (`JobStore.find_result` for the caller's key), injected by `CreateJob`.
@@ -150,9 +164,15 @@ class Admission:
         budget (raising when it is spent) before any image decoding. `reuse(key)`, given for a request the
         exact-result cache may answer, returns the earlier completed job with that result key, if any: then the
         request is answered from it (`Reused`), uncharged and with no image work."""
-        # 1. The model (404 before any image work) and the scheduler it can run (400).
+        # 1. The model (404 before any image work), a mask when it is an inpainting model, and the scheduler it
+        # can run (400).
         pipeline = resolve_pipeline(self.pipelines, request.model)
         manifest = pipeline.manifest
+        if manifest.inpainting and request.mask is None:
+            raise InvalidRequest(
+                "Missing required field 'mask'",
+                f"'{request.model}' is an inpainting model (9-channel UNet): send a mask",
+            )
         scheduler = resolve_scheduler(pipeline, request.scheduler)
         # 2. The LoRA adapters: each a file the model can run (family, layers, rank), read by header; then the
         # output encoding, the format's default quality filled in.
@@ -161,27 +181,61 @@ class Admission:
         # 3. The webhook target, refused now rather than at delivery time.
         if request.webhook_url is not None:
             await netguard.check_url(request.webhook_url, self.policy, timeout_s=self.fetch_timeout_s)
-        # 4. The exact-result cache (an explicit seed, and the same image bytes, model and parameters as a
-        # completed job): the image's bytes first, given or fetched, and the work charged only on a miss.
+        # 4. The exact-result cache (an explicit seed, and the same image and mask bytes, model and parameters as
+        # a completed job): the bytes first, given or fetched, and the work charged only on a miss.
         cost = work_cost(request.num_images, request.steps, request.strength, request.guidance_scale)
+        mask_blur = (
+            None
+            if request.mask is None
+            else (request.mask_blur if request.mask_blur is not None else DEFAULT_MASK_BLUR)
+        )
         key = None
+        mask_data: bytes | None = None
+        mask_source_url: str | None = None
         if reuse is not None and request.seed is not None:
             data, source_url = await self._image_bytes(request.image)
-            key = self._result_key(pipeline, request, data, loras, scheduler, quality)
+            if request.mask is not None:
+                mask_data, mask_source_url = await self._mask_bytes(request.mask)
+            key = self._result_key(pipeline, request, data, loras, scheduler, quality, mask_data, mask_blur)
             earlier = await reuse(key)
             if earlier is not None:
-                return Reused(earlier, key, source_url)
+                return Reused(earlier, key, source_url, mask_source_url)
             await charge(cost)
         else:
             # 5. The work, charged to the key's budget once the request is known to be valid (before any fetch).
             await charge(cost)
             data, source_url = await self._image_bytes(request.image)
+            if request.mask is not None:
+                mask_data, mask_source_url = await self._mask_bytes(request.mask)
         # 6. The image decoded, checked, sized to the model's grid and resized to it.
         image = await run_image_work(codecs.decode_image, data)
         width, height = codecs.fit_to_grid(image.width, image.height, manifest.native_resolution, manifest.grid)
         input_size = Size(image.width, image.height)
         data = await run_image_work(metadata.strip_metadata, data)  # the stored copy keeps no EXIF, GPS, comments
         model_input = await run_image_work(codecs.resize_for_model, image, (width, height))
+        # The mask, when given: the image's checks, the image's aspect ratio, something to change once at the
+        # processed size and blurred.
+        mask_size = model_mask = None
+        if mask_data is not None:
+            with _mask_errors():
+                mask = await run_image_work(codecs.decode_mask, mask_data)
+            if not codecs.mask_fits((image.width, image.height), (mask.width, mask.height)):
+                raise InvalidRequest(
+                    "Invalid field 'mask'",
+                    f"The mask is {mask.width}x{mask.height}, the image {image.width}x{image.height}: "
+                    "the same aspect ratio is required",
+                )
+            mask_size = Size(mask.width, mask.height)
+            with _mask_errors():
+                mask_data = await run_image_work(metadata.strip_metadata, mask_data)
+            model_mask = await run_image_work(codecs.prepare_mask, mask, (width, height), mask_blur)
+            del mask
+            if codecs.mask_is_empty(model_mask):
+                raise InvalidRequest(
+                    "Invalid field 'mask'",
+                    f"The mask marks nothing to change: no white (or fully transparent) pixel after resizing to "
+                    f"{width}x{height} and mask_blur {mask_blur}",
+                )
         del image  # a 2048 px original is 12 MiB; only the resized input is kept for the first run
         # 7. The spec: the seed drawn when absent (a re-run must give the same pixels), the steps diffusers runs.
         spec = JobSpec(
@@ -201,6 +255,8 @@ class Admission:
             output_quality=quality,
             priority=request.priority,
             max_queue_s=request.max_queue_s,
+            masked=mask_data is not None,
+            mask_blur=mask_blur,
         )
         return Admitted(
             spec=spec,
@@ -210,6 +266,10 @@ class Admission:
             model_input=model_input,
             cost=cost,
             result_key=key,
+            mask_data=mask_data,
+            mask_source_url=mask_source_url,
+            mask_size=mask_size,
+            model_mask=model_mask,
         )
 
     def _result_key(
@@ -220,6 +280,8 @@ class Admission:
         loras: tuple[LoraChoice, ...],
         scheduler: str | None,
         quality: int | None,
+        mask: bytes | None = None,
+        mask_blur: int | None = None,
     ) -> str:
         """Every input that decides the output's bytes (`results.result_key`): the resolved scheduler and
         quality, so a default spelled out and one left implicit are the same request."""
@@ -236,6 +298,8 @@ class Admission:
             "output_format": request.output_format,
             "output_quality": quality,
         }
+        if mask is not None:  # only masked requests name it: unmasked keys stay what they were
+            parameters["mask_blur"] = mask_blur
         with self._adapters_readable():
             return result_key(
                 image=data,
@@ -244,6 +308,7 @@ class Admission:
                 parameters=parameters,
                 loras=loras,
                 registry=self.loras,
+                mask=mask,
             )
 
     @staticmethod
@@ -264,6 +329,11 @@ class Admission:
         with stage("loras"):
             return self.loras.admit(pipeline.manifest, choices)
 
+    async def _mask_bytes(self, field: str | bytes) -> tuple[bytes, str | None]:
+        """The mask's bytes, obtained exactly as the image's (the same parser, fetch, outbound policy and caps)."""
+        with _mask_errors():
+            return await self._image_bytes(field)
+
     async def _image_bytes(self, field: str | bytes) -> tuple[bytes, str | None]:
         if isinstance(field, bytes):  # an upload: already read, within the body cap
             if len(field) > codecs.MAX_IMAGE_BYTES:
@@ -280,3 +350,13 @@ class Admission:
             )
             return data, source.url
         return source.data or b"", None  # parse_image_field gives a URL or non-empty bytes
+
+
+@contextmanager
+def _mask_errors() -> Iterator[None]:
+    """The image's refusals (bytes, fetch, decoding) for the mask: the same status and code, the message naming
+    the field."""
+    try:
+        yield
+    except (InvalidImage, ImageTooLarge, ImageDimensionsTooLarge, UrlNotAllowed) as exc:
+        raise type(exc)(f"Invalid field 'mask': {exc.message}", exc.details, headers=exc.headers) from None

@@ -32,7 +32,7 @@ from gateway.errors import IdempotencyKeyReused, InvalidRequest, TooManyJobs, ra
 from gateway.jobs.admission import Admission, Admitted, Reused
 from gateway.jobs.execute import DecodedInputs
 from gateway.jobs.model import COMPLETED, QUEUED, InputImage, Job, WebhookEvent, WebhookState, now_iso
-from gateway.jobs.naming import input_name, new_output_token, output_name
+from gateway.jobs.naming import input_name, mask_name, new_output_token, output_name
 from gateway.jobs.request import ImageToImageRequest
 from gateway.jobs.runner import JobManager
 from gateway.jobs.store import IdempotencyConflict, JobStore
@@ -75,20 +75,35 @@ _REQUEST_HASH_DOMAIN = b"imagen-request-v2\0"  # no JSON text starts so: never e
 _UPLOAD_HASH_DOMAIN = b"imagen-upload-v1\0"  # an uploaded image's bytes, never equal to a base64 string's
 
 
+_MASK_HASH_DOMAIN = b"imagen-mask-v1\0"  # a mask's digest follows: a masked body never hashes as an unmasked one
+_MASK_UPLOAD_HASH_DOMAIN = b"imagen-mask-upload-v1\0"
+
+
+def _field_digest(value: str | bytes) -> bytes:
+    # surrogatepass: JSON may carry lone surrogates ("\\ud800"); the encoding stays one-to-one.
+    raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+    return hashlib.sha256(raw).digest()
+
+
 def request_hash(body: object) -> str:
     """A stable hash of a request's fields (key order and spacing do not matter), to tell an idempotent retry
     from a key reused for another request.
 
     The `image` (up to ~27 MB of base64 text, or an upload's bytes) is not re-serialized as JSON: it is hashed
-    in one pass and that digest stands for it, next to the canonical JSON of every other field. Fields without
-    a string or bytes `image` (never ones that passed validation) are hashed whole, as before.
+    in one pass and that digest stands for it, next to the canonical JSON of every other field. A string or
+    bytes `mask` is hashed the same way, after the image, only when present (so unmasked hashes are unchanged,
+    and an uploaded mask's bytes never reach `json.dumps`). Fields without a string or bytes `image` (never ones
+    that passed validation) are hashed whole, as before.
     """
     if isinstance(body, Mapping) and isinstance(image := body.get("image"), str | bytes):
-        rest = {key: value for key, value in body.items() if key != "image"}
+        mask = body.get("mask")
+        hashed = ("image", "mask") if isinstance(mask, str | bytes) else ("image",)
+        rest = {key: value for key, value in body.items() if key not in hashed}
         digest = hashlib.sha256(_REQUEST_HASH_DOMAIN if isinstance(image, str) else _UPLOAD_HASH_DOMAIN)
-        # surrogatepass: JSON may carry lone surrogates ("\\ud800"); the encoding stays one-to-one.
-        raw = image.encode("utf-8", "surrogatepass") if isinstance(image, str) else image
-        digest.update(hashlib.sha256(raw).digest())
+        digest.update(_field_digest(image))
+        if isinstance(mask, str | bytes):
+            digest.update(_MASK_HASH_DOMAIN if isinstance(mask, str) else _MASK_UPLOAD_HASH_DOMAIN)
+            digest.update(_field_digest(mask))
         digest.update(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode())
         return digest.hexdigest()
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -219,12 +234,30 @@ class CreateJob:
     async def _accept(
         self, admitted: Admitted, webhook: WebhookState | None, caller: Caller, digest: str, policy: KeyPolicy
     ) -> Job:
-        # 6. The image, stored as received (a re-run reads it back) and kept decoded for the first run.
+        # 6. The image (and a masked edit's mask), stored as received (a re-run reads them back) and kept decoded
+        # for the first run.
         job_id = new_job_id()
         extension, content_type = _STORED_FORMATS[codecs.sniff_format(admitted.data) or "PNG"]
         stored = input_name(job_id, extension)
         await self.storage.put(stored, admitted.data, content_type)
-        self.decoded.put(job_id, admitted.model_input)
+        mask = None
+        names = [stored]
+        if admitted.mask_data is not None and admitted.mask_size is not None:
+            mask_extension, mask_type = _STORED_FORMATS[codecs.sniff_format(admitted.mask_data) or "PNG"]
+            stored_mask = mask_name(job_id, mask_extension)
+            try:
+                await self.storage.put(stored_mask, admitted.mask_data, mask_type)
+            except BaseException:
+                await self._delete(names)
+                raise
+            names.append(stored_mask)
+            mask = InputImage(
+                url=admitted.mask_source_url or self.storage.url_for(stored_mask),
+                name=stored_mask,
+                width=admitted.mask_size.width,
+                height=admitted.mask_size.height,
+            )
+        self.decoded.put(job_id, admitted.model_input, admitted.model_mask)
         # 7. The job record, written before any work starts.
         created_at = now_iso()
         job = Job(
@@ -246,18 +279,19 @@ class CreateJob:
             request_id=caller.request_id,
             queue_deadline=None if admitted.spec.max_queue_s is None else time.time() + admitted.spec.max_queue_s,
             result_key=admitted.result_key,
+            mask=mask,
         )
         try:
             # Its place in the fair queue: the key's share of work at its priority, by the key's weight.
             created = await self.store.create(job, share=admitted.spec.work / policy.weight)
         except IdempotencyConflict as exc:
-            await self.storage.delete(stored)
+            await self._delete_all(names)
             raise _key_reused() from exc
         except BaseException:
-            await self.storage.delete(stored)
+            await self._delete_all(names)
             raise
         if created.id != job_id:  # a concurrent retry with the same key won the race
-            await self.storage.delete(stored)
+            await self._delete_all(names)
             self.decoded.take(job_id)
             return self._replayed(created, digest)
         # 8. Queue it.
@@ -276,6 +310,14 @@ class CreateJob:
             stored = input_name(job_id, earlier.input.name.rsplit(".", 1)[-1])
             if not await self._copy(earlier.input.name, stored, copies):
                 return None
+            mask = None
+            if earlier.mask is not None:
+                stored_mask = mask_name(job_id, earlier.mask.name.rsplit(".", 1)[-1])
+                if not await self._copy(earlier.mask.name, stored_mask, copies):
+                    return None
+                mask = dataclasses.replace(
+                    earlier.mask, url=reused.mask_source_url or self.storage.url_for(stored_mask), name=stored_mask
+                )
             token = new_output_token()
             images = []
             for i, image in enumerate(earlier.images):
@@ -310,6 +352,7 @@ class CreateJob:
                 steps_done=earlier.steps_done,
                 result_key=reused.result_key,
                 cached_from=earlier.id,
+                mask=mask,
             )
             created = await self.store.create(job)
         except IdempotencyConflict as exc:
@@ -333,6 +376,11 @@ class CreateJob:
         await self.storage.put(target, data, content_type)
         copies.append(target)
         return True
+
+    async def _delete_all(self, names: list[str]) -> None:
+        """The objects of a job not created, each deleted (the first failure raised, as a single delete did)."""
+        for name in names:
+            await self.storage.delete(name)
 
     async def _delete(self, names: list[str]) -> None:
         for name in names:

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+import numpy as np
 from PIL import Image
 
 from gateway.diffusion.img2img import Generation, Img2ImgPipeline, sampling_knobs
@@ -46,8 +47,8 @@ def scheduler_config(pipeline: Img2ImgPipeline, name: str | None) -> Mapping[str
 
 
 class DecodedInputs:
-    """Model inputs of just-accepted jobs (RGB at the processed size, what the recipe reads), so the first run
-    neither reads the stored input back nor decodes and resizes it again.
+    """Model inputs of just-accepted jobs (RGB at the processed size, what the recipe reads, and a masked edit's
+    prepared mask), so the first run neither reads the stored input back nor decodes and resizes it again.
 
     Bounded in bytes, least recently put evicted first (a miss only costs a re-read), and an entry leaves as soon
     as any replica runs its job: `take` here, `drop` when another replica reports the job's progress. Without the
@@ -57,34 +58,50 @@ class DecodedInputs:
     def __init__(self, max_bytes: int = DEFAULT_DECODED_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._images: OrderedDict[str, Image.Image] = OrderedDict()
+        self._images: OrderedDict[str, tuple[Image.Image, Image.Image | None]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._images)
 
     @staticmethod
-    def _size(image: Image.Image) -> int:
-        return image.width * image.height * len(image.getbands())
+    def _size(entry: tuple[Image.Image, Image.Image | None]) -> int:
+        return sum(image.width * image.height * len(image.getbands()) for image in entry if image is not None)
 
-    def put(self, job_id: str, image: Image.Image) -> None:
+    def put(self, job_id: str, image: Image.Image, mask: Image.Image | None = None) -> None:
         self.drop(job_id)
-        size = self._size(image)
+        entry = (image, mask)
+        size = self._size(entry)
         if size > self.max_bytes:
             return  # larger than the whole budget: read back from storage when the job runs
-        self._images[job_id] = image
+        self._images[job_id] = entry
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, evicted = self._images.popitem(last=False)
             self.bytes -= self._size(evicted)
 
+    def take_inputs(self, job_id: str) -> tuple[Image.Image, Image.Image | None] | None:
+        """The job's model input and prepared mask (None: unmasked), removed; None when not held."""
+        entry = self._images.pop(job_id, None)
+        if entry is not None:
+            self.bytes -= self._size(entry)
+        return entry
+
     def take(self, job_id: str) -> Image.Image | None:
-        image = self._images.pop(job_id, None)
-        if image is not None:
-            self.bytes -= self._size(image)
-        return image
+        entry = self.take_inputs(job_id)
+        return None if entry is None else entry[0]
 
     def drop(self, job_id: str) -> None:
         self.take(job_id)
+
+
+def _encode(
+    sample: np.ndarray, mask: Image.Image | None, original: Image.Image | None, output_format: str, quality: int | None
+) -> bytes:
+    """One output encoded; a masked edit's with `original` pasted back outside `mask` first."""
+    if mask is None or original is None:
+        return codecs.encode_output(sample, output_format, quality)
+    generated = codecs.apply_overlay(mask, original, codecs.tensor_to_image(sample))
+    return codecs.encode_image(generated, output_format, quality)
 
 
 class JobExecutor:
@@ -121,6 +138,12 @@ class JobExecutor:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, self.storage_retry_max_s)
 
+    async def _read(self, job_id: str, name: str) -> bytes:
+        found = await self._stored("read input", job_id, lambda: self.storage.get(name))
+        if found is None:
+            raise InternalError("Job input is missing", f"Stored input {name} not found")
+        return found[0]
+
     async def __call__(
         self,
         job: Job,
@@ -135,19 +158,24 @@ class JobExecutor:
             if before_step is not None:
                 await before_step()
 
-        # 1. The model, and the input as first decoded (or read back from storage after a restart).
+        # 1. The model, and the input (and a masked edit's mask) as first decoded, or read back from storage after
+        # a restart.
         pipeline = resolve_pipeline(self.pipelines, spec.model)
         await boundary()
         size = (spec.processed_size.width, spec.processed_size.height)
-        image = self.decoded.take(job.id)
+        held = self.decoded.take_inputs(job.id)
+        image, mask = held if held is not None else (None, None)
         if image is None:
-            found = await self._stored("read input", job.id, lambda: self.storage.get(job.input.name))
-            if found is None:
-                raise InternalError("Job input is missing", f"Stored input {job.input.name} not found")
-            image = await run_image_work(codecs.decode_image, found[0], wait=True)
-        # 2. The tensor at the processed size (a cached input is already resized), the styled prompts, one seed per
-        # image.
+            image = await run_image_work(codecs.decode_image, await self._read(job.id, job.input.name), wait=True)
+        if job.mask is not None and mask is None:
+            decoded_mask = await run_image_work(codecs.decode_mask, await self._read(job.id, job.mask.name), wait=True)
+            mask = await run_image_work(codecs.prepare_mask, decoded_mask, size, spec.mask_blur, wait=True)
+        # 2. The tensor at the processed size (a cached input is already resized), the mask as the recipe reads it,
+        # the styled prompts, one seed per image.
         tensor = await run_image_work(codecs.image_to_tensor, image, size, wait=True)
+        mask_tensor = None if mask is None else await run_image_work(codecs.mask_to_tensor, mask, wait=True)
+        original = None if mask is None else await run_image_work(codecs.resize_for_model, image, size, wait=True)
+        del image
         prompt, negative = apply_style(spec.prompt, spec.negative_prompt, STYLE_PRESETS.get(spec.style or ""))
         seeds = image_seeds(spec.seed, spec.num_images)
         # 3. Denoise, every Triton call at the job's priority; at each step boundary the job may pause for a
@@ -160,13 +188,15 @@ class JobExecutor:
                 image=tensor,
                 seeds=seeds,
                 scheduler_config=scheduler_config(pipeline, spec.scheduler),
+                mask=mask_tensor,
             ),
             on_step=on_step,
             should_stop=should_stop,
             priority=spec.priority,
             before_step=before_step,
         )
-        # 4. Encode (the request's format, no metadata) and store each image, with the digest of its bytes.
+        # 4. Encode (the request's format, no metadata) and store each image, with the digest of its bytes; a masked
+        # edit's output first gets the input pasted back outside the (blurred) mask, as diffusers' apply_overlay.
         await boundary()
         images = []
         extension = codecs.OUTPUT_EXTENSIONS[spec.output_format]
@@ -175,7 +205,7 @@ class JobExecutor:
             name = output_name(job.id, i, extension=extension, token=token)
             content_type = CONTENT_TYPES[extension]
             data = await run_image_work(
-                codecs.encode_output, sample, spec.output_format, spec.output_quality, wait=True
+                _encode, sample, mask, original, spec.output_format, spec.output_quality, wait=True
             )
             await self._stored("store output", job.id, functools.partial(self.storage.put, name, data, content_type))
             images.append(

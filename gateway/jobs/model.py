@@ -100,6 +100,10 @@ class JobSpec(Sampling):
     # and the longest the job may wait to start (None: no limit).
     priority: int = 1
     max_queue_s: float | None = None
+    # Added with issue 25: a masked edit (its mask stored beside the input, `Job.mask`) and the mask's blur as
+    # run (the default filled in; None when unmasked).
+    masked: bool = False
+    mask_blur: int | None = None
 
     @property
     def work(self) -> int:
@@ -233,6 +237,8 @@ class Job:
     started_at: float | None = None
     result_key: str | None = None
     cached_from: str | None = None
+    # Issue 25. A masked edit's mask as sent (stored beside the input, read back by every run); None: unmasked.
+    mask: InputImage | None = None
     version: int = 0  # bumped by every store write: the compare-and-set token
 
     @property
@@ -242,7 +248,8 @@ class Job:
     @property
     def stored_names(self) -> list[str]:
         """Every stored object this job owns (retention deletes them with it)."""
-        return [self.input.name, *(image.name for image in self.images)]
+        masks = [self.mask.name] if self.mask is not None else []
+        return [self.input.name, *masks, *(image.name for image in self.images)]
 
     # --- transitions: each returns the new job, or None when it does not apply to this state ---------------
 

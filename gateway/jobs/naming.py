@@ -1,11 +1,12 @@
 """The names of the objects a job stores, written once: the writers (job creation, the run), the storage sweep
 and the image route all use this module, so a name one of them writes is a name the others recognise.
 
-`<job id>_input.<ext>` is the stored copy of the input, and `<job id>_<i>_<token>.<ext>` output `i` of a run,
-`token` 128 random bits drawn for that run: an output URL is a capability (served to any holder), so its name
-must not follow from the job id, which logs and headers carry. Each run draws its own token, so an earlier run
-that finishes late cannot touch the winner's images. Outputs stored before tokens were named `<job id>_<i>` and
-`<job id>_<i>_run<r>` (still recognised). Extensions are those of the stored formats (`gateway.media.storage`).
+`<job id>_input.<ext>` is the stored copy of the input (`<job id>_mask.<ext>` a masked edit's mask), and
+`<job id>_<i>_<token>.<ext>` output `i` of a run, `token` 128 random bits drawn for that run: an output URL is a
+capability (served to any holder), so its name must not follow from the job id, which logs and headers carry.
+Each run draws its own token, so an earlier run that finishes late cannot touch the winner's images. Outputs
+stored before tokens were named `<job id>_<i>` and `<job id>_<i>_run<r>` (still recognised). Extensions are those
+of the stored formats (`gateway.media.storage`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _JOB_ID = r"[A-Za-z0-9_-]+?"
 OUTPUT_TOKEN_BYTES = 16
 _TOKEN = rf"[0-9a-f]{{{2 * OUTPUT_TOKEN_BYTES}}}"
 _STORED_NAME = re.compile(
-    rf"^(?P<job_id>{_JOB_ID})_(?:(?P<input>input)|(?P<index>\d+)(?:_run(?P<run>\d+)|_(?P<token>{_TOKEN}))?)"
+    rf"^(?P<job_id>{_JOB_ID})_(?:(?P<input>input|mask)|(?P<index>\d+)(?:_run(?P<run>\d+)|_(?P<token>{_TOKEN}))?)"
     rf"\.(?:{_EXTENSIONS})$"
 )
 
@@ -29,6 +30,11 @@ _STORED_NAME = re.compile(
 def input_name(job_id: str, extension: str) -> str:
     """The stored copy of a job's input."""
     return f"{job_id}_input.{extension}"
+
+
+def mask_name(job_id: str, extension: str) -> str:
+    """The stored copy of a masked edit's mask (an input: served only to the job's owner, like the image)."""
+    return f"{job_id}_mask.{extension}"
 
 
 def new_output_token() -> str:

@@ -71,6 +71,11 @@ MAX_PRIORITY = 2
 DEFAULT_PRIORITY = 1
 MIN_MAX_QUEUE_S = 1.0
 MAX_MAX_QUEUE_S = 86400.0
+# A masked edit's mask blur (A1111's range and default): the Gaussian blur's sigma, in pixels at the processed
+# size, applied to the mask before it is binarized (and used as is for the overlay).
+MIN_MASK_BLUR = 0
+MAX_MASK_BLUR = 64
+DEFAULT_MASK_BLUR = 4
 WEBHOOK_SCHEMES = ("http", "https")
 WebhookEventName = Literal["start", "completed"]
 WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEventName)
@@ -87,6 +92,8 @@ STYLES_CONTEXT = "styles"
 EFFECTIVE_STEPS_ERROR = "effective_steps"
 # The error type of the cross-field rule "no output_quality with png" (model-level too).
 OUTPUT_QUALITY_ERROR = "output_quality_with_png"
+# The error type of the cross-field rule "no mask_blur without a mask" (model-level too).
+MASK_BLUR_ERROR = "mask_blur_without_mask"
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -303,6 +310,30 @@ is applied) are dropped, as in diffusers.
             "running the model (`cached: true` in the job). `false` always runs it."
         ),
     )
+    # `mask` is typed as `image` is (the OpenAI form uploads it as bytes), nullable because it has no default.
+    mask: (
+        Annotated[
+            Annotated[str, Field(min_length=1)] | Annotated[bytes, Field(min_length=1)],
+            WithJsonSchema({"type": "string", "minLength": 1}),
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description=(
+            "A masked edit: which part of the image to change. Given as `image` is (URL, data URI or base64; "
+            "JPEG, PNG or WebP; the same size limits). White changes, black keeps; grey is binarized at 50% after "
+            "`mask_blur`. A mask with fully transparent pixels marks those instead (OpenAI's convention). Any "
+            "size of the image's aspect ratio (within one pixel), resized to it; outside the mask the output "
+            "keeps the input's pixels. Required by inpainting models (`GET /v1/models`' `inpainting`)."
+        ),
+    )
+    mask_blur: Annotated[int, Field(ge=MIN_MASK_BLUR, le=MAX_MASK_BLUR)] | None = Field(
+        default=None,
+        description=(
+            f"The mask's Gaussian blur, in pixels at the processed size (default {DEFAULT_MASK_BLUR} with a "
+            "mask); it softens the seam. Only with a `mask` (else 400)."
+        ),
+    )
 
     @field_validator("style")
     @classmethod
@@ -325,6 +356,13 @@ is applied) are dropped, as in diffusers.
         # A quality PNG would ignore is refused rather than silently dropped.
         if self.output_format == "png" and self.output_quality is not None:
             raise PydanticCustomError(OUTPUT_QUALITY_ERROR, "output_quality with png")
+        return self
+
+    @model_validator(mode="after")
+    def _blur_needs_mask(self) -> Self:
+        # A blur with nothing to blur is refused rather than silently dropped.
+        if self.mask_blur is not None and self.mask is None:
+            raise PydanticCustomError(MASK_BLUR_ERROR, "mask_blur without mask")
         return self
 
 
@@ -395,6 +433,7 @@ _RULES: Mapping[str, str] = MappingProxyType(
     {
         **{field: _rule(field) for field in PARAMETER_LIMITS},
         "image": "'image' must be a non-empty string: an http(s) URL, a data URI or base64",
+        "mask": "'mask' must be null or a non-empty string: an http(s) URL, a data URI or base64",
         "webhook_url": (
             "'webhook_url' must be null or an absolute http(s) URL with a host, "
             f"at most {MAX_WEBHOOK_URL_CHARS} characters"
@@ -444,6 +483,8 @@ def _translate(error: ValidationError, styles: Mapping[str, StylePreset]) -> Inv
     # Model-level rules run only once every field is valid: no quality with png, and steps x strength.
     if any(p["type"] == OUTPUT_QUALITY_ERROR for p in problems):
         return _invalid("output_quality", "'output_quality' applies to jpeg and webp only: omit it with png")
+    if any(p["type"] == MASK_BLUR_ERROR for p in problems):
+        return _invalid("mask_blur", "'mask_blur' applies only with a 'mask'")
     return _invalid("steps", "'steps' x 'strength' must be at least 1: raise 'steps' or 'strength'")
 
 

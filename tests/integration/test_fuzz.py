@@ -287,6 +287,7 @@ def valid_bodies(document: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
     properties["num_images"] = {"type": "integer", "minimum": 1, "maximum": 2}
     properties["model"] = {"enum": ["imagen-v2", "imagen-v3", "imagen-v9"]}
     properties["webhook_url"] = {"type": "null"}  # async jobs would outlive the example
+    properties["mask"] = properties["mask_blur"] = {"type": "null"}  # a random mask is refused (or has no blur)
     return from_schema({**schema, "properties": properties}, document)
 
 

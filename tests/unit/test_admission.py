@@ -97,3 +97,125 @@ def test_an_upload_hashes_as_bytes_stable_and_unlike_its_base64() -> None:
     assert request_hash(fields) == request_hash(dict(reversed(list(fields.items()))))
     assert request_hash(fields) != request_hash({**fields, "image": base64.b64encode(UPLOAD).decode()})
     assert request_hash(fields) != request_hash({**fields, "image": UPLOAD + b"\0"})
+
+
+# --- issue 25: masked edits on the native wire -------------------------------------------------------------
+
+
+def _png(mode: str, size: tuple[int, int], color: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new(mode, size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+async def _admit_masked(tmp_path: Any, fields: dict[str, Any], *, unet_in_channels: int | None = None) -> Any:
+    from gateway.diffusion.img2img import Img2ImgPipeline
+    from tests.helpers import make_image
+    from tests.unit.fakes import FakeTriton, tiny_manifest
+
+    manifest = tiny_manifest(tmp_path, unet_in_channels=unet_in_channels)
+    admission = Admission(
+        pipelines={manifest.name: Img2ImgPipeline(manifest, cast(Any, FakeTriton(manifest)))},
+        http=cast(Any, None),
+        policy=cast(Any, None),
+        fetch_timeout_s=1.0,
+    )
+
+    async def charge(cost: int) -> None:
+        return None
+
+    body = {"image": make_image(40, 32), "prompt": "a cat", "model": manifest.name, **fields}
+    return await admission.admit(admission.parse(body), asynchronous=True, charge=charge)
+
+
+def test_mask_fields_parse_and_their_rules_name_them() -> None:
+    admission = _admission()
+    assert admission.parse({"image": "aGVsbG8=", "prompt": "p"}).mask is None
+    assert admission.parse({"image": "aGVsbG8=", "prompt": "p", "mask": UPLOAD, "mask_blur": 8}).mask == UPLOAD
+    cases = [({"mask": ""}, "mask"), ({"mask": 3}, "mask"), ({"mask": "aGk=", "mask_blur": 65}, "mask_blur")]
+    cases += [({"mask": "aGk=", "mask_blur": -1}, "mask_blur"), ({"mask_blur": 4}, "mask_blur")]
+    for extra, field in cases:
+        with pytest.raises(InvalidRequest) as refused:
+            admission.parse({"image": "aGVsbG8=", "prompt": "p", **extra})
+        assert refused.value.message == f"Invalid field '{field}'", extra
+
+
+async def test_a_hostile_mask_is_refused_like_a_hostile_image_naming_mask() -> None:
+    from gateway.errors import ERROR_TABLE, InvalidImage, UrlNotAllowed
+
+    admission = _admission()
+    with pytest.raises(ImageTooLarge) as too_large:
+        await admission._mask_bytes(b"\0" * (codecs.MAX_IMAGE_BYTES + 1))
+    assert too_large.value.message.startswith("Invalid field 'mask': ")
+    with pytest.raises(InvalidImage) as bad:
+        await admission._mask_bytes("not base64 !!!")
+    assert bad.value.message.startswith("Invalid field 'mask': ")
+    assert ERROR_TABLE[InvalidImage] == (400, "invalid_image")
+    with pytest.raises((InvalidImage, UrlNotAllowed)) as scheme:
+        await admission._mask_bytes("ftp://example.com/mask.png")
+    assert scheme.value.message.startswith("Invalid field 'mask': ")
+
+
+async def test_admission_refuses_bad_masks_with_a_400_naming_mask(tmp_path: Any) -> None:
+    from gateway.errors import ERROR_TABLE, ApiError
+
+    refusals = {
+        "undecodable": {"mask": b"GIF89a" + bytes(64)},
+        "aspect": {"mask": _png("L", (32, 32), 255)},
+        "empty": {"mask": _png("L", (40, 32), 0)},
+    }
+    for case, fields in refusals.items():
+        with pytest.raises(ApiError) as refused:
+            await _admit_masked(tmp_path, fields)
+        assert ERROR_TABLE[type(refused.value)][0] == 400, case
+        assert refused.value.message.startswith("Invalid field 'mask'"), case
+    with pytest.raises(InvalidRequest) as missing:
+        await _admit_masked(tmp_path, {}, unet_in_channels=9)
+    assert missing.value.message == "Missing required field 'mask'"
+
+
+async def test_a_masked_request_is_admitted_with_its_mask_and_blur(tmp_path: Any) -> None:
+    mask = _png("L", (20, 16), 255)  # half the image's size: the same aspect ratio
+    admitted = await _admit_masked(tmp_path, {"mask": mask, "seed": 1})
+    size = admitted.spec.processed_size
+    assert admitted.spec.masked and admitted.spec.mask_blur == 4
+    assert admitted.model_mask.size == (size.width, size.height) and admitted.mask_size.width == 20
+    assert admitted.mask_data is not None
+    plain = await _admit_masked(tmp_path, {"seed": 1})
+    assert not plain.spec.masked and plain.spec.mask_blur is None and plain.model_mask is None
+    blurred = await _admit_masked(tmp_path, {"mask": mask, "mask_blur": 0})
+    assert blurred.spec.mask_blur == 0
+    view = job_view(make_job("j", spec=admitted.spec), None)
+    assert view["masked"] is True and view["mask_blur"] == 4
+
+
+def test_the_result_key_differs_with_a_mask_or_another_blur() -> None:
+    from gateway.jobs.results import result_key
+
+    def key(mask: bytes | None, blur: int | None) -> str:
+        parameters: dict[str, object] = {"seed": 1} if mask is None else {"seed": 1, "mask_blur": blur}
+        return result_key(
+            image=UPLOAD, model="m", version="v", parameters=parameters, loras=(), registry=None, mask=mask
+        )
+
+    keys = {key(None, None), key(b"m1", 4), key(b"m2", 4), key(b"m1", 8)}
+    assert len(keys) == 4
+    unmasked = result_key(image=UPLOAD, model="m", version="v", parameters={"seed": 1}, loras=(), registry=None)
+    assert key(None, None) == unmasked
+
+
+def test_a_masked_job_stores_its_mask_as_an_input_and_retention_owns_it() -> None:
+    from gateway.jobs.model import InputImage
+    from gateway.jobs.naming import mask_name, parse_name
+
+    name = mask_name("img_transform_abc", "png")
+    parsed = parse_name(name)
+    assert parsed is not None and parsed.job_id == "img_transform_abc" and parsed.is_input
+    job = dataclasses.replace(make_job("j"), mask=InputImage(url="u", name=mask_name("j", "png"), width=4, height=4))
+    assert mask_name("j", "png") in job.stored_names
+    assert job_from_json(job_to_json(job), version=1).mask == job.mask
+    assert make_job("j").mask is None and job_from_json(job_to_json(make_job("j")), version=1).mask is None

@@ -162,3 +162,37 @@ def test_a_kept_input_is_dropped_when_another_replica_runs_or_ends_the_job() -> 
     manager.workers.on_bus_event(JobEvent("ended", EventKind.FINAL))
     manager.workers.on_bus_event(JobEvent("queued", EventKind.CREATED))
     assert len(cache) == 1 and cache.take("queued") is not None
+
+
+async def test_a_masked_run_keeps_the_input_outside_the_mask_cached_or_read_back(tmp_path: Path) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from gateway.jobs.model import InputImage
+    from gateway.media import codecs
+
+    manifest = tiny_manifest(tmp_path)
+    pipeline = Img2ImgPipeline(manifest, cast(Any, FakeTriton(manifest)))
+    storage, cache = MemoryStorage(), DecodedInputs()
+    executor = JobExecutor({manifest.name: pipeline}, cast(Any, storage), cache)
+    spec = make_spec(steps=4, strength=0.5, effective_steps=2, masked=True, mask_blur=0)
+    size = (spec.processed_size.width, spec.processed_size.height)
+    grey = np.zeros((size[1], size[0]), np.uint8)
+    grey[:, size[0] // 2 :] = 255  # change the right half
+    out = io.BytesIO()
+    Image.fromarray(grey, "L").save(out, format="PNG")
+    job = dataclasses.replace(
+        make_job("a", spec=spec), mask=InputImage(url="u", name="a_mask.png", width=size[0], height=size[1])
+    )
+    original = make_image(*size)
+    await storage.put(job.input.name, original, "image/png")
+    await storage.put("a_mask.png", out.getvalue(), "image/png")
+    read_back = await executor(job, on_step=lambda d, t: None, should_stop=lambda: False)
+    model_input = codecs.resize_for_model(codecs.decode_image(original), size)
+    cache.put(job.id, model_input, codecs.prepare_mask(codecs.decode_mask(out.getvalue()), size, 0))
+    cached = await executor(job, on_step=lambda d, t: None, should_stop=lambda: False)
+    first, second = (storage.objects[images[0].name][0] for images in (read_back, cached))
+    assert first == second
+    pixels = np.asarray(Image.open(io.BytesIO(first)).convert("RGB"))
+    np.testing.assert_array_equal(pixels[:, : size[0] // 2], np.asarray(model_input)[:, : size[0] // 2])

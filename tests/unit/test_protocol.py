@@ -301,7 +301,7 @@ def test_model_defaults_are_the_constants() -> None:
     assert protocol.FIELDS == ("image", "prompt", "model", "strength", "steps", "guidance_scale",
                                "negative_prompt", "seed", "num_images", "style", "webhook_url",
                                "webhook_events", "scheduler", "output_format", "output_quality",
-                               "loras", "priority", "max_queue_s", "cache")  # fmt: skip
+                               "loras", "priority", "max_queue_s", "cache", "mask", "mask_blur")  # fmt: skip
     assert protocol.REQUIRED_FIELDS == ("image", "prompt")
 
 
@@ -499,6 +499,8 @@ COMPLETED_VIEW: dict[str, Any] = {
     "priority": 2,
     "max_queue_s": 30.0,
     "cached": False,
+    "masked": False,
+    "mask_blur": None,
     "images": [
         {
             "url": "http://t/v1/images/job_1_0.webp",

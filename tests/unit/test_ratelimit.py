@@ -479,7 +479,14 @@ async def test_create_job_answers_429_with_a_retry_after_from_the_cost() -> None
     clock = Clock()
     limiter = TokenBucketLimiter(per_minute=60, burst=100, clock=clock)
     admission = Admission(
-        pipelines=cast(Any, {"m": SimpleNamespace(manifest=None, scheduler_config={"_class_name": "PNDMScheduler"})}),
+        pipelines=cast(
+            Any,
+            {
+                "m": SimpleNamespace(
+                    manifest=SimpleNamespace(inpainting=False), scheduler_config={"_class_name": "PNDMScheduler"}
+                )
+            },
+        ),
         http=cast(Any, None),
         policy=cast(Any, None),
         fetch_timeout_s=1.0,

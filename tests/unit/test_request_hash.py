@@ -94,3 +94,20 @@ def test_the_image_is_never_json_encoded(monkeypatch: pytest.MonkeyPatch) -> Non
     assert all(body["image"] not in text for text in encoded)
     monkeypatch.setattr(json, "dumps", real_dumps)
     assert request_hash(body) == request_hash(dict(reversed(list(body.items()))))
+
+
+def test_an_unmasked_hash_is_unchanged_and_a_mask_hashes_as_a_string_or_bytes() -> None:
+    import hashlib
+    import json
+
+    from gateway.jobs.create import request_hash as hashed
+
+    body = {"image": "aGVsbG8=", "prompt": "a cat", "seed": 3}
+    old = hashlib.sha256(b"imagen-request-v2\0")
+    old.update(hashlib.sha256(b"aGVsbG8=").digest())
+    old.update(json.dumps({"prompt": "a cat", "seed": 3}, sort_keys=True, separators=(",", ":")).encode())
+    assert hashed(body) == old.hexdigest()
+    assert hashed({**body, "mask": None}) != hashed(body)  # an explicit null is a field, as before
+    masks = [hashed({**body, "mask": mask}) for mask in ("bWFzaw==", b"mask", b"mask2")]
+    assert len({hashed(body), *masks}) == 4
+    assert hashed({**body, "mask": b"mask"}) == hashed({"mask": b"mask", **body})
