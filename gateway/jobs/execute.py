@@ -94,7 +94,7 @@ class DecodedInputs:
         self.take(job_id)
 
 
-def _encode(
+def encode_masked_output(
     sample: np.ndarray, mask: Image.Image | None, original: Image.Image | None, output_format: str, quality: int | None
 ) -> bytes:
     """One output encoded; a masked edit's with `original` pasted back outside `mask` first."""
@@ -205,7 +205,7 @@ class JobExecutor:
             name = output_name(job.id, i, extension=extension, token=token)
             content_type = CONTENT_TYPES[extension]
             data = await run_image_work(
-                _encode, sample, mask, original, spec.output_format, spec.output_quality, wait=True
+                encode_masked_output, sample, mask, original, spec.output_format, spec.output_quality, wait=True
             )
             await self._stored("store output", job.id, functools.partial(self.storage.put, name, data, content_type))
             images.append(
