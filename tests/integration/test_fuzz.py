@@ -12,6 +12,7 @@ Safety: every URL the gateway could fetch or call (image, webhook) is rewritten 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import struct
@@ -26,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
@@ -39,6 +41,7 @@ from gateway.settings import Settings
 from gateway.triton.client import TritonEngine
 from tests.helpers import ThreadedUvicorn, data_uri, free_port, make_image
 from tests.integration.conftest import API_KEY, Repository
+from tests.unit.test_codecs import many_scan_jpeg
 
 pytestmark = pytest.mark.integration
 
@@ -300,6 +303,7 @@ def bodies(document: dict[str, Any]) -> st.SearchStrategy[Any]:
         valid,
         schema_valid.map(lambda b: {**b, "steps": 2}),  # any schema-valid body, kept cheap
         st.tuples(valid, image).map(lambda t: {**t[0], "image": t[1]}),
+        st.tuples(valid, image).map(lambda t: {**t[0], "mask": t[1]}),  # hostile or mismatched masks
         st.tuples(valid, fields, JUNK).map(lambda t: {**t[0], t[1]: t[2]}),  # wrong types, huge numbers, NaN
         st.tuples(valid, fields).map(lambda t: {k: v for k, v in t[0].items() if k != t[1]}),  # missing field
         st.tuples(valid, st.text(min_size=1, max_size=12).filter(lambda k: k not in FIELDS), JUNK).map(
@@ -466,6 +470,77 @@ def test_hostile_input_gets_a_clear_4xx(
     payload = check_response(target, response, case)
     assert (response.status_code, payload["error"]["code"]) == (status, code), payload
     assert payload["error"]["message"] and payload["error"]["details"]
+
+
+# --- masks (issue 25): a hostile mask is refused exactly as the same bytes sent as the image ------------------
+
+HOSTILE_MASKS: list[tuple[str, str, str]] = [
+    # (case, value, code): the same bytes as `image` get the same code
+    ("truncated base64 (mid-quantum)", INVALID_IMAGES[0], "invalid_image"),
+    ("truncated base64 (a truncated PNG)", INVALID_IMAGES[1], "invalid_image"),
+    ("bare truncated base64", PNG_B64[:-3], "invalid_image"),
+    ("PNG bomb 100000x100000", data_uri(png_bomb()), "image_dimensions_too_large"),
+    ("PNG bomb, bare base64", base64.b64encode(png_bomb(60_000, 2)).decode(), "image_dimensions_too_large"),
+    ("many-scan JPEG", data_uri(many_scan_jpeg(200), "image/jpeg"), "invalid_image"),
+    ("not an image", base64.b64encode(b"hello, not an image").decode(), "invalid_image"),
+    ("a GIF", data_uri(_gif(), "image/gif"), "invalid_image"),
+    ("invalid data URI (no base64)", "data:image/png," + PNG_B64, "invalid_image"),
+]
+
+
+def _post(target: Target, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    response = target.client.post("/v1/image-to-image", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    return response.status_code, check_response(target, response, body)
+
+
+@pytest.mark.parametrize(("case", "value", "code"), HOSTILE_MASKS, ids=[c[0] for c in HOSTILE_MASKS])
+def test_hostile_mask_is_refused_like_a_hostile_image(target: Target, case: str, value: str, code: str) -> None:
+    as_image = _post(target, {"image": value, "prompt": "a cat", "steps": 2})
+    as_mask = _post(target, {"image": VALID_IMAGES[0], "mask": value, "prompt": "a cat", "steps": 2})
+    assert (as_mask[0], as_mask[1]["error"]["code"]) == (as_image[0], as_image[1]["error"]["code"]) == (400, code)
+    assert as_mask[1]["error"]["message"].startswith("Invalid field 'mask'"), as_mask
+    assert as_mask[1]["error"]["details"] == as_image[1]["error"]["details"], (as_mask, as_image)
+
+
+def _mask(width: int, height: int, box: tuple[int, int, int, int] | None) -> str:
+    """An L-mode PNG data URI, black (keep) with white (change) in `box`."""
+    image = Image.new("L", (width, height), 0)
+    if box is not None:
+        image.paste(255, box)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return data_uri(out.getvalue())
+
+
+BAD_MASKS: list[tuple[str, dict[str, Any], str, str]] = [
+    # (case, fields beside a valid 32x32 image, code, the field the message names)
+    ("another aspect ratio", {"mask": _mask(64, 32, (0, 0, 32, 32))}, "invalid_request", "mask"),
+    ("all black: nothing to change", {"mask": _mask(32, 32, None)}, "invalid_request", "mask"),
+    ("one white pixel, gone after the blur", {"mask": _mask(32, 32, (16, 16, 17, 17))}, "invalid_request", "mask"),
+    ("a number", {"mask": 7}, "invalid_request", "mask"),
+    ("empty", {"mask": ""}, "invalid_request", "mask"),
+    ("mask_blur without a mask", {"mask_blur": 4}, "invalid_request", "mask_blur"),
+    ("mask_blur above 64", {"mask": _mask(32, 32, (0, 0, 16, 32)), "mask_blur": 65}, "invalid_request", "mask_blur"),
+    ("mask_blur negative", {"mask": _mask(32, 32, (0, 0, 16, 32)), "mask_blur": -1}, "invalid_request", "mask_blur"),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "code", "field"), BAD_MASKS, ids=[c[0] for c in BAD_MASKS])
+def test_bad_mask_gets_a_400_naming_the_field(
+    target: Target, case: str, fields: dict[str, Any], code: str, field: str
+) -> None:
+    status, payload = _post(target, {"image": VALID_IMAGES[0], "prompt": "a cat", "steps": 2, **fields})
+    assert (status, payload["error"]["code"]) == (400, code), payload
+    assert f"'{field}'" in payload["error"]["message"], payload
+
+
+def test_a_valid_mask_runs(target: Target) -> None:
+    """The control for the two tables above: the same image with a half mask completes, and says it was masked."""
+    status, payload = _post(
+        target, {"image": VALID_IMAGES[0], "mask": _mask(32, 32, (0, 0, 16, 32)), "prompt": "a cat", "steps": 2}
+    )
+    assert status == 200 and payload["status"] == "completed", payload
+    assert (payload["masked"], payload["mask_blur"]) == (True, 4), payload
 
 
 def test_huge_json_body_is_refused_before_parsing(target: Target) -> None:

@@ -10,6 +10,7 @@ gateway's httpx connects with; the gateway runs in this process) refuses and rec
 from __future__ import annotations
 
 import http.server
+import io
 import ipaddress
 import socket
 import threading
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx
 import pytest
+from PIL import Image
 
 from gateway.app import create_app
 from gateway.settings import Settings
@@ -87,6 +89,15 @@ def traps() -> Iterator[Traps]:
     found.v6.close()
 
 
+def _half_mask(width: int, height: int) -> bytes:
+    """An L-mode PNG mask: white (change) on the right half, black (keep) on the left."""
+    image = Image.new("L", (width, height), 0)
+    image.paste(255, (width // 2, 0, width, height))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
 @dataclass
 class ImageHost:
     """The allowed host (127.0.0.2): an image, a redirect to a private address, and webhook receivers."""
@@ -98,6 +109,7 @@ class ImageHost:
 @pytest.fixture(scope="module")
 def image_host(traps: Traps) -> Iterator[ImageHost]:
     png = make_image(64, 64, seed=5)
+    mask = _half_mask(64, 64)
     private = f"http://127.0.0.1:{traps.v4.port}/x.png"
     host = ImageHost(url="")
 
@@ -113,6 +125,8 @@ def image_host(traps: Traps) -> Iterator[ImageHost]:
         def do_GET(self) -> None:
             if self.path == "/ok.png":
                 self._reply(200, png, {"Content-Type": "image/png"})
+            elif self.path == "/mask.png":
+                self._reply(200, mask, {"Content-Type": "image/png"})
             elif self.path == "/to-private":
                 self._reply(302, headers={"Location": private})
             else:
@@ -216,6 +230,7 @@ SSRF_TABLE: list[tuple[str, str, str]] = [
 IDS = [case for case, _, _ in SSRF_TABLE]
 # Addresses a refusal of a *name* must not reveal (the client is told the kind of address, not which one).
 HIDDEN_ADDRESSES = {"localhost": ("127.0.0.1", "::1")}
+SMALL_IMAGE = data_uri(make_image(64, 64, seed=6))
 REDIRECT_DETAILS = "Redirect to http://127.0.0.1:{trap}/x.png refused: Address 127.0.0.1 is a loopback address"
 
 
@@ -249,6 +264,30 @@ def test_image_url_refused(
     _assert_refused(response, text)
     assert not [a for a in HIDDEN_ADDRESSES.get(case, ()) if a in response.json()["error"]["details"]]
     assert time.monotonic() - started < 5  # refused up front, not after a connect timeout
+
+
+# A mask URL is fetched by the same guarded client as the image: each refusal of the table, with a valid image.
+MASK_CASES = [SSRF_TABLE[0], SSRF_TABLE[3], SSRF_TABLE[6]]
+
+
+@pytest.mark.parametrize(("case", "template", "text"), MASK_CASES, ids=[case for case, _, _ in MASK_CASES])
+@pytest.mark.usefixtures("stays_home")
+def test_mask_url_refused(
+    ssrf_gateway: str, traps: Traps, image_host: ImageHost, case: str, template: str, text: str
+) -> None:
+    body = {"image": SMALL_IMAGE, "mask": _url(template, traps, image_host), "prompt": "a cat", "steps": 2}
+    response = _post(ssrf_gateway, body)
+    _assert_refused(response, text)
+    assert "'mask'" in response.json()["error"]["message"], response.text
+
+
+@pytest.mark.usefixtures("stays_home")
+def test_mask_url_on_the_allowed_host_works(ssrf_gateway: str, image_host: ImageHost) -> None:
+    body = {"image": f"{image_host.url}/ok.png", "mask": f"{image_host.url}/mask.png", "prompt": "a cat", "steps": 2}
+    response = _post(ssrf_gateway, body)
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert payload["status"] == "completed" and payload["masked"] is True, payload
 
 
 @pytest.mark.usefixtures("stays_home")
