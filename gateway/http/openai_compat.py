@@ -6,8 +6,12 @@ budget, rate and work limits and metrics are the native route's. Native errors a
 in one place (`openai_error_response`): OpenAI's names (`n` for `num_images`) and a `param` naming the field.
 
 Parsing is bounded: at most `MAX_FORM_FILES` file parts and `MAX_FORM_FIELDS` text parts, each text part at most
-`MAX_FIELD_BYTES`, the whole body at most `max_body_bytes` (413), and the file is held in memory (as a JSON
+`MAX_FIELD_BYTES`, the whole body at most `max_body_bytes` (413), and the files are held in memory (as a JSON
 body is, and counted by the same body budget), never spooled to disk.
+
+A `mask` file is the native `mask` as uploaded: the native alpha rule (fully transparent pixels mark the area to
+change) is OpenAI's. OpenAI's own requirements on it, the image's dimensions and an alpha channel, are checked
+here from the headers alone (`check_mask`); everything else about it is admission's.
 """
 
 from __future__ import annotations
@@ -53,20 +57,20 @@ from gateway.media.work import run_image_work
 
 EDITS_PATH = "/v1/images/edits"
 MULTIPART = "multipart/form-data"
-# Parts a form may have: the image plus OpenAI's other file fields (refused by name, with a clear message, rather
-# than by Starlette's "too many files"); text fields: OpenAI's ~20, ours, and slack for ignored ones.
+# Parts a form may have: the image, the mask and OpenAI's other file fields (refused by name, with a clear message,
+# rather than by Starlette's "too many files"); text fields: OpenAI's ~20, ours, and slack for ignored ones.
 MAX_FORM_FILES = 4
 MAX_FORM_FIELDS = 64
 # A text part: the longest field is a prompt, counted in characters (4 UTF-8 bytes at most each).
 MAX_FIELD_BYTES = 4 * max(MAX_PROMPT_CHARS, MAX_NEGATIVE_PROMPT_CHARS) + 1024
 IMAGE_FIELDS = ("image", "image[]")  # the SDK sends `image[]` for a list of images
+MASK_FIELD = "mask"  # a file part, as the SDK sends it
 SIZE = re.compile(r"(?P<width>[1-9][0-9]{0,4})x(?P<height>[1-9][0-9]{0,4})")
 AUTO = "auto"
 TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
 
 # OpenAI fields this service does not implement: any value is a 400 naming the field and why.
 UNSUPPORTED: Mapping[str, str] = {
-    "mask": "masks (inpainting) are not supported: the whole image is transformed",
     "markup": "markup images are not supported",
     "input_fidelity": "input fidelity is not adjustable: use 'strength' (lower keeps more of the input)",
     "output_compression": "use 'output_quality' for the encoder's quality",
@@ -90,6 +94,7 @@ ERROR_PARAMS: Mapping[type[ApiError], str] = {
     ModelNotFound: "model",
 }
 ResponseFormat = Literal["url", "b64_json"]
+# A native message naming its field ("Invalid field 'mask': ..."): that field is the param, whatever the class.
 _FIELD_IN_MESSAGE = re.compile(r"field(?:\(s\))? '(?P<field>[a-z_][a-z0-9_\[\].]*)'")
 
 
@@ -114,19 +119,27 @@ def _form_schema(schema: JsonDict) -> None:
 
 class ImageEditForm(BaseModel):
     """OpenAI's `POST /v1/images/edits` form as this service reads it, plus the native extras (`strength`, \
-`steps`, `guidance_scale`, `negative_prompt`, `seed`, `style`, `output_format`, `output_quality`, `loras` as JSON \
-text). Text fields \
+`steps`, `guidance_scale`, `negative_prompt`, `seed`, `style`, `output_format`, `output_quality`, `mask_blur`, \
+`loras` as JSON text). Text fields \
 are parsed as numbers where the native request has numbers; ranges are the native request's (`GET /v1/models`).
 
-One image per request (`image`, or a one-element `image[]`); `n` is the native `num_images`; `size` is \
+One image per request (`image`, or a one-element `image[]`); at most one `mask` file, the native `mask` as \
+uploaded (its fully transparent pixels are the area to change), which must have the image's dimensions and an \
+alpha channel, as OpenAI requires; `n` is the native `num_images`; `size` is \
 `auto` or the size the model answers for this image (its native resolution on the longer side, aspect ratio \
-kept); `quality` and `background` only `auto`; `user` is ignored. Unsupported OpenAI fields (`mask`, \
+kept); `quality` and `background` only `auto`; `user` is ignored. Unsupported OpenAI fields (`markup`, \
 `input_fidelity`, `output_compression`, ...) and unknown ones are a 400 naming the field."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, json_schema_extra=_form_schema)
 
     image: bytes = Field(description="The image file (JPEG, PNG or WebP).")
     prompt: str = Field(description="The native `prompt`.")
+    mask: bytes | None = Field(
+        default=None,
+        description="A masked edit: a PNG (or WebP) with an alpha channel and the image's dimensions, whose fully "
+        "transparent pixels are the area to change (OpenAI's rule); elsewhere the output keeps the input's pixels. "
+        "The native `mask`, as uploaded.",
+    )
     model: str | None = Field(default=None, description=f"A served pipeline; default `{DEFAULT_MODEL}`.")
     n: int | None = Field(default=None, description="Number of images (the native `num_images`).")
     size: str | None = Field(
@@ -150,6 +163,7 @@ kept); `quality` and `background` only `auto`; `user` is ignored. Unsupported Op
     negative_prompt: str | None = None
     seed: int | None = None
     style: str | None = None
+    mask_blur: int | None = Field(default=None, description="The native `mask_blur` (only with a `mask`).")
     loras: str | None = Field(
         default=None,
         description='The native `loras` as JSON text, e.g. `[{"name": "ink", "scale": 0.8}]` (`GET /v1/loras`).',
@@ -159,7 +173,7 @@ kept); `quality` and `background` only `auto`; `user` is ignored. Unsupported Op
 # Form fields copied into the native request under the same name (`n` is renamed, the rest are ours only).
 PASSED_THROUGH = (
     "prompt", "model", "strength", "steps", "guidance_scale", "negative_prompt", "seed", "style", "output_format",
-    "output_quality",
+    "output_quality", "mask_blur",
 )  # fmt: skip
 FORM_FIELDS = tuple(ImageEditForm.model_fields)
 
@@ -211,16 +225,18 @@ def _openai_text(text: str) -> str:
 
 
 def _param(exc: ApiError) -> str | None:
+    """The form field at fault: the one the message names (an invalid image about the mask is `mask`'s), else
+    the one the error's class is always about, else none."""
     if isinstance(exc, OpenAIFieldError):
         return exc.param
+    found = _FIELD_IN_MESSAGE.search(exc.message)
+    if found is not None:
+        field = found.group("field")
+        return OPENAI_NAMES.get(field, field)
     for cls in type(exc).__mro__:
         if cls in ERROR_PARAMS:
             return ERROR_PARAMS[cls]
-    found = _FIELD_IN_MESSAGE.search(exc.message)
-    if found is None:
-        return None
-    field = found.group("field")
-    return "image" if field == "image" else OPENAI_NAMES.get(field, field)
+    return None
 
 
 def openai_error(
@@ -285,9 +301,11 @@ async def _parse_multipart(request: Request, max_bytes: int) -> list[tuple[str, 
 
 
 async def _form_values(items: list[tuple[str, str | UploadFile]]) -> dict[str, Any]:
-    """Form parts -> the model's input: one image's bytes, one value per text field; closes every upload."""
+    """Form parts -> the model's input: one image's bytes, one mask's, one value per text field; closes every
+    upload."""
     values: dict[str, Any] = {}
     images: list[UploadFile] = []
+    mask: UploadFile | None = None
     try:
         for name, value in items:
             if name in IMAGE_FIELDS:
@@ -296,6 +314,15 @@ async def _form_values(items: list[tuple[str, str | UploadFile]]) -> dict[str, A
                         "Invalid field 'image'", "'image' must be a file part (JPEG, PNG or WebP)", param="image"
                     )
                 images.append(value)
+                continue
+            if name == MASK_FIELD:
+                if not isinstance(value, UploadFile):
+                    raise OpenAIFieldError(
+                        "Invalid field 'mask'", "'mask' must be a file part (a PNG with an alpha channel)", param="mask"
+                    )
+                if mask is not None:
+                    raise OpenAIFieldError("Invalid field 'mask'", "One mask per request", param="mask")
+                mask = value
                 continue
             if name in UNSUPPORTED:
                 raise OpenAIFieldError(f"Unsupported field '{name}'", UNSUPPORTED[name], param=name)
@@ -312,6 +339,8 @@ async def _form_values(items: list[tuple[str, str | UploadFile]]) -> dict[str, A
             raise OpenAIFieldError("Too many images", f"One image per request; {len(images)} were sent", param="image")
         if images:
             values["image"] = await images[0].read()
+        if mask is not None:
+            values["mask"] = await mask.read()
         return values
     finally:
         for _, value in items:
@@ -343,16 +372,31 @@ async def read_edit_form(request: Request, max_bytes: int) -> ImageEditForm:
 # --- the native request ---------------------------------------------------------------------------------
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """Upright width and height (EXIF orientation applied, as `codecs.decode_image` does) from the header alone;
-    None when unreadable (CreateJob decodes the image and reports it)."""
+@dataclass(frozen=True)
+class Header:
+    """What an upload's header says: its upright size, and whether it has an alpha channel."""
+
+    size: tuple[int, int]
+    alpha: bool
+
+
+def _header(data: bytes) -> Header | None:
+    """Upright width and height (EXIF orientation applied, as `codecs.decode_image` does) and whether there is
+    alpha (an alpha band or a transparency entry, as `codecs` reads it) from the header alone; None when
+    unreadable (CreateJob decodes the image and reports it)."""
     try:
         with Image.open(io.BytesIO(data), formats=codecs.SUPPORTED_FORMATS) as img:
             width, height = img.size
             transposed = img.getexif().get(ExifTags.Base.Orientation) in TRANSPOSING_ORIENTATIONS
+            alpha = "A" in img.getbands() or "transparency" in img.info
     except Exception:  # any decoder complaint: the native path answers it properly
         return None
-    return (height, width) if transposed else (width, height)
+    return Header((height, width) if transposed else (width, height), alpha)
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    header = _header(data)
+    return None if header is None else header.size
 
 
 async def check_size(form: ImageEditForm, pipelines: Mapping[str, Img2ImgPipeline]) -> None:
@@ -378,9 +422,44 @@ async def check_size(form: ImageEditForm, pipelines: Mapping[str, Img2ImgPipelin
         )
 
 
+def mask_problem(image: bytes, mask: bytes) -> OpenAIFieldError | None:
+    """OpenAI's rules for the mask, from the headers: the image's upright dimensions, and an alpha channel. None
+    when they hold, or when either header is unreadable (admission decodes both and names the field)."""
+    mask_header = _header(mask)
+    if mask_header is None:
+        return None
+    image_header = _header(image)
+    if image_header is not None and mask_header.size != image_header.size:
+        (mw, mh), (iw, ih) = mask_header.size, image_header.size
+        return OpenAIFieldError(
+            "Invalid field 'mask'",
+            f"The mask is {mw}x{mh}, the image {iw}x{ih}: the mask must have the image's dimensions",
+            param="mask",
+        )
+    if not mask_header.alpha:
+        return OpenAIFieldError(
+            "Invalid field 'mask'",
+            "The mask has no alpha channel: send a PNG whose fully transparent pixels mark the area to change",
+            param="mask",
+        )
+    return None
+
+
+async def check_mask(form: ImageEditForm, pipelines: Mapping[str, Img2ImgPipeline]) -> None:
+    """A mask must have the image's dimensions and an alpha channel (OpenAI's rules; the native route is laxer).
+    An unknown model is CreateJob's 404 first, as on the native route."""
+    if form.mask is None or (form.model or DEFAULT_MODEL) not in pipelines:
+        return
+    problem = await run_image_work(mask_problem, form.image, form.mask)
+    if problem is not None:
+        raise problem
+
+
 def native_fields(form: ImageEditForm) -> dict[str, Any]:
     """The native request's fields of this form, the upload as bytes: what admission parses for either route."""
     fields: dict[str, Any] = {"image": form.image}
+    if form.mask is not None:  # as uploaded: the native alpha rule is OpenAI's
+        fields["mask"] = form.mask
     for name in PASSED_THROUGH:
         value = getattr(form, name)
         if value is not None:
@@ -409,6 +488,7 @@ async def read_edit(request: Request, max_bytes: int, pipelines: Mapping[str, Im
     """The form, checked, as the native request's fields."""
     form = await read_edit_form(request, max_bytes)
     await check_size(form, pipelines)
+    await check_mask(form, pipelines)
     return ImageEdit(form, native_fields(form))
 
 

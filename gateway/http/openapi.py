@@ -385,7 +385,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 "content": {
                     "multipart/form-data": {
                         "schema": _ref("ImageEditRequest"),
-                        "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp"}},
+                        "encoding": {
+                            "image": {"contentType": "image/png, image/jpeg, image/webp"},
+                            "mask": {"contentType": "image/png, image/webp"},
+                        },
                     }
                 },
             },

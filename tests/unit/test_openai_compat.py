@@ -1,4 +1,5 @@
-"""Issue 13: OpenAI's image edit form -> the native request, and our errors -> OpenAI's error shape.
+"""Issue 13: OpenAI's image edit form -> the native request, and our errors -> OpenAI's error shape (issue 25:
+the `mask` file and OpenAI's rules for it).
 
 The form is parsed by the real `read_edit` behind a one-route Starlette app over httpx's ASGI transport (real
 multipart bodies, as httpx and so the OpenAI SDK encode them); the seam is the pipelines mapping (a manifest's
@@ -27,14 +28,18 @@ from gateway.diffusion.styles import STYLE_PRESETS
 from gateway.errors import (
     ApiError,
     BackendUnavailable,
+    ImageDimensionsTooLarge,
+    ImageTooLarge,
     InvalidImage,
     InvalidRequest,
     ModelNotFound,
     Unauthorized,
+    UrlNotAllowed,
 )
 from gateway.http.openai_compat import (
     MAX_FIELD_BYTES,
     ImageEditForm,
+    mask_problem,
     openai_error_response,
     read_edit,
 )
@@ -46,6 +51,18 @@ from tests.helpers import make_image
 
 MAX_BODY = 256 * 1024
 PNG = make_image(200, 100, seed=3)
+
+
+def _mask(width: int, height: int, mode: str = "RGBA", fmt: str = "PNG", **save: Any) -> bytes:
+    """A `mode` mask, opaque black but for its left half: fully transparent with alpha, else white."""
+    img = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    img.paste((0, 0, 0, 0) if "A" in mode else (255, 255, 255, 255), (0, 0, width // 2, height))
+    buffer = io.BytesIO()
+    img.convert(mode).save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+RGBA_MASK = _mask(200, 100)
 # The size check reads the manifest's native resolution and grid only.
 PIPELINES = cast(
     Mapping[str, Img2ImgPipeline],
@@ -61,6 +78,10 @@ async def _endpoint(request: Request) -> Response:
         return openai_error_response(exc)
     body = dict(edit.fields)
     assert body.pop("image") == edit.form.image  # the upload's bytes, as they came
+    mask = body.pop("mask", None)
+    assert mask == edit.form.mask  # the mask's too
+    if mask is not None:
+        body["mask_bytes"] = len(mask)
     return JSONResponse({"native": body, "response_format": edit.form.response_format})
 
 
@@ -138,7 +159,7 @@ async def test_n_over_the_limit_is_the_native_rule_under_openais_name() -> None:
     ("data", "files", "param", "fragment"),
     [
         ({"prompt": "x"}, [("image[]", ("a.png", PNG, "image/png"))] * 2, "image", "One image per request"),
-        ({"prompt": "x"}, [("mask", ("m.png", PNG, "image/png"))], "mask", "Unsupported field 'mask'"),
+        ({"prompt": "x", "markup": "x"}, None, "markup", "Unsupported field 'markup'"),
         ({"prompt": "x", "input_fidelity": "high"}, None, "input_fidelity", "Unsupported field"),
         ({"prompt": "x", "quality": "high"}, None, "quality", "'quality' must be 'auto'"),
         ({"prompt": "x", "background": "transparent"}, None, "background", "'background' must be 'auto'"),
@@ -178,6 +199,13 @@ async def test_a_json_body_is_refused_with_415() -> None:
         (ModelNotFound("Model 'gpt-image-1' not found", "Available models: imagen-v2"), 404, "model", None),
         (InvalidRequest("Invalid field 'seed'", "'seed' must be an integer"), 400, "seed", None),
         (BackendUnavailable("Inference backend unavailable", None), 503, None, "server_error"),
+        # The field a message names comes first: admission's mask errors keep the image's classes.
+        (InvalidImage("Invalid field 'mask': Unable to process the provided image", "corrupt"), 400, "mask", None),
+        (ImageTooLarge("Invalid field 'mask': Image exceeds the maximum size", "10 MB"), 413, "mask", None),
+        (ImageDimensionsTooLarge("Invalid field 'mask': Image dimensions exceed", "2048x2048"), 400, "mask", None),
+        (UrlNotAllowed("Invalid field 'mask': URL not allowed", "private address"), 400, "mask", None),
+        (InvalidRequest("Invalid field 'num_images'", "'num_images' must be an integer"), 400, "n", None),
+        (ImageTooLarge("Image exceeds the maximum size", "10 MB"), 413, "image", None),
     ],
 )
 def test_native_errors_in_openais_shape(exc: ApiError, status: int, param: str | None, kind: str | None) -> None:
@@ -186,7 +214,8 @@ def test_native_errors_in_openais_shape(exc: ApiError, status: int, param: str |
     assert response.status_code == status
     error = httpx.Response(status, content=body).json()["error"]
     assert error["param"] == param
-    assert error["message"] == f"{exc.message}: {exc.details}" if exc.details else exc.message
+    expected = f"{exc.message}: {exc.details}" if exc.details else exc.message
+    assert error["message"] == expected.replace("'num_images'", "'n'")  # OpenAI's names in the text too
     assert error["type"] == (kind or "invalid_request_error")
 
 
@@ -244,3 +273,79 @@ async def test_the_edits_path_is_its_own_route_for_every_method(tmp_path: Path) 
             assert response.status_code == 405 and response.headers["allow"] == "POST", method
         allow = (await http.post("/v1/images/a.png")).headers["allow"]
         assert set(allow.split(", ")) == {"GET", "HEAD"}  # Starlette builds the header from a set: any order
+
+
+# --- the mask (issue 25) --------------------------------------------------------------------------------
+
+
+async def test_a_mask_file_is_the_native_mask_as_uploaded_with_mask_blur_passed_through() -> None:
+    files = [("image", ("input.png", PNG, "image/png")), ("mask", ("mask.png", RGBA_MASK, "image/png"))]
+    response = await _post({"prompt": "a fox", "mask_blur": "8"}, files=files)
+    assert response.status_code == 200, response.text
+    # The endpoint checked the bytes are the upload's; the native request validated them (a bytes mask).
+    assert response.json()["native"] == {"prompt": "a fox", "mask_blur": 8, "mask_bytes": len(RGBA_MASK)}
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        _mask(200, 100, "LA"),
+        _mask(200, 100, "P", transparency=0),  # a palette PNG with a transparent entry (tRNS)
+        _mask(200, 100, "RGBA", "WEBP", lossless=True),
+        b"not an image",  # an unreadable header is admission's (`Invalid field 'mask': ...`), not this check's
+    ],
+    ids=["LA", "P-tRNS", "WebP-RGBA", "unreadable"],
+)
+async def test_masks_with_alpha_of_the_images_size_pass_the_openai_checks(mask: bytes) -> None:
+    files = [("image", ("input.png", PNG, "image/png")), ("mask", ("m", mask, "application/octet-stream"))]
+    response = await _post({"prompt": "x"}, files=files)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("data", "files", "param", "fragment"),
+    [
+        ({}, [("mask", ("m.png", _mask(100, 50), "image/png"))], "mask", "The mask is 100x50, the image 200x100"),
+        ({}, [("mask", ("m.png", _mask(201, 100), "image/png"))], "mask", "must have the image's dimensions"),
+        ({}, [("mask", ("m.png", _mask(200, 100, "RGB"), "image/png"))], "mask", "The mask has no alpha channel"),
+        ({}, [("mask", ("m.png", _mask(200, 100, "L"), "image/png"))], "mask", "no alpha channel"),
+        ({}, [("mask", ("m.jpg", _mask(200, 100, "RGB", "JPEG"), "image/jpeg"))], "mask", "no alpha channel"),
+        ({"mask": "aGVsbG8="}, [], "mask", "'mask' must be a file part"),
+        ({}, [("mask", ("m.png", RGBA_MASK, "image/png"))] * 2, "mask", "One mask per request"),
+        ({"mask_blur": "4"}, [], "mask_blur", "'mask_blur' applies only with a 'mask'"),
+        ({"mask_blur": "65"}, [("mask", ("m.png", RGBA_MASK, "image/png"))], "mask_blur", "Invalid field 'mask_blur'"),
+        ({}, [("mask", ("m.png", b"", "image/png"))], "mask", "Invalid field 'mask'"),
+    ],
+)
+async def test_bad_masks_get_a_400_naming_the_field(
+    data: dict[str, Any], files: list[Any], param: str, fragment: str
+) -> None:
+    response = await _post({"prompt": "x", **data}, files=[("image", ("input.png", PNG, "image/png")), *files])
+    assert fragment in _error(response, 400, param)["message"]
+
+
+@pytest.mark.parametrize(("size", "status"), [((100, 200), 200), ((200, 100), 400)])
+async def test_the_mask_must_have_the_upright_images_size(size: tuple[int, int], status: int) -> None:
+    """The image is 200x100 stored, 100x200 upright (EXIF orientation 6): the mask is compared upright."""
+    files = [("image", ("r.jpg", _rotated_jpeg(), "image/jpeg")), ("mask", ("m.png", _mask(*size), "image/png"))]
+    response = await _post({"prompt": "x"}, files=files)
+    assert response.status_code == status, response.text
+
+
+async def test_with_an_unknown_model_the_mask_is_left_to_create_job() -> None:
+    """As on the native route (and as `size`): CreateJob's 404 for the model comes before any look at the mask
+    (this app stops before CreateJob, so the form goes through)."""
+    files = [("image", ("input.png", PNG, "image/png")), ("mask", ("m.png", _mask(10, 10, "RGB"), "image/png"))]
+    response = await _post({"prompt": "x", "model": "gpt-image-1"}, files=files)
+    assert response.status_code == 200, response.text
+
+
+def test_mask_problem_reads_headers_only_and_leaves_unreadable_ones_to_admission() -> None:
+    assert mask_problem(PNG, RGBA_MASK) is None
+    assert mask_problem(b"not an image", RGBA_MASK) is None  # the image's error is admission's; alpha was fine
+    problem = mask_problem(b"not an image", _mask(10, 10, "RGB"))
+    assert problem is not None and problem.param == "mask" and "no alpha channel" in str(problem.details)
+    assert mask_problem(PNG, RGBA_MASK[:20]) is None  # no complete header: admission's `Invalid field 'mask'`
+    problem = mask_problem(PNG, _mask(100, 50))
+    assert problem is not None and problem.param == "mask" and problem.details is not None
+    assert "100x50" in problem.details and "200x100" in problem.details
