@@ -394,6 +394,8 @@ def _limits(name: str, prop: Mapping[str, Any]) -> Mapping[str, Any]:
         }
         if name == "output_quality":
             numeric["default_by_format"] = dict(codecs.DEFAULT_OUTPUT_QUALITY)
+        if name == "mask_blur":  # null without a mask (else 400), this with one
+            numeric["default_with_mask"] = DEFAULT_MASK_BLUR
         return MappingProxyType(numeric)
     limits: dict[str, Any] = {"type": kind, "max_length": prop["maxLength"]}
     if prop.get("default") is not None:

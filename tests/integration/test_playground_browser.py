@@ -28,6 +28,7 @@ import pytest
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
@@ -288,5 +289,126 @@ def test_playground_runs_a_job_in_a_real_browser(
     # The key travelled in headers only: no URL the page loaded carries it, and nothing broke the policy.
     urls = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert urls and not [u for u in urls if API_KEY in u]
+    console = [entry["message"] for entry in driver.get_log("browser")]
+    assert not [m for m in console if "Content Security Policy" in m or "Uncaught" in m], console
+
+
+# The mask test: strokes in image pixels of the 64² input (the canvas has the image's size, shown scaled).
+MASK_BRUSH, MASK_ERASER = 16, 8
+MASK_STROKE = ((32, 32), (48, 32))  # painted: x 24-56 and y 24-40 with the round caps
+MASK_HOLE = (40, 32)  # erased: x and y 36-44
+MASK_STEPS = 4
+
+
+def mask_point(driver: WebDriver, canvas: WebElement, x: float, y: float) -> tuple[int, int]:
+    """An image pixel's offset from the canvas's center in CSS pixels (selenium's origin for element offsets)."""
+    width, height = driver.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return [r.width, r.height]", canvas
+    )
+    return round((x / INPUT_SIDE - 0.5) * width), round((y / INPUT_SIDE - 0.5) * height)
+
+
+def paint(driver: WebDriver, canvas: WebElement, brush: int, *points: tuple[float, float]) -> None:
+    """One stroke through `points` (one point: a dot), with the brush set as a user drags the range."""
+    driver.execute_script(
+        "const b = document.getElementById('mask-brush'); b.value = String(arguments[0]);"
+        " b.dispatchEvent(new Event('input', { bubbles: true }))",
+        brush,
+    )
+    actions = ActionChains(driver).move_to_element_with_offset(canvas, *mask_point(driver, canvas, *points[0]))
+    actions.click_and_hold()
+    for x, y in points[1:]:
+        actions.move_to_element_with_offset(canvas, *mask_point(driver, canvas, x, y))
+    actions.release().perform()
+
+
+def curl_text(driver: WebDriver) -> str:
+    driver.find_element(By.ID, "copy-curl").click()
+    return driver.find_element(By.ID, "curl").get_attribute("value") or ""
+
+
+def test_playground_paints_a_mask_and_sends_it(
+    browser: WebDriver, gateway: str, auth: dict[str, str], input_png: Path
+) -> None:
+    """A mask painted over the preview (pointer events through chromedriver) travels as an opaque black-and-white
+    PNG: white where painted, black where erased or never painted; cleared, it is not sent; a dot too small for
+    the blur gets the API's error beside the mask; the masked job runs with the default blur."""
+    driver = browser
+    driver.get(f"{gateway}/playground")
+    key = driver.find_element(By.ID, "api-key")
+    if not key.get_attribute("value"):
+        key.send_keys(API_KEY)
+    wait(driver, "models loaded", lambda d: d.find_element(By.ID, "request-form").get_attribute("data-ready") == "true")
+    assert not driver.find_element(By.ID, "mask-field").is_displayed()  # no image yet
+    driver.find_element(By.ID, "image-file").send_keys(str(input_png))
+    canvas = driver.find_element(By.ID, "mask-canvas")
+    wait(
+        driver,
+        "the mask canvas at the image's size",
+        lambda d: (
+            d.execute_script("const c = arguments[0]; return [c.width, c.height]", canvas) == [INPUT_SIDE] * 2
+            and canvas.is_displayed()
+        ),
+    )
+    assert driver.find_element(By.ID, "mask-field").is_displayed()
+    blur = driver.find_element(By.ID, "field-mask_blur")
+    assert not blur.is_displayed()  # only with a painted mask
+    driver.execute_script("arguments[0].scrollIntoView({ block: 'center' })", canvas)
+
+    paint(driver, canvas, MASK_BRUSH, *MASK_STROKE)
+    assert blur.is_displayed() and (blur.get_attribute("min"), blur.get_attribute("max")) == ("0", "64")
+    assert '"mask": "data:image/png;base64,' in curl_text(driver)
+    driver.find_element(By.ID, "mask-clear").click()
+    assert '"mask"' not in curl_text(driver) and not blur.is_displayed()
+
+    # A dot of one pixel: the default blur leaves nothing at or above half, so the API refuses it, by name.
+    driver.find_element(By.ID, "field-prompt").send_keys("a watercolor fox")
+    set_value(driver.find_element(By.ID, "field-steps"), str(MASK_STEPS))
+    paint(driver, canvas, 1, MASK_HOLE)
+    driver.find_element(By.ID, "submit").click()
+    wait(driver, "the mask's error", lambda d: text_of(d, "error-mask"))
+    assert "Invalid field 'mask'" in text_of(driver, "error-mask") and text_of(driver, "error-general") == ""
+    driver.find_element(By.ID, "mask-clear").click()
+
+    # Paint, erase a hole (the erase toggle), and send it: the body the page posts is captured on its way out.
+    paint(driver, canvas, MASK_BRUSH, *MASK_STROKE)
+    driver.find_element(By.ID, "mask-erase").click()
+    assert driver.find_element(By.ID, "mask-erase").get_attribute("aria-pressed") == "true"
+    assert driver.find_element(By.ID, "mask-paint").get_attribute("aria-pressed") == "false"
+    paint(driver, canvas, MASK_ERASER, MASK_HOLE)
+    driver.execute_script(
+        "window.sentBodies = []; const send = window.fetch;"
+        " window.fetch = (url, init) => { if (init && init.method === 'POST') window.sentBodies.push(init.body);"
+        " return send(url, init); };"
+    )
+    driver.find_element(By.ID, "submit").click()
+    wait(driver, "the masked result", lambda d: d.find_elements(By.CSS_SELECTOR, ".result.output img"))
+    sent = json.loads(driver.execute_script("return window.sentBodies[0]"))
+    assert "mask_blur" not in sent and sent["image"].startswith("data:image/png;base64,")
+    prefix = "data:image/png;base64,"
+    assert sent["mask"].startswith(prefix)
+    with Image.open(io.BytesIO(base64.b64decode(sent["mask"][len(prefix) :]))) as decoded:
+        assert decoded.size == (INPUT_SIDE, INPUT_SIDE)
+        rgba = np.asarray(decoded.convert("RGBA"))
+    assert (rgba[..., 3] == 255).all() and (rgba[..., 0] == rgba[..., 1]).all() and (rgba[..., 0] == rgba[..., 2]).all()
+    mask = rgba[..., 0]  # indexed [y, x]
+    for x, y in ((28, 32), (52, 32), (40, 26), (40, 38), (34, 32)):
+        assert mask[y, x] == 255, (x, y)  # painted
+    assert mask[MASK_HOLE[1], MASK_HOLE[0]] == 0  # erased
+    assert (mask[:16] == 0).all() and (mask[48:] == 0).all() and (mask[:, :16] == 0).all()  # never painted
+    assert (mask % 255 == 0).mean() > 0.9  # black and white, grey only along the strokes' edges
+
+    job_id = driver.find_element(By.ID, "request-form").get_attribute("data-job")
+    job = httpx.get(f"{gateway}/v1/image-to-image/{job_id}", headers=auth, timeout=10).json()
+    assert job["status"] == "completed" and job["masked"] is True and job["mask_blur"] == 4, job
+    assert job["steps"] == MASK_STEPS and text_of(driver, "error-mask") == ""
+
+    # Another image: the mask was the last one's, so it is cleared.
+    other = input_png.with_name("other.png")
+    shutil.copyfile(input_png, other)
+    driver.find_element(By.ID, "image-file").send_keys(str(other))
+    wait(driver, "the other input", lambda d: "other.png" in text_of(d, "input-caption"))
+    assert '"mask"' not in curl_text(driver) and not blur.is_displayed()
+
     console = [entry["message"] for entry in driver.get_log("browser")]
     assert not [m for m in console if "Content Security Policy" in m or "Uncaught" in m], console

@@ -609,3 +609,10 @@ def test_error_object_refuses_unknown_codes_and_empty_messages() -> None:
         ErrorObject(code="made_up", message="m", details=None)
     with pytest.raises(ValidationError):
         ErrorObject(code="not_found", message="", details=None)
+
+
+def test_mask_blur_limits_state_the_default_with_a_mask() -> None:
+    """null without a mask, DEFAULT_MASK_BLUR with one: the playground's placeholder reads it from here."""
+    limits = protocol.PARAMETER_LIMITS["mask_blur"]
+    assert limits["default"] is None and limits["nullable"] is True
+    assert (limits["minimum"], limits["maximum"], limits["default_with_mask"]) == (0, 64, 4)

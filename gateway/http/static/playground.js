@@ -13,7 +13,8 @@
   // The request's parameters after `image`, in form order. Adding one is a line here: its control, and for a
   // select where its choices come from; numbers take their range and default from GET /v1/models (`limits`,
   // and the chosen model's `defaults`), text its length cap. The body, the curl command and error placement
-  // all follow from this table. An empty control is left out of the body (the API's default applies).
+  // all follow from this table. An empty control is left out of the body (the API's default applies). A field
+  // with `only: "mask"` sits with the mask's controls and is shown and sent only with a painted mask.
   const FIELDS = [
     { name: "prompt", label: "Prompt", control: "textarea", placeholder: "a watercolor fox in the snow" },
     { name: "negative_prompt", label: "Negative prompt", control: "textarea", placeholder: "blurry, low quality" },
@@ -45,6 +46,8 @@
       choices: (c) => c.limits.output_format.enum.map((f) => [f, f]),
     },
     { name: "output_quality", label: "Output quality", control: "number", placeholder: "format default" },
+    // Its `limits` default is null (it exists only with a mask): the placeholder is `default_with_mask`.
+    { name: "mask_blur", label: "Mask blur", control: "number", only: "mask" },
   ];
   // Errors about the image, the model or the key, whatever their message names.
   const FIELD_OF_CODE = {
@@ -70,6 +73,11 @@
   const submitButton = $("submit");
   const cancelButton = $("cancel");
   const curlBox = $("curl");
+  const maskField = $("mask-field");
+  const maskCanvas = $("mask-canvas");
+  const maskBrush = $("mask-brush");
+  const maskPaint = $("mask-paint");
+  const maskErase = $("mask-erase");
 
   let catalog = null; // { limits, models, styles, defaultModel }
   let image = null; // { value: data URI or URL, fileName?, mime? }
@@ -130,8 +138,8 @@
   }
 
   function buildFields() {
-    const holder = $("parameters");
     for (const field of FIELDS) {
+      const holder = $(field.only ? `${field.only}-parameters` : "parameters");
       const wrap = document.createElement("div");
       wrap.className = `field field-${field.control}`;
       wrap.dataset.field = field.name;
@@ -183,7 +191,13 @@
       const fallback = model && model.defaults[field.name] !== undefined ? model.defaults[field.name] : limits.default;
       if (!edited.has(field.name)) input.value = fallback === null || fallback === undefined ? "" : String(fallback);
       const range = `${limits.minimum} to ${limits.maximum}`;
-      $(`hint-${field.name}`).textContent = fallback === null || fallback === undefined ? range : `${range}, default ${fallback}`;
+      const known = fallback !== null && fallback !== undefined;
+      // A default that applies only with another field (mask_blur's, with a mask) is shown, not filled in.
+      const conditional = limits.default_with_mask;
+      if (conditional !== undefined) input.placeholder = String(conditional);
+      const note = conditional !== undefined ? `default ${conditional}` : field.note;
+      const hint = known ? `${range}, default ${fallback}` : [range, note].filter(Boolean).join(", ");
+      $(`hint-${field.name}`).textContent = hint;
     }
   }
 
@@ -221,12 +235,15 @@
     }
   }
 
-  // The JSON body: `image`, then every non-empty parameter (numbers as numbers; what is not one is sent as
-  // typed, so the API names the problem).
+  // The JSON body: `image`, the painted mask if any, then every non-empty parameter (numbers as numbers; what is
+  // not one is sent as typed, so the API names the problem). Mask parameters go only with a mask.
   function requestBody() {
     const body = {};
     if (image) body.image = image.value;
+    const mask = maskValue();
+    if (mask) body.mask = mask;
     for (const field of FIELDS) {
+      if (field.only === "mask" && !mask) continue;
       const raw = control(field).value;
       if (raw.trim() === "") continue;
       if (field.control === "number") {
@@ -257,9 +274,12 @@
     previewUrl = src.startsWith("blob:") ? src : null;
     const img = $("input-preview");
     $("input-caption").textContent = caption;
+    hideMask(); // a mask belongs to its image: a new one starts unmasked
     img.onload = () => {
       $("input-caption").textContent = `${caption} · ${img.naturalWidth}×${img.naturalHeight}`;
+      showMask(img.naturalWidth, img.naturalHeight);
     };
+    img.onerror = hideMask;
     img.src = src;
     $("input-figure").hidden = false;
   }
@@ -281,9 +301,149 @@
     preview(url, "Input: URL");
   }
 
+  // --- the mask: painted over the input preview --------------------------------------------------------------
+  // The canvas has the image's own (upright) pixel size and holds only the strokes (never the image, so it is
+  // never tainted, even for a URL input): opaque where painted, transparent elsewhere. It is shown tinted over
+  // the preview; the request gets it as an opaque black-and-white PNG (white: change, black: keep).
+
+  const MASK_TINT = "#ff2d95"; // how strokes show over the image; the PNG sent is white where they are
+  const maskContext = maskCanvas.getContext("2d", { willReadFrequently: true });
+  let maskEmpty = true; // nothing painted (kept up to date at the end of each stroke)
+  let erasing = false;
+  let stroke = null; // the pointer drawing now: { id, x, y }
+
+  function hideMask() {
+    stroke = null;
+    maskContext.clearRect(0, 0, maskCanvas.width, maskCanvas.height);
+    maskCanvas.hidden = true;
+    maskField.hidden = true;
+    clearError("mask");
+    maskChanged(true);
+  }
+
+  function showMask(width, height) {
+    maskCanvas.width = width; // also clears it
+    maskCanvas.height = height;
+    maskCanvas.hidden = false;
+    maskField.hidden = false;
+    maskChanged(true);
+  }
+
+  function clearMask() {
+    maskContext.clearRect(0, 0, maskCanvas.width, maskCanvas.height);
+    maskChanged(true);
+  }
+
+  // Whether any pixel is painted: one read of the canvas (after an erase, which may have emptied it).
+  function anyPainted() {
+    const { data } = maskContext.getImageData(0, 0, maskCanvas.width, maskCanvas.height);
+    for (let i = 3; i < data.length; i += 4) if (data[i] !== 0) return true;
+    return false;
+  }
+
+  function maskChanged(empty) {
+    maskEmpty = empty;
+    maskField.dataset.painted = String(!empty);
+    for (const field of FIELDS) if (field.only === "mask") control(field).closest(".field").hidden = empty;
+  }
+
+  // null when nothing is painted; else a PNG data URI, opaque: black, and white where the strokes are.
+  function maskValue() {
+    if (maskEmpty || maskField.hidden) return null;
+    const { width, height } = maskCanvas;
+    const white = document.createElement("canvas");
+    white.width = width;
+    white.height = height;
+    const whiteContext = white.getContext("2d");
+    whiteContext.drawImage(maskCanvas, 0, 0);
+    whiteContext.globalCompositeOperation = "source-in"; // the strokes' coverage, in white
+    whiteContext.fillStyle = "#fff";
+    whiteContext.fillRect(0, 0, width, height);
+    const out = document.createElement("canvas");
+    out.width = width;
+    out.height = height;
+    const outContext = out.getContext("2d");
+    outContext.fillStyle = "#000";
+    outContext.fillRect(0, 0, width, height);
+    outContext.drawImage(white, 0, 0);
+    return out.toDataURL("image/png");
+  }
+
+  function setErasing(value) {
+    erasing = value;
+    maskPaint.setAttribute("aria-pressed", String(!value));
+    maskErase.setAttribute("aria-pressed", String(value));
+  }
+
+  function showBrush() {
+    $("mask-brush-size").textContent = `${maskBrush.value} px`;
+  }
+
+  // A pointer position in image pixels (the canvas is scaled to the preview's width).
+  function imagePoint(event) {
+    const box = maskCanvas.getBoundingClientRect();
+    return {
+      x: ((event.clientX - box.left) * maskCanvas.width) / Math.max(1, box.width),
+      y: ((event.clientY - box.top) * maskCanvas.height) / Math.max(1, box.height),
+    };
+  }
+
+  function drawTo(point) {
+    maskContext.globalCompositeOperation = erasing ? "destination-out" : "source-over";
+    maskContext.strokeStyle = maskContext.fillStyle = MASK_TINT;
+    maskContext.lineWidth = Number(maskBrush.value);
+    maskContext.lineCap = maskContext.lineJoin = "round";
+    maskContext.beginPath();
+    if (point.x === stroke.x && point.y === stroke.y) {
+      maskContext.arc(point.x, point.y, maskContext.lineWidth / 2, 0, 2 * Math.PI); // a dot: a click
+      maskContext.fill();
+    } else {
+      maskContext.moveTo(stroke.x, stroke.y);
+      maskContext.lineTo(point.x, point.y);
+      maskContext.stroke();
+    }
+    stroke.x = point.x;
+    stroke.y = point.y;
+  }
+
+  function wireMask() {
+    maskCanvas.hidden = true; // until an image is loaded
+    maskChanged(true);
+    maskCanvas.addEventListener("pointerdown", (event) => {
+      if (event.button !== 0 || stroke) return;
+      event.preventDefault();
+      maskCanvas.setPointerCapture(event.pointerId);
+      const point = imagePoint(event);
+      stroke = { id: event.pointerId, ...point };
+      drawTo(point);
+      if (!erasing) maskChanged(false);
+    });
+    maskCanvas.addEventListener("pointermove", (event) => {
+      if (!stroke || event.pointerId !== stroke.id) return;
+      const moves = event.getCoalescedEvents ? event.getCoalescedEvents() : [];
+      for (const move of moves.length ? moves : [event]) drawTo(imagePoint(move));
+    });
+    const end = (event) => {
+      if (!stroke || event.pointerId !== stroke.id) return;
+      stroke = null;
+      if (erasing) maskChanged(!anyPainted());
+    };
+    maskCanvas.addEventListener("pointerup", end);
+    maskCanvas.addEventListener("pointercancel", end);
+    maskBrush.addEventListener("input", showBrush);
+    maskPaint.addEventListener("click", () => setErasing(false));
+    maskErase.addEventListener("click", () => setErasing(true));
+    $("mask-clear").addEventListener("click", clearMask);
+    showBrush();
+  }
+
   // --- errors, next to the field they concern ----------------------------------------------------------------
 
+  // The field an error concerns: the one its message names ("Invalid field 'mask'": a mask that fails to decode
+  // keeps the image's code), else the one its code implies, else any field quoted in its message or details.
   function fieldOf(error) {
+    const named = /^(?:Invalid|Missing required) field '([a-z_]+)'/.exec(error.message ?? "");
+    if (named && $(`error-${named[1]}`)) return named[1];
     if (FIELD_OF_CODE[error.code]) return FIELD_OF_CODE[error.code];
     const text = `${error.message} ${error.details ?? ""}`;
     for (const match of text.matchAll(/'([a-z_]+)'/g)) {
@@ -322,7 +482,7 @@
     }
     box.dataset.code = api.code;
     box.closest(".field")?.classList.add("invalid");
-    const target = $(`field-${name}`) ?? (name === "api_key" ? keyInput : null);
+    const target = $(`field-${name}`) ?? { api_key: keyInput, mask: maskBrush }[name] ?? null;
     if (target) target.focus();
     setStatus(`Error: ${api.message}`);
   }
@@ -554,6 +714,7 @@
 
   function start() {
     buildFields();
+    wireMask();
     loadKey();
     let timer = null;
     keyInput.addEventListener("input", () => {
