@@ -14,6 +14,7 @@ OpenCLIP under `cond_stage_model.model`, SDXL both under `conditioner.embedders.
 from __future__ import annotations
 
 import gc
+import json
 import re
 import shutil
 import tempfile
@@ -39,6 +40,10 @@ FAMILY_KEYS = {
 }
 OPEN_CLIP_PREFIXES = (SD2_TEXT_PREFIX, SDXL_TEXT_PREFIXES[1])  # the text encoders held in OpenCLIP's layout
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The UNet's first convolution: its input channels tell an inpainting file (9) from an ordinary one (4).
+CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
+SD2_INPAINTING_SIZE = 512  # stable-diffusion-2-inpainting's native size (the 512 px base, epsilon prediction)
+VAE_FACTOR = 8  # the published VAEs' down-sampling: UNet sample_size = pixels / 8
 
 _RESNET_UNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
@@ -157,12 +162,15 @@ def convert_checkpoint(path: Path, family: str, config_dir: Path | None, out_dir
     time (its tensors read, converted, written and released before the next), with `config_dir`'s configs and
     tokenizers, or, without one, the family's published ones (export.published: SD 1.5, SD 2.1 768-v, SDXL base
     1.0). The export then reads the folder as any other: the whole model is never in memory at once."""
+    published, named = config_dir is None, config_dir
     if config_dir is None:
         config_dir = config_folder(family, out_dir)
     else:
         shutil.copytree(config_dir, out_dir, ignore=shutil.ignore_patterns(*(f"*{s}" for s in WEIGHT_SUFFIXES)))
+        config_dir = out_dir  # the copy: fit_unet_inputs may widen its UNet config
     try:
         with _tensors(path) as (keys, read):
+            fit_unet_inputs(out_dir, family, keys, read, published=published)
             for component, prefix in COMPONENT_PREFIXES[family].items():
                 state = {key: read(key) for key in keys if key.startswith(prefix)}
                 module = _load_component(component, state, config_dir)
@@ -171,8 +179,39 @@ def convert_checkpoint(path: Path, family: str, config_dir: Path | None, out_dir
                 del module
                 gc.collect()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ExportError(f"cannot load {path} with the configs in {config_dir}: {one_line(exc)}") from exc
+        configs = f"the configs in {named}" if named else f"the published {family} configs"
+        raise ExportError(f"cannot load {path} with {configs}: {one_line(exc)}") from exc
     return out_dir
+
+
+def fit_unet_inputs(
+    folder: Path, family: str, keys: Iterable[str], read: Callable[[str], Any], *, published: bool
+) -> None:
+    """Widen `folder`'s UNet config to an inpainting file's UNet (a `conv_in` over 2 x latents + 1 channels:
+    latents, mask and masked-image latents), which the family's configs (or an ordinary `--config`) describe at
+    the latents' width; the export then finds an inpainting model, as it would in a diffusers folder.
+
+    diffusers' single-file loader tells inpainting files the same way. SD 2's published inpainting model is the
+    512 px base with epsilon prediction (`stable-diffusion-2-inpainting`), not the 768-v model whose configs
+    export.published ships, so its published configs are moved to those too.
+    """
+    if CONV_IN_KEY not in set(keys):
+        return
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    channels = int(read(CONV_IN_KEY).shape[1])
+    if channels == config["in_channels"] or channels != 2 * config["out_channels"] + 1:
+        return  # not an inpainting UNet: a mismatch fails the conversion with the loader's own message
+    config["in_channels"] = channels
+    if published and family == "sd2":
+        config["sample_size"] = SD2_INPAINTING_SIZE // VAE_FACTOR
+        _update_json(folder / "vae" / "config.json", sample_size=SD2_INPAINTING_SIZE)
+        _update_json(folder / "scheduler" / "scheduler_config.json", prediction_type="epsilon")
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def _update_json(path: Path, **values: Any) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}, indent=2))
 
 
 def load_checkpoint(path: Path, family: str, config_dir: Path | None) -> Any:

@@ -237,3 +237,20 @@ def test_a_pickle_checkpoint_exports_with_the_flag(tiny_sd: tuple[Path, Path], t
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((repo / "imagen-v2.pipeline.json").read_text())
     assert manifest["source"] == str(ckpt) and manifest["family"] == "sd"
+
+
+@pytest.mark.parametrize("arch", ["sd", "sdxl"])
+def test_an_inpainting_file_reads_back_with_an_ordinary_config(tmp_path: Path, arch: str) -> None:
+    """An inpainting single file (9-channel conv_in, as sd-v1-5-inpainting and SDXL inpainting 0.1 are shipped)
+    read with the configs of the ordinary model of its family: the UNet is widened to the file's, and every weight
+    is the file's own (so the export then finds an inpainting model, `unet_in_channels: 9`)."""
+    folder = build_random_pipeline(tmp_path / "inpaint", size="tiny", seed=9, arch=arch, inpainting=True)
+    ordinary = build_random_pipeline(tmp_path / "plain", size="tiny", seed=9, arch=arch)
+    original = load_pipeline(folder)
+    checkpoint = write_checkpoint(original, FAMILIES[arch], tmp_path / "inpaint.safetensors")
+    loaded = load_checkpoint(checkpoint, FAMILIES[arch], ordinary)
+    assert loaded.unet.config.in_channels == 9 and loaded.unet.config.out_channels == 4
+    want, got = original.unet.state_dict(), loaded.unet.state_dict()
+    assert want.keys() == got.keys()
+    assert not [k for k in want if not torch.equal(want[k], got[k])]
+    assert json.loads((ordinary / "unet" / "config.json").read_text())["in_channels"] == 4  # the user's folder
