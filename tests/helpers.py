@@ -8,6 +8,7 @@ import io
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -108,3 +109,20 @@ def model_counts(grpc_url: str, model: str) -> tuple[int, int]:
     finally:
         client.close()
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def batch_sizes(grpc_url: str, model: str) -> Counter[int]:
+    """How many executions of each batch size (rows) Triton has run for `model` (its `batch_stats`)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    finally:
+        client.close()
+    return Counter(
+        {
+            int(entry["batch_size"]): int(entry["compute_infer"].get("count", 0))
+            for entry in stats.get("batch_stats", [])
+        }
+    )

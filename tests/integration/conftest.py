@@ -109,7 +109,20 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Repository:
 
 
 @pytest.fixture(scope="session")
-def triton(repository: Repository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+def module_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second model repository of the session Triton, empty at its start: a test module exports models of its
+    own into it and loads them with Triton's repository API (explicit model control), which costs only their
+    loading (no Triton of its own to start and stop), and unloads them when done. Neither `repository` nor the
+    Tritons other tests start on it see them."""
+    path = tmp_path_factory.mktemp("module-models") / "models"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def triton(
+    repository: Repository, module_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
     log_file = tmp_path_factory.mktemp("triton") / "tritonserver.log"
     server = TritonServer(
         repository.path,
@@ -119,6 +132,9 @@ def triton(repository: Repository, tmp_path_factory: pytest.TempPathFactory) -> 
         python_env=TRITON_ENV,
         log_file=log_file,
         cpu_budget=Settings().triton_cpu_budget,  # as the launcher starts it: the rate limiter on
+        # Every model of `repository` loaded at start, as without model control; `module_models` on demand.
+        model_control_mode="explicit",
+        extra_args=[f"--model-repository={module_models}"],
     )
     server.start()
     try:

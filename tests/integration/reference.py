@@ -3,7 +3,8 @@
 diffusers' img2img (SD and SDXL alike) draws two tensors with `randn_tensor`, in order: the VAE sample noise,
 then the noise added at the first timestep. We patch `randn_tensor` in the two modules that call it so it
 returns, in that order, the arrays `gateway.pipeline.draw_noise(seed, shape)` gives; the served pipeline draws
-exactly those for a seed.
+exactly those for a seed. The inpaint pipelines (masked edits) draw up to three, fed likewise from
+`draw_inpaint_noise` (`seeded_like_gateway_inpaint`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from gateway.diffusion.manifest import PipelineManifest
-from gateway.diffusion.sampling import draw_noise
+from gateway.diffusion.sampling import draw_inpaint_noise, draw_noise
 from gateway.media import codecs
 
 # The parity tolerance of every family and scheduler: levels of 255 (max, and mean over all pixels).
@@ -161,3 +162,101 @@ def diffusers_img2img(
             steps=steps,
             guidance_scale=guidance_scale,
         )
+
+
+# The inpaint pipelines (issue 25). diffusers' `StableDiffusion[XL]InpaintPipeline` draws, in order: the image's
+# VAE sample (when a 4-channel UNet blends its latents back, or below strength 1.0), the starting noise, then the
+# masked image's VAE sample (always, though a 4-channel UNet never reads it). The gateway draws the same three
+# from one seed (`sampling.draw_inpaint_noise`); diffusers shares one VAE draw between images, so a single image.
+INPAINT_MODULES = {
+    False: "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
+    True: "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint",
+}
+
+
+@contextmanager
+def seeded_like_gateway_inpaint(
+    seed: int, latent_shape: tuple[int, ...], *, sdxl: bool, encodes_image: bool
+) -> Iterator[None]:
+    """diffusers' inpaint draws fed the gateway's: `encodes_image` is false only for a 9-channel UNet at strength
+    1.0 (diffusers' `is_strength_max` without `return_image_latents`), where the image itself is not encoded."""
+    import importlib
+
+    import torch
+
+    vae_module: Any = importlib.import_module("diffusers.models.autoencoders.vae")
+    inpaint_module: Any = importlib.import_module(INPAINT_MODULES[sdxl])
+    vae_noise, start_noise, masked_noise = draw_inpaint_noise(seed, latent_shape)
+    queue = [*([vae_noise] if encodes_image else []), start_noise, masked_noise]
+
+    def fake_randn(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, **_: Any) -> Any:
+        assert queue, "diffusers drew more noise tensors than expected"
+        array = queue.pop(0)
+        assert tuple(shape) == array.shape, (tuple(shape), array.shape)
+        return torch.from_numpy(array.copy()).to(dtype=dtype or torch.float32)
+
+    saved = (vae_module.randn_tensor, inpaint_module.randn_tensor)
+    vae_module.randn_tensor = fake_randn
+    inpaint_module.randn_tensor = fake_randn
+    try:
+        yield
+        assert not queue, "diffusers drew fewer noise tensors than expected"
+    finally:
+        vae_module.randn_tensor, inpaint_module.randn_tensor = saved
+
+
+def load_inpaint_pipeline(model_dir: Path, *, sdxl: bool) -> Any:
+    """diffusers' inpaint pipeline on a saved folder (an img2img or an inpaint one: the modules are the same)."""
+    import diffusers
+
+    if sdxl:
+        pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(model_dir, add_watermarker=False)
+    else:
+        pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
+            model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_inpaint(
+    pipe: Any,
+    image: Image.Image,
+    mask: Image.Image,
+    *,
+    prompt: str,
+    negative_prompt: str | None,
+    strength: float,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    mask_blur: int,
+    latent_channels: int = 4,
+    vae_scale_factor: int = 8,
+) -> tuple[np.ndarray, Image.Image]:
+    """uint8 HWC pixels of one diffusers inpaint call with the gateway's noise, and the blurred mask it used.
+
+    `image` is already at the served size and `mask` an "L" image (255 = change) at the same size. As diffusers
+    documents it: `mask_processor.blur(mask, blur_factor)`, the call (with `height`/`width`, or the pipeline
+    would run at the UNet's native size), then `image_processor.apply_overlay(blurred, image, output)`."""
+    import torch
+
+    assert mask.mode == "L" and mask.size == image.size, (mask.mode, mask.size, image.size)
+    blurred = pipe.mask_processor.blur(mask, blur_factor=mask_blur) if mask_blur else mask
+    sdxl = "XL" in type(pipe).__name__
+    encodes_image = pipe.unet.config.in_channels == 4 or strength < 1.0
+    shape = (1, latent_channels, image.height // vae_scale_factor, image.width // vae_scale_factor)
+    with seeded_like_gateway_inpaint(seed, shape, sdxl=sdxl, encodes_image=encodes_image), torch.no_grad():
+        out = pipe(
+            prompt=prompt,
+            image=image,
+            mask_image=blurred,
+            height=image.height,
+            width=image.width,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            output_type="pil",
+        ).images[0]
+    return np.asarray(pipe.image_processor.apply_overlay(blurred, image, out)), blurred
