@@ -63,7 +63,6 @@ def seeded_like_gateway(seeds: list[int], latent_shape: tuple[int, ...], *, sdxl
     import diffusers.models.autoencoders.vae as vae_module
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as sd_module
     import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as sdxl_module
-    import torch
 
     img2img_module: Any = sdxl_module if sdxl else sd_module
 
@@ -71,21 +70,31 @@ def seeded_like_gateway(seeds: list[int], latent_shape: tuple[int, ...], *, sdxl
     vae_noise = np.concatenate([d[0] for d in draws])
     start_noise = np.concatenate([d[1] for d in draws])
     # diffusers samples the VAE once for the single input image; image i of ours uses seed i's draw.
-    queue = [vae_noise[:1], start_noise]
+    with _randn_from([vae_noise[:1], start_noise], vae_module, img2img_module):
+        yield
+
+
+@contextmanager
+def _randn_from(queue: list[np.ndarray], *modules: Any) -> Iterator[None]:
+    """diffusers' `randn_tensor` in each of `modules` answers `queue`'s arrays in order (shapes checked); all of
+    them must be drawn."""
+    import torch
 
     def fake_randn(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, **_: Any) -> Any:
+        assert queue, "diffusers drew more noise tensors than expected"
         array = queue.pop(0)
         assert tuple(shape) == array.shape, (tuple(shape), array.shape)
         return torch.from_numpy(array.copy()).to(dtype=dtype or torch.float32)
 
-    saved = (vae_module.randn_tensor, img2img_module.randn_tensor)
-    vae_module.randn_tensor = fake_randn
-    img2img_module.randn_tensor = fake_randn
+    saved = [module.randn_tensor for module in modules]
+    for module in modules:
+        module.randn_tensor = fake_randn
     try:
         yield
         assert not queue, "diffusers drew fewer noise tensors than expected"
     finally:
-        vae_module.randn_tensor, img2img_module.randn_tensor = saved
+        for module, original in zip(modules, saved, strict=True):
+            module.randn_tensor = original
 
 
 def run_pipeline(
@@ -182,27 +191,12 @@ def seeded_like_gateway_inpaint(
     1.0 (diffusers' `is_strength_max` without `return_image_latents`), where the image itself is not encoded."""
     import importlib
 
-    import torch
-
     vae_module: Any = importlib.import_module("diffusers.models.autoencoders.vae")
     inpaint_module: Any = importlib.import_module(INPAINT_MODULES[sdxl])
     vae_noise, start_noise, masked_noise = draw_inpaint_noise(seed, latent_shape)
     queue = [*([vae_noise] if encodes_image else []), start_noise, masked_noise]
-
-    def fake_randn(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, **_: Any) -> Any:
-        assert queue, "diffusers drew more noise tensors than expected"
-        array = queue.pop(0)
-        assert tuple(shape) == array.shape, (tuple(shape), array.shape)
-        return torch.from_numpy(array.copy()).to(dtype=dtype or torch.float32)
-
-    saved = (vae_module.randn_tensor, inpaint_module.randn_tensor)
-    vae_module.randn_tensor = fake_randn
-    inpaint_module.randn_tensor = fake_randn
-    try:
+    with _randn_from(queue, vae_module, inpaint_module):
         yield
-        assert not queue, "diffusers drew fewer noise tensors than expected"
-    finally:
-        vae_module.randn_tensor, inpaint_module.randn_tensor = saved
 
 
 def load_inpaint_pipeline(model_dir: Path, *, sdxl: bool) -> Any:

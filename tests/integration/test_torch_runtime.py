@@ -16,6 +16,7 @@ and rows that name an adapter get diffusers' output with that adapter loaded, th
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import sys
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
+from PIL import Image, ImageDraw
 
 from export.lora import LoraShape, branch_targets
 from export.onnx_export import load_pipeline
@@ -163,6 +165,30 @@ def test_torch_runtime_matches_diffusers_and_the_onnxruntime_runtime(
     )
     assert_parity(served, reference, f"{onnx_name} torch runtime vs diffusers")
     assert_parity(served, by_onnxruntime, f"{onnx_name} torch runtime vs onnxruntime runtime")
+
+
+def test_a_masked_edit_on_the_torch_runtime_is_the_onnxruntime_runtimes(
+    gateway: str, torch_gateway: str, auth: dict[str, str]
+) -> None:
+    """Issue 25: a masked edit (the per-step blend, the overlay) is the gateway's work between ordinary UNet calls,
+    so the torch runtime serves what the onnxruntime one does, which test_inpainting compares with diffusers."""
+    mask = Image.new("L", (80, 60), 0)
+    ImageDraw.Draw(mask).ellipse((8, 6, 72, 54), fill=255)
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    body = {
+        "image": data_uri(make_image(160, 120, seed=12, fmt="PNG")),
+        "mask": data_uri(buffer.getvalue()),
+        "prompt": "a castle on a hill, ink drawing",
+        "strength": 1.0,
+        "steps": 8,
+        "seed": 98,
+        "cache": False,
+    }
+    payload, served = serve_first_image(torch_gateway, auth, {**body, "model": TORCH_NAMES["imagen-v2"]})
+    assert payload["masked"] is True
+    _, by_onnxruntime = serve_first_image(gateway, auth, {**body, "model": "imagen-v2"})
+    assert_parity(served, by_onnxruntime, "masked edit: torch runtime vs onnxruntime runtime")
 
 
 def _unet_counts(client: grpcclient.InferenceServerClient, model: str) -> tuple[int, int]:

@@ -48,9 +48,10 @@ SD15 = {
 LATENT_SHAPE = (2, 4, 8, 8)
 
 
-def _pipeline(scheduler: Any) -> StableDiffusionImg2ImgPipeline:
-    """A real img2img pipeline holding only a scheduler (its __init__ and get_timesteps need nothing else)."""
-    return StableDiffusionImg2ImgPipeline(
+def _pipeline(scheduler: Any, cls: Any = StableDiffusionImg2ImgPipeline) -> Any:
+    """A real img2img (or `cls`) pipeline holding only a scheduler (its __init__ rewrites the config as it would,
+    and get_timesteps needs nothing else)."""
+    return cls(
         vae=None,
         text_encoder=None,
         tokenizer=None,
@@ -276,18 +277,8 @@ INPAINT_SCHEDULERS = [
 ]
 
 
-def _inpaint_pipeline(scheduler: Any) -> StableDiffusionInpaintPipeline:
-    """A real inpaint pipeline holding only a scheduler (its __init__ rewrites the config as it would)."""
-    return StableDiffusionInpaintPipeline(
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        unet=None,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+def _inpaint_pipeline(scheduler: Any) -> Any:
+    return _pipeline(scheduler, StableDiffusionInpaintPipeline)
 
 
 def test_latent_mask_is_torch_nearest() -> None:
