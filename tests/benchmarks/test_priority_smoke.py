@@ -16,7 +16,7 @@ def test_priority_subcommand_writes_its_results(tmp_path: Path, capsys: pytest.C
     from benchmarks.__main__ import main
 
     args = ["priority", "--quick", "--probes", "2", "--bulk-concurrency", "3", "--max-running-jobs", "1"]
-    args += ["--capacity-s", "1", "--steady-s", "3", "--cache-requests", "2", "--port-base", str(PORT_BASE + 120)]
+    args += ["--capacity-s", "0.5", "--steady-s", "2", "--cache-requests", "2", "--port-base", str(PORT_BASE + 120)]
     assert main([*args, "--output", str(tmp_path), "--note", "smoke"]) == 0
 
     (json_file,) = tmp_path.glob("*-priority-quick.json")

@@ -204,7 +204,7 @@ def test_job_and_workers_survive_a_locked_job_store(
 
 # --- 2. cancel racing the finish: one final state, agreed on by the answer, the job and the webhook -----------
 
-CANCEL_ROUNDS = 300
+CANCEL_ROUNDS = 200
 CANCEL_CONCURRENCY = 10
 CANCEL_SEED = 20240611
 CANCEL_MAX_DELAY_S = 0.2
