@@ -171,10 +171,13 @@ class JobExecutor:
             decoded_mask = await run_image_work(codecs.decode_mask, await self._read(job.id, job.mask.name), wait=True)
             mask = await run_image_work(codecs.prepare_mask, decoded_mask, size, spec.mask_blur, wait=True)
         # 2. The tensor at the processed size (a cached input is already resized), the mask as the recipe reads it,
-        # the styled prompts, one seed per image.
+        # the styled prompts, one seed per image. A masked edit keeps the resized input for the overlay, so it is
+        # resized once, first (image_to_tensor leaves an image at `size` as it is).
+        original = mask_tensor = None
+        if mask is not None:
+            image = original = await run_image_work(codecs.resize_for_model, image, size, wait=True)
+            mask_tensor = await run_image_work(codecs.mask_to_tensor, mask, wait=True)
         tensor = await run_image_work(codecs.image_to_tensor, image, size, wait=True)
-        mask_tensor = None if mask is None else await run_image_work(codecs.mask_to_tensor, mask, wait=True)
-        original = None if mask is None else await run_image_work(codecs.resize_for_model, image, size, wait=True)
         del image
         prompt, negative = apply_style(spec.prompt, spec.negative_prompt, STYLE_PRESETS.get(spec.style or ""))
         seeds = image_seeds(spec.seed, spec.num_images)

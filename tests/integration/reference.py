@@ -146,12 +146,7 @@ def diffusers_img2img(
     diffusers' `load_lora_weights` and applied with `set_adapters`, as diffusers users apply them."""
     import diffusers
 
-    if sdxl:
-        pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(model_dir, add_watermarker=False)
-    else:
-        pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
-            model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+    pipe = load_diffusers_pipeline(model_dir, "Img2Img", sdxl=sdxl)
     if scheduler is not None:
         config = dict(scheduler)
         pipe.scheduler = getattr(diffusers, config.pop("_class_name")).from_config(config)
@@ -199,16 +194,21 @@ def seeded_like_gateway_inpaint(
         yield
 
 
-def load_inpaint_pipeline(model_dir: Path, *, sdxl: bool) -> Any:
-    """diffusers' inpaint pipeline on a saved folder (an img2img or an inpaint one: the modules are the same)."""
+def load_diffusers_pipeline(model_dir: Path, kind: str, *, sdxl: bool) -> Any:
+    """diffusers' `StableDiffusion[XL]<kind>Pipeline` ("Img2Img" or "Inpaint") on a saved folder (either kind of
+    folder: the modules are the same), with no safety checker or watermark, as the gateway serves it."""
     import diffusers
 
     if sdxl:
-        pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(model_dir, add_watermarker=False)
-    else:
-        pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
-            model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        return getattr(diffusers, f"StableDiffusionXL{kind}Pipeline").from_pretrained(model_dir, add_watermarker=False)
+    return getattr(diffusers, f"StableDiffusion{kind}Pipeline").from_pretrained(
+        model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def load_inpaint_pipeline(model_dir: Path, *, sdxl: bool) -> Any:
+    """diffusers' inpaint pipeline on a saved folder (an img2img or an inpaint one), its progress bar off."""
+    pipe = load_diffusers_pipeline(model_dir, "Inpaint", sdxl=sdxl)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
